@@ -1,0 +1,340 @@
+"""`wiki-embeddings`: the operators' commands (the runbook's scripts call these). Parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from wiki_embeddings import __version__
+from wiki_embeddings.core import importer
+from wiki_embeddings.core.engine import Backfill, DimensionMismatch, build_client, build_store, resolve_model
+from wiki_embeddings.core.failure_log import append_no_follow
+from wiki_embeddings.core.status import collect_status, format_status
+from wiki_embeddings.core.store import StoreError
+from wiki_embeddings.local_services import answers, database_url, local_ollama
+from wiki_embeddings.settings import Settings, from_env, redact, url_password
+
+# Vector lengths of well-known embedding models, used by `import` only when the server cannot be asked.
+KNOWN_DIMENSIONS = {"all-minilm": 384, "nomic-embed-text": 768, "mxbai-embed-large": 1024, "bge-m3": 1024}
+
+EXIT_ERROR = 2
+
+
+class CliError(Exception):
+    """A one-line error for the operator; exit code 2."""
+
+
+# ---------------------------------------------------------------------------- argument parsing
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("database and model (environment variables in brackets)")
+    g.add_argument("--database-url", help="libpq URL [DATABASE_URL]; unset: the embedded PostgreSQL")
+    g.add_argument("--table", help="chunk table, schema-qualified allowed [WIKI_EMBED_TABLE] (public.wiki_chunks)")
+    g.add_argument("--id-column", help="[WIKI_EMBED_ID_COLUMN] (id)")
+    g.add_argument("--text-column", help="[WIKI_EMBED_TEXT_COLUMN] (content)")
+    g.add_argument("--embedding-column", help="[WIKI_EMBED_EMBEDDING_COLUMN] (embedding)")
+    g.add_argument("--ollama-url", help="comma-separated for several servers [OLLAMA_URL] (http://ollama:11434)")
+    g.add_argument("--model", dest="ollama_model", help="[OLLAMA_MODEL]; unset: the model of the last run")
+    g.add_argument("--text-prefix", help="prepended to every text, e.g. 'search_document: ' [WIKI_EMBED_TEXT_PREFIX]")
+    g.add_argument("--max-attempts", type=int, help="failures of the same text before quarantine (3)")
+
+
+def _backfill_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runbook flags")
+    g.add_argument("--batch-size", type=int, help="chunks per request (64)")
+    g.add_argument("--report-every", type=int, help="a progress line every N batches (10)")
+    g.add_argument("--timeout-sec", type=float, help="deadline for one whole embedding request (120)")
+    g.add_argument("--sleep-ms", type=int, help="pause after each request (0)")
+    g.add_argument("--max-chars", type=int, help="text cut to this many characters before sending (2000)")
+    g.add_argument("--failure-log", help="JSONL file for chunks that could not be embedded")
+    g.add_argument("--max-chunks", type=int, help="stop after this many chunks (maintenance)")
+    g.add_argument(
+        "--with-ollama",
+        action="store_true",
+        default=None,
+        help="start a local embedding service when OLLAMA_URL does not answer [OLALA_START_OLLAMA=1]",
+    )
+    g2 = p.add_argument_group("more")
+    g2.add_argument("--concurrency", type=int, help="requests in flight per Ollama server (1)")
+    g2.add_argument("--retries", type=int, help="retries of transport errors / overload before stopping (5)")
+    g2.add_argument("--id-min", type=int, help="only chunks with id >= this")
+    g2.add_argument("--id-max", type=int, help="only chunks with id <= this")
+    g2.add_argument(
+        "--retry-failed",
+        action="store_true",
+        default=None,
+        help="only the recorded failures, quarantined included (re-run from the failure log)",
+    )
+    g2.add_argument("--dry-run", action="store_true", help="say what would be embedded and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wiki-embeddings",
+        description="Fill missing vectors in public.wiki_chunks.embedding from an Ollama embedding model.",
+    )
+    parser.add_argument("--version", action="version", version=f"wiki-embeddings {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backfill", help="embed every missing chunk (bootstrap and maintenance)")
+    _common(p)
+    _backfill_flags(p)
+
+    p = sub.add_parser("status", help="key=value status: total, embedded, missing, coverage_pct, ...")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--check", action="store_true", help="exit 0 only when missing=0")
+
+    p = sub.add_parser("stop", help="ask running backfills to stop after their current batch")
+    _common(p)
+    p.add_argument("--reason", default="operator")
+
+    p = sub.add_parser("resume", help="clear the stop request and run the last backfill's options again")
+    _common(p)
+    p.add_argument("--no-run", action="store_true", help="only clear the stop request")
+
+    p = sub.add_parser("import", help="create the table if absent and load the wiki sample (idempotent)")
+    _common(p)
+    p.add_argument("--wiki-dir", help="folder with kowiki/enwiki_sample.jsonl.gz [WIKI_DATA_DIR]")
+    p.add_argument("--limit", type=int, default=2000, help="about this many chunks (2000); --all for all")
+    p.add_argument("--all", action="store_true", help="the whole sample")
+    p.add_argument("--dimensions", type=int, help="vector(D) for a new table; default: asked of the model")
+    p.add_argument("--chunk-chars", type=int, default=importer.DEFAULT_MAX_CHARS, help="max chunk size")
+    p.add_argument("--with-ollama", action="store_true", default=None)
+
+    p = sub.add_parser("failures", help="list recorded failures, or `failures clear [ids]`")
+    _common(p)
+    p.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+    p.add_argument("ids", nargs="*", type=int)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("config", help="print the effective settings (secrets masked)")
+    _common(p)
+    _backfill_flags(p)
+    return parser
+
+
+_NOT_SETTINGS = {
+    "command",
+    "json",
+    "check",
+    "reason",
+    "no_run",
+    "wiki_dir",
+    "limit",
+    "all",
+    "dimensions",
+    "chunk_chars",
+    "action",
+    "ids",
+    "dry_run",
+}
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    return from_env(**overrides).validate()
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_backfill(s: Settings, args: argparse.Namespace, out: Any) -> int:
+    db_url = database_url(s)
+    s = s.replace(database_url=db_url)
+    store = build_store(s, db_url)
+    try:
+        if args.dry_run:
+            return _dry_run(s, store, out)
+        model = resolve_model(s, store, local_default=s.with_ollama and not answers(s.ollama_urls[0]))
+        with local_ollama(s, model, log=lambda m: print(m, file=out, flush=True)) as local_url:
+            urls = [local_url] if local_url else s.ollama_urls
+            if local_url:
+                s = s.replace(ollama_url=local_url)
+            engine = Backfill(
+                s,
+                store,
+                build_client(s, model, urls),
+                mode="retry_failed" if s.retry_failed else "backfill",
+                log=lambda m: print(m, file=out, flush=True),
+                handle_signals=True,
+            )
+            report = engine.run()
+        if report.exit_code:
+            print(f"error: {report.message}", file=sys.stderr)
+        return report.exit_code
+    finally:
+        store.close()
+
+
+def _dry_run(s: Settings, store: Any, out: Any) -> int:
+    store.migrate()
+    missing = store.count_missing(s.id_min, s.id_max)
+    todo = missing if s.max_chunks is None else min(missing, s.max_chunks)
+    model = resolve_model(s, store, local_default=s.with_ollama)
+    print(
+        f"dry run: would embed {todo} of {missing} missing chunks in {store.table.qualified} "
+        f"(ids {s.id_min if s.id_min is not None else 'min'}..{s.id_max if s.id_max is not None else 'max'}) "
+        f"with model {model!r}, batch {s.batch_size}, max-chars {s.max_chars}; nothing was sent or written",
+        file=out,
+    )
+    return 0
+
+
+def cmd_status(s: Settings, args: argparse.Namespace, out: Any) -> int:
+    with build_store(s, database_url(s)) as store:
+        status = collect_status(store, s)
+    if args.json:
+        print(json.dumps(status, default=str), file=out)
+    else:
+        print(format_status(status), file=out)
+    return 0 if (not args.check or status["missing"] == 0) else 1
+
+
+def cmd_stop(s: Settings, args: argparse.Namespace, out: Any) -> int:
+    append_no_follow(Path(s.stop_file), f"stop requested by {os.environ.get('USER', 'operator')}\n".encode(), 0o644)
+    with build_store(s, database_url(s)) as store:
+        store.migrate()
+        store.request_stop(args.reason)
+    print(
+        f"stop requested: stop file {s.stop_file} created and recorded in the database; running backfills "
+        "end after their current batch",
+        file=out,
+    )
+    return 0
+
+
+def cmd_resume(s: Settings, args: argparse.Namespace, out: Any) -> int:
+    db_url = database_url(s)
+    with build_store(s, db_url) as store:
+        store.migrate()
+        store.clear_stop()
+        last = store.last_run()
+    try:
+        os.unlink(s.stop_file)
+    except FileNotFoundError:
+        pass
+    print(f"stop request cleared (stop file {s.stop_file} removed)", file=out)
+    if args.no_run:
+        return 0
+    saved: dict[str, Any] = dict(last["options"]) if last and last.get("options") else {}
+    if not saved:
+        print("no earlier run recorded: starting a backfill with the defaults", file=out)
+    else:
+        print(f"resuming with the options of run {last['run_id']} ({last['state']})", file=out)
+    explicit = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
+    resumed = from_env(**{**saved, **explicit, "database_url": s.database_url}).validate()
+    ns = argparse.Namespace(dry_run=False)
+    return cmd_backfill(resumed, ns, out)
+
+
+def cmd_import(s: Settings, args: argparse.Namespace, out: Any) -> int:
+    db_url = database_url(s)
+    limit = None if args.all else args.limit
+    with build_store(s, db_url) as store:
+        store.migrate()
+        if not store.table_exists():
+            dims = args.dimensions or _dimensions_for_new_table(s, store)
+            store.ensure_table(dims)
+            print(f"created {store.table.qualified} with {s.embedding_column} vector({dims})", file=out)
+        else:
+            store.ensure_missing_index()
+        chunks = importer.iter_chunks(Path(args.wiki_dir) if args.wiki_dir else None, limit, args.chunk_chars)
+        rows = ((c.id, c.title, c.chunk_index, c.content) for c in chunks)
+        added = store.insert_chunks(rows)
+        _, _, total = store.id_bounds()
+    print(
+        f"imported {added} new chunks ({total} in {store.table.qualified}); Wikipedia text, CC BY-SA",
+        file=out,
+    )
+    return 0
+
+
+def _dimensions_for_new_table(s: Settings, store: Any) -> int:
+    model = resolve_model(s, store, local_default=s.with_ollama)
+    if answers(s.ollama_urls[0]):
+        client = build_client(s, model)
+
+        async def probe() -> int:
+            try:
+                return await client.probe_dimensions()
+            finally:
+                await client.aclose()
+
+        return asyncio.run(probe())
+    base = model.split(":")[0]
+    if base in KNOWN_DIMENSIONS:
+        return KNOWN_DIMENSIONS[base]
+    raise CliError(
+        f"cannot learn the vector length of model {model!r}: OLLAMA_URL does not answer; pass --dimensions D"
+    )
+
+
+def cmd_failures(s: Settings, args: argparse.Namespace, out: Any) -> int:
+    with build_store(s, database_url(s)) as store:
+        store.migrate()
+        if args.action == "clear":
+            n = store.clear_failures(args.ids or None)
+            print(f"forgot {n} failure records", file=out)
+            return 0
+        rows = store.list_failures(s.max_attempts)
+    if args.json:
+        print(json.dumps(rows, default=str), file=out)
+        return 0
+    if not rows:
+        print("no recorded failures", file=out)
+    for r in rows:
+        state = "quarantined" if r["quarantined"] else ("open" if r["still_missing"] else "embedded since")
+        print(
+            f"{r['chunk_id']}\t{r['error']}\tattempts={r['attempts']}\tlast_seen={r['last_seen']:%Y-%m-%d %H:%M:%S}"
+            f"\t{state}\t{r['message'][:120]}",
+            file=out,
+        )
+    return 0
+
+
+def cmd_config(s: Settings, args: argparse.Namespace, out: Any) -> int:
+    for key, value in s.masked().items():
+        print(f"{key}={'' if value is None else value}", file=out)
+    return 0
+
+
+COMMANDS = {
+    "backfill": cmd_backfill,
+    "status": cmd_status,
+    "stop": cmd_stop,
+    "resume": cmd_resume,
+    "import": cmd_import,
+    "failures": cmd_failures,
+    "config": cmd_config,
+}
+
+
+def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    secret: str | None = None
+    try:
+        settings = settings_from_args(args)
+        secret = url_password(settings.database_url)
+        return COMMANDS[args.command](settings, args, out)
+    except (CliError, StoreError, DimensionMismatch, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {redact(str(exc), [secret])}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # psycopg.OperationalError and friends: one line, no password
+        import psycopg
+
+        if isinstance(exc, psycopg.Error):
+            print(f"error: database: {redact(str(exc).strip().splitlines()[0], [secret])}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,357 @@
+"""Every HTTP call of the project: the Ollama embedding API (`/api/embed`, fallback `/api/embeddings`).
+
+The client decides what a failure *means*, because the engine acts on that meaning:
+- `ServerUnavailable`: transport errors and overload (connect errors, 429/502/503/504) that persisted
+  through retries with backoff. The chunks are fine; the run stops cleanly and marks nothing failed.
+- `ModelNotFound`: the model is not pulled on the server; nothing can be embedded.
+- `InputRejected`: the server refused this input (400) - tied to the texts: the engine bisects.
+- `AmbiguousFailure`: a 500, a deadline hit, a malformed answer - either the input or the server; the
+  engine asks a known-good canary text before blaming the input.
+- `InvalidVectors`: the answer parsed, but some vectors are unusable (NaN, infinity, wrong or zero
+  length); the valid ones come with it so they can still be written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+import orjson
+
+from wiki_embeddings.settings import mask_url
+
+TRANSIENT_STATUSES = {408, 429, 502, 503, 504}
+
+
+class EmbedFailure(Exception):
+    """Base of every embedding failure; `kind` is the short error class logged in failure records."""
+
+    kind = "embed_failed"
+
+    def __init__(self, message: str, *, http_status: int | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        if kind:
+            self.kind = kind
+
+
+class ServerUnavailable(EmbedFailure):
+    kind = "server_unavailable"
+
+
+class ModelNotFound(EmbedFailure):
+    kind = "model_not_found"
+
+
+class InputRejected(EmbedFailure):
+    kind = "input_rejected"
+
+
+class AmbiguousFailure(EmbedFailure):
+    kind = "server_error"
+
+
+class InvalidVectors(EmbedFailure):
+    """Some vectors of an otherwise good answer are unusable; `vectors[i]` is None where `reasons` has i."""
+
+    kind = "invalid_vector"
+
+    def __init__(self, vectors: list[np.ndarray | None], reasons: dict[int, str]):
+        first = next(iter(reasons.values()))
+        super().__init__(f"{len(reasons)} of {len(vectors)} vectors unusable ({first})", http_status=200)
+        self.vectors = vectors
+        self.reasons = reasons
+
+
+@dataclass
+class _Endpoint:
+    url: str
+    slots: asyncio.Semaphore
+    legacy: bool = False  # /api/embed answered 404: an older Ollama, use /api/embeddings
+    requests: int = 0
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    retries: int = 0
+    texts: int = 0
+    seconds_waiting: float = 0.0
+    by_url: dict[str, int] = field(default_factory=dict)
+
+
+class OllamaClient:
+    """One pooled async HTTP client over one or more Ollama servers, used round-robin with per-server slots."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        model: str,
+        *,
+        timeout_sec: float = 120.0,
+        retries: int = 5,
+        backoff_base_sec: float = 0.5,
+        backoff_max_sec: float = 30.0,
+        per_url_in_flight: int = 1,
+        text_prefix: str = "",
+        dimensions: int | None = None,
+        connect_timeout_sec: float = 10.0,
+    ):
+        if not urls:
+            raise ValueError("at least one Ollama URL is needed")
+        self.model = model
+        self.timeout_sec = timeout_sec
+        self.retries = retries
+        self.backoff_base_sec = backoff_base_sec
+        self.backoff_max_sec = backoff_max_sec
+        self.text_prefix = text_prefix
+        self.dimensions = dimensions
+        self.per_url_in_flight = per_url_in_flight
+        self._urls = [u.rstrip("/") for u in urls]
+        self._endpoints: list[_Endpoint] | None = None
+        self._rotation: itertools.cycle[int] | None = None
+        self._connect_timeout = min(connect_timeout_sec, timeout_sec)
+        self._http: httpx.AsyncClient | None = None
+        self.stats = ClientStats()
+
+    # ------------------------------------------------------------ lifecycle
+    def _ensure_open(self) -> httpx.AsyncClient:
+        """Create the pool lazily, inside the running event loop (semaphores bind to it)."""
+        if self._http is None:
+            self._endpoints = [_Endpoint(u, asyncio.Semaphore(self.per_url_in_flight)) for u in self._urls]
+            self._rotation = itertools.cycle(range(len(self._endpoints)))
+            slots = self.per_url_in_flight * len(self._urls)
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout_sec, connect=self._connect_timeout),
+                limits=httpx.Limits(max_connections=slots + 4, max_keepalive_connections=slots + 4),
+                headers={"content-type": "application/json", "user-agent": "wiki-embeddings"},
+                trust_env=False,  # Ollama sits on the internal network: never route it through an HTTP proxy
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def __aenter__(self) -> OllamaClient:
+        self._ensure_open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def where(self) -> str:
+        return ", ".join(mask_url(u) for u in self._urls)
+
+    # ------------------------------------------------------------ public calls
+    async def version(self) -> str:
+        """GET /api/version on the first server; ServerUnavailable with a one-line reason when it does not answer."""
+        http = self._ensure_open()
+        url = self._urls[0]
+        try:
+            resp = await asyncio.wait_for(http.get(f"{url}/api/version"), self._connect_timeout)
+            resp.raise_for_status()
+            return str(_loads(resp.content).get("version", "?"))
+        except (httpx.HTTPError, TimeoutError, ValueError) as exc:
+            raise ServerUnavailable(
+                f"the Ollama server at {mask_url(url)} (OLLAMA_URL) does not answer: {_describe(exc)}"
+            ) from exc
+
+    async def probe_dimensions(self, text: str = "dimension probe") -> int:
+        """Embed one text to learn the model's vector length (and prove the model is there)."""
+        saved, self.dimensions = self.dimensions, None
+        try:
+            vectors = await self.embed([text])
+        finally:
+            self.dimensions = saved
+        return int(vectors[0].shape[0])
+
+    async def healthy(self, text: str) -> bool:
+        """Does a known-good text still embed? Tells a sick server from a poisoned chunk."""
+        try:
+            await self.embed([text])
+            return True
+        except EmbedFailure:
+            return False
+
+    async def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """One validated batch: one finite float32 vector of the expected length per input, or an EmbedFailure."""
+        self._ensure_open()
+        assert self._endpoints is not None and self._rotation is not None
+        payload_texts = [self.text_prefix + t for t in texts] if self.text_prefix else list(texts)
+        attempt = timeouts = 0
+        while True:
+            endpoint = self._endpoints[next(self._rotation)]
+            try:
+                async with endpoint.slots:
+                    started = time.perf_counter()
+                    vectors = await asyncio.wait_for(self._request(endpoint, payload_texts), self.timeout_sec)
+                    self.stats.seconds_waiting += time.perf_counter() - started
+                self.stats.texts += len(texts)
+                return self._validate(vectors, len(texts))
+            except TimeoutError as exc:
+                timeouts += 1
+                if timeouts > min(1, self.retries):
+                    # A deadline hit twice: the engine asks a canary whether the server or the input is at fault.
+                    raise AmbiguousFailure(
+                        f"no complete answer from {mask_url(endpoint.url)} within --timeout-sec "
+                        f"{self.timeout_sec:g} ({timeouts} attempts)",
+                        kind="timeout",
+                    ) from exc
+                self.stats.retries += 1
+                await asyncio.sleep(self._backoff(timeouts))
+            except _Transient as exc:
+                attempt += 1
+                if attempt > self.retries:
+                    raise ServerUnavailable(
+                        f"the Ollama server at {self.where} (OLLAMA_URL) is unreachable or overloaded after "
+                        f"{attempt} attempts: {exc}",
+                        http_status=exc.http_status,
+                    ) from exc
+                self.stats.retries += 1
+                await asyncio.sleep(self._backoff(attempt))
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter in its upper half, so many workers do not retry in lockstep."""
+        ceiling = min(self.backoff_max_sec, self.backoff_base_sec * (2 ** (attempt - 1)))
+        return ceiling * (0.5 + random.random() / 2)
+
+    # ------------------------------------------------------------ one HTTP exchange
+    async def _request(self, endpoint: _Endpoint, texts: list[str]) -> list[object]:
+        http = self._ensure_open()
+        self.stats.requests += 1
+        self.stats.by_url[endpoint.url] = self.stats.by_url.get(endpoint.url, 0) + 1
+        if endpoint.legacy:
+            return [await self._legacy_one(endpoint, t) for t in texts]
+        body = orjson.dumps({"model": self.model, "input": texts, "truncate": True})
+        resp = await self._post(http, f"{endpoint.url}/api/embed", body)
+        if resp.status_code == 404 and not _mentions_model(resp):
+            endpoint.legacy = True  # an Ollama older than /api/embed
+            return [await self._legacy_one(endpoint, t) for t in texts]
+        data = self._json_or_raise(resp, endpoint)
+        embeddings = data.get("embeddings") if isinstance(data, dict) else None
+        if not isinstance(embeddings, list):
+            raise AmbiguousFailure(
+                f"answer from {mask_url(endpoint.url)} has no 'embeddings' list",
+                http_status=200,
+                kind="bad_response",
+            )
+        return embeddings
+
+    async def _legacy_one(self, endpoint: _Endpoint, text: str) -> object:
+        http = self._ensure_open()
+        body = orjson.dumps({"model": self.model, "prompt": text})
+        resp = await self._post(http, f"{endpoint.url}/api/embeddings", body)
+        data = self._json_or_raise(resp, endpoint)
+        return data.get("embedding") if isinstance(data, dict) else None
+
+    @staticmethod
+    async def _post(http: httpx.AsyncClient, url: str, body: bytes) -> httpx.Response:
+        try:
+            return await http.post(url, content=body)
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            raise _Transient(f"{_describe(exc)} from {mask_url(url)}") from exc
+
+    def _json_or_raise(self, resp: httpx.Response, endpoint: _Endpoint) -> object:
+        status = resp.status_code
+        where = mask_url(endpoint.url)
+        if status in TRANSIENT_STATUSES:
+            raise _Transient(f"HTTP {status} from {where}: {_error_text(resp)}", http_status=status)
+        if status == 404:
+            raise ModelNotFound(
+                f"model {self.model!r} is not available on {where}: {_error_text(resp)}. "
+                f"Pull it first (`ollama pull {self.model}`) or set OLLAMA_MODEL to a model the server has.",
+                http_status=404,
+            )
+        if 400 <= status < 500:
+            raise InputRejected(f"HTTP {status}: {_error_text(resp)}", http_status=status, kind=f"http_{status}")
+        if status >= 500:
+            raise AmbiguousFailure(f"HTTP {status}: {_error_text(resp)}", http_status=status, kind=f"http_{status}")
+        try:
+            return _loads(resp.content)
+        except ValueError as exc:
+            ctype = resp.headers.get("content-type", "?")
+            raise AmbiguousFailure(
+                f"answer from {where} is not JSON (content-type {ctype}): {resp.text[:120]!r}",
+                http_status=status,
+                kind="bad_response",
+            ) from exc
+
+    # ------------------------------------------------------------ validation
+    def _validate(self, raw: list[object], expected: int) -> list[np.ndarray]:
+        if len(raw) != expected:
+            raise AmbiguousFailure(f"asked for {expected} vectors, got {len(raw)}", http_status=200, kind="wrong_count")
+        vectors: list[np.ndarray | None] = []
+        reasons: dict[int, str] = {}
+        want = self.dimensions
+        for i, item in enumerate(raw):
+            reason = None
+            arr = None
+            if not isinstance(item, list) or not item:
+                reason = "empty vector"
+            else:
+                try:
+                    arr = np.asarray(item, dtype=np.float32)
+                except (TypeError, ValueError):
+                    reason = "vector holds non-numbers"
+                if arr is not None and reason is None:
+                    if arr.ndim != 1:
+                        reason = "vector is not flat"
+                    elif want is not None and arr.shape[0] != want:
+                        reason = f"vector length {arr.shape[0]} != column dimension {want}"
+                    elif not np.isfinite(arr).all():
+                        reason = "vector holds NaN or infinity"
+            if reason:
+                reasons[i] = reason
+                vectors.append(None)
+            else:
+                vectors.append(arr)
+        if reasons:
+            raise InvalidVectors(vectors, reasons)
+        return vectors  # type: ignore[return-value]
+
+
+class _Transient(Exception):
+    """Internal: a failure worth retrying (transport error, overload status)."""
+
+    def __init__(self, message: str, http_status: int | None = None):
+        super().__init__(message)
+        self.http_status = http_status
+
+
+def _loads(content: bytes) -> object:
+    """orjson first (fast); the standard parser for answers that carry NaN/Infinity literals, so they are seen."""
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return json.loads(content)
+
+
+def _error_text(resp: httpx.Response) -> str:
+    try:
+        data = _loads(resp.content)
+        if isinstance(data, dict) and "error" in data:
+            return str(data["error"])[:300]
+    except ValueError:
+        pass
+    return resp.text[:200].strip() or resp.reason_phrase
+
+
+def _mentions_model(resp: httpx.Response) -> bool:
+    return "model" in resp.text.lower()
+
+
+def _describe(exc: BaseException) -> str:
+    name = type(exc).__name__
+    text = str(exc).strip()
+    return f"{name}: {text}" if text else name

@@ -1,0 +1,527 @@
+"""The backfill loop: claim missing chunks, embed them, write the vectors, isolate what cannot be embedded.
+
+Three stages overlap so the embedding server never waits on PostgreSQL or on bookkeeping:
+  producer (keyset claim of the next batch) -> N embed workers (HTTP, bisection) -> writer (bulk write).
+Queues between them are bounded, so memory depends on batch size and concurrency, never on table size.
+
+The stop file (and a stop request in the database) is checked between batches: once seen, no new request
+is sent, what is in flight is written, and the run ends with state `stopped`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wiki_embeddings.core.client import (
+    AmbiguousFailure,
+    EmbedFailure,
+    InputRejected,
+    InvalidVectors,
+    ModelNotFound,
+    OllamaClient,
+    ServerUnavailable,
+)
+from wiki_embeddings.core.failure_log import FailureLog
+from wiki_embeddings.core.store import Store
+from wiki_embeddings.settings import Settings, redact, url_password
+
+CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
+DB_STOP_CHECK_EVERY_SEC = 1.0
+
+
+class DimensionMismatch(RuntimeError):
+    """The model's vectors do not fit the column: refused before anything is written."""
+
+
+@dataclass
+class RunReport:
+    """What one run did; `state` is completed | stopped | max_chunks | server_unavailable | model_not_found."""
+
+    state: str
+    mode: str
+    model: str
+    dimensions: int
+    embedded: int = 0
+    failed: int = 0
+    skipped_busy: int = 0
+    remaining: int = 0
+    seconds: float = 0.0
+    requests: int = 0
+    run_id: int | None = None
+    message: str = ""
+    failed_ids: list[int] = field(default_factory=list)
+
+    @property
+    def chunks_per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a clean end (done, stopped on request, max-chunks reached); non-zero when the server failed us."""
+        return {"server_unavailable": 3, "model_not_found": 4}.get(self.state, 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["chunks_per_s"] = round(self.chunks_per_s, 2)
+        return out
+
+
+@dataclass
+class _Batch:
+    rows: list[tuple[int, str]]
+
+
+class _Fatal(Exception):
+    def __init__(self, state: str, message: str):
+        super().__init__(message)
+        self.state = state
+
+
+class Backfill:
+    """One run of the loop over a store and a client, configured by one Settings object."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        client: OllamaClient,
+        *,
+        mode: str = "backfill",
+        log: Callable[[str], None] | None = None,
+        handle_signals: bool = False,
+        progress_bar: bool | None = None,
+    ):
+        self.s = settings.validate()
+        self.store = store
+        self.client = client
+        self.mode = mode
+        self._log = log or (lambda line: print(line, flush=True))
+        self.handle_signals = handle_signals
+        self.progress_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
+        self.failure_log = FailureLog(settings.failure_log)
+        self.stop_file = Path(settings.stop_file) if settings.stop_file else None
+        self._secrets = [url_password(settings.database_url)]
+        # run state
+        self._stop_event = asyncio.Event()
+        self._stop_reason = ""
+        self._fatal: _Fatal | None = None
+        self._last_db_stop_check = 0.0
+        self._known_good: str | None = None
+        self._report: RunReport | None = None
+        self._batches_written = 0
+        self._claimed = 0
+        self._total = 0
+        self._started = 0.0
+
+    # ------------------------------------------------------------ public
+    def run(self) -> RunReport:
+        return asyncio.run(self.arun())
+
+    def request_stop(self, reason: str = "signal") -> None:
+        """Graceful stop from inside the process (SIGTERM, Ctrl-C): same path as the stop file."""
+        if not self._stop_event.is_set():
+            self._stop_reason = reason
+            self._stop_event.set()
+
+    async def arun(self) -> RunReport:
+        s = self.s
+        self._stop_event = asyncio.Event()
+        dimensions = await asyncio.to_thread(self._prepare_database)
+        report = RunReport(state="running", mode=self.mode, model=self.client.model, dimensions=dimensions)
+        self._report = report
+        try:
+            await self._check_model(dimensions)
+        except (ServerUnavailable, ModelNotFound) as exc:
+            report.state = "server_unavailable" if isinstance(exc, ServerUnavailable) else "model_not_found"
+            report.message = self._clean(exc.message)
+            report.remaining = await asyncio.to_thread(self._count_remaining)
+            return report
+        await asyncio.to_thread(self.store.record_model, self.client.model, dimensions)
+        report.run_id = await asyncio.to_thread(
+            self.store.start_run, self.mode, s.options_for_resume(), self.client.model
+        )
+        self._total = await asyncio.to_thread(self._count_remaining)
+        if s.max_chunks is not None:
+            self._total = min(self._total, s.max_chunks)
+        self._log(
+            f"{self.mode}: {self._total} chunks to embed in {self.store.table.qualified} with model "
+            f"{self.client.model!r} ({dimensions}-d) at {self.client.where}; batch {s.batch_size}, "
+            f"{s.concurrency} in flight per server"
+        )
+        self._started = time.perf_counter()
+        removers = self._install_signal_handlers()
+        try:
+            await self._pipeline(report)
+        finally:
+            for remove in removers:
+                remove()
+            report.seconds = time.perf_counter() - self._started
+        report.requests = self.client.stats.requests
+        report.remaining = await asyncio.to_thread(self._count_remaining)
+        if self._fatal is not None:
+            report.state, report.message = self._fatal.state, self._clean(str(self._fatal))
+        elif self._stop_event.is_set():
+            report.state = "stopped"
+            report.message = f"stopped on request ({self._stop_reason}); {report.remaining} chunks remain"
+        elif s.max_chunks is not None and self._claimed >= s.max_chunks and report.remaining > 0:
+            report.state = "max_chunks"
+            report.message = f"--max-chunks {s.max_chunks} reached; {report.remaining} chunks remain"
+        else:
+            report.state = "completed"
+            report.message = f"done; {report.remaining} chunks remain missing ({report.failed} failed this run)"
+        await asyncio.to_thread(
+            self.store.finish_run,
+            report.run_id,
+            report.state,
+            report.embedded,
+            report.failed,
+            report.chunks_per_s,
+            report.message,
+        )
+        self._finish_progress_bar()
+        self._log(
+            f"{self.mode} {report.state}: embedded={report.embedded} failed={report.failed} "
+            f"remaining={report.remaining} seconds={report.seconds:.1f} chunks/s={report.chunks_per_s:.1f}. "
+            f"{report.message}"
+        )
+        return report
+
+    # ------------------------------------------------------------ preparation
+    def _prepare_database(self) -> int:
+        self.store.migrate()
+        self.store.ensure_extension()
+        self.store.ensure_missing_index()
+        return self.store.column_dimensions()
+
+    async def _check_model(self, dimensions: int) -> None:
+        """Refuse a model whose vectors have another length than the column, before anything is written."""
+        got = await self.client.probe_dimensions(CANARY_TEXT)
+        if got != dimensions:
+            raise DimensionMismatch(
+                f"model {self.client.model!r} returns {got}-dimensional vectors but "
+                f"{self.store.table.qualified}.{self.store.table.embedding_column} is vector({dimensions}); "
+                "nothing was written. Use the model the column was built for, or migrate the column."
+            )
+        self.client.dimensions = dimensions
+        self._known_good = CANARY_TEXT
+
+    def _claim_mode(self) -> str:
+        if self.s.retry_failed:
+            return "retry_failed"
+        return "all" if self.s.include_quarantined else "normal"
+
+    def _count_remaining(self) -> int:
+        if self.s.retry_failed:
+            return len([f for f in self.store.list_failures(self.s.max_attempts) if f["still_missing"]])
+        return self.store.count_missing(self.s.id_min, self.s.id_max)
+
+    # ------------------------------------------------------------ stop handling
+    def _install_signal_handlers(self) -> list[Callable[[], None]]:
+        if not self.handle_signals:
+            return []
+        loop = asyncio.get_running_loop()
+        removers = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+                removers.append(lambda sig=sig: loop.remove_signal_handler(sig))
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        return removers
+
+    def _stop_file_present(self) -> bool:
+        return self.stop_file is not None and os.path.lexists(self.stop_file)
+
+    async def _should_stop(self, claim_conn: Any) -> bool:
+        if self._stop_event.is_set() or self._fatal is not None:
+            return True
+        if self._stop_file_present():
+            self.request_stop(f"stop file {self.stop_file}")
+            return True
+        now = time.monotonic()
+        if now - self._last_db_stop_check >= DB_STOP_CHECK_EVERY_SEC:
+            self._last_db_stop_check = now
+            if await asyncio.to_thread(self.store.stop_requested, claim_conn):
+                self.request_stop("stop request in the database")
+                return True
+        return False
+
+    def _stopping(self) -> bool:
+        """Cheap check for workers before each new request (no database round trip)."""
+        if self._stop_event.is_set() or self._fatal is not None:
+            return True
+        if self._stop_file_present():
+            self.request_stop(f"stop file {self.stop_file}")
+            return True
+        return False
+
+    # ------------------------------------------------------------ pipeline
+    async def _pipeline(self, report: RunReport) -> None:
+        s = self.s
+        claim_conn = await asyncio.to_thread(self.store.connect)
+        write_conn = await asyncio.to_thread(self.store.connect)
+        workers_n = s.concurrency * len(s.ollama_urls)
+        todo: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=workers_n)
+        done: asyncio.Queue[tuple[list[int], list[np.ndarray]] | None] = asyncio.Queue(maxsize=workers_n * 2)
+        try:
+            producer = asyncio.create_task(self._produce(todo, claim_conn, workers_n, report))
+            workers = [asyncio.create_task(self._work(todo, done, claim_conn, report)) for _ in range(workers_n)]
+            writer = asyncio.create_task(self._write(done, write_conn, claim_conn, report))
+            await producer
+            await asyncio.gather(*workers)
+            await done.put(None)
+            await writer
+        finally:
+            await asyncio.to_thread(claim_conn.close)  # closing the session releases every claim it still holds
+            await asyncio.to_thread(write_conn.close)
+
+    async def _produce(self, todo: asyncio.Queue, claim_conn: Any, workers_n: int, report: RunReport) -> None:
+        s = self.s
+        after_id: int | None = None
+        try:
+            while not await self._should_stop(claim_conn):
+                limit = s.batch_size
+                if s.max_chunks is not None:
+                    limit = min(limit, s.max_chunks - self._claimed)
+                    if limit <= 0:
+                        break
+                claim = await asyncio.to_thread(
+                    self.store.claim,
+                    claim_conn,
+                    after_id=after_id,
+                    limit=limit,
+                    max_chars=s.max_chars,
+                    id_min=s.id_min,
+                    id_max=s.id_max,
+                    mode=self._claim_mode(),
+                    max_attempts=s.max_attempts,
+                )
+                if claim.last_scanned_id is None:
+                    break
+                after_id = claim.last_scanned_id
+                report.skipped_busy += claim.busy
+                if claim.rows:
+                    self._claimed += len(claim.rows)
+                    await todo.put(_Batch(claim.rows))
+        finally:
+            for _ in range(workers_n):
+                await todo.put(None)
+
+    async def _work(self, todo: asyncio.Queue, done: asyncio.Queue, claim_conn: Any, report: RunReport) -> None:
+        while True:
+            batch = await todo.get()
+            if batch is None:
+                return
+            if self._stopping():
+                # Not sent: give the claims back untouched for the next run.
+                await asyncio.to_thread(self.store.release, claim_conn, [r[0] for r in batch.rows])
+                continue
+            try:
+                await self._embed_rows(batch.rows, done, claim_conn, report)
+            except _Fatal as exc:
+                if self._fatal is None:
+                    self._fatal = exc
+                await asyncio.to_thread(self.store.release, claim_conn, [r[0] for r in batch.rows])
+
+    async def _call(self, texts: list[str]) -> list[np.ndarray]:
+        try:
+            return await self.client.embed(texts)
+        finally:
+            if self.s.sleep_ms:
+                await asyncio.sleep(self.s.sleep_ms / 1000)
+
+    async def _embed_rows(
+        self, rows: list[tuple[int, str]], done: asyncio.Queue, claim_conn: Any, report: RunReport
+    ) -> None:
+        """Embed rows; on an input-tied failure split the batch until the bad chunks stand alone."""
+        blank = [r for r in rows if not r[1].strip()]
+        if blank:
+            for row in blank:
+                await self._isolate(row, "empty_text", "text is empty or whitespace only", None, claim_conn, report)
+            rows = [r for r in rows if r[1].strip()]
+            if not rows:
+                return
+        try:
+            vectors = await self._call([r[1] for r in rows])
+        except ServerUnavailable as exc:
+            raise _Fatal("server_unavailable", exc.message) from exc
+        except ModelNotFound as exc:
+            raise _Fatal("model_not_found", exc.message) from exc
+        except InvalidVectors as exc:
+            good = [(r, v) for r, v in zip(rows, exc.vectors, strict=True) if v is not None]
+            if good:
+                await done.put(([r[0] for r, _ in good], [v for _, v in good]))
+                self._known_good = good[0][0][1]
+            bad = [rows[i] for i in sorted(exc.reasons)]
+            if len(rows) == 1:
+                await self._isolate(bad[0], exc.kind, exc.reasons[0], exc.http_status, claim_conn, report)
+            else:
+                for row in bad:  # each alone: a vector that is bad again is the chunk's
+                    await self._embed_rows([row], done, claim_conn, report)
+            return
+        except (InputRejected, AmbiguousFailure) as exc:
+            if isinstance(exc, AmbiguousFailure) and not await self._server_well():
+                raise _Fatal(
+                    "server_unavailable",
+                    f"the embedding server fails even on a known-good text after: {exc.message}",
+                ) from exc
+            if len(rows) == 1:
+                await self._isolate(rows[0], exc.kind, exc.message, exc.http_status, claim_conn, report)
+            else:
+                half = len(rows) // 2
+                await self._embed_rows(rows[:half], done, claim_conn, report)
+                await self._embed_rows(rows[half:], done, claim_conn, report)
+            return
+        self._known_good = rows[0][1]
+        await done.put(([r[0] for r in rows], vectors))
+
+    async def _server_well(self) -> bool:
+        try:
+            await self._call([self._known_good or CANARY_TEXT])
+            return True
+        except EmbedFailure:
+            return False
+
+    async def _isolate(
+        self,
+        row: tuple[int, str],
+        error: str,
+        message: str,
+        http_status: int | None,
+        claim_conn: Any,
+        report: RunReport,
+    ) -> None:
+        """Record one chunk that cannot be embedded (database + JSONL), after proving the server is well."""
+        if error != "empty_text" and not await self._server_well():
+            raise _Fatal("server_unavailable", f"the embedding server fails even on a known-good text: {message}")
+        chunk_id, text = row
+        message = self._clean(message)
+        attempts = await asyncio.to_thread(
+            self.store.record_failure,
+            chunk_id,
+            error=error,
+            message=message,
+            http_status=http_status,
+            run_id=report.run_id,
+        )
+        self.failure_log.record(
+            chunk_id=chunk_id,
+            error=error,
+            message=message,
+            http_status=http_status,
+            attempts=attempts,
+            text_length=len(text),
+            model=self.client.model,
+            table=self.store.table.qualified,
+            run_id=report.run_id,
+        )
+        report.failed += 1
+        report.failed_ids.append(chunk_id)
+        quarantined = " (quarantined)" if attempts >= self.s.max_attempts else ""
+        self._log(f"chunk {chunk_id} failed{quarantined}: {error}: {message}")
+        await asyncio.to_thread(self.store.release, claim_conn, [chunk_id])
+
+    async def _write(self, done: asyncio.Queue, write_conn: Any, claim_conn: Any, report: RunReport) -> None:
+        while True:
+            item = await done.get()
+            if item is None:
+                return
+            ids, vectors = item
+            written = await asyncio.to_thread(self.store.write_vectors, write_conn, ids, vectors)
+            await asyncio.to_thread(self.store.release, claim_conn, ids)
+            report.embedded += written
+            self._batches_written += 1
+            self._progress(report)
+
+    # ------------------------------------------------------------ reporting
+    def _progress(self, report: RunReport) -> None:
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        rate = report.embedded / elapsed
+        total = max(self._total, report.embedded + report.failed)
+        left = max(total - report.embedded - report.failed, 0)
+        eta = left / rate if rate > 0 else float("inf")
+        if self.progress_bar:
+            width = 30
+            filled = int(width * (report.embedded + report.failed) / total) if total else width
+            sys.stdout.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {report.embedded}/{total} {rate:.1f} chunks/s "
+                f"eta {_fmt_eta(eta)}   "
+            )
+            sys.stdout.flush()
+        if self._batches_written % self.s.report_every == 0:
+            if self.progress_bar:
+                sys.stdout.write("\n")
+            self._log(
+                f"progress: {report.embedded}/{total} embedded, failed={report.failed}, "
+                f"{rate:.1f} chunks/s, eta {_fmt_eta(eta)}"
+            )
+            if report.run_id is not None:
+                self.store.heartbeat_run(report.run_id, report.embedded, report.failed, rate)
+
+    def _finish_progress_bar(self) -> None:
+        if self.progress_bar:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+    def _clean(self, message: str) -> str:
+        return redact(message, self._secrets)
+
+
+def _fmt_eta(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def resolve_model(settings: Settings, store: Store, local_default: bool = False) -> str:
+    """OLLAMA_MODEL if set; else the model recorded for the table by its last run; else the default.
+
+    So the runbook's bootstrap and maintenance commands, written without a model, use one model.
+    """
+    if settings.ollama_model:
+        return settings.ollama_model
+    try:
+        store.migrate()
+        recorded, _ = store.recorded_model()
+    except Exception:  # noqa: BLE001 - a fresh database has no record; the default applies
+        recorded = None
+    if recorded:
+        return recorded
+    from wiki_embeddings.settings import DEFAULT_MODEL, LOCAL_SERVER_MODEL
+
+    return LOCAL_SERVER_MODEL if local_default else DEFAULT_MODEL
+
+
+def build_client(settings: Settings, model: str, urls: list[str] | None = None) -> OllamaClient:
+    return OllamaClient(
+        urls or settings.ollama_urls,
+        model,
+        timeout_sec=settings.timeout_sec,
+        retries=settings.retries,
+        backoff_base_sec=settings.backoff_base_sec,
+        backoff_max_sec=settings.backoff_max_sec,
+        per_url_in_flight=settings.concurrency,
+        text_prefix=settings.text_prefix,
+    )
+
+
+def build_store(settings: Settings, database_url: str) -> Store:
+    from wiki_embeddings.core.store import TableRef
+
+    table = TableRef.parse(settings.table, settings.id_column, settings.text_column, settings.embedding_column)
+    return Store(database_url, table, settings.state_schema)

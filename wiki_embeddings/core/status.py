@@ -1,0 +1,54 @@
+"""The runbook's status: one dict of exact figures, printed as `key=value` lines or JSON."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from wiki_embeddings.core.store import Store
+from wiki_embeddings.settings import Settings
+
+STATUS_KEYS = [
+    "total",
+    "embedded",
+    "missing",
+    "coverage_pct",
+    "failed",
+    "quarantined",
+    "stop_requested",
+    "model",
+    "dimensions",
+    "last_run_id",
+    "last_run_state",
+    "last_run_started",
+    "last_run_finished",
+    "last_run_embedded",
+    "last_run_chunks_per_s",
+]
+
+
+def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
+    """Counts from the database, the stop file, the recorded model and the last run, in one place."""
+    store.migrate()
+    status = store.status(settings.max_attempts)
+    status["dimensions"] = store.column_dimensions()
+    status["stop_requested"] = bool(status["stop_requested"]) or os.path.lexists(settings.stop_file)
+    model, _ = store.recorded_model()
+    status["model"] = model or ""
+    last = store.last_run()
+    status["last_run_id"] = last["run_id"] if last else ""
+    status["last_run_state"] = last["state"] if last else "none"
+    status["last_run_started"] = last["started_at"].isoformat(timespec="seconds") if last else ""
+    finished = last["finished_at"] if last else None
+    status["last_run_finished"] = finished.isoformat(timespec="seconds") if finished else ""
+    status["last_run_embedded"] = last["embedded"] if last else 0
+    rate = last["chunks_per_s"] if last else None
+    status["last_run_chunks_per_s"] = f"{rate:.1f}" if rate is not None else ""
+    return {k: status[k] for k in STATUS_KEYS}
+
+
+def format_status(status: dict[str, Any]) -> str:
+    def show(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return "\n".join(f"{k}={show(v)}" for k, v in status.items())

@@ -1,0 +1,714 @@
+"""Every SQL statement of the project: the chunk table, claims, bulk vector writes and the tool's bookkeeping.
+
+Identifiers (table, columns, the bookkeeping schema) are settings, so they only ever reach SQL through
+`psycopg.sql.Identifier`; values always travel as parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+from psycopg.rows import dict_row
+
+# Characters never accepted in a configured identifier, even though quoting would make them harmless:
+# a table name with a quote or a semicolon in it is far more likely an injection attempt than a real name.
+_FORBIDDEN_IDENTIFIER_CHARS = set("\"';\\\x00") | {chr(c) for c in range(32)}
+
+
+class StoreError(RuntimeError):
+    """A problem with the database that the operator must fix (missing table, wrong column type...)."""
+
+
+def check_identifier(name: str, what: str) -> str:
+    if not name or len(name.encode()) > 63:
+        raise StoreError(f"{what} {name!r} must be 1 to 63 bytes long")
+    bad = sorted(set(name) & _FORBIDDEN_IDENTIFIER_CHARS)
+    if bad:
+        raise StoreError(f"{what} {name!r} contains forbidden characters {bad!r}; refusing it")
+    return name
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """The chunk table and its three columns, validated once."""
+
+    schema: str
+    name: str
+    id_column: str = "id"
+    text_column: str = "content"
+    embedding_column: str = "embedding"
+
+    @classmethod
+    def parse(
+        cls,
+        table: str,
+        id_column: str = "id",
+        text_column: str = "content",
+        embedding_column: str = "embedding",
+    ) -> TableRef:
+        schema, _, name = table.rpartition(".")
+        return cls(
+            check_identifier(schema or "public", "schema"),
+            check_identifier(name, "table"),
+            check_identifier(id_column, "id column"),
+            check_identifier(text_column, "text column"),
+            check_identifier(embedding_column, "embedding column"),
+        )
+
+    @property
+    def qualified(self) -> str:
+        """The key under which the bookkeeping tables remember this table."""
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def lock_namespace(self) -> int:
+        """High bits of the advisory-lock keys for this table's chunks (23 bits, so keys stay positive)."""
+        return zlib.crc32(self.qualified.encode()) & 0x7FFFFF
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Chunks locked by one claim: (id, cut text) to embed, and how far the keyset scan got."""
+
+    rows: list[tuple[int, str]]
+    last_scanned_id: int | None
+    busy: int  # candidates another worker holds
+
+
+MIGRATIONS: list[str] = [
+    # 1: bookkeeping tables.
+    """
+    CREATE TABLE IF NOT EXISTS {s}.failures (
+        table_name  text        NOT NULL,
+        chunk_id    bigint      NOT NULL,
+        error       text        NOT NULL,
+        message     text        NOT NULL,
+        http_status integer,
+        attempts    integer     NOT NULL DEFAULT 1,
+        text_md5    text,
+        text_length integer,
+        run_id      bigint,
+        first_seen  timestamptz NOT NULL DEFAULT now(),
+        last_seen   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (table_name, chunk_id)
+    );
+    CREATE TABLE IF NOT EXISTS {s}.runs (
+        run_id       bigserial PRIMARY KEY,
+        table_name   text        NOT NULL,
+        mode         text        NOT NULL,
+        state        text        NOT NULL,
+        host         text,
+        pid          integer,
+        model        text,
+        options      jsonb       NOT NULL DEFAULT '{{}}',
+        started_at   timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now(),
+        finished_at  timestamptz,
+        embedded     bigint      NOT NULL DEFAULT 0,
+        failed       bigint      NOT NULL DEFAULT 0,
+        chunks_per_s double precision,
+        message      text
+    );
+    CREATE INDEX IF NOT EXISTS runs_table_started_idx ON {s}.runs (table_name, started_at DESC);
+    CREATE TABLE IF NOT EXISTS {s}.table_state (
+        table_name        text PRIMARY KEY,
+        model             text,
+        dimensions        integer,
+        stop_requested_at timestamptz,
+        stop_reason       text,
+        updated_at        timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+]
+
+
+def _lock_key_sql(namespace: int) -> sql.Composable:
+    """Advisory-lock key of a chunk id: the table's namespace in the high bits, the id in the low 40."""
+    return sql.SQL("(({ns}::bigint << 40) | c.id)").format(ns=sql.Literal(namespace))
+
+
+class Store:
+    """Owns the database side of the pipeline. One instance per process; connections are opened per role."""
+
+    def __init__(
+        self,
+        dsn: str,
+        table: TableRef,
+        state_schema: str = "wiki_embeddings",
+        app_name: str = "wiki-embeddings",
+    ):
+        self.dsn = dsn
+        self.table = table
+        self.state_schema = check_identifier(state_schema, "state schema")
+        self.app_name = app_name
+        self._conn: psycopg.Connection | None = None
+        t = table
+        self._t = sql.Identifier(t.schema, t.name)
+        self._id = sql.Identifier(t.id_column)
+        self._text = sql.Identifier(t.text_column)
+        self._emb = sql.Identifier(t.embedding_column)
+        self._s = sql.Identifier(self.state_schema)
+
+    # ---------------------------------------------------------------- connections
+    def connect(self, register: bool = True) -> psycopg.Connection:
+        """A new autocommit connection (vector type registered when the extension exists)."""
+        conn = psycopg.connect(self.dsn, autocommit=True, application_name=self.app_name, connect_timeout=10)
+        if register:
+            self._register(conn)
+        return conn
+
+    @staticmethod
+    def _register(conn: psycopg.Connection) -> None:
+        try:
+            register_vector(conn)
+        except psycopg.ProgrammingError:
+            pass  # the extension is not there yet: migrate()/ensure_table() create it
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        """The store's own connection for short statements (status, bookkeeping)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = self.connect()
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+        self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ping(self) -> str:
+        row = self.conn.execute("SELECT current_setting('server_version')").fetchone()
+        return str(row[0]) if row else "?"
+
+    # ---------------------------------------------------------------- schema
+    def migrate(self) -> int:
+        """Create the bookkeeping schema and apply pending versioned migrations; safe to repeat and to race."""
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(hashtext('wiki_embeddings.migrate'))")
+            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._s))
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.schema_migrations "
+                    "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(self._s)
+            )
+            done = {
+                r[0]
+                for r in self.conn.execute(
+                    sql.SQL("SELECT version FROM {}.schema_migrations").format(self._s)
+                ).fetchall()
+            }
+            for version, statement in enumerate(MIGRATIONS, start=1):
+                if version in done:
+                    continue
+                self.conn.execute(sql.SQL(statement).format(s=self._s))  # type: ignore[arg-type]
+                self.conn.execute(
+                    sql.SQL("INSERT INTO {}.schema_migrations (version) VALUES (%s)").format(self._s),
+                    (version,),
+                )
+        return len(MIGRATIONS)
+
+    def ensure_extension(self) -> None:
+        row = self.conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+        if row is None:
+            try:
+                self.conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            except psycopg.Error as exc:
+                raise StoreError(
+                    "the pgvector extension is not installed in this database and could not be created "
+                    f"({exc.diag.message_primary}); ask a superuser to run CREATE EXTENSION vector"
+                ) from exc
+        self._register(self.conn)
+
+    def table_exists(self) -> bool:
+        row = self.conn.execute("SELECT to_regclass(%s)", (self._regclass_text(),)).fetchone()
+        return bool(row and row[0])
+
+    def _regclass_text(self) -> str:
+        return sql.Identifier(self.table.schema, self.table.name).as_string(self.conn)
+
+    def ensure_table(self, dimensions: int) -> bool:
+        """Create the chunk table (and the partial index on missing embeddings) when absent; True if created."""
+        self.ensure_extension()
+        created = not self.table_exists()
+        if created:
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {t} ({id} bigint PRIMARY KEY, title text, chunk_index integer, "
+                    "{text} text NOT NULL, {emb} vector({dim}))"
+                ).format(t=self._t, id=self._id, text=self._text, emb=self._emb, dim=sql.Literal(int(dimensions)))
+            )
+        self.ensure_missing_index()
+        return created
+
+    def _missing_index_name(self) -> str:
+        return f"{self.table.name}_{self.table.embedding_column}_missing_idx"[:63]
+
+    def ensure_missing_index(self) -> None:
+        """The partial index that keeps status and claims fast however large the table grows."""
+        self.conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} ({id}) WHERE {emb} IS NULL").format(
+                ix=sql.Identifier(self._missing_index_name()), t=self._t, id=self._id, emb=self._emb
+            )
+        )
+
+    def column_dimensions(self) -> int:
+        """D of the embedding column, read from its type (vector(D)); a clear error when it is not a vector."""
+        row = self.conn.execute(
+            "SELECT format_type(a.atttypid, a.atttypmod), a.atttypmod, t.typname FROM pg_attribute a "
+            "JOIN pg_type t ON t.oid = a.atttypid "
+            "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND NOT a.attisdropped",
+            (self._regclass_text(), self.table.embedding_column),
+        ).fetchone()
+        if row is None:
+            if not self.table_exists():
+                raise StoreError(
+                    f"table {self.table.qualified} does not exist; run `wiki-embeddings import` to create and load it"
+                )
+            raise StoreError(f"column {self.table.embedding_column!r} not found in {self.table.qualified}")
+        type_text, typmod, typname = row
+        if typname != "vector" or typmod is None or typmod <= 0:
+            raise StoreError(
+                f"column {self.table.qualified}.{self.table.embedding_column} is {type_text}, "
+                "expected vector(D) with a fixed dimension"
+            )
+        return int(typmod)
+
+    # ---------------------------------------------------------------- import
+    def insert_chunks(self, rows: Iterable[tuple[int, str, int, str]], page: int = 5000) -> int:
+        """Insert (id, title, chunk_index, content) rows that are not there yet; returns how many were new."""
+        inserted = 0
+        batch: list[tuple[int, str, int, str]] = []
+        stmt = sql.SQL(
+            "INSERT INTO {t} ({id}, title, chunk_index, {text}) "
+            "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::int[], %s::text[]) ON CONFLICT ({id}) DO NOTHING"
+        ).format(t=self._t, id=self._id, text=self._text)
+
+        def flush() -> int:
+            ids, titles, idx, texts = zip(*batch, strict=True)
+            with self.conn.transaction():
+                cur = self.conn.execute(stmt, (list(ids), list(titles), list(idx), list(texts)))
+            batch.clear()
+            return cur.rowcount
+
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= page:
+                inserted += flush()
+        if batch:
+            inserted += flush()
+        return inserted
+
+    # ---------------------------------------------------------------- claims and writes
+    def _candidate_filter(self, mode: str) -> sql.Composable:
+        """Which missing chunks a run may take: normal runs skip quarantined chunks, retries take only failures."""
+        failures = sql.SQL("{s}.failures f WHERE f.table_name = %(table)s AND f.chunk_id = t.{id}").format(
+            s=self._s, id=self._id
+        )
+        quarantined = sql.SQL("f.attempts >= %(cap)s AND f.text_md5 IS NOT DISTINCT FROM md5(t.{text})").format(
+            text=self._text
+        )
+        if mode == "normal":
+            return sql.SQL("AND NOT EXISTS (SELECT 1 FROM {f} AND {q})").format(f=failures, q=quarantined)
+        if mode == "retry_failed":
+            return sql.SQL("AND EXISTS (SELECT 1 FROM {f})").format(f=failures)
+        if mode == "all":
+            return sql.SQL("")
+        raise ValueError(f"unknown claim mode {mode!r}")
+
+    def claim(
+        self,
+        conn: psycopg.Connection,
+        *,
+        after_id: int | None,
+        limit: int,
+        max_chars: int,
+        id_min: int | None = None,
+        id_max: int | None = None,
+        mode: str = "normal",
+        max_attempts: int = 3,
+    ) -> Claim:
+        """Keyset-read the next missing chunks after `after_id` and lock them on `conn` (session advisory locks).
+
+        The locks live as long as `conn`'s session, so they die with the process; no transaction stays open
+        across the HTTP call. Text is read after locking, so a chunk another worker just wrote is not taken.
+        """
+        lower = after_id if after_id is not None else (id_min - 1 if id_min is not None else None)
+        key = _lock_key_sql(self.table.lock_namespace)
+        query = sql.SQL(
+            "WITH cand AS MATERIALIZED ("
+            " SELECT t.{id} AS id FROM {t} t WHERE t.{emb} IS NULL"
+            " AND (%(lower)s::bigint IS NULL OR t.{id} > %(lower)s)"
+            " AND (%(upper)s::bigint IS NULL OR t.{id} <= %(upper)s) {filter}"
+            " ORDER BY t.{id} LIMIT %(limit)s)"
+            " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
+        ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key)
+        params = {
+            "lower": lower,
+            "upper": id_max,
+            "limit": limit,
+            "table": self.table.qualified,
+            "cap": max_attempts,
+        }
+        cand = conn.execute(query, params).fetchall()
+        if not cand:
+            return Claim([], None, 0)
+        locked = [cid for cid, ok in cand if ok]
+        rows: list[tuple[int, str]] = []
+        if locked:
+            rows = [
+                (int(r[0]), r[1])
+                for r in conn.execute(
+                    sql.SQL(
+                        "SELECT {id}, left({text}, %s) FROM {t} WHERE {id} = ANY(%s) AND {emb} IS NULL ORDER BY {id}"
+                    ).format(id=self._id, text=self._text, t=self._t, emb=self._emb),
+                    (max_chars, locked),
+                ).fetchall()
+            ]
+            taken = {r[0] for r in rows}
+            stale = [cid for cid in locked if cid not in taken]
+            if stale:
+                self.release(conn, stale)
+        return Claim(rows, int(cand[-1][0]), len(cand) - len(locked))
+
+    def release(self, conn: psycopg.Connection, ids: Sequence[int]) -> None:
+        """Give back claims (after their vectors are committed, or when they are skipped)."""
+        if not ids:
+            return
+        key = _lock_key_sql(self.table.lock_namespace)
+        conn.execute(
+            sql.SQL("SELECT count(pg_advisory_unlock({key})) FROM unnest(%s::bigint[]) AS c(id)").format(key=key),
+            (list(ids),),
+        )
+
+    def relock(self, conn: psycopg.Connection, ids: Sequence[int]) -> list[int]:
+        """Re-take claims after a reconnect; returns the ids this session holds again."""
+        if not ids:
+            return []
+        key = _lock_key_sql(self.table.lock_namespace)
+        rows = conn.execute(
+            sql.SQL("SELECT c.id FROM unnest(%s::bigint[]) AS c(id) WHERE pg_try_advisory_lock({key})").format(key=key),
+            (list(ids),),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def write_vectors(self, conn: psycopg.Connection, ids: Sequence[int], vectors: Sequence[np.ndarray]) -> int:
+        """Write one batch of vectors in one short transaction; only rows still missing are touched.
+
+        psycopg 3's `executemany` pipelines the per-row UPDATEs over the primary key: measured here the
+        fastest at the pipeline's batch sizes (see benchmarks/RESULTS.md). Clears failure records of the
+        chunks written, since they are now embedded.
+        """
+        stmt = sql.SQL("UPDATE {t} SET {emb} = %b WHERE {id} = %b AND {emb} IS NULL").format(
+            t=self._t, emb=self._emb, id=self._id
+        )
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(stmt, list(zip(vectors, ids, strict=True)))
+            written = cur.rowcount
+            cur.execute(
+                sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s AND chunk_id = ANY(%s)").format(s=self._s),
+                (self.table.qualified, list(ids)),
+            )
+        return int(written)
+
+    def read_vectors(self, ids: Sequence[int]) -> dict[int, np.ndarray | None]:
+        rows = self.conn.execute(
+            sql.SQL("SELECT {id}, {emb} FROM {t} WHERE {id} = ANY(%s)").format(id=self._id, emb=self._emb, t=self._t),
+            (list(ids),),
+        ).fetchall()
+        return {int(r[0]): (None if r[1] is None else np.asarray(r[1].to_numpy(), dtype=np.float32)) for r in rows}
+
+    def read_texts(self, ids: Sequence[int], max_chars: int | None = None) -> dict[int, str]:
+        expr = sql.SQL("left({}, %s)").format(self._text) if max_chars else self._text
+        params: tuple[Any, ...] = (max_chars, list(ids)) if max_chars else (list(ids),)
+        rows = self.conn.execute(
+            sql.SQL("SELECT {id}, {e} FROM {t} WHERE {id} = ANY(%s)").format(id=self._id, e=expr, t=self._t),
+            params,
+        ).fetchall()
+        return {int(r[0]): r[1] for r in rows}
+
+    # ---------------------------------------------------------------- failures
+    def record_failure(
+        self,
+        chunk_id: int,
+        *,
+        error: str,
+        message: str,
+        http_status: int | None,
+        run_id: int | None,
+    ) -> int:
+        """Upsert a failure record; attempts count up for the same text and restart at 1 when the text changed."""
+        row = self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {s}.failures AS f (table_name, chunk_id, error, message, http_status, attempts,"
+                " text_md5, text_length, run_id)"
+                " SELECT %(table)s, t.{id}, %(error)s, %(message)s, %(status)s, 1, md5(t.{text}),"
+                " length(t.{text}), %(run)s FROM {t} t WHERE t.{id} = %(cid)s"
+                " ON CONFLICT (table_name, chunk_id) DO UPDATE SET error = EXCLUDED.error,"
+                " message = EXCLUDED.message, http_status = EXCLUDED.http_status, run_id = EXCLUDED.run_id,"
+                " text_length = EXCLUDED.text_length, last_seen = now(),"
+                " attempts = CASE WHEN f.text_md5 IS NOT DISTINCT FROM EXCLUDED.text_md5 THEN f.attempts + 1 ELSE 1 END,"
+                " text_md5 = EXCLUDED.text_md5"
+                " RETURNING attempts"
+            ).format(s=self._s, id=self._id, text=self._text, t=self._t),
+            {
+                "table": self.table.qualified,
+                "error": error,
+                "message": message[:2000],
+                "status": http_status,
+                "run": run_id,
+                "cid": chunk_id,
+            },
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def list_failures(self, max_attempts: int = 3, limit: int | None = None) -> list[dict[str, Any]]:
+        rows = self.conn.cursor(row_factory=dict_row).execute(
+            sql.SQL(
+                "SELECT f.chunk_id, f.error, f.message, f.http_status, f.attempts, f.text_length, f.first_seen,"
+                " f.last_seen, (f.attempts >= %s AND f.text_md5 IS NOT DISTINCT FROM md5(t.{text})) AS quarantined,"
+                " (t.{emb} IS NULL) AS still_missing"
+                " FROM {s}.failures f LEFT JOIN {t} t ON t.{id} = f.chunk_id"
+                " WHERE f.table_name = %s ORDER BY f.chunk_id LIMIT %s"
+            ).format(s=self._s, t=self._t, id=self._id, text=self._text, emb=self._emb),
+            (max_attempts, self.table.qualified, limit),
+        )
+        return list(rows.fetchall())
+
+    def clear_failures(self, ids: Sequence[int] | None = None) -> int:
+        if ids:
+            cur = self.conn.execute(
+                sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s AND chunk_id = ANY(%s)").format(s=self._s),
+                (self.table.qualified, list(ids)),
+            )
+        else:
+            cur = self.conn.execute(
+                sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s").format(s=self._s),
+                (self.table.qualified,),
+            )
+        return cur.rowcount
+
+    # ---------------------------------------------------------------- stop requests and table state
+    def _ensure_state_row(self) -> None:
+        self.conn.execute(
+            sql.SQL("INSERT INTO {s}.table_state (table_name) VALUES (%s) ON CONFLICT DO NOTHING").format(s=self._s),
+            (self.table.qualified,),
+        )
+
+    def request_stop(self, reason: str = "operator") -> None:
+        self._ensure_state_row()
+        self.conn.execute(
+            sql.SQL(
+                "UPDATE {s}.table_state SET stop_requested_at = now(), stop_reason = %s, updated_at = now()"
+                " WHERE table_name = %s"
+            ).format(s=self._s),
+            (reason, self.table.qualified),
+        )
+
+    def clear_stop(self) -> None:
+        self.conn.execute(
+            sql.SQL(
+                "UPDATE {s}.table_state SET stop_requested_at = NULL, stop_reason = NULL, updated_at = now()"
+                " WHERE table_name = %s"
+            ).format(s=self._s),
+            (self.table.qualified,),
+        )
+
+    def stop_requested(self, conn: psycopg.Connection | None = None) -> bool:
+        row = (
+            (conn or self.conn)
+            .execute(
+                sql.SQL("SELECT stop_requested_at IS NOT NULL FROM {s}.table_state WHERE table_name = %s").format(
+                    s=self._s
+                ),
+                (self.table.qualified,),
+            )
+            .fetchone()
+        )
+        return bool(row and row[0])
+
+    def recorded_model(self) -> tuple[str | None, int | None]:
+        row = self.conn.execute(
+            sql.SQL("SELECT model, dimensions FROM {s}.table_state WHERE table_name = %s").format(s=self._s),
+            (self.table.qualified,),
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def record_model(self, model: str, dimensions: int) -> None:
+        self._ensure_state_row()
+        self.conn.execute(
+            sql.SQL(
+                "UPDATE {s}.table_state SET model = %s, dimensions = %s, updated_at = now() WHERE table_name = %s"
+            ).format(s=self._s),
+            (model, dimensions, self.table.qualified),
+        )
+
+    # ---------------------------------------------------------------- runs
+    def start_run(self, mode: str, options: dict[str, Any], model: str | None) -> int:
+        row = self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {s}.runs (table_name, mode, state, host, pid, model, options)"
+                " VALUES (%s, %s, 'running', %s, %s, %s, %s) RETURNING run_id"
+            ).format(s=self._s),
+            (
+                self.table.qualified,
+                mode,
+                socket.gethostname(),
+                os.getpid(),
+                model,
+                json.dumps(options, default=str),
+            ),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def heartbeat_run(self, run_id: int, embedded: int, failed: int, chunks_per_s: float) -> None:
+        self.conn.execute(
+            sql.SQL(
+                "UPDATE {s}.runs SET heartbeat_at = now(), embedded = %s, failed = %s, chunks_per_s = %s"
+                " WHERE run_id = %s"
+            ).format(s=self._s),
+            (embedded, failed, chunks_per_s, run_id),
+        )
+
+    def finish_run(
+        self, run_id: int, state: str, embedded: int, failed: int, chunks_per_s: float, message: str
+    ) -> None:
+        self.conn.execute(
+            sql.SQL(
+                "UPDATE {s}.runs SET state = %s, finished_at = now(), heartbeat_at = now(), embedded = %s,"
+                " failed = %s, chunks_per_s = %s, message = %s WHERE run_id = %s"
+            ).format(s=self._s),
+            (state, embedded, failed, chunks_per_s, message, run_id),
+        )
+
+    def last_run(self, mode: str | None = None) -> dict[str, Any] | None:
+        cur = self.conn.cursor(row_factory=dict_row)
+        row = cur.execute(
+            sql.SQL(
+                "SELECT run_id, mode, state, host, pid, model, options, started_at, heartbeat_at, finished_at,"
+                " embedded, failed, chunks_per_s, message FROM {s}.runs"
+                " WHERE table_name = %s AND (%s::text IS NULL OR mode = %s) ORDER BY run_id DESC LIMIT 1"
+            ).format(s=self._s),
+            (self.table.qualified, mode, mode),
+        ).fetchone()
+        return dict(row) if row else None
+
+    # ---------------------------------------------------------------- status
+    def status(self, max_attempts: int = 3) -> dict[str, Any]:
+        """Exact counts: total from the primary key, missing from the partial index, failures from bookkeeping."""
+        cur = self.conn.execute(
+            sql.SQL(
+                "SELECT (SELECT count(*) FROM {t}),"
+                " (SELECT count(*) FROM {t} WHERE {emb} IS NULL),"
+                " (SELECT count(*) FROM {s}.failures f JOIN {t} t ON t.{id} = f.chunk_id"
+                "   WHERE f.table_name = %(table)s AND t.{emb} IS NULL),"
+                " (SELECT count(*) FROM {s}.failures f JOIN {t} t ON t.{id} = f.chunk_id"
+                "   WHERE f.table_name = %(table)s AND t.{emb} IS NULL AND f.attempts >= %(cap)s"
+                "   AND f.text_md5 IS NOT DISTINCT FROM md5(t.{text}))"
+            ).format(t=self._t, emb=self._emb, s=self._s, id=self._id, text=self._text),
+            {"table": self.table.qualified, "cap": max_attempts},
+        ).fetchone()
+        assert cur is not None
+        total, missing, failed, quarantined = (int(x) for x in cur)
+        embedded = total - missing
+        return {
+            "total": total,
+            "embedded": embedded,
+            "missing": missing,
+            "coverage_pct": coverage_pct(embedded, total),
+            "failed": failed,
+            "quarantined": quarantined,
+            "stop_requested": self.stop_requested(),
+        }
+
+    def count_missing(self, id_min: int | None = None, id_max: int | None = None) -> int:
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {t} WHERE {emb} IS NULL AND (%s::bigint IS NULL OR {id} >= %s)"
+                " AND (%s::bigint IS NULL OR {id} <= %s)"
+            ).format(t=self._t, emb=self._emb, id=self._id),
+            (id_min, id_min, id_max, id_max),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def missing_by_range(self, width: int) -> list[tuple[int, int]]:
+        """(range start, missing count) for every ID range of `width` that has missing chunks."""
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT ({id} / %s) * %s AS start, count(*) FROM {t} WHERE {emb} IS NULL GROUP BY 1 ORDER BY 1"
+            ).format(id=self._id, t=self._t, emb=self._emb),
+            (width, width),
+        ).fetchall()
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    def failed_by_range(self, width: int) -> list[tuple[int, int]]:
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT (f.chunk_id / %s) * %s, count(*) FROM {s}.failures f JOIN {t} t ON t.{id} = f.chunk_id"
+                " WHERE f.table_name = %s AND t.{emb} IS NULL GROUP BY 1 ORDER BY 1"
+            ).format(s=self._s, t=self._t, id=self._id, emb=self._emb),
+            (width, width, self.table.qualified),
+        ).fetchall()
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    def id_bounds(self) -> tuple[int | None, int | None, int]:
+        row = self.conn.execute(
+            sql.SQL("SELECT min({id}), max({id}), count(*) FROM {t}").format(id=self._id, t=self._t)
+        ).fetchone()
+        assert row is not None
+        return row[0], row[1], int(row[2])
+
+    # ---------------------------------------------------------------- vector indexes (bulk-load policy)
+    def vector_indexes(self) -> list[dict[str, str]]:
+        """HNSW / IVFFlat indexes on the embedding column: they make every bulk write several times slower."""
+        rows = self.conn.execute(
+            "SELECT ns.nspname, ic.relname, pg_get_indexdef(ix.indexrelid), am.amname"
+            " FROM pg_index ix JOIN pg_class ic ON ic.oid = ix.indexrelid JOIN pg_am am ON am.oid = ic.relam"
+            " JOIN pg_namespace ns ON ns.oid = ic.relnamespace"
+            " JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = ANY(ix.indkey)"
+            " WHERE ix.indrelid = to_regclass(%s) AND a.attname = %s AND am.amname IN ('hnsw', 'ivfflat')",
+            (self._regclass_text(), self.table.embedding_column),
+        ).fetchall()
+        return [{"schema": r[0], "name": r[1], "definition": r[2], "method": r[3]} for r in rows]
+
+    def drop_index(self, schema: str, name: str) -> float:
+        started = time.perf_counter()
+        self.conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, name)))
+        return time.perf_counter() - started
+
+    def create_index(self, definition: str, maintenance_work_mem: str = "512MB") -> float:
+        """Re-run a saved `pg_get_indexdef` definition (text PostgreSQL itself produced) with more build memory."""
+        started = time.perf_counter()
+        with self.conn.transaction():
+            self.conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
+            self.conn.execute(sql.SQL(definition))  # type: ignore[arg-type]
+        return time.perf_counter() - started
+
+
+def coverage_pct(embedded: int, total: int) -> str:
+    """Two decimals, truncated so that 100.00 appears only when nothing is missing.
+
+    An empty table reports 0.00: nothing is embedded, and readiness must not flip on an empty import.
+    """
+    if total == 0:
+        return "0.00"
+    hundredths = embedded * 10000 // total
+    return f"{hundredths // 100}.{hundredths % 100:02d}"

@@ -1,0 +1,207 @@
+"""One typed settings object, built from the environment and then overridden by CLI flags or run config.
+
+Every runbook knob lives here once, so the CLI, the Dagster resources and the tests agree on names,
+defaults and environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_OLLAMA_URL = "http://ollama:11434"
+DEFAULT_MODEL = "nomic-embed-text"
+LOCAL_SERVER_MODEL = "all-minilm"
+DEFAULT_STOP_FILE = "/tmp/wiki-embed.stop"
+
+# Environment variable for each setting that has one (the runbook's spellings where it has them).
+ENV_VARS: dict[str, str] = {
+    "database_url": "DATABASE_URL",
+    "ollama_url": "OLLAMA_URL",
+    "ollama_model": "OLLAMA_MODEL",
+    "table": "WIKI_EMBED_TABLE",
+    "id_column": "WIKI_EMBED_ID_COLUMN",
+    "text_column": "WIKI_EMBED_TEXT_COLUMN",
+    "embedding_column": "WIKI_EMBED_EMBEDDING_COLUMN",
+    "state_schema": "WIKI_EMBED_STATE_SCHEMA",
+    "text_prefix": "WIKI_EMBED_TEXT_PREFIX",
+    "stop_file": "EMBED_STOP_FILE",
+    "failure_log": "WIKI_EMBED_FAILURE_LOG",
+    "max_attempts": "WIKI_EMBED_MAX_ATTEMPTS",
+    "retries": "WIKI_EMBED_RETRIES",
+    "backoff_base_sec": "WIKI_EMBED_BACKOFF_BASE_SEC",
+    "backoff_max_sec": "WIKI_EMBED_BACKOFF_MAX_SEC",
+    "concurrency": "WIKI_EMBED_CONCURRENCY",
+    "with_ollama": "OLALA_START_OLLAMA",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a backfill needs to know; immutable so a run's options can be saved and replayed."""
+
+    database_url: str | None = None
+    ollama_url: str = DEFAULT_OLLAMA_URL  # comma-separated: several servers are used round-robin
+    ollama_model: str | None = None  # None: the model recorded for the table, else DEFAULT_MODEL
+    table: str = "public.wiki_chunks"
+    id_column: str = "id"
+    text_column: str = "content"
+    embedding_column: str = "embedding"
+    state_schema: str = "wiki_embeddings"
+    text_prefix: str = ""
+    # The runbook's flags.
+    batch_size: int = 64
+    report_every: int = 10
+    timeout_sec: float = 120.0
+    sleep_ms: int = 0
+    max_chars: int = 2000
+    failure_log: str | None = None
+    max_chunks: int | None = None
+    stop_file: str = DEFAULT_STOP_FILE
+    with_ollama: bool = False
+    # Beyond the runbook.
+    concurrency: int = 1
+    max_attempts: int = 3
+    retries: int = 5
+    backoff_base_sec: float = 0.5
+    backoff_max_sec: float = 30.0
+    retry_failed: bool = False
+    include_quarantined: bool = False
+    id_min: int | None = None  # inclusive
+    id_max: int | None = None  # inclusive
+    drop_vector_index: bool = False
+    dimensions: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ollama_urls(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.ollama_url.split(",") if u.strip()]
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed; None values are ignored so unset flags keep the defaults."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def validate(self) -> Settings:
+        for name in ("batch_size", "report_every", "concurrency", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("timeout_sec", "max_chars"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.sleep_ms < 0:
+            raise ValueError(f"sleep-ms must not be negative, got {self.sleep_ms}")
+        if self.max_chunks is not None and self.max_chunks < 0:
+            raise ValueError(f"max-chunks must not be negative, got {self.max_chunks}")
+        if not self.ollama_urls:
+            raise ValueError("OLLAMA_URL is empty")
+        return self
+
+    def options_for_resume(self) -> dict[str, Any]:
+        """The run options worth replaying on `resume` (never the database URL: it may hold a password)."""
+        keep = [
+            "ollama_url",
+            "ollama_model",
+            "table",
+            "id_column",
+            "text_column",
+            "embedding_column",
+            "text_prefix",
+            "batch_size",
+            "report_every",
+            "timeout_sec",
+            "sleep_ms",
+            "max_chars",
+            "failure_log",
+            "max_chunks",
+            "stop_file",
+            "with_ollama",
+            "concurrency",
+            "max_attempts",
+            "retries",
+            "id_min",
+            "id_max",
+        ]
+        return {k: getattr(self, k) for k in keep}
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings for printing, with secrets masked."""
+        out = dataclasses.asdict(self)
+        out.pop("extra", None)
+        out["database_url"] = mask_url(self.database_url) if self.database_url else None
+        out["ollama_url"] = ",".join(mask_url(u) for u in self.ollama_urls)
+        return out
+
+
+def _coerce(name: str, raw: str) -> Any:
+    kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+    if "bool" in str(kind):
+        return raw.strip().lower() in _TRUE
+    if "int" in str(kind) and "float" not in str(kind):
+        return int(raw)
+    if "float" in str(kind):
+        return float(raw)
+    return raw
+
+
+def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from environment variables, then `overrides` (CLI flags / run config) on top."""
+    env = dict(os.environ if env is None else env)
+    values: dict[str, Any] = {}
+    for name, var in ENV_VARS.items():
+        raw = env.get(var)
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, raw)
+    settings = Settings(**values)
+    return settings.replace(**overrides)
+
+
+_PASSWORD_IN_URL = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """Hide a password in a libpq/HTTP URL (userinfo or `password=` parameter)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            user, _ = userinfo.split(":", 1)
+            userinfo = f"{user}:***"
+        netloc = f"{userinfo}@{host}"
+    masked = urlunsplit((parts.scheme, netloc, parts.path, _PASSWORD_IN_URL.sub(r"\1***", parts.query), ""))
+    return masked
+
+
+def redact(text: str, secrets: list[str | None]) -> str:
+    """Remove known secret strings (e.g. the database password) from a message before it is shown."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def url_password(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.password:
+        return parts.password
+    match = re.search(r"password=([^&\s]*)", parts.query, re.IGNORECASE)
+    return match.group(1) if match else None
+
+
+def expand_path(path: str | None) -> Path | None:
+    return Path(os.path.expanduser(path)) if path else None
