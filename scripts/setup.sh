@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv at the repo root and install the project with everything the demo and tests need.
+# torch==2.13.0 goes first: it is the CPU wheel on this machine's disk; a plain `torch` pulls GBs of CUDA.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[local,dev]"
+  touch "$stamp"
+fi
+echo "setup: .venv ready ($(.venv/bin/python --version))"
