@@ -70,6 +70,12 @@ def _backfill_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="only the recorded failures, quarantined included (re-run from the failure log)",
     )
+    g2.add_argument(
+        "--drop-vector-index",
+        action="store_true",
+        default=None,
+        help="bootstrap: drop an HNSW/IVFFlat index on the column for the run and rebuild it after",
+    )
     g2.add_argument("--dry-run", action="store_true", help="say what would be embedded and exit")
 
 

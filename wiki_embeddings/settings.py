@@ -38,6 +38,7 @@ ENV_VARS: dict[str, str] = {
     "backoff_max_sec": "WIKI_EMBED_BACKOFF_MAX_SEC",
     "concurrency": "WIKI_EMBED_CONCURRENCY",
     "with_ollama": "OLALA_START_OLLAMA",
+    "db_reconnect_sec": "WIKI_EMBED_DB_RECONNECT_SEC",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -77,6 +78,8 @@ class Settings:
     id_min: int | None = None  # inclusive
     id_max: int | None = None  # inclusive
     drop_vector_index: bool = False
+    maintenance_work_mem: str = "512MB"  # for rebuilding a dropped vector index
+    db_reconnect_sec: float = 60.0  # how long a run waits for a lost database before stopping
     dimensions: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

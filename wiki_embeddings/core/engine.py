@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 
 from wiki_embeddings.core.client import (
     AmbiguousFailure,
@@ -37,6 +38,7 @@ from wiki_embeddings.settings import Settings, redact, url_password
 
 CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
 DB_STOP_CHECK_EVERY_SEC = 1.0
+DB_RECONNECT_MAX_DELAY_SEC = 5.0
 
 
 class DimensionMismatch(RuntimeError):
@@ -60,6 +62,7 @@ class RunReport:
     run_id: int | None = None
     message: str = ""
     failed_ids: list[int] = field(default_factory=list)
+    index_seconds: dict[str, Any] = field(default_factory=dict)
 
     @property
     def chunks_per_s(self) -> float:
@@ -68,7 +71,7 @@ class RunReport:
     @property
     def exit_code(self) -> int:
         """0 for a clean end (done, stopped on request, max-chunks reached); non-zero when the server failed us."""
-        return {"server_unavailable": 3, "model_not_found": 4}.get(self.state, 0)
+        return {"server_unavailable": 3, "model_not_found": 4, "database_unavailable": 5}.get(self.state, 0)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -122,6 +125,8 @@ class Backfill:
         self._claimed = 0
         self._total = 0
         self._started = 0.0
+        self._conns: dict[str, Any] = {}
+        self._held: set[int] = set()  # chunk ids this run has claimed and not yet released
 
     # ------------------------------------------------------------ public
     def run(self) -> RunReport:
@@ -158,6 +163,7 @@ class Backfill:
             f"{self.client.model!r} ({dimensions}-d) at {self.client.where}; batch {s.batch_size}, "
             f"{s.concurrency} in flight per server"
         )
+        dropped = await asyncio.to_thread(self._drop_vector_indexes, report)
         self._started = time.perf_counter()
         removers = self._install_signal_handlers()
         try:
@@ -166,8 +172,10 @@ class Backfill:
             for remove in removers:
                 remove()
             report.seconds = time.perf_counter() - self._started
+            if dropped:
+                await asyncio.to_thread(self._rebuild_vector_indexes, dropped, report)
         report.requests = self.client.stats.requests
-        report.remaining = await asyncio.to_thread(self._count_remaining)
+        report.remaining = await self._db("store", lambda _c: self._count_remaining())
         if self._fatal is not None:
             report.state, report.message = self._fatal.state, self._clean(str(self._fatal))
         elif self._stop_event.is_set():
@@ -179,14 +187,11 @@ class Backfill:
         else:
             report.state = "completed"
             report.message = f"done; {report.remaining} chunks remain missing ({report.failed} failed this run)"
-        await asyncio.to_thread(
-            self.store.finish_run,
-            report.run_id,
-            report.state,
-            report.embedded,
-            report.failed,
-            report.chunks_per_s,
-            report.message,
+        await self._db(
+            "store",
+            lambda _c: self.store.finish_run(
+                report.run_id, report.state, report.embedded, report.failed, report.chunks_per_s, report.message
+            ),
         )
         self._finish_progress_bar()
         self._log(
@@ -215,6 +220,36 @@ class Backfill:
         self.client.dimensions = dimensions
         self._known_good = CANARY_TEXT
 
+    def _drop_vector_indexes(self, report: RunReport) -> list[dict[str, str]]:
+        """Bulk-load policy: an HNSW/IVFFlat index makes every write several times slower (pgvector #810).
+
+        Only with the operator's consent (`--drop-vector-index`) is it dropped for the run and rebuilt after;
+        otherwise it stays and the operator is told what it costs.
+        """
+        indexes = self.store.vector_indexes()
+        if not indexes:
+            return []
+        names = ", ".join(i["name"] for i in indexes)
+        if not self.s.drop_vector_index:
+            self._log(
+                f"note: vector index {names} stays in place; bulk writes are several times slower with it "
+                "(pass --drop-vector-index to drop it for the bootstrap and rebuild it after)"
+            )
+            return []
+        for index in indexes:
+            seconds = self.store.drop_index(index["schema"], index["name"])
+            self._log(f"dropped vector index {index['name']} for the bulk load ({seconds:.2f} s)")
+        report.index_seconds["dropped"] = [i["name"] for i in indexes]
+        return indexes
+
+    def _rebuild_vector_indexes(self, indexes: list[dict[str, str]], report: RunReport) -> None:
+        total = 0.0
+        for index in indexes:
+            seconds = self.store.create_index(index["definition"], self.s.maintenance_work_mem)
+            total += seconds
+            self._log(f"rebuilt vector index {index['name']} in {seconds:.1f} s")
+        report.index_seconds["rebuild_seconds"] = round(total, 2)
+
     def _claim_mode(self) -> str:
         if self.s.retry_failed:
             return "retry_failed"
@@ -242,7 +277,7 @@ class Backfill:
     def _stop_file_present(self) -> bool:
         return self.stop_file is not None and os.path.lexists(self.stop_file)
 
-    async def _should_stop(self, claim_conn: Any) -> bool:
+    async def _should_stop(self) -> bool:
         if self._stop_event.is_set() or self._fatal is not None:
             return True
         if self._stop_file_present():
@@ -251,7 +286,7 @@ class Backfill:
         now = time.monotonic()
         if now - self._last_db_stop_check >= DB_STOP_CHECK_EVERY_SEC:
             self._last_db_stop_check = now
-            if await asyncio.to_thread(self.store.stop_requested, claim_conn):
+            if await self._db("claim", self.store.stop_requested):
                 self.request_stop("stop request in the database")
                 return True
         return False
@@ -266,38 +301,97 @@ class Backfill:
         return False
 
     # ------------------------------------------------------------ pipeline
+    # ------------------------------------------------------------ database calls that survive a restart
+    async def _db(self, role: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(conn, ...)` on the role's connection in a thread; on a lost connection, reconnect with backoff.
+
+        The claim connection holds the run's claims (session advisory locks), which die with a lost session:
+        after reconnecting they are re-taken, and chunks another run took meanwhile are dropped from this run.
+        A write is repeat-safe (it only fills rows still missing), so it is simply tried again.
+        """
+        delay = self.s.backoff_base_sec
+        deadline = time.monotonic() + self.s.db_reconnect_sec
+        while True:
+            conn = self._conns.get(role) if role != "store" else None
+            try:
+                return await asyncio.to_thread(fn, conn, *args, **kwargs)
+            except psycopg.OperationalError as exc:
+                if time.monotonic() >= deadline:
+                    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise _Fatal(
+                        "database_unavailable",
+                        f"lost the database connection and could not reconnect within {self.s.db_reconnect_sec:g} s: "
+                        f"{first_line}",
+                    ) from exc
+                self._log(f"database connection lost ({type(exc).__name__}); reconnecting in {delay:.1f} s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DB_RECONNECT_MAX_DELAY_SEC)
+                await self._reconnect(role)
+
+    async def _reconnect(self, role: str) -> None:
+        if role == "store":
+            await asyncio.to_thread(self.store.close)
+            return
+        old = self._conns.get(role)
+        if old is not None:
+            await asyncio.to_thread(old.close)
+        try:
+            self._conns[role] = await asyncio.to_thread(self.store.connect)
+        except psycopg.OperationalError:
+            return  # still down: the caller's loop waits and tries again
+        if role == "claim" and self._held:
+            held = await asyncio.to_thread(self.store.relock, self._conns["claim"], sorted(self._held))
+            lost = self._held - set(held)
+            if lost:
+                self._log(f"{len(lost)} claimed chunks were taken by another run while reconnecting; skipping them")
+            self._held = set(held)
+
+    async def _release(self, ids: list[int]) -> None:
+        mine = [i for i in ids if i in self._held]
+        self._held.difference_update(mine)
+        if mine:
+            await self._db("claim", self.store.release, mine)
+
+    async def _release_quietly(self, ids: list[int]) -> None:
+        """Release on the way out of a failing run: a dead database must not hide the first error."""
+        try:
+            await self._release(ids)
+        except _Fatal as exc:
+            self._fatal = self._fatal or exc
+
     async def _pipeline(self, report: RunReport) -> None:
         s = self.s
-        claim_conn = await asyncio.to_thread(self.store.connect)
-        write_conn = await asyncio.to_thread(self.store.connect)
+        self._conns = {"claim": await asyncio.to_thread(self.store.connect)}
+        self._conns["write"] = await asyncio.to_thread(self.store.connect)
         workers_n = s.concurrency * len(s.ollama_urls)
         todo: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=workers_n)
         done: asyncio.Queue[tuple[list[int], list[np.ndarray]] | None] = asyncio.Queue(maxsize=workers_n * 2)
         try:
-            producer = asyncio.create_task(self._produce(todo, claim_conn, workers_n, report))
-            workers = [asyncio.create_task(self._work(todo, done, claim_conn, report)) for _ in range(workers_n)]
-            writer = asyncio.create_task(self._write(done, write_conn, claim_conn, report))
+            producer = asyncio.create_task(self._produce(todo, workers_n, report))
+            workers = [asyncio.create_task(self._work(todo, done, report)) for _ in range(workers_n)]
+            writer = asyncio.create_task(self._write(done, report))
             await producer
             await asyncio.gather(*workers)
             await done.put(None)
             await writer
         finally:
-            await asyncio.to_thread(claim_conn.close)  # closing the session releases every claim it still holds
-            await asyncio.to_thread(write_conn.close)
+            for conn in self._conns.values():  # closing the session releases every claim it still holds
+                await asyncio.to_thread(conn.close)
+            self._held.clear()
 
-    async def _produce(self, todo: asyncio.Queue, claim_conn: Any, workers_n: int, report: RunReport) -> None:
+    async def _produce(self, todo: asyncio.Queue, workers_n: int, report: RunReport) -> None:
         s = self.s
         after_id: int | None = None
         try:
-            while not await self._should_stop(claim_conn):
+            while not await self._should_stop():
                 limit = s.batch_size
                 if s.max_chunks is not None:
                     limit = min(limit, s.max_chunks - self._claimed)
                     if limit <= 0:
                         break
-                claim = await asyncio.to_thread(
+                claim = await self._db(
+                    "claim",
                     self.store.claim,
-                    claim_conn,
                     after_id=after_id,
                     limit=limit,
                     max_chars=s.max_chars,
@@ -312,26 +406,29 @@ class Backfill:
                 report.skipped_busy += claim.busy
                 if claim.rows:
                     self._claimed += len(claim.rows)
+                    self._held.update(r[0] for r in claim.rows)
                     await todo.put(_Batch(claim.rows))
+        except _Fatal as exc:
+            self._fatal = self._fatal or exc
         finally:
             for _ in range(workers_n):
                 await todo.put(None)
 
-    async def _work(self, todo: asyncio.Queue, done: asyncio.Queue, claim_conn: Any, report: RunReport) -> None:
+    async def _work(self, todo: asyncio.Queue, done: asyncio.Queue, report: RunReport) -> None:
         while True:
             batch = await todo.get()
             if batch is None:
                 return
             if self._stopping():
                 # Not sent: give the claims back untouched for the next run.
-                await asyncio.to_thread(self.store.release, claim_conn, [r[0] for r in batch.rows])
+                await self._release_quietly([r[0] for r in batch.rows])
                 continue
             try:
-                await self._embed_rows(batch.rows, done, claim_conn, report)
+                await self._embed_rows(batch.rows, done, report)
             except _Fatal as exc:
                 if self._fatal is None:
                     self._fatal = exc
-                await asyncio.to_thread(self.store.release, claim_conn, [r[0] for r in batch.rows])
+                await self._release_quietly([r[0] for r in batch.rows])
 
     async def _call(self, texts: list[str]) -> list[np.ndarray]:
         try:
@@ -340,14 +437,12 @@ class Backfill:
             if self.s.sleep_ms:
                 await asyncio.sleep(self.s.sleep_ms / 1000)
 
-    async def _embed_rows(
-        self, rows: list[tuple[int, str]], done: asyncio.Queue, claim_conn: Any, report: RunReport
-    ) -> None:
+    async def _embed_rows(self, rows: list[tuple[int, str]], done: asyncio.Queue, report: RunReport) -> None:
         """Embed rows; on an input-tied failure split the batch until the bad chunks stand alone."""
         blank = [r for r in rows if not r[1].strip()]
         if blank:
             for row in blank:
-                await self._isolate(row, "empty_text", "text is empty or whitespace only", None, claim_conn, report)
+                await self._isolate(row, "empty_text", "text is empty or whitespace only", None, report)
             rows = [r for r in rows if r[1].strip()]
             if not rows:
                 return
@@ -364,10 +459,10 @@ class Backfill:
                 self._known_good = good[0][0][1]
             bad = [rows[i] for i in sorted(exc.reasons)]
             if len(rows) == 1:
-                await self._isolate(bad[0], exc.kind, exc.reasons[0], exc.http_status, claim_conn, report)
+                await self._isolate(bad[0], exc.kind, exc.reasons[0], exc.http_status, report)
             else:
                 for row in bad:  # each alone: a vector that is bad again is the chunk's
-                    await self._embed_rows([row], done, claim_conn, report)
+                    await self._embed_rows([row], done, report)
             return
         except (InputRejected, AmbiguousFailure) as exc:
             if isinstance(exc, AmbiguousFailure) and not await self._server_well():
@@ -376,11 +471,11 @@ class Backfill:
                     f"the embedding server fails even on a known-good text after: {exc.message}",
                 ) from exc
             if len(rows) == 1:
-                await self._isolate(rows[0], exc.kind, exc.message, exc.http_status, claim_conn, report)
+                await self._isolate(rows[0], exc.kind, exc.message, exc.http_status, report)
             else:
                 half = len(rows) // 2
-                await self._embed_rows(rows[:half], done, claim_conn, report)
-                await self._embed_rows(rows[half:], done, claim_conn, report)
+                await self._embed_rows(rows[:half], done, report)
+                await self._embed_rows(rows[half:], done, report)
             return
         self._known_good = rows[0][1]
         await done.put(([r[0] for r in rows], vectors))
@@ -398,7 +493,6 @@ class Backfill:
         error: str,
         message: str,
         http_status: int | None,
-        claim_conn: Any,
         report: RunReport,
     ) -> None:
         """Record one chunk that cannot be embedded (database + JSONL), after proving the server is well."""
@@ -406,8 +500,9 @@ class Backfill:
             raise _Fatal("server_unavailable", f"the embedding server fails even on a known-good text: {message}")
         chunk_id, text = row
         message = self._clean(message)
-        attempts = await asyncio.to_thread(
-            self.store.record_failure,
+        attempts = await self._db(
+            "store",
+            lambda _c, *a, **k: self.store.record_failure(*a, **k),
             chunk_id,
             error=error,
             message=message,
@@ -429,16 +524,25 @@ class Backfill:
         report.failed_ids.append(chunk_id)
         quarantined = " (quarantined)" if attempts >= self.s.max_attempts else ""
         self._log(f"chunk {chunk_id} failed{quarantined}: {error}: {message}")
-        await asyncio.to_thread(self.store.release, claim_conn, [chunk_id])
+        await self._release([chunk_id])
 
-    async def _write(self, done: asyncio.Queue, write_conn: Any, claim_conn: Any, report: RunReport) -> None:
+    async def _write(self, done: asyncio.Queue, report: RunReport) -> None:
         while True:
             item = await done.get()
             if item is None:
                 return
             ids, vectors = item
-            written = await asyncio.to_thread(self.store.write_vectors, write_conn, ids, vectors)
-            await asyncio.to_thread(self.store.release, claim_conn, ids)
+            if self._fatal is not None and self._fatal.state == "database_unavailable":
+                continue  # drain: nothing can be written, the claims die with the sessions
+            keep = [k for k, cid in enumerate(ids) if cid in self._held]
+            if len(keep) < len(ids):  # claims lost in a reconnect: another run owns those chunks now
+                ids, vectors = [ids[k] for k in keep], [vectors[k] for k in keep]
+            try:
+                written = await self._db("write", self.store.write_vectors, ids, vectors)
+                await self._release(ids)
+            except _Fatal as exc:
+                self._fatal = self._fatal or exc
+                continue
             report.embedded += written
             self._batches_written += 1
             self._progress(report)
@@ -466,7 +570,10 @@ class Backfill:
                 f"{rate:.1f} chunks/s, eta {_fmt_eta(eta)}"
             )
             if report.run_id is not None:
-                self.store.heartbeat_run(report.run_id, report.embedded, report.failed, rate)
+                try:
+                    self.store.heartbeat_run(report.run_id, report.embedded, report.failed, rate)
+                except psycopg.OperationalError:
+                    self.store.close()  # the next bookkeeping call reconnects
 
     def _finish_progress_bar(self) -> None:
         if self.progress_bar:

@@ -178,7 +178,7 @@ class Store:
     @property
     def conn(self) -> psycopg.Connection:
         """The store's own connection for short statements (status, bookkeeping)."""
-        if self._conn is None or self._conn.closed:
+        if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = self.connect()
         return self._conn
 
