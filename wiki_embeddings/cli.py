@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from wiki_embeddings.core.failure_log import append_no_follow
 from wiki_embeddings.core.status import collect_status, format_status
 from wiki_embeddings.core.store import StoreError
 from wiki_embeddings.local_services import answers, database_url, local_ollama
-from wiki_embeddings.settings import Settings, from_env, redact, url_password
+from wiki_embeddings.settings import Settings, from_env, redact, url_secrets
 
 # Vector lengths of well-known embedding models, used by `import` only when the server cannot be asked.
 KNOWN_DIMENSIONS = {"all-minilm": 384, "nomic-embed-text": 768, "mxbai-embed-large": 1024, "bge-m3": 1024}
@@ -201,10 +202,18 @@ def cmd_status(s: Settings, args: argparse.Namespace, out: Any) -> int:
 
 
 def cmd_stop(s: Settings, args: argparse.Namespace, out: Any) -> int:
-    append_no_follow(Path(s.stop_file), f"stop requested by {os.environ.get('USER', 'operator')}\n".encode(), 0o644)
+    # The database request first: it is the brake that works even when the stop file cannot be written.
     with build_store(s, database_url(s)) as store:
         store.migrate()
         store.request_stop(args.reason)
+    try:
+        append_no_follow(Path(s.stop_file), f"stop requested by {os.environ.get('USER', 'operator')}\n".encode(), 0o644)
+    except OSError as exc:
+        hint = " (a symbolic link there is refused)" if os.path.islink(s.stop_file) else ""
+        raise CliError(
+            f"stop requested in the database, but the stop file {s.stop_file} was not written: "
+            f"{exc.strerror or exc}{hint}; runs of this table still stop after their current batch"
+        ) from exc
     print(
         f"stop requested: stop file {s.stop_file} created and recorded in the database; running backfills "
         "end after their current batch",
@@ -219,10 +228,8 @@ def cmd_resume(s: Settings, args: argparse.Namespace, out: Any) -> int:
         store.migrate()
         store.clear_stop()
         last = store.last_run()
-    try:
-        os.unlink(s.stop_file)
-    except FileNotFoundError:
-        pass
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(s.stop_file)  # a symlink there is removed itself, never its target
     print(f"stop request cleared (stop file {s.stop_file} removed)", file=out)
     if args.no_run:
         return 0
@@ -322,13 +329,13 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
-    secret: str | None = None
+    secrets: list[str | None] = []
     try:
         settings = settings_from_args(args)
-        secret = url_password(settings.database_url)
+        secrets = list(url_secrets(settings.database_url))
         return COMMANDS[args.command](settings, args, out)
     except (CliError, StoreError, DimensionMismatch, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {redact(str(exc), [secret])}", file=sys.stderr)
+        print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -337,7 +344,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
         import psycopg
 
         if isinstance(exc, psycopg.Error):
-            print(f"error: database: {redact(str(exc).strip().splitlines()[0], [secret])}", file=sys.stderr)
+            print(f"error: database: {redact(str(exc).strip().splitlines()[0], secrets)}", file=sys.stderr)
             return EXIT_ERROR
         raise
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 DEFAULT_OLLAMA_URL = "http://ollama:11434"
 DEFAULT_MODEL = "nomic-embed-text"
@@ -187,23 +187,42 @@ def mask_url(url: str) -> str:
 
 def redact(text: str, secrets: list[str | None]) -> str:
     """Remove known secret strings (e.g. the database password) from a message before it is shown."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
     return text
 
 
-def url_password(url: str | None) -> str | None:
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")
+_URL_PASSWORD_PARAM = re.compile(r"[?&]password=([^&#\s]*)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """Every spelling of the password in a libpq URL or `key=value` string, as written and percent-decoded.
+
+    Read with plain patterns, not a URL parser: libpq echoes a malformed URL whole in its error message
+    (`invalid IPv6 host address in URI: "postgresql://u:PW@[..."`), exactly when a parser gives up.
+    """
     if not url:
-        return None
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.password:
-        return parts.password
-    match = re.search(r"password=([^&\s]*)", parts.query, re.IGNORECASE)
-    return match.group(1) if match else None
+        return []
+    found: list[str] = []
+    userinfo = _URL_USERINFO.match(url)
+    if userinfo and ":" in userinfo.group(1):
+        found.append(userinfo.group(1).split(":", 1)[1])
+    found += _URL_PASSWORD_PARAM.findall(url)
+    for value in _KEYWORD_PASSWORD.findall(url):
+        found.append(value[1:-1] if value.startswith("'") and value.endswith("'") and len(value) > 1 else value)
+    out: list[str] = []
+    for secret in found:
+        for spelling in (secret, unquote(secret)):
+            if spelling and spelling not in out:
+                out.append(spelling)
+    return out
+
+
+def url_password(url: str | None) -> str | None:
+    secrets = url_secrets(url)
+    return secrets[0] if secrets else None
 
 
 def expand_path(path: str | None) -> Path | None:

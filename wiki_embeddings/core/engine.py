@@ -34,9 +34,14 @@ from wiki_embeddings.core.client import (
 )
 from wiki_embeddings.core.failure_log import FailureLog
 from wiki_embeddings.core.store import Store
-from wiki_embeddings.settings import Settings, redact, url_password
+from wiki_embeddings.core.text import clean_text
+from wiki_embeddings.settings import Settings, redact, url_secrets
 
 CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
+# Failures decided from the text alone: recorded without asking the server whether it is well.
+TEXT_ERRORS = {"empty_text", "invalid_utf8"}
+CLEAN_STATES = {"completed", "stopped", "max_chunks"}
+EXIT_CODES = {"server_unavailable": 3, "model_not_found": 4, "database_unavailable": 5, "failure_log_error": 6}
 DB_STOP_CHECK_EVERY_SEC = 1.0
 DB_RECONNECT_MAX_DELAY_SEC = 5.0
 
@@ -70,8 +75,8 @@ class RunReport:
 
     @property
     def exit_code(self) -> int:
-        """0 for a clean end (done, stopped on request, max-chunks reached); non-zero when the server failed us."""
-        return {"server_unavailable": 3, "model_not_found": 4, "database_unavailable": 5}.get(self.state, 0)
+        """0 for a clean end (done, stopped on request, max-chunks reached); non-zero for any other end."""
+        return 0 if self.state in CLEAN_STATES else EXIT_CODES.get(self.state, 1)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -82,9 +87,14 @@ class RunReport:
 @dataclass
 class _Batch:
     rows: list[tuple[int, str]]
+    invalid: list[tuple[int, str, int]] = field(default_factory=list)  # (id, reason, byte length)
+
+    @property
+    def ids(self) -> list[int]:
+        return [r[0] for r in self.rows] + [r[0] for r in self.invalid]
 
 
-class _Fatal(Exception):
+class _Fatal(RuntimeError):
     def __init__(self, state: str, message: str):
         super().__init__(message)
         self.state = state
@@ -113,7 +123,7 @@ class Backfill:
         self.progress_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
         self.failure_log = FailureLog(settings.failure_log)
         self.stop_file = Path(settings.stop_file) if settings.stop_file else None
-        self._secrets = [url_password(settings.database_url)]
+        self._secrets: list[str | None] = list(url_secrets(settings.database_url))
         # run state
         self._stop_event = asyncio.Event()
         self._stop_reason = ""
@@ -126,6 +136,8 @@ class Backfill:
         self._total = 0
         self._started = 0.0
         self._conns: dict[str, Any] = {}
+        self._retired: list[Any] = []  # lost connections, closed when no stage can be using them any more
+        self._reconnecting: dict[str, asyncio.Lock] = {}
         self._held: set[int] = set()  # chunk ids this run has claimed and not yet released
 
     # ------------------------------------------------------------ public
@@ -142,19 +154,42 @@ class Backfill:
         s = self.s
         self._stop_event = asyncio.Event()
         dimensions = await asyncio.to_thread(self._prepare_database)
+        self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=self.client.model, dimensions=dimensions)
         self._report = report
         try:
             await self._check_model(dimensions)
-        except (ServerUnavailable, ModelNotFound) as exc:
-            report.state = "server_unavailable" if isinstance(exc, ServerUnavailable) else "model_not_found"
+        except EmbedFailure as exc:
+            report.state = "model_not_found" if isinstance(exc, ModelNotFound) else "server_unavailable"
             report.message = self._clean(exc.message)
+            if not isinstance(exc, (ServerUnavailable, ModelNotFound)):  # a hung, trickling or garbling server
+                report.message = (
+                    f"the embedding server at {self.client.where} (OLLAMA_URL) did not embed a known-good probe "
+                    f"text: {report.message}"
+                )
             report.remaining = await asyncio.to_thread(self._count_remaining)
             return report
         await asyncio.to_thread(self.store.record_model, self.client.model, dimensions)
-        report.run_id = await asyncio.to_thread(
-            self.store.start_run, self.mode, s.options_for_resume(), self.client.model
-        )
+        # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence)
+        # and asks for database stop requests.
+        self._conns = {"run": await asyncio.to_thread(self.store.connect)}
+        try:
+            report.run_id = await asyncio.to_thread(
+                self.store.start_run, self.mode, s.options_for_resume(), self.client.model, self._conns["run"]
+            )
+            return await self._run_started(report, dimensions)
+        finally:
+            await self._close_connections(list(self._conns))
+
+    async def _close_connections(self, roles: list[str]) -> None:
+        """Close the roles' connections and every retired one (closing a session releases its claims)."""
+        conns = [self._conns.pop(role) for role in roles if role in self._conns] + self._retired
+        self._retired = []
+        for conn in conns:
+            await asyncio.to_thread(conn.close)
+
+    async def _run_started(self, report: RunReport, dimensions: int) -> RunReport:
+        s = self.s
         self._total = await asyncio.to_thread(self._count_remaining)
         if s.max_chunks is not None:
             self._total = min(self._total, s.max_chunks)
@@ -175,7 +210,11 @@ class Backfill:
             if dropped:
                 await asyncio.to_thread(self._rebuild_vector_indexes, dropped, report)
         report.requests = self.client.stats.requests
-        report.remaining = await self._db("store", lambda _c: self._count_remaining())
+        try:
+            report.remaining = await self._db("store", lambda _c: self._count_remaining())
+        except _Fatal as exc:  # the database is still gone: report what is known, never a traceback
+            self._fatal = self._fatal or exc
+            report.remaining = max(self._total - report.embedded - report.failed, 0)
         if self._fatal is not None:
             report.state, report.message = self._fatal.state, self._clean(str(self._fatal))
         elif self._stop_event.is_set():
@@ -187,12 +226,15 @@ class Backfill:
         else:
             report.state = "completed"
             report.message = f"done; {report.remaining} chunks remain missing ({report.failed} failed this run)"
-        await self._db(
-            "store",
-            lambda _c: self.store.finish_run(
-                report.run_id, report.state, report.embedded, report.failed, report.chunks_per_s, report.message
-            ),
-        )
+        try:
+            await self._db(
+                "store",
+                lambda _c: self.store.finish_run(
+                    report.run_id, report.state, report.embedded, report.failed, report.chunks_per_s, report.message
+                ),
+            )
+        except _Fatal:
+            self._log("could not record the end of the run (database gone); status will show it as abandoned")
         self._finish_progress_bar()
         self._log(
             f"{self.mode} {report.state}: embedded={report.embedded} failed={report.failed} "
@@ -286,7 +328,7 @@ class Backfill:
         now = time.monotonic()
         if now - self._last_db_stop_check >= DB_STOP_CHECK_EVERY_SEC:
             self._last_db_stop_check = now
-            if await self._db("claim", self.store.stop_requested):
+            if await self._db("run", self.store.stop_requested):
                 self.request_stop("stop request in the database")
                 return True
         return False
@@ -315,7 +357,7 @@ class Backfill:
             conn = self._conns.get(role) if role != "store" else None
             try:
                 return await asyncio.to_thread(fn, conn, *args, **kwargs)
-            except psycopg.OperationalError as exc:
+            except psycopg.OperationalError as exc:  # (the store's own connection reopens itself when broken)
                 if time.monotonic() >= deadline:
                     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                     raise _Fatal(
@@ -326,25 +368,38 @@ class Backfill:
                 self._log(f"database connection lost ({type(exc).__name__}); reconnecting in {delay:.1f} s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, DB_RECONNECT_MAX_DELAY_SEC)
-                await self._reconnect(role)
+                if conn is not None and (conn.closed or conn.broken):  # the session is lost, not just the statement
+                    await self._reconnect(role, conn)
 
-    async def _reconnect(self, role: str) -> None:
-        if role == "store":
-            await asyncio.to_thread(self.store.close)
-            return
-        old = self._conns.get(role)
-        if old is not None:
-            await asyncio.to_thread(old.close)
-        try:
-            self._conns[role] = await asyncio.to_thread(self.store.connect)
-        except psycopg.OperationalError:
-            return  # still down: the caller's loop waits and tries again
-        if role == "claim" and self._held:
-            held = await asyncio.to_thread(self.store.relock, self._conns["claim"], sorted(self._held))
-            lost = self._held - set(held)
-            if lost:
-                self._log(f"{len(lost)} claimed chunks were taken by another run while reconnecting; skipping them")
-            self._held = set(held)
+    async def _reconnect(self, role: str, lost: Any) -> None:
+        """Replace the role's lost connection once, however many stages noticed; re-take what its session held.
+
+        The lost connection is retired, not closed: another stage's thread may still be inside a call on it,
+        and closing a socket under a thread that polls it can block that thread for good.
+        """
+        async with self._reconnecting.setdefault(role, asyncio.Lock()):
+            if self._conns.get(role) is not lost:
+                return  # another stage reconnected this role already
+            try:
+                fresh = await asyncio.to_thread(self.store.connect)
+            except psycopg.OperationalError:
+                return  # still down: the caller's loop waits and tries again
+            self._retired.append(lost)
+            self._conns[role] = fresh
+            try:
+                if role == "run" and self._report is not None and self._report.run_id is not None:
+                    await asyncio.to_thread(self.store.hold_run_lock, fresh, self._report.run_id)
+                if role == "claim" and self._held:
+                    wanted = sorted(self._held)
+                    held = await asyncio.to_thread(self.store.relock, fresh, wanted)
+                    gone = set(wanted) - set(held)
+                    if gone:
+                        self._log(
+                            f"{len(gone)} claimed chunks were taken by another run while reconnecting; skipping them"
+                        )
+                    self._held -= gone
+            except psycopg.OperationalError:
+                return  # lost again at once: the next call sees a broken connection and comes back here
 
     async def _release(self, ids: list[int]) -> None:
         mine = [i for i in ids if i in self._held]
@@ -361,7 +416,7 @@ class Backfill:
 
     async def _pipeline(self, report: RunReport) -> None:
         s = self.s
-        self._conns = {"claim": await asyncio.to_thread(self.store.connect)}
+        self._conns["claim"] = await asyncio.to_thread(self.store.connect)
         self._conns["write"] = await asyncio.to_thread(self.store.connect)
         workers_n = s.concurrency * len(s.ollama_urls)
         todo: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=workers_n)
@@ -375,9 +430,13 @@ class Backfill:
             await done.put(None)
             await writer
         finally:
-            for conn in self._conns.values():  # closing the session releases every claim it still holds
-                await asyncio.to_thread(conn.close)
+            await self._close_connections(["claim", "write"])  # a closed session releases every claim it held
             self._held.clear()
+
+    def _unexpected(self, where: str, exc: BaseException) -> None:
+        """A bug or an unforeseen error in one stage stops the run cleanly instead of hanging the others."""
+        if self._fatal is None:
+            self._fatal = _Fatal("error", self._clean(f"unexpected error in the {where}: {type(exc).__name__}: {exc}"))
 
     async def _produce(self, todo: asyncio.Queue, workers_n: int, report: RunReport) -> None:
         s = self.s
@@ -404,12 +463,15 @@ class Backfill:
                     break
                 after_id = claim.last_scanned_id
                 report.skipped_busy += claim.busy
-                if claim.rows:
-                    self._claimed += len(claim.rows)
-                    self._held.update(r[0] for r in claim.rows)
-                    await todo.put(_Batch(claim.rows))
+                if claim.rows or claim.invalid:
+                    batch = _Batch([(cid, clean_text(text)) for cid, text in claim.rows], claim.invalid)
+                    self._claimed += len(batch.ids)
+                    self._held.update(batch.ids)
+                    await todo.put(batch)
         except _Fatal as exc:
             self._fatal = self._fatal or exc
+        except Exception as exc:  # noqa: BLE001 - reported as the run's end state
+            self._unexpected("claim loop", exc)
         finally:
             for _ in range(workers_n):
                 await todo.put(None)
@@ -421,14 +483,19 @@ class Backfill:
                 return
             if self._stopping():
                 # Not sent: give the claims back untouched for the next run.
-                await self._release_quietly([r[0] for r in batch.rows])
+                await self._release_quietly(batch.ids)
                 continue
             try:
+                for cid, reason, size in batch.invalid:
+                    await self._isolate((cid, ""), "invalid_utf8", reason, None, report, text_length=size)
                 await self._embed_rows(batch.rows, done, report)
             except _Fatal as exc:
                 if self._fatal is None:
                     self._fatal = exc
-                await self._release_quietly([r[0] for r in batch.rows])
+                await self._release_quietly(batch.ids)
+            except Exception as exc:  # noqa: BLE001 - reported as the run's end state
+                self._unexpected("embedding worker", exc)
+                await self._release_quietly(batch.ids)
 
     async def _call(self, texts: list[str]) -> list[np.ndarray]:
         try:
@@ -439,6 +506,8 @@ class Backfill:
 
     async def _embed_rows(self, rows: list[tuple[int, str]], done: asyncio.Queue, report: RunReport) -> None:
         """Embed rows; on an input-tied failure split the batch until the bad chunks stand alone."""
+        if not rows:
+            return
         blank = [r for r in rows if not r[1].strip()]
         if blank:
             for row in blank:
@@ -494,9 +563,10 @@ class Backfill:
         message: str,
         http_status: int | None,
         report: RunReport,
+        text_length: int | None = None,
     ) -> None:
         """Record one chunk that cannot be embedded (database + JSONL), after proving the server is well."""
-        if error != "empty_text" and not await self._server_well():
+        if error not in TEXT_ERRORS and not await self._server_well():
             raise _Fatal("server_unavailable", f"the embedding server fails even on a known-good text: {message}")
         chunk_id, text = row
         message = self._clean(message)
@@ -509,17 +579,25 @@ class Backfill:
             http_status=http_status,
             run_id=report.run_id,
         )
-        self.failure_log.record(
-            chunk_id=chunk_id,
-            error=error,
-            message=message,
-            http_status=http_status,
-            attempts=attempts,
-            text_length=len(text),
-            model=self.client.model,
-            table=self.store.table.qualified,
-            run_id=report.run_id,
-        )
+        try:
+            self.failure_log.record(
+                chunk_id=chunk_id,
+                error=error,
+                message=message,
+                http_status=http_status,
+                attempts=attempts,
+                text_length=len(text) if text_length is None else text_length,
+                model=self.client.model,
+                table=self.store.table.qualified,
+                run_id=report.run_id,
+            )
+        except OSError as exc:
+            raise _Fatal(
+                "failure_log_error",
+                f"cannot append to the failure log {self.failure_log.path}: {exc.strerror or exc} "
+                "(a symbolic link there is refused); the failure is recorded in the database "
+                "(`wiki-embeddings failures`)",
+            ) from exc
         report.failed += 1
         report.failed_ids.append(chunk_id)
         quarantined = " (quarantined)" if attempts >= self.s.max_attempts else ""
@@ -542,6 +620,9 @@ class Backfill:
                 await self._release(ids)
             except _Fatal as exc:
                 self._fatal = self._fatal or exc
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported as the run's end state
+                self._unexpected("writer", exc)
                 continue
             report.embedded += written
             self._batches_written += 1

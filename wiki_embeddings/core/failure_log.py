@@ -8,6 +8,7 @@ symlink planted at its path, and created readable by its owner only.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,10 +17,33 @@ from typing import Any
 import orjson
 
 
+class FailureLogError(RuntimeError):
+    """The failure log cannot be written safely (a symlink or something else than a file at its path)."""
+
+
 class FailureLog:
     def __init__(self, path: str | os.PathLike[str] | None):
         self.path = Path(path) if path else None
         self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Refuse, before a run sends anything, a path where appending would not reach a plain file of ours.
+
+        The file itself is still created lazily (a run without failures leaves no file), and every append
+        opens it with O_NOFOLLOW, so a link planted after this check is refused too.
+        """
+        if self.path is None:
+            return
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise FailureLogError(
+                f"refusing the failure log {self.path}: it is a symbolic link (give the real file's path)"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise FailureLogError(f"refusing the failure log {self.path}: not a regular file")
 
     def record(
         self,

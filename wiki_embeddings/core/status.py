@@ -24,6 +24,7 @@ STATUS_KEYS = [
     "last_run_finished",
     "last_run_embedded",
     "last_run_chunks_per_s",
+    "last_run_heartbeat",
 ]
 
 
@@ -37,14 +38,23 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     status["model"] = model or ""
     last = store.last_run()
     status["last_run_id"] = last["run_id"] if last else ""
-    status["last_run_state"] = last["state"] if last else "none"
+    status["last_run_state"] = run_state(last) if last else "none"
     status["last_run_started"] = last["started_at"].isoformat(timespec="seconds") if last else ""
     finished = last["finished_at"] if last else None
     status["last_run_finished"] = finished.isoformat(timespec="seconds") if finished else ""
     status["last_run_embedded"] = last["embedded"] if last else 0
     rate = last["chunks_per_s"] if last else None
     status["last_run_chunks_per_s"] = f"{rate:.1f}" if rate is not None else ""
+    status["last_run_heartbeat"] = last["heartbeat_at"].isoformat(timespec="seconds") if last else ""
     return {k: status[k] for k in STATUS_KEYS}
+
+
+def run_state(run: dict[str, Any]) -> str:
+    """A run recorded as `running` whose database session is gone (its liveness lock is free) is `abandoned`:
+    its process was killed or lost. Its claims died with that session, so a new run may start at once."""
+    if run["state"] == "running" and not run.get("alive", True):
+        return "abandoned"
+    return str(run["state"])
 
 
 def format_status(status: dict[str, Any]) -> str:

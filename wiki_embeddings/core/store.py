@@ -6,13 +6,14 @@ Identifiers (table, columns, the bookkeeping schema) are settings, so they only 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,9 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.rows import dict_row
+
+from wiki_embeddings.core.text import UTF8_MAX_BYTES_PER_CHAR, InvalidText, decode_utf8_prefix
+from wiki_embeddings.settings import redact, url_secrets
 
 # Characters never accepted in a configured identifier, even though quoting would make them harmless:
 # a table name with a quote or a semicolon in it is far more likely an injection attempt than a real name.
@@ -84,6 +88,8 @@ class Claim:
     rows: list[tuple[int, str]]
     last_scanned_id: int | None
     busy: int  # candidates another worker holds
+    # Claimed chunks whose stored bytes are not text (SQL_ASCII databases only): (id, reason, byte length).
+    invalid: list[tuple[int, str, int]] = field(default_factory=list)
 
 
 MIGRATIONS: list[str] = [
@@ -133,6 +139,14 @@ MIGRATIONS: list[str] = [
 ]
 
 
+# `pg_locks` row of a run's liveness lock (two-int4 advisory key: objsubid 2, never a chunk claim's bigint key).
+_RUN_LOCK_HELD = (
+    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid::bigint = %(run_ns)s AND l.objid::bigint = r.run_id)"
+)
+
+
 def _lock_key_sql(namespace: int) -> sql.Composable:
     """Advisory-lock key of a chunk id: the table's namespace in the high bits, the id in the low 40."""
     return sql.SQL("(({ns}::bigint << 40) | c.id)").format(ns=sql.Literal(namespace))
@@ -162,18 +176,31 @@ class Store:
 
     # ---------------------------------------------------------------- connections
     def connect(self, register: bool = True) -> psycopg.Connection:
-        """A new autocommit connection (vector type registered when the extension exists)."""
-        conn = psycopg.connect(self.dsn, autocommit=True, application_name=self.app_name, connect_timeout=10)
+        """A new autocommit connection (vector type registered when the extension exists).
+
+        The client encoding is always UTF-8: the server converts from its own encoding, and a `SQL_ASCII`
+        database (which has none) passes its bytes through; `claim` reads chunk text from such a database
+        as bytes and decodes it itself, so one bad chunk cannot break a whole read.
+        """
+        try:
+            conn = psycopg.connect(
+                self.dsn, autocommit=True, application_name=self.app_name, connect_timeout=10, client_encoding="UTF8"
+            )
+        except psycopg.Error as exc:
+            # libpq quotes a malformed URL whole in its message: never let the password ride along.
+            message = str(exc)
+            cleaned = redact(message, list(url_secrets(self.dsn)))
+            if cleaned != message:
+                raise type(exc)(cleaned) from None
+            raise
         if register:
             self._register(conn)
         return conn
 
     @staticmethod
     def _register(conn: psycopg.Connection) -> None:
-        try:
+        with contextlib.suppress(psycopg.ProgrammingError):  # no extension yet: migrate()/ensure_table() create it
             register_vector(conn)
-        except psycopg.ProgrammingError:
-            pass  # the extension is not there yet: migrate()/ensure_table() create it
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -372,21 +399,51 @@ class Store:
             return Claim([], None, 0)
         locked = [cid for cid, ok in cand if ok]
         rows: list[tuple[int, str]] = []
+        invalid: list[tuple[int, str, int]] = []
         if locked:
-            rows = [
-                (int(r[0]), r[1])
-                for r in conn.execute(
-                    sql.SQL(
-                        "SELECT {id}, left({text}, %s) FROM {t} WHERE {id} = ANY(%s) AND {emb} IS NULL ORDER BY {id}"
-                    ).format(id=self._id, text=self._text, t=self._t, emb=self._emb),
-                    (max_chars, locked),
-                ).fetchall()
-            ]
-            taken = {r[0] for r in rows}
+            if _is_sql_ascii(conn):
+                rows, invalid = self._read_undeclared_bytes(conn, locked, max_chars)
+            else:
+                rows = [
+                    (int(r[0]), r[1])
+                    for r in conn.execute(
+                        sql.SQL(
+                            "SELECT {id}, left({text}, %s) FROM {t} WHERE {id} = ANY(%s) AND {emb} IS NULL"
+                            " ORDER BY {id}"
+                        ).format(id=self._id, text=self._text, t=self._t, emb=self._emb),
+                        (max_chars, locked),
+                    ).fetchall()
+                ]
+            taken = {r[0] for r in rows} | {r[0] for r in invalid}
             stale = [cid for cid in locked if cid not in taken]
             if stale:
                 self.release(conn, stale)
-        return Claim(rows, int(cand[-1][0]), len(cand) - len(locked))
+        return Claim(rows, int(cand[-1][0]), len(cand) - len(locked), invalid)
+
+    def _read_undeclared_bytes(
+        self, conn: psycopg.Connection, ids: list[int], max_chars: int
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str, int]]]:
+        """Claimed texts from a `SQL_ASCII` database: raw bytes, decoded as UTF-8 here, chunk by chunk.
+
+        There `left()` counts bytes, so enough bytes for `max_chars` characters are read and cut after
+        decoding; `convert_to(..., 'SQL_ASCII')` hands the stored bytes over unchecked.
+        """
+        limit = min(max_chars * UTF8_MAX_BYTES_PER_CHAR, 2**31 - 1)
+        fetched = conn.execute(
+            sql.SQL(
+                "SELECT {id}, convert_to(left({text}, %s), 'SQL_ASCII'), octet_length({text}) FROM {t}"
+                " WHERE {id} = ANY(%s) AND {emb} IS NULL ORDER BY {id}"
+            ).format(id=self._id, text=self._text, t=self._t, emb=self._emb),
+            (limit, ids),
+        ).fetchall()
+        rows: list[tuple[int, str]] = []
+        invalid: list[tuple[int, str, int]] = []
+        for cid, raw, size in fetched:
+            try:
+                rows.append((int(cid), decode_utf8_prefix(bytes(raw), max_chars, complete=size <= limit)))
+            except InvalidText as exc:
+                invalid.append((int(cid), exc.reason, int(size)))
+        return rows, invalid
 
     def release(self, conn: psycopg.Connection, ids: Sequence[int]) -> None:
         """Give back claims (after their vectors are committed, or when they are skipped)."""
@@ -464,7 +521,8 @@ class Store:
                 " ON CONFLICT (table_name, chunk_id) DO UPDATE SET error = EXCLUDED.error,"
                 " message = EXCLUDED.message, http_status = EXCLUDED.http_status, run_id = EXCLUDED.run_id,"
                 " text_length = EXCLUDED.text_length, last_seen = now(),"
-                " attempts = CASE WHEN f.text_md5 IS NOT DISTINCT FROM EXCLUDED.text_md5 THEN f.attempts + 1 ELSE 1 END,"
+                " attempts = CASE WHEN f.text_md5 IS NOT DISTINCT FROM EXCLUDED.text_md5"
+                " THEN f.attempts + 1 ELSE 1 END,"
                 " text_md5 = EXCLUDED.text_md5"
                 " RETURNING attempts"
             ).format(s=self._s, id=self._id, text=self._text, t=self._t),
@@ -561,11 +619,28 @@ class Store:
         )
 
     # ---------------------------------------------------------------- runs
-    def start_run(self, mode: str, options: dict[str, Any], model: str | None) -> int:
-        row = self.conn.execute(
+    @property
+    def run_lock_namespace(self) -> int:
+        """First key of every run's liveness lock (per bookkeeping schema; the run id is the second)."""
+        return zlib.crc32(f"runs:{self.state_schema}".encode()) & 0x7FFFFFFF
+
+    def start_run(
+        self, mode: str, options: dict[str, Any], model: str | None, conn: psycopg.Connection | None = None
+    ) -> int:
+        """Record a run as `running` and take its liveness lock on `conn`, in one statement.
+
+        The lock (a session advisory lock keyed by the run id) lives as long as the run's session: a run
+        whose process died (kill -9, a lost host) no longer holds it, which is how `status` tells a live run
+        from an abandoned one without trusting a pid on another host. Runs of the table that are still
+        `running` without their lock are marked `abandoned` here first.
+        """
+        c = conn or self.conn
+        self.abandon_dead_runs(c)
+        row = c.execute(
             sql.SQL(
                 "INSERT INTO {s}.runs (table_name, mode, state, host, pid, model, options)"
-                " VALUES (%s, %s, 'running', %s, %s, %s, %s) RETURNING run_id"
+                " VALUES (%s, %s, 'running', %s, %s, %s, %s)"
+                " RETURNING run_id, pg_try_advisory_lock(%s::int, run_id::int)"
             ).format(s=self._s),
             (
                 self.table.qualified,
@@ -574,10 +649,36 @@ class Store:
                 os.getpid(),
                 model,
                 json.dumps(options, default=str),
+                self.run_lock_namespace,
             ),
         ).fetchone()
         assert row is not None
         return int(row[0])
+
+    def hold_run_lock(self, conn: psycopg.Connection, run_id: int) -> bool:
+        """Take the run's liveness lock again (after a reconnect); a run marked abandoned meanwhile is live again."""
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s::int, %s::int)", (self.run_lock_namespace, run_id)
+        ).fetchone()
+        conn.execute(
+            sql.SQL(
+                "UPDATE {s}.runs SET state = 'running', finished_at = NULL WHERE run_id = %s AND state = 'abandoned'"
+            ).format(s=self._s),
+            (run_id,),
+        )
+        return bool(row and row[0])
+
+    def abandon_dead_runs(self, conn: psycopg.Connection | None = None) -> int:
+        """Mark this table's `running` runs whose session is gone as `abandoned`; returns how many."""
+        cur = (conn or self.conn).execute(
+            sql.SQL(
+                "UPDATE {s}.runs r SET state = 'abandoned', finished_at = r.heartbeat_at,"
+                " message = 'its process ended without finishing the run (killed, or lost its database session)'"
+                " WHERE r.table_name = %(table)s AND r.state = 'running' AND NOT {held}"
+            ).format(s=self._s, held=sql.SQL(_RUN_LOCK_HELD)),
+            {"table": self.table.qualified, "run_ns": self.run_lock_namespace},
+        )
+        return cur.rowcount
 
     def heartbeat_run(self, run_id: int, embedded: int, failed: int, chunks_per_s: float) -> None:
         self.conn.execute(
@@ -604,10 +705,11 @@ class Store:
         row = cur.execute(
             sql.SQL(
                 "SELECT run_id, mode, state, host, pid, model, options, started_at, heartbeat_at, finished_at,"
-                " embedded, failed, chunks_per_s, message FROM {s}.runs"
-                " WHERE table_name = %s AND (%s::text IS NULL OR mode = %s) ORDER BY run_id DESC LIMIT 1"
-            ).format(s=self._s),
-            (self.table.qualified, mode, mode),
+                " embedded, failed, chunks_per_s, message, {held} AS alive FROM {s}.runs r"
+                " WHERE table_name = %(table)s AND (%(mode)s::text IS NULL OR mode = %(mode)s)"
+                " ORDER BY run_id DESC LIMIT 1"
+            ).format(s=self._s, held=sql.SQL(_RUN_LOCK_HELD)),
+            {"table": self.table.qualified, "mode": mode, "run_ns": self.run_lock_namespace},
         ).fetchone()
         return dict(row) if row else None
 
@@ -701,6 +803,11 @@ class Store:
             self.conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
             self.conn.execute(sql.SQL(definition))  # type: ignore[arg-type]
         return time.perf_counter() - started
+
+
+def _is_sql_ascii(conn: psycopg.Connection) -> bool:
+    """A database without an encoding: its text is whatever bytes were stored."""
+    return conn.info.parameter_status("server_encoding") == "SQL_ASCII"
 
 
 def coverage_pct(embedded: int, total: int) -> str:

@@ -1,0 +1,48 @@
+"""The one `dg.Definitions` of the project (workspace.yaml loads this module).
+
+Start the UI on the embedded PostgreSQL with `bash scripts/dagster_ui.sh`.
+"""
+
+import os
+
+import dagster as dg
+
+from wiki_embeddings.defs.assets import ASSETS
+from wiki_embeddings.defs.checks import missing_is_zero
+from wiki_embeddings.defs.jobs import JOBS
+from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource
+from wiki_embeddings.defs.schedules import maintenance_schedule
+from wiki_embeddings.defs.sensors import SENSORS
+
+
+def _env(var: str) -> dg.EnvVar | None:
+    """`dg.EnvVar(var)` when the variable is set now (the UI then shows where the value comes from, never the
+    value); None otherwise, and the resource reads the environment of the run itself (core defaults apply)."""
+    return dg.EnvVar(var) if os.environ.get(var, "").strip() else None
+
+
+def build_resources() -> dict[str, dg.ConfigurableResource]:
+    return {
+        "database": WikiDatabaseResource(
+            database_url=_env("DATABASE_URL"),
+            table=_env("WIKI_EMBED_TABLE"),
+            state_schema=_env("WIKI_EMBED_STATE_SCHEMA"),
+            stop_file=_env("EMBED_STOP_FILE"),
+        ),
+        "ollama": OllamaResource(url=_env("OLLAMA_URL"), model=_env("OLLAMA_MODEL")),
+        "readiness": ReadinessResource(
+            env_file=_env("WIKI_EMBEDDINGS_ENV_FILE"),
+            restart_cmd=_env("WIKI_EMBEDDINGS_RESTART_CMD"),
+            on_regression=_env("WIKI_EMBEDDINGS_READY_ON_REGRESSION"),
+        ),
+    }
+
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=[missing_is_zero],
+    jobs=JOBS,
+    schedules=[maintenance_schedule],
+    sensors=SENSORS,
+    resources=build_resources(),
+)

@@ -1,0 +1,189 @@
+"""Resources: typed wrappers around the core's store (all SQL), client (all HTTP) and readiness settings.
+
+Every field is optional. A field left unset falls back, *at run time*, to the environment variable named in
+its description and then to the core default (`wiki_embeddings.settings.from_env`), so the definitions load
+(and `dagster definitions validate` passes) with no variable set, and a run reads the environment of the
+process that executes it. `definitions.py` binds `dg.EnvVar(...)` to a field when that variable is set at
+load time, so the UI shows where the value comes from without ever showing a secret.
+
+Precedence for one run: run config > resource field > environment variable > core default.
+"""
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from wiki_embeddings.core.client import OllamaClient
+from wiki_embeddings.core.engine import Backfill, RunReport, build_client, build_store, resolve_model
+from wiki_embeddings.core.failure_log import append_no_follow
+from wiki_embeddings.core.readiness import ReadinessSettings
+from wiki_embeddings.core.store import Store
+from wiki_embeddings.local_services import database_url
+from wiki_embeddings.settings import Settings, from_env
+
+
+def _set(**values: Any) -> dict[str, Any]:
+    """The fields an operator actually set ('' counts as unset, like an empty environment variable)."""
+    return {k: v for k, v in values.items() if v is not None and v != ""}
+
+
+class WikiDatabaseResource(dg.ConfigurableResource):
+    """The PostgreSQL database holding the chunk table; wraps the core `Store`."""
+
+    database_url: str | None = Field(
+        default=None,
+        description="libpq URL [DATABASE_URL]. Empty: the project's embedded PostgreSQL (started if needed).",
+    )
+    table: str | None = Field(default=None, description="chunk table [WIKI_EMBED_TABLE] (public.wiki_chunks)")
+    id_column: str | None = Field(default=None, description="[WIKI_EMBED_ID_COLUMN] (id)")
+    text_column: str | None = Field(default=None, description="[WIKI_EMBED_TEXT_COLUMN] (content)")
+    embedding_column: str | None = Field(default=None, description="[WIKI_EMBED_EMBEDDING_COLUMN] (embedding)")
+    state_schema: str | None = Field(
+        default=None, description="schema of the tool's bookkeeping tables [WIKI_EMBED_STATE_SCHEMA] (wiki_embeddings)"
+    )
+    stop_file: str | None = Field(
+        default=None,
+        description="the operators' brake: runs stop after their batch [EMBED_STOP_FILE] (/tmp/wiki-embed.stop)",
+    )
+    max_attempts: int | None = Field(
+        default=None,
+        description="failures of the same text before a chunk is quarantined [WIKI_EMBED_MAX_ATTEMPTS] (3)",
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        return _set(
+            database_url=self.database_url,
+            table=self.table,
+            id_column=self.id_column,
+            text_column=self.text_column,
+            embedding_column=self.embedding_column,
+            state_schema=self.state_schema,
+            stop_file=self.stop_file,
+            max_attempts=self.max_attempts,
+        )
+
+    def settings(self, **run: Any) -> Settings:
+        """Environment, then this resource's fields, then `run` (run config) on top."""
+        return from_env(**{**self.overrides(), **_set(**run)})
+
+    @contextlib.contextmanager
+    def store(self, settings: Settings | None = None) -> Iterator[Store]:
+        """A core Store on the configured (or embedded) database, closed afterwards."""
+        settings = settings or self.settings()
+        with build_store(settings, database_url(settings)) as store:
+            yield store
+
+    def request_stop(self, reason: str = "operator (Dagster)") -> str:
+        """The runbook's safe stop: stop file + stop request in the database. Returns the stop file path."""
+        settings = self.settings()
+        append_no_follow(Path(settings.stop_file), f"stop requested: {reason}\n".encode(), 0o644)
+        with self.store(settings) as store:
+            store.migrate()
+            store.request_stop(reason)
+        return settings.stop_file
+
+    def clear_stop(self) -> tuple[str, bool]:
+        """The runbook's resume (without the run): clear the database request, remove the stop file."""
+        settings = self.settings()
+        with self.store(settings) as store:
+            store.migrate()
+            store.clear_stop()
+        try:
+            os.unlink(settings.stop_file)  # unlinks a symlink itself, never its target
+            removed = True
+        except FileNotFoundError:
+            removed = False
+        return settings.stop_file, removed
+
+
+class OllamaResource(dg.ConfigurableResource):
+    """The Ollama embedding server(s); wraps the core `OllamaClient`."""
+
+    url: str | None = Field(
+        default=None,
+        description="[OLLAMA_URL] (http://ollama:11434); comma-separated for several servers, used round-robin",
+    )
+    model: str | None = Field(
+        default=None, description="[OLLAMA_MODEL]; unset: the model recorded for the table by its last run"
+    )
+    timeout_sec: float | None = Field(
+        default=None, description="deadline of one embedding request; a run's config value wins (120)"
+    )
+    max_chars: int | None = Field(default=None, description="text cut before sending; a run's config value wins (2000)")
+    retries: int | None = Field(
+        default=None, description="retries of transport errors / overload [WIKI_EMBED_RETRIES] (5)"
+    )
+    concurrency: int | None = Field(
+        default=None, description="requests in flight per server [WIKI_EMBED_CONCURRENCY] (1)"
+    )
+    text_prefix: str | None = Field(
+        default=None, description="prepended to every text, e.g. 'search_document: ' [WIKI_EMBED_TEXT_PREFIX]"
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        return _set(
+            ollama_url=self.url,
+            ollama_model=self.model,
+            timeout_sec=self.timeout_sec,
+            max_chars=self.max_chars,
+            retries=self.retries,
+            concurrency=self.concurrency,
+            text_prefix=self.text_prefix,
+        )
+
+    def client(self, settings: Settings, store: Store) -> OllamaClient:
+        """A client for the model to use: the configured one, else the one recorded for the table."""
+        return build_client(settings, resolve_model(settings, store))
+
+
+class ReadinessResource(dg.ConfigurableResource):
+    """Where the runbook's readiness flag lives and what happens when it flips."""
+
+    env_file: str | None = Field(
+        default=None,
+        description="env file holding WIKI_EMBEDDINGS_READY [WIKI_EMBEDDINGS_ENV_FILE] (.env.beta, from the "
+        "directory Dagster runs in)",
+    )
+    restart_cmd: str | None = Field(
+        default=None, description="backend restart command run after the flag flips [WIKI_EMBEDDINGS_RESTART_CMD]"
+    )
+    on_regression: str | None = Field(
+        default=None,
+        description="when missing rises again: 'keep' the flag (a warning) or 'unset' it "
+        "[WIKI_EMBEDDINGS_READY_ON_REGRESSION] (keep)",
+    )
+    restart_timeout_sec: float | None = Field(
+        default=None, description="[WIKI_EMBEDDINGS_RESTART_TIMEOUT_SEC] (45; a sensor tick has ~60 s)"
+    )
+
+    def settings(self) -> ReadinessSettings:
+        return ReadinessSettings.from_env(
+            **_set(
+                env_file=self.env_file,
+                restart_cmd=self.restart_cmd,
+                on_regression=self.on_regression,
+                restart_timeout_sec=self.restart_timeout_sec,
+            )
+        )
+
+
+def run_engine(
+    database: WikiDatabaseResource,
+    ollama: OllamaResource,
+    *,
+    mode: str,
+    log: Callable[[str], None],
+    **run: Any,
+) -> tuple[RunReport, Settings]:
+    """One core backfill run with the layered settings; the database URL resolved (embedded when empty)."""
+    settings = from_env(**{**database.overrides(), **ollama.overrides(), **_set(**run)})
+    settings = settings.replace(database_url=database_url(settings)).validate()
+    assert settings.database_url is not None
+    with build_store(settings, settings.database_url) as store:
+        engine = Backfill(settings, store, ollama.client(settings, store), mode=mode, log=log)
+        return engine.run(), settings

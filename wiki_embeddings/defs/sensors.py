@@ -1,0 +1,139 @@
+"""Sensors: readiness (the runbook's last step) and the automation that keeps coverage fresh.
+
+`readiness_sensor` reads the latest completed evaluation of `missing_is_zero`; after a fresh pass it sets
+`WIKI_EMBEDDINGS_READY=true` in the env file and runs the optional backend-restart command. The rule itself
+(`decide`, the atomic env-file edit) lives in `wiki_embeddings.core.readiness`. The cursor is the id of the
+last evaluation handled, so one evaluation is acted on once. What it did is in the tick's log and, when it
+wrote or kept the flag on a regression, in an observation on `embedding_coverage`.
+"""
+
+from typing import Any
+
+import dagster as dg
+
+from wiki_embeddings.core.readiness import (
+    READY_KEY,
+    Evaluation,
+    Materialization,
+    decide,
+    read_flag,
+    run_restart,
+    set_flag,
+)
+from wiki_embeddings.defs.assets import embedding_coverage
+from wiki_embeddings.defs.checks import COVERAGE_KEY, MISSING_IS_ZERO, MISSING_IS_ZERO_KEY
+from wiki_embeddings.defs.resources import ReadinessResource
+
+COMPLETED = {"SUCCEEDED", "FAILED"}
+
+
+def latest_evaluation(instance: dg.DagsterInstance) -> tuple[Evaluation | None, str | None]:
+    """The latest evaluation of missing_is_zero, or (None, why) when there is none that completed."""
+    record = instance.get_latest_asset_check_evaluation_record(MISSING_IS_ZERO_KEY)
+    if record is None:
+        return None, None
+    if record.status.value not in COMPLETED or record.event is None:
+        return None, f"evaluation {record.id} of {MISSING_IS_ZERO} has not completed (in progress, or its run failed)"
+    evaluation = record.event.asset_check_evaluation
+    if evaluation is None:
+        return None, f"evaluation {record.id} has no result"
+    missing = evaluation.metadata.get("missing")
+    target = evaluation.target_materialization_data
+    return (
+        Evaluation(
+            id=record.id,
+            passed=evaluation.passed,
+            timestamp=record.event.timestamp,
+            target_storage_id=target.storage_id if target else None,
+            missing=int(missing.value) if missing is not None else None,  # type: ignore[arg-type]
+        ),
+        None,
+    )
+
+
+def latest_coverage(instance: dg.DagsterInstance) -> Materialization | None:
+    records = instance.fetch_materializations(COVERAGE_KEY, limit=1).records
+    if not records:
+        return None
+    return Materialization(storage_id=records[0].storage_id, timestamp=records[0].timestamp)
+
+
+@dg.sensor(
+    name="readiness_sensor",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        f"After a fresh pass of {MISSING_IS_ZERO}, sets {READY_KEY}=true in the env file (WIKI_EMBEDDINGS_ENV_FILE, "
+        ".env.beta) and runs WIKI_EMBEDDINGS_RESTART_CMD if set. Never on a failed, missing or stale evaluation."
+    ),
+)
+def readiness_sensor(context: dg.SensorEvaluationContext, readiness: ReadinessResource) -> dg.SensorResult:
+    settings = readiness.settings()
+    path = settings.env_path
+    evaluation, pending = latest_evaluation(context.instance)
+    if pending:
+        context.log.info(f"readiness: {pending}; waiting")
+        return dg.SensorResult(skip_reason=pending, cursor=context.cursor)
+    handled = int(context.cursor) if context.cursor else None
+    flag = read_flag(path)
+    decision = decide(evaluation, latest_coverage(context.instance), handled, flag, settings.on_regression)
+    cursor = str(decision.handled) if decision.handled is not None else context.cursor
+    metadata: dict[str, Any] = {
+        "readiness_action": decision.action,
+        "reason": decision.reason,
+        "env_file": dg.MetadataValue.path(str(path)),
+        "check_evaluation_id": decision.handled if decision.handled is not None else 0,
+    }
+
+    if decision.action == "none":
+        context.log.info(f"readiness: {decision.reason}; {READY_KEY} in {path} is {_show(flag)}")
+        return dg.SensorResult(skip_reason=decision.reason, cursor=cursor)
+
+    if decision.action == "keep_on_regression":
+        context.log.warning(f"readiness: {decision.reason} ({path})")
+        metadata["flag"] = "true"
+        return dg.SensorResult(
+            asset_events=[dg.AssetObservation(asset_key=embedding_coverage.key, metadata=metadata)], cursor=cursor
+        )
+
+    value = decision.action == "set_true"
+    change = set_flag(path, value)
+    metadata["flag"] = "true" if value else "false"
+    log = context.log.info if value else context.log.warning
+    log(
+        f"readiness: {decision.reason}: set {READY_KEY}={metadata['flag']} in {path} "
+        f"(was {_show(change.previous)}{', file created' if change.created else ''})"
+    )
+    if settings.restart_cmd:
+        restart = run_restart(settings.restart_cmd, settings.restart_timeout_sec)
+        metadata["restart_returncode"] = restart.returncode if restart.returncode is not None else -1
+        metadata["restart_output"] = dg.MetadataValue.text(restart.output_tail)
+        if restart.ok:
+            context.log.info(f"readiness: backend restarted in {restart.seconds:.1f} s ({restart.command!r})")
+        else:
+            context.log.error(
+                f"readiness: the restart command {restart.command!r} failed (exit {restart.returncode}); "
+                f"restart the backend by hand. Output: {restart.output_tail[-500:]}"
+            )
+    else:
+        context.log.info("readiness: no WIKI_EMBEDDINGS_RESTART_CMD set; restart the backend to pick the flag up")
+    return dg.SensorResult(
+        asset_events=[dg.AssetObservation(asset_key=embedding_coverage.key, metadata=metadata)], cursor=cursor
+    )
+
+
+def _show(flag: bool | None) -> str:
+    return "unset" if flag is None else str(flag).lower()
+
+
+#: Runs embedding_coverage (and its check) once embeddings were written and nothing upstream still runs, so
+#: the end of a bootstrap backfill reaches the readiness sensor without anyone launching a run.
+coverage_automation_sensor = dg.AutomationConditionSensorDefinition(
+    "coverage_automation_sensor",
+    target=dg.AssetSelection.assets(embedding_coverage),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Refreshes embedding_coverage and missing_is_zero after embeddings were written.",
+)
+
+SENSORS = [readiness_sensor, coverage_automation_sensor]

@@ -1,0 +1,139 @@
+"""Shared helpers of the fault suite (`test_faults_*.py`): subprocess runs, polling, bulk checks. No tests here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psycopg
+
+from wiki_embeddings.core.text import clean_text
+from wiki_embeddings.devtools.ollama_server import hash_vector
+from wiki_embeddings_tests.conftest import TEST_DIM, TEST_MODEL
+
+# Test-only retry pacing: the fault suite proves behaviour, not patience.
+FAST_RETRIES = {
+    "WIKI_EMBED_BACKOFF_BASE_SEC": "0.01",
+    "WIKI_EMBED_BACKOFF_MAX_SEC": "0.05",
+    "WIKI_EMBED_RETRIES": "3",
+    "WIKI_EMBED_DB_RECONNECT_SEC": "30",
+}
+
+
+def dagster_materialize(partition_key: str) -> list[str]:
+    """`dagster asset materialize` of one range of `wiki_chunk_embeddings`, as an operator would run it."""
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    select = ["--select", "wiki_chunk_embeddings", "--partition", partition_key]
+    return [dagster, "asset", "materialize", "-m", "wiki_embeddings.definitions", *select]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.02) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+def cli_env(table, **extra: str) -> dict[str, str]:
+    """Environment of a `wiki-embeddings` subprocess pointed at the test table and server."""
+    s = table.settings
+    env = {
+        **os.environ,
+        "DATABASE_URL": table.url,
+        "WIKI_EMBED_TABLE": s.table,
+        "OLLAMA_URL": s.ollama_url,
+        "OLLAMA_MODEL": s.ollama_model or TEST_MODEL,
+        "EMBED_STOP_FILE": s.stop_file,
+        "WIKI_EMBED_FAILURE_LOG": s.failure_log or "",
+        "PYTHONUNBUFFERED": "1",
+        **FAST_RETRIES,
+    }
+    env.update(extra)
+    return env
+
+
+def start_cli(table, *args: str, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    """`python -m wiki_embeddings.cli ARGS` as a real, killable process; output to `log` (or discarded)."""
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "wiki_embeddings.cli", *args],
+            env=env or cli_env(table),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        if log:
+            out.close()
+
+
+def run_cli(table, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "wiki_embeddings.cli", *args],
+        env=env or cli_env(table),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    """SIGKILL: no handler, no cleanup, no goodbye to PostgreSQL or the server."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+def filled(table) -> int:
+    return int(table.sql(f"SELECT count(*) FROM {table.settings.table} WHERE embedding IS NOT NULL")[0][0])
+
+
+def advisory_locks(table) -> list[tuple]:
+    """Advisory locks held on this table's chunks (bigint keys in its namespace) or on its runs (two-int keys)."""
+    store = table.store
+    return table.sql(
+        "SELECT pid, classid, objid, objsubid FROM pg_locks WHERE locktype = 'advisory'"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND ((objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) >> 40 = %s)"
+        "   OR (objsubid = 2 AND classid::bigint = %s))",
+        (store.table.lock_namespace, store.run_lock_namespace),
+    )
+
+
+def updates_counted(table) -> int:
+    """Rows updated in the table since it was created, as PostgreSQL's statistics count them."""
+    rows = table.sql("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = to_regclass(%s)", (table.settings.table,))
+    return int(rows[0][0]) if rows else 0
+
+
+def expected_matrix(texts: list[str], max_chars: int, model: str = TEST_MODEL, dim: int = TEST_DIM) -> np.ndarray:
+    return np.stack([hash_vector(model, clean_text(t[:max_chars]), dim) for t in texts])
+
+
+def wrong_vectors(table, max_chars: int | None = None, model: str = TEST_MODEL, dim: int = TEST_DIM) -> list[int]:
+    """Ids of filled rows whose vector is not the server's vector for the chunk's cut, cleaned text."""
+    max_chars = max_chars or table.settings.max_chars
+    with psycopg.connect(table.url, autocommit=True) as conn:
+        from pgvector.psycopg import register_vector
+
+        register_vector(conn)
+        rows = conn.execute(
+            f"SELECT id, content, embedding FROM {table.settings.table} WHERE embedding IS NOT NULL ORDER BY id"
+        ).fetchall()
+    if not rows:
+        return []
+    got = np.stack([r[2].to_numpy() for r in rows])
+    want = expected_matrix([r[1] for r in rows], max_chars, model, dim)
+    bad = ~np.all(np.isclose(got, want, atol=1e-6), axis=1)
+    return [int(rows[i][0]) for i in np.flatnonzero(bad)]
