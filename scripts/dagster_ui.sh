@@ -7,27 +7,8 @@
 # `python -m wiki_embeddings.devtools.embedded_postgres stop`).
 # Optional: WIKI_EMBED_OLLAMA_POOL_LIMIT=N  ranges that may call Ollama at once (pool `ollama`, default 1).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$(dirname "${BASH_SOURCE[0]}")/_dagster_env.sh"
 cd "$ROOT"
-
-PY="$ROOT/.venv/bin/python"
-DAGSTER="$ROOT/.venv/bin/dagster"
-if [ ! -x "$PY" ] || [ ! -x "$DAGSTER" ]; then
-  echo "error: $ROOT/.venv with dagster is missing; run: bash scripts/setup.sh" >&2
-  exit 2
-fi
-
-export DAGSTER_HOME="$ROOT/.dagster_home"
-mkdir -p "$DAGSTER_HOME"
-cp "$ROOT/dagster.yaml" "$DAGSTER_HOME/dagster.yaml"
-
-# Starts the embedded PostgreSQL if needed and creates the `dagster` database; prints only the URL.
-DAGSTER_PG_URL="$("$PY" -m wiki_embeddings.devtools.embedded_postgres dagster-url)"
-export DAGSTER_PG_URL
-if [ -z "${DATABASE_URL:-}" ]; then
-  DATABASE_URL="$("$PY" -m wiki_embeddings.devtools.embedded_postgres url)"
-  export DATABASE_URL
-fi
 
 if [ -n "${WIKI_EMBED_OLLAMA_POOL_LIMIT:-}" ]; then
   "$DAGSTER" instance concurrency set ollama "$WIKI_EMBED_OLLAMA_POOL_LIMIT"
