@@ -138,7 +138,8 @@ def test_dry_run_says_what_would_be_embedded_and_writes_nothing(make_table, olla
 def test_an_unreachable_ollama_is_a_one_line_error_naming_OLLAMA_URL_and_nothing_is_written(make_table, capsys):
     table = make_table(ollama_url="http://127.0.0.1:9")
     table.load([(1, "text")])
-    code, _ = run_cli(table, "backfill", "--ollama-url", "http://127.0.0.1:9", "--model", "all-minilm")
+    fast = {"WIKI_EMBED_RETRIES": "1", "WIKI_EMBED_BACKOFF_BASE_SEC": "0.01"}
+    code, _ = run_cli(table, "backfill", "--ollama-url", "http://127.0.0.1:9", "--model", "all-minilm", env=fast)
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
     assert len(err) == 1 and "OLLAMA_URL" in err[0] and "127.0.0.1:9" in err[0]
