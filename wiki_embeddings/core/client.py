@@ -291,6 +291,21 @@ class OllamaClient:
     def _validate(self, raw: list[object], expected: int) -> list[np.ndarray]:
         if len(raw) != expected:
             raise AmbiguousFailure(f"asked for {expected} vectors, got {len(raw)}", http_status=200, kind="wrong_count")
+        # Fast path: the whole answer as one 2-D array (one numpy call, not one per vector; the client shares
+        # the CPU with the embedder, see benchmarks/RESULTS.md). Anything off falls through to the per-vector
+        # checks below, which name the bad vectors.
+        try:
+            matrix = np.array(raw, dtype=np.float32) if expected else None
+        except (TypeError, ValueError):
+            matrix = None
+        if (
+            matrix is not None
+            and matrix.ndim == 2
+            and matrix.shape[1] > 0
+            and (self.dimensions is None or matrix.shape[1] == self.dimensions)
+            and np.isfinite(matrix).all()
+        ):
+            return list(matrix)
         vectors: list[np.ndarray | None] = []
         reasons: dict[int, str] = {}
         want = self.dimensions
