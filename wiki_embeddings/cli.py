@@ -13,8 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from wiki_embeddings import __version__
-from wiki_embeddings.core import importer
-from wiki_embeddings.core.engine import Backfill, DimensionMismatch, build_client, build_store, resolve_model
+from wiki_embeddings.core import importer, migration
+from wiki_embeddings.core.engine import (
+    Backfill,
+    DimensionMismatch,
+    build_client,
+    build_store,
+    resolve_model,
+    same_model,
+)
 from wiki_embeddings.core.failure_log import append_no_follow
 from wiki_embeddings.core.status import collect_status, format_status
 from wiki_embeddings.core.store import StoreError
@@ -77,6 +84,13 @@ def _backfill_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="bootstrap: drop an HNSW/IVFFlat index on the column for the run and rebuild it after",
     )
+    g2.add_argument(
+        "--no-refresh-changed",
+        dest="refresh_changed",
+        action="store_false",
+        default=None,
+        help="skip the maintenance pass that re-embeds chunks whose text changed since they were embedded",
+    )
     g2.add_argument("--dry-run", action="store_true", help="say what would be embedded and exit")
 
 
@@ -96,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--check", action="store_true", help="exit 0 only when missing=0")
+    p.add_argument(
+        "--scan-changed",
+        action="store_true",
+        help="first scan the whole table for chunks whose text changed since they were embedded (stale_text)",
+    )
 
     p = sub.add_parser("stop", help="ask running backfills to stop after their current batch")
     _common(p)
@@ -120,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", type=int)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "migrate-model",
+        help="change the embedding model without downtime: fill a shadow column, then swap it in",
+        description="--to MODEL fills the shadow column <embedding>_next with MODEL (stop/resume like backfill); "
+        "--status shows its coverage; --swap makes it the live column in one transaction (the old one is kept as "
+        "<embedding>_prev); --rollback swaps back; --abort drops the shadow column.",
+    )
+    _common(p)
+    _backfill_flags(p)
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--to", dest="target_model", metavar="MODEL", help="start or continue filling the shadow")
+    action.add_argument("--status", dest="migration_status", action="store_true", help="shadow coverage")
+    action.add_argument("--swap", action="store_true", help="make the complete shadow column the live one")
+    action.add_argument("--rollback", action="store_true", help="swap the previous column back in")
+    action.add_argument("--abort", action="store_true", help="drop the shadow column and forget the migration")
+    p.add_argument("--json", action="store_true", help="--status as one JSON object")
+
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     _common(p)
     _backfill_flags(p)
@@ -140,6 +176,12 @@ _NOT_SETTINGS = {
     "action",
     "ids",
     "dry_run",
+    "scan_changed",
+    "target_model",
+    "migration_status",
+    "swap",
+    "rollback",
+    "abort",
 }
 
 
@@ -193,6 +235,9 @@ def _dry_run(s: Settings, store: Any, out: Any) -> int:
 
 def cmd_status(s: Settings, args: argparse.Namespace, out: Any) -> int:
     with build_store(s, database_url(s)) as store:
+        if args.scan_changed:
+            store.migrate()
+            store.scan_changed()
         status = collect_status(store, s)
     if args.json:
         print(json.dumps(status, default=str), file=out)
@@ -309,6 +354,80 @@ def cmd_failures(s: Settings, args: argparse.Namespace, out: Any) -> int:
     return 0
 
 
+def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
+    db_url = database_url(s)
+    s = s.replace(database_url=db_url)
+    live_column = s.embedding_column
+    with build_store(s, db_url) as store:
+        store.migrate()
+        store.column_dimensions()  # a clear error when the table or column is absent
+        if args.migration_status:
+            info = migration.shadow_status(store)
+            if args.json:
+                print(json.dumps(info, default=str), file=out)
+            else:
+                if not info["target_model"]:
+                    print("no model migration in progress", file=out)
+                print("\n".join(f"{k}={v}" for k, v in info.items()), file=out)
+            return 0
+        if args.abort:
+            dropped = store.abort_migration()
+            print(f"migration aborted; shadow column {dropped or '-'} dropped", file=out)
+            return 0
+        if args.swap:
+            print(migration.swap(store, log=lambda m: print(m, file=out, flush=True)), file=out)
+            return 0
+        if args.rollback:
+            print(migration.rollback(store), file=out)
+            return 0
+        target = args.target_model
+        live, _ = store.recorded_model()
+        if live and same_model(live, target):
+            raise CliError(f"model {target!r} is already the live model of {store.table.qualified}.{live_column}")
+        shadow = migration.shadow_name(live_column)
+    log = lambda m: print(m, file=out, flush=True)  # noqa: E731
+    with local_ollama(s, target, log=log) as local_url:
+        if local_url:
+            s = s.replace(ollama_url=local_url)
+        dims = _probe(build_client(s, target))
+        with build_store(s, db_url) as store:
+            added = store.start_migration(target, dims, shadow)
+        log(
+            f"migration to {target!r} ({dims}-d): shadow column {shadow} {'added' if added else 'exists'}; the live "
+            f"column {live_column} keeps serving until `migrate-model --swap`"
+        )
+        shadow_settings = s.replace(embedding_column=shadow, ollama_model=target)
+        with build_store(shadow_settings, db_url) as shadow_store:
+            engine = Backfill(
+                shadow_settings,
+                shadow_store,
+                build_client(shadow_settings, target),
+                mode="migrate",
+                log=log,
+                handle_signals=True,
+            )
+            report = engine.run()
+    with build_store(s, db_url) as store:
+        info = migration.shadow_status(store)
+    log(
+        f"shadow {shadow}: total={info.get('total')} embedded={info.get('embedded')} missing={info.get('missing')} "
+        f"coverage_pct={info.get('coverage_pct')}"
+    )
+    if report.exit_code:
+        print(f"error: {report.message}", file=sys.stderr)
+    return report.exit_code
+
+
+def _probe(client: Any) -> int:
+    async def probe() -> int:
+        try:
+            return await client.probe_dimensions()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(probe())
+
+
 def cmd_config(s: Settings, args: argparse.Namespace, out: Any) -> int:
     for key, value in s.masked().items():
         print(f"{key}={'' if value is None else value}", file=out)
@@ -323,6 +442,7 @@ COMMANDS = {
     "import": cmd_import,
     "failures": cmd_failures,
     "config": cmd_config,
+    "migrate-model": cmd_migrate_model,
 }
 
 

@@ -78,6 +78,7 @@ class Settings:
     id_min: int | None = None  # inclusive
     id_max: int | None = None  # inclusive
     drop_vector_index: bool = False
+    refresh_changed: bool = True  # maintenance: re-embed chunks whose text changed since they were embedded
     maintenance_work_mem: str = "512MB"  # for rebuilding a dropped vector index
     db_reconnect_sec: float = 60.0  # how long a run waits for a lost database before stopping
     dimensions: int | None = None
@@ -130,6 +131,7 @@ class Settings:
             "retries",
             "id_min",
             "id_max",
+            "refresh_changed",
         ]
         return {k: getattr(self, k) for k in keep}
 

@@ -33,7 +33,7 @@ from wiki_embeddings.core.client import (
     ServerUnavailable,
 )
 from wiki_embeddings.core.failure_log import FailureLog
-from wiki_embeddings.core.store import Store
+from wiki_embeddings.core.store import Provenance, Store
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings, redact, url_secrets
 
@@ -48,6 +48,20 @@ DB_RECONNECT_MAX_DELAY_SEC = 5.0
 
 class DimensionMismatch(RuntimeError):
     """The model's vectors do not fit the column: refused before anything is written."""
+
+
+class ModelChanged(DimensionMismatch):
+    """A run with another model than the one recorded for the column: refused before anything is written."""
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Model names as Ollama resolves them: `name` and `name:latest` are one model."""
+
+    def norm(m: str | None) -> str:
+        m = (m or "").strip()
+        return m[: -len(":latest")] if m.endswith(":latest") else m
+
+    return norm(a) == norm(b)
 
 
 @dataclass
@@ -67,6 +81,8 @@ class RunReport:
     run_id: int | None = None
     message: str = ""
     failed_ids: list[int] = field(default_factory=list)
+    refreshed: int = 0  # chunks re-embedded in place because their text changed (maintenance)
+    changed_found: int | None = None  # changed chunks the content scan found (None: no complete scan)
     index_seconds: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -139,6 +155,11 @@ class Backfill:
         self._retired: list[Any] = []  # lost connections, closed when no stage can be using them any more
         self._reconnecting: dict[str, asyncio.Lock] = {}
         self._held: set[int] = set()  # chunk ids this run has claimed and not yet released
+        self._md5: dict[int, str] = {}  # md5 of the whole text of each held chunk, as claimed
+        self._phase = "missing"  # then "refresh": chunks whose text changed since they were embedded
+        self._shadow = False  # filling a model migration's shadow column
+        self._provenance: Provenance | None = None
+        self._scan_complete = False
 
     # ------------------------------------------------------------ public
     def run(self) -> RunReport:
@@ -154,6 +175,7 @@ class Backfill:
         s = self.s
         self._stop_event = asyncio.Event()
         dimensions = await asyncio.to_thread(self._prepare_database)
+        await asyncio.to_thread(self._check_recorded_model)
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=self.client.model, dimensions=dimensions)
         self._report = report
@@ -169,7 +191,9 @@ class Backfill:
                 )
             report.remaining = await asyncio.to_thread(self._count_remaining)
             return report
-        await asyncio.to_thread(self.store.record_model, self.client.model, dimensions)
+        if not self._shadow:  # a shadow fill leaves the live model as it is until the swap
+            await asyncio.to_thread(self.store.record_model, self.client.model, dimensions)
+        self._provenance = Provenance(self.client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence)
         # and asks for database stop requests.
         self._conns = {"run": await asyncio.to_thread(self.store.connect)}
@@ -203,6 +227,16 @@ class Backfill:
         removers = self._install_signal_handlers()
         try:
             await self._pipeline(report)
+            if self._may_refresh():
+                self._phase = "refresh"
+                self._scan_complete = False
+                report.changed_found = 0
+                await self._pipeline(report)
+                if self._scan_complete and self._fatal is None:
+                    stale = max(report.changed_found - report.refreshed, 0)
+                    await self._db("store", lambda _c: self.store.record_stale_text(stale))
+                else:
+                    report.changed_found = None
         finally:
             for remove in removers:
                 remove()
@@ -238,7 +272,8 @@ class Backfill:
         self._finish_progress_bar()
         self._log(
             f"{self.mode} {report.state}: embedded={report.embedded} failed={report.failed} "
-            f"remaining={report.remaining} seconds={report.seconds:.1f} chunks/s={report.chunks_per_s:.1f}. "
+            f"remaining={report.remaining} refreshed={report.refreshed} seconds={report.seconds:.1f} "
+            f"chunks/s={report.chunks_per_s:.1f}. "
             f"{report.message}"
         )
         return report
@@ -248,7 +283,38 @@ class Backfill:
         self.store.migrate()
         self.store.ensure_extension()
         self.store.ensure_missing_index()
+        _ = self.store.failure_key  # decided once, before the stages share the store
         return self.store.column_dimensions()
+
+    def _check_recorded_model(self) -> None:
+        """The column's model is recorded in the database: another model is refused before anything is written.
+
+        The live column takes only the live model (a change of model goes through `migrate-model`); a
+        migration's shadow column takes only the migration's target model.
+        """
+        live, _ = self.store.recorded_model()
+        target, shadow = self.store.migration_target()
+        column = f"{self.store.table.qualified}.{self.store.table.embedding_column}"
+        self._shadow = shadow is not None and shadow == self.store.table.embedding_column
+        if self._shadow:
+            if not same_model(target, self.client.model):
+                raise ModelChanged(
+                    f"{column} is the shadow column of the migration to model {target!r}; model "
+                    f"{self.client.model!r} is refused there; nothing was written"
+                )
+        elif live and not same_model(live, self.client.model):
+            raise ModelChanged(
+                f"{column} holds vectors of model {live!r}; a backfill with model {self.client.model!r} is refused "
+                f"and nothing was written. To change the model without downtime use "
+                f"`wiki-embeddings migrate-model --to {self.client.model}` (then --swap)"
+            )
+
+    def _may_refresh(self) -> bool:
+        """Maintenance re-embeds changed chunks after the missing ones, unless stopped, failed or capped."""
+        s = self.s
+        if not s.refresh_changed or s.retry_failed or self._fatal is not None or self._stop_event.is_set():
+            return False
+        return s.max_chunks is None or self._claimed < s.max_chunks
 
     async def _check_model(self, dimensions: int) -> None:
         """Refuse a model whose vectors have another length than the column, before anything is written."""
@@ -404,6 +470,8 @@ class Backfill:
     async def _release(self, ids: list[int]) -> None:
         mine = [i for i in ids if i in self._held]
         self._held.difference_update(mine)
+        for i in mine:
+            self._md5.pop(i, None)
         if mine:
             await self._db("claim", self.store.release, mine)
 
@@ -432,6 +500,7 @@ class Backfill:
         finally:
             await self._close_connections(["claim", "write"])  # a closed session releases every claim it held
             self._held.clear()
+            self._md5.clear()
 
     def _unexpected(self, where: str, exc: BaseException) -> None:
         """A bug or an unforeseen error in one stage stops the run cleanly instead of hanging the others."""
@@ -450,7 +519,7 @@ class Backfill:
                         break
                 claim = await self._db(
                     "claim",
-                    self.store.claim,
+                    self.store.claim_changed if self._phase == "refresh" else self.store.claim,
                     after_id=after_id,
                     limit=limit,
                     max_chars=s.max_chars,
@@ -460,13 +529,17 @@ class Backfill:
                     max_attempts=s.max_attempts,
                 )
                 if claim.last_scanned_id is None:
+                    self._scan_complete = True
                     break
                 after_id = claim.last_scanned_id
                 report.skipped_busy += claim.busy
+                if self._phase == "refresh" and report.changed_found is not None:
+                    report.changed_found += claim.found
                 if claim.rows or claim.invalid:
                     batch = _Batch([(cid, clean_text(text)) for cid, text in claim.rows], claim.invalid)
                     self._claimed += len(batch.ids)
                     self._held.update(batch.ids)
+                    self._md5.update(claim.text_md5)
                     await todo.put(batch)
         except _Fatal as exc:
             self._fatal = self._fatal or exc
@@ -616,7 +689,16 @@ class Backfill:
             if len(keep) < len(ids):  # claims lost in a reconnect: another run owns those chunks now
                 ids, vectors = [ids[k] for k in keep], [vectors[k] for k in keep]
             try:
-                written = await self._db("write", self.store.write_vectors, ids, vectors)
+                md5s = [self._md5.get(i) for i in ids]
+                written = await self._db(
+                    "write",
+                    self.store.write_vectors,
+                    ids,
+                    vectors,
+                    md5s if all(m is not None for m in md5s) else None,
+                    self._provenance,
+                    self._phase == "refresh",
+                )
                 await self._release(ids)
             except _Fatal as exc:
                 self._fatal = self._fatal or exc
@@ -624,7 +706,10 @@ class Backfill:
             except Exception as exc:  # noqa: BLE001 - reported as the run's end state
                 self._unexpected("writer", exc)
                 continue
-            report.embedded += written
+            if self._phase == "refresh":
+                report.refreshed += written
+            else:
+                report.embedded += written
             self._batches_written += 1
             self._progress(report)
 

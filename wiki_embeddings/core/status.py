@@ -15,6 +15,9 @@ STATUS_KEYS = [
     "coverage_pct",
     "failed",
     "quarantined",
+    "stale_model",
+    "stale_text",
+    "stale_text_scanned_at",
     "stop_requested",
     "model",
     "dimensions",
@@ -32,6 +35,7 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     """Counts from the database, the stop file, the recorded model and the last run, in one place."""
     store.migrate()
     status = store.status(settings.max_attempts)
+    status.update(store.model_status())
     status["dimensions"] = store.column_dimensions()
     status["stop_requested"] = bool(status["stop_requested"]) or os.path.lexists(settings.stop_file)
     model, _ = store.recorded_model()

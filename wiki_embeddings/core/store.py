@@ -90,6 +90,19 @@ class Claim:
     busy: int  # candidates another worker holds
     # Claimed chunks whose stored bytes are not text (SQL_ASCII databases only): (id, reason, byte length).
     invalid: list[tuple[int, str, int]] = field(default_factory=list)
+    # md5 of the whole stored text of each claimed chunk (what PostgreSQL recomputes as md5(content)).
+    text_md5: dict[int, str] = field(default_factory=dict)
+    found: int = 0  # content-change scans: changed chunks found in the window (locked or not)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a batch of vectors was made: recorded beside every vector written."""
+
+    model: str
+    dimensions: int
+    max_chars: int
+    text_prefix: str = ""
 
 
 MIGRATIONS: list[str] = [
@@ -136,6 +149,34 @@ MIGRATIONS: list[str] = [
         updated_at        timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 2: provenance of every stored vector (issue 6), per column attnum so a column RENAME keeps it valid;
+    #    model migration and content-change scan state in table_state.
+    """
+    CREATE TABLE IF NOT EXISTS {s}.embedding_provenance (
+        table_name    text        NOT NULL,
+        column_attnum smallint    NOT NULL,
+        chunk_id      bigint      NOT NULL,
+        model         text        NOT NULL,
+        dimensions    integer     NOT NULL,
+        text_md5      text        NOT NULL,
+        max_chars     integer     NOT NULL,
+        text_prefix   text        NOT NULL DEFAULT '',
+        embedded_at   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (table_name, column_attnum, chunk_id)
+    );
+    CREATE INDEX IF NOT EXISTS embedding_provenance_model_idx
+        ON {s}.embedding_provenance (table_name, column_attnum, model);
+    ALTER TABLE {s}.table_state
+        ADD COLUMN IF NOT EXISTS previous_model        text,
+        ADD COLUMN IF NOT EXISTS previous_dimensions   integer,
+        ADD COLUMN IF NOT EXISTS migration_model       text,
+        ADD COLUMN IF NOT EXISTS migration_dimensions  integer,
+        ADD COLUMN IF NOT EXISTS migration_column      text,
+        ADD COLUMN IF NOT EXISTS migration_started_at  timestamptz,
+        ADD COLUMN IF NOT EXISTS swapped_at            timestamptz,
+        ADD COLUMN IF NOT EXISTS stale_text            bigint,
+        ADD COLUMN IF NOT EXISTS stale_text_scanned_at timestamptz;
+    """,
 ]
 
 
@@ -173,6 +214,8 @@ class Store:
         self._text = sql.Identifier(t.text_column)
         self._emb = sql.Identifier(t.embedding_column)
         self._s = sql.Identifier(self.state_schema)
+        self._failure_key: str | None = None
+        self._attnum: int | None = None
 
     # ---------------------------------------------------------------- connections
     def connect(self, register: bool = True) -> psycopg.Connection:
@@ -391,38 +434,58 @@ class Store:
             "lower": lower,
             "upper": id_max,
             "limit": limit,
-            "table": self.table.qualified,
+            "table": self.failure_key,
             "cap": max_attempts,
         }
         cand = conn.execute(query, params).fetchall()
         if not cand:
             return Claim([], None, 0)
         locked = [cid for cid, ok in cand if ok]
+        rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, sql.SQL("AND {emb} IS NULL"), {})
+        return Claim(rows, int(cand[-1][0]), len(cand) - len(locked), invalid, md5s)
+
+    def _read_claimed(
+        self,
+        conn: psycopg.Connection,
+        locked: list[int],
+        max_chars: int,
+        condition: sql.Composable,
+        expected_md5: dict[int, str],
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str, int]], dict[int, str]]:
+        """Read the cut text and md5(whole text) of locked chunks still matching `condition`; release the rest.
+
+        With `expected_md5`, a chunk whose text changed again since it was found is released, not taken.
+        """
         rows: list[tuple[int, str]] = []
         invalid: list[tuple[int, str, int]] = []
-        if locked:
-            if _is_sql_ascii(conn):
-                rows, invalid = self._read_undeclared_bytes(conn, locked, max_chars)
-            else:
-                rows = [
-                    (int(r[0]), r[1])
-                    for r in conn.execute(
-                        sql.SQL(
-                            "SELECT {id}, left({text}, %s) FROM {t} WHERE {id} = ANY(%s) AND {emb} IS NULL"
-                            " ORDER BY {id}"
-                        ).format(id=self._id, text=self._text, t=self._t, emb=self._emb),
-                        (max_chars, locked),
-                    ).fetchall()
-                ]
-            taken = {r[0] for r in rows} | {r[0] for r in invalid}
-            stale = [cid for cid in locked if cid not in taken]
-            if stale:
-                self.release(conn, stale)
-        return Claim(rows, int(cand[-1][0]), len(cand) - len(locked), invalid)
+        md5s: dict[int, str] = {}
+        if not locked:
+            return rows, invalid, md5s
+        condition = condition.format(emb=self._emb) if isinstance(condition, sql.SQL) else condition
+        if _is_sql_ascii(conn):
+            rows, invalid, md5s = self._read_undeclared_bytes(conn, locked, max_chars, condition)
+        else:
+            for r in conn.execute(
+                sql.SQL(
+                    "SELECT {id}, left({text}, %s), md5({text}) FROM {t} WHERE {id} = ANY(%s) {cond} ORDER BY {id}"
+                ).format(id=self._id, text=self._text, t=self._t, cond=condition),
+                (max_chars, locked),
+            ).fetchall():
+                rows.append((int(r[0]), r[1]))
+                md5s[int(r[0])] = r[2]
+        if expected_md5:
+            moved = {cid for cid, m in md5s.items() if expected_md5.get(cid) != m}
+            rows = [r for r in rows if r[0] not in moved]
+            invalid = [r for r in invalid if r[0] not in moved]
+        taken = {r[0] for r in rows} | {r[0] for r in invalid}
+        stale = [cid for cid in locked if cid not in taken]
+        if stale:
+            self.release(conn, stale)
+        return rows, invalid, {cid: m for cid, m in md5s.items() if cid in taken}
 
     def _read_undeclared_bytes(
-        self, conn: psycopg.Connection, ids: list[int], max_chars: int
-    ) -> tuple[list[tuple[int, str]], list[tuple[int, str, int]]]:
+        self, conn: psycopg.Connection, ids: list[int], max_chars: int, condition: sql.Composable
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str, int]], dict[int, str]]:
         """Claimed texts from a `SQL_ASCII` database: raw bytes, decoded as UTF-8 here, chunk by chunk.
 
         There `left()` counts bytes, so enough bytes for `max_chars` characters are read and cut after
@@ -431,19 +494,21 @@ class Store:
         limit = min(max_chars * UTF8_MAX_BYTES_PER_CHAR, 2**31 - 1)
         fetched = conn.execute(
             sql.SQL(
-                "SELECT {id}, convert_to(left({text}, %s), 'SQL_ASCII'), octet_length({text}) FROM {t}"
-                " WHERE {id} = ANY(%s) AND {emb} IS NULL ORDER BY {id}"
-            ).format(id=self._id, text=self._text, t=self._t, emb=self._emb),
+                "SELECT {id}, convert_to(left({text}, %s), 'SQL_ASCII'), octet_length({text}), md5({text}) FROM {t}"
+                " WHERE {id} = ANY(%s) {cond} ORDER BY {id}"
+            ).format(id=self._id, text=self._text, t=self._t, cond=condition),
             (limit, ids),
         ).fetchall()
         rows: list[tuple[int, str]] = []
         invalid: list[tuple[int, str, int]] = []
-        for cid, raw, size in fetched:
+        md5s: dict[int, str] = {}
+        for cid, raw, size, digest in fetched:
+            md5s[int(cid)] = digest
             try:
                 rows.append((int(cid), decode_utf8_prefix(bytes(raw), max_chars, complete=size <= limit)))
             except InvalidText as exc:
                 invalid.append((int(cid), exc.reason, int(size)))
-        return rows, invalid
+        return rows, invalid, md5s
 
     def release(self, conn: psycopg.Connection, ids: Sequence[int]) -> None:
         """Give back claims (after their vectors are committed, or when they are skipped)."""
@@ -466,24 +531,204 @@ class Store:
         ).fetchall()
         return [int(r[0]) for r in rows]
 
-    def write_vectors(self, conn: psycopg.Connection, ids: Sequence[int], vectors: Sequence[np.ndarray]) -> int:
-        """Write one batch of vectors in one short transaction; only rows still missing are touched.
+    def write_vectors(
+        self,
+        conn: psycopg.Connection,
+        ids: Sequence[int],
+        vectors: Sequence[np.ndarray],
+        md5s: Sequence[str] | None = None,
+        provenance: Provenance | None = None,
+        replace: bool = False,
+    ) -> int:
+        """Write one batch of vectors in one short transaction, with their provenance.
 
-        psycopg 3's `executemany` pipelines the per-row UPDATEs over the primary key: measured here the
-        fastest at the pipeline's batch sizes (see benchmarks/RESULTS.md). Clears failure records of the
-        chunks written, since they are now embedded.
+        Default: only rows still missing are touched. `replace=True` (content refresh) overwrites a vector in
+        place, one UPDATE per row (never a NULL in between). With `md5s`, a row is written only if its text
+        is still the one claimed (`md5(text) = claimed md5`). psycopg 3's `executemany` pipelines the
+        per-row UPDATEs over the primary key: measured here the fastest at the pipeline's batch sizes (see
+        benchmarks/RESULTS.md). The provenance of the rows written goes in with one set-based statement;
+        failure records of the chunks written are cleared.
         """
-        stmt = sql.SQL("UPDATE {t} SET {emb} = %b WHERE {id} = %b AND {emb} IS NULL").format(
-            t=self._t, emb=self._emb, id=self._id
+        if not ids:
+            return 0
+        guard = sql.SQL("") if replace else sql.SQL(" AND {emb} IS NULL").format(emb=self._emb)
+        if md5s is not None:
+            guard = sql.Composed([guard, sql.SQL(" AND md5({text}) = %b").format(text=self._text)])
+            params: list[tuple[Any, ...]] = list(zip(vectors, ids, md5s, strict=True))
+        else:
+            params = list(zip(vectors, ids, strict=True))
+        stmt = sql.SQL("UPDATE {t} SET {emb} = %b WHERE {id} = %b{guard} RETURNING {id}").format(
+            t=self._t, emb=self._emb, id=self._id, guard=guard
         )
         with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(stmt, list(zip(vectors, ids, strict=True)))
-            written = cur.rowcount
+            cur.executemany(stmt, params, returning=True)
+            written: list[int] = []
+            while True:
+                written += [int(r[0]) for r in cur.fetchall()]
+                if not cur.nextset():
+                    break
+            if written and provenance is not None:
+                attnum = self._current_attnum(conn)
+                if self._attnum is not None and attnum != self._attnum:
+                    raise StoreError(
+                        f"column {self.table.embedding_column!r} was swapped during this run; nothing written "
+                        "in this batch (start the run again)"
+                    )
+                self._attnum = attnum
+                by_id = dict(zip(ids, md5s, strict=True)) if md5s is not None else {}
+                cur.execute(
+                    sql.SQL(
+                        "INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
+                        " dimensions, text_md5, max_chars, text_prefix, embedded_at)"
+                        " SELECT %(table)s, %(attnum)s, u.id, %(model)s, %(dim)s,"
+                        " coalesce(u.md5, md5(t.{text})), %(max_chars)s, %(prefix)s, now()"
+                        " FROM unnest(%(ids)s::bigint[], %(md5s)s::text[]) AS u(id, md5) JOIN {t} t ON t.{id} = u.id"
+                        " ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
+                        " dimensions = EXCLUDED.dimensions, text_md5 = EXCLUDED.text_md5,"
+                        " max_chars = EXCLUDED.max_chars, text_prefix = EXCLUDED.text_prefix,"
+                        " embedded_at = EXCLUDED.embedded_at"
+                    ).format(s=self._s, text=self._text, t=self._t, id=self._id),
+                    {
+                        "table": self.table.qualified,
+                        "attnum": attnum,
+                        "model": provenance.model,
+                        "dim": provenance.dimensions,
+                        "max_chars": provenance.max_chars,
+                        "prefix": provenance.text_prefix,
+                        "ids": written,
+                        "md5s": [by_id.get(i) for i in written],
+                    },
+                )
             cur.execute(
                 sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s AND chunk_id = ANY(%s)").format(s=self._s),
-                (self.table.qualified, list(ids)),
+                (self.failure_key, list(ids)),
             )
-        return int(written)
+        return len(written)
+
+    def _current_attnum(self, conn: psycopg.Connection | None = None) -> int:
+        c = conn or self.conn
+        row = c.execute(
+            "SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped",
+            (sql.Identifier(self.table.schema, self.table.name).as_string(c), self.table.embedding_column),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"column {self.table.embedding_column!r} not found in {self.table.qualified}")
+        return int(row[0])
+
+    @property
+    def failure_key(self) -> str:
+        """Failure records of the live column are keyed by the table; those of a migration's shadow column by
+        table#column, so a shadow fill never mixes its failures with the live column's."""
+        if self._failure_key is None:
+            _, column = self.migration_target()
+            shadow = column is not None and column == self.table.embedding_column
+            self._failure_key = f"{self.table.qualified}#{column}" if shadow else self.table.qualified
+        return self._failure_key
+
+    def provenance(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Provenance rows of this column for `ids`."""
+        rows = self.conn.cursor(row_factory=dict_row).execute(
+            sql.SQL(
+                "SELECT chunk_id, model, dimensions, text_md5, max_chars, text_prefix, embedded_at"
+                " FROM {s}.embedding_provenance WHERE table_name = %s AND column_attnum = %s AND chunk_id = ANY(%s)"
+            ).format(s=self._s),
+            (self.table.qualified, self._current_attnum(), list(ids)),
+        )
+        return {int(r["chunk_id"]): dict(r) for r in rows.fetchall()}
+
+    # ---------------------------------------------------------------- content changes
+    def _changed_window(self) -> sql.Composable:
+        """Embedded rows of one keyset window whose stored text no longer matches their provenance hash."""
+        return sql.SQL(
+            "WITH win AS MATERIALIZED ("
+            " SELECT t.{id} AS id, md5(t.{text}) AS md5 FROM {t} t WHERE t.{emb} IS NOT NULL"
+            " AND (%(lower)s::bigint IS NULL OR t.{id} > %(lower)s)"
+            " AND (%(upper)s::bigint IS NULL OR t.{id} <= %(upper)s) ORDER BY t.{id} LIMIT %(window)s)"
+            " SELECT w.id, w.md5, (SELECT max(id) FROM win) AS last FROM win w"
+            " JOIN {s}.embedding_provenance p ON p.table_name = %(ptable)s AND p.column_attnum = %(attnum)s"
+            " AND p.chunk_id = w.id WHERE p.text_md5 <> w.md5 ORDER BY w.id"
+        ).format(id=self._id, text=self._text, t=self._t, emb=self._emb, s=self._s)
+
+    def claim_changed(
+        self,
+        conn: psycopg.Connection,
+        *,
+        after_id: int | None,
+        limit: int,
+        max_chars: int,
+        id_min: int | None = None,
+        id_max: int | None = None,
+        scan_window: int = 5000,
+        **_: Any,
+    ) -> Claim:
+        """Keyset scan (one window of ids per call) for embedded chunks whose text changed since it was embedded;
+        lock the first `limit` found. `last_scanned_id` is where the next call continues."""
+        lower = after_id if after_id is not None else (id_min - 1 if id_min is not None else None)
+        found = conn.execute(
+            self._changed_window(),
+            {
+                "lower": lower,
+                "upper": id_max,
+                "window": scan_window,
+                "ptable": self.table.qualified,
+                "attnum": self._current_attnum(conn),
+            },
+        ).fetchall()
+        if not found:
+            # Nothing changed in this window: continue after its end (or stop when the window was empty).
+            row = conn.execute(
+                sql.SQL(
+                    "SELECT max(id) FROM (SELECT t.{id} AS id FROM {t} t WHERE t.{emb} IS NOT NULL"
+                    " AND (%(lower)s::bigint IS NULL OR t.{id} > %(lower)s)"
+                    " AND (%(upper)s::bigint IS NULL OR t.{id} <= %(upper)s) ORDER BY t.{id} LIMIT %(window)s) w"
+                ).format(id=self._id, t=self._t, emb=self._emb),
+                {"lower": lower, "upper": id_max, "window": scan_window},
+            ).fetchone()
+            last = row[0] if row else None
+            return Claim([], None if last is None else int(last), 0)
+        found = found[:limit]
+        last = int(found[-1][0]) if len(found) == limit else int(found[0][2])
+        key = _lock_key_sql(self.table.lock_namespace)
+        locked = [
+            int(r[0])
+            for r in conn.execute(
+                sql.SQL("SELECT c.id FROM unnest(%s::bigint[]) AS c(id) WHERE pg_try_advisory_lock({key})").format(
+                    key=key
+                ),
+                ([int(r[0]) for r in found],),
+            ).fetchall()
+        ]
+        expected = {int(r[0]): r[1] for r in found}
+        rows, invalid, md5s = self._read_claimed(
+            conn, locked, max_chars, sql.SQL("AND {emb} IS NOT NULL"), {c: expected[c] for c in locked}
+        )
+        return Claim(rows, last, len(found) - len(locked), invalid, md5s, len(found))
+
+    def scan_changed(self, record: bool = True) -> int:
+        """Count embedded chunks whose text changed since it was embedded (one set-based scan of the table);
+        recorded in table_state with its time for `status` (which never scans)."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {t} t JOIN {s}.embedding_provenance p ON p.table_name = %s"
+                " AND p.column_attnum = %s AND p.chunk_id = t.{id}"
+                " WHERE t.{emb} IS NOT NULL AND p.text_md5 <> md5(t.{text})"
+            ).format(t=self._t, s=self._s, id=self._id, emb=self._emb, text=self._text),
+            (self.table.qualified, self._current_attnum()),
+        ).fetchone()
+        count = int(row[0]) if row else 0
+        if record:
+            self.record_stale_text(count)
+        return count
+
+    def record_stale_text(self, count: int) -> None:
+        self._ensure_state_row()
+        self.conn.execute(
+            sql.SQL(
+                "UPDATE {s}.table_state SET stale_text = %s, stale_text_scanned_at = now(), updated_at = now()"
+                " WHERE table_name = %s"
+            ).format(s=self._s),
+            (count, self.table.qualified),
+        )
 
     def read_vectors(self, ids: Sequence[int]) -> dict[int, np.ndarray | None]:
         rows = self.conn.execute(
@@ -527,7 +772,7 @@ class Store:
                 " RETURNING attempts"
             ).format(s=self._s, id=self._id, text=self._text, t=self._t),
             {
-                "table": self.table.qualified,
+                "table": self.failure_key,
                 "error": error,
                 "message": message[:2000],
                 "status": http_status,
@@ -546,7 +791,7 @@ class Store:
                 " FROM {s}.failures f LEFT JOIN {t} t ON t.{id} = f.chunk_id"
                 " WHERE f.table_name = %s ORDER BY f.chunk_id LIMIT %s"
             ).format(s=self._s, t=self._t, id=self._id, text=self._text, emb=self._emb),
-            (max_attempts, self.table.qualified, limit),
+            (max_attempts, self.failure_key, limit),
         )
         return list(rows.fetchall())
 
@@ -554,12 +799,12 @@ class Store:
         if ids:
             cur = self.conn.execute(
                 sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s AND chunk_id = ANY(%s)").format(s=self._s),
-                (self.table.qualified, list(ids)),
+                (self.failure_key, list(ids)),
             )
         else:
             cur = self.conn.execute(
                 sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s").format(s=self._s),
-                (self.table.qualified,),
+                (self.failure_key,),
             )
         return cur.rowcount
 
@@ -617,6 +862,212 @@ class Store:
             ).format(s=self._s),
             (model, dimensions, self.table.qualified),
         )
+
+    # ---------------------------------------------------------------- model migration (shadow column)
+    def migration_target(self) -> tuple[str | None, str | None]:
+        """(target model, shadow column) of the migration in progress, or (None, None)."""
+        row = self.conn.execute(
+            sql.SQL("SELECT migration_model, migration_column FROM {s}.table_state WHERE table_name = %s").format(
+                s=self._s
+            ),
+            (self.table.qualified,),
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def table_state(self) -> dict[str, Any]:
+        row = (
+            self.conn.cursor(row_factory=dict_row)
+            .execute(
+                sql.SQL("SELECT * FROM {s}.table_state WHERE table_name = %s").format(s=self._s),
+                (self.table.qualified,),
+            )
+            .fetchone()
+        )
+        return dict(row) if row else {}
+
+    def column_exists(self, column: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped",
+            (self._regclass_text(), column),
+        ).fetchone()
+        return row is not None
+
+    def start_migration(self, model: str, dimensions: int, shadow: str) -> bool:
+        """Add the shadow column vector(D) (idempotent) and record the migration; True if the column was added."""
+        check_identifier(shadow, "shadow column")
+        state = self.table_state()
+        if state.get("migration_model") and state["migration_model"] != model:
+            raise StoreError(
+                f"a migration to {state['migration_model']!r} is in progress in column {state['migration_column']!r};"
+                " finish it (--swap) or drop it (--abort) first"
+            )
+        added = False
+        if self.column_exists(shadow):
+            have = self.for_column(shadow).column_dimensions()
+            if have != dimensions:
+                raise StoreError(
+                    f"column {shadow!r} already exists as vector({have}), but model {model!r} needs "
+                    f"vector({dimensions}); drop it (`migrate-model --abort`) first"
+                )
+        else:
+            self.conn.execute(
+                sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {c} vector({d})").format(
+                    t=self._t, c=sql.Identifier(shadow), d=sql.Literal(int(dimensions))
+                )
+            )
+            added = True
+        self.for_column(shadow).ensure_missing_index()
+        self._ensure_state_row()
+        self.conn.execute(
+            sql.SQL(
+                "UPDATE {s}.table_state SET migration_model = %s, migration_dimensions = %s, migration_column = %s,"
+                " migration_started_at = coalesce(migration_started_at, now()), updated_at = now()"
+                " WHERE table_name = %s"
+            ).format(s=self._s),
+            (model, dimensions, shadow, self.table.qualified),
+        )
+        return added
+
+    def abort_migration(self) -> str | None:
+        """Drop the shadow column (and its provenance, failures) and forget the migration."""
+        _, shadow = self.migration_target()
+        with self.conn.transaction():
+            if shadow and self.column_exists(shadow):
+                attnum = self.for_column(shadow)._current_attnum(self.conn)
+                self._forget_column(attnum, shadow)
+                self.conn.execute(
+                    sql.SQL("ALTER TABLE {t} DROP COLUMN IF EXISTS {c}").format(t=self._t, c=sql.Identifier(shadow))
+                )
+            self.conn.execute(
+                sql.SQL(
+                    "UPDATE {s}.table_state SET migration_model = NULL, migration_dimensions = NULL,"
+                    " migration_column = NULL, migration_started_at = NULL, updated_at = now() WHERE table_name = %s"
+                ).format(s=self._s),
+                (self.table.qualified,),
+            )
+        return shadow
+
+    def _forget_column(self, attnum: int, column: str) -> None:
+        self.conn.execute(
+            sql.SQL("DELETE FROM {s}.embedding_provenance WHERE table_name = %s AND column_attnum = %s").format(
+                s=self._s
+            ),
+            (self.table.qualified, attnum),
+        )
+        self.conn.execute(
+            sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s").format(s=self._s),
+            (f"{self.table.qualified}#{column}",),
+        )
+
+    def for_column(self, column: str) -> Store:
+        """A store for another vector column of the same table (shares nothing but the settings)."""
+        t = self.table
+        ref = TableRef(t.schema, t.name, t.id_column, t.text_column, check_identifier(column, "embedding column"))
+        return Store(self.dsn, ref, self.state_schema, self.app_name)
+
+    def live_runs(self) -> int:
+        """Runs of this table that are running and alive (their session holds the liveness lock)."""
+        self.abandon_dead_runs()
+        row = self.conn.execute(
+            sql.SQL("SELECT count(*) FROM {s}.runs WHERE table_name = %s AND state = 'running'").format(s=self._s),
+            (self.table.qualified,),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def swap_columns(
+        self,
+        *,
+        to_live: str,
+        from_live: str,
+        model: str,
+        dimensions: int,
+        previous_model: str | None,
+        previous_dimensions: int | None,
+        migration: tuple[str | None, int | None, str | None],
+    ) -> None:
+        """In ONE transaction: drop an old `from_live` column, rename live -> `from_live`, `to_live` -> live name
+        (their missing indexes follow), and record the live model. Readers see either the old or the new column
+        under the live name, never a gap."""
+        live = self.table.embedding_column
+        ix = {c: self.for_column(c)._missing_index_name() for c in (live, to_live, from_live)}
+        with self.conn.transaction():
+            self.conn.execute("SET LOCAL lock_timeout = '10s'")
+            self.conn.execute(sql.SQL("LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE").format(t=self._t))
+            if self.column_exists(from_live):
+                attnum = self.for_column(from_live)._current_attnum(self.conn)
+                self._forget_column(attnum, from_live)
+                self.conn.execute(
+                    sql.SQL("ALTER TABLE {t} DROP COLUMN {c}").format(t=self._t, c=sql.Identifier(from_live))
+                )
+            self.conn.execute(
+                sql.SQL("ALTER TABLE {t} RENAME COLUMN {a} TO {b}").format(
+                    t=self._t, a=self._emb, b=sql.Identifier(from_live)
+                )
+            )
+            self.conn.execute(
+                sql.SQL("ALTER TABLE {t} RENAME COLUMN {a} TO {b}").format(
+                    t=self._t, a=sql.Identifier(to_live), b=self._emb
+                )
+            )
+            schema = sql.Identifier(self.table.schema)
+            tmp = f"{ix[live]}_swap"[:63]
+            for a, b in ((ix[live], tmp), (ix[to_live], ix[live]), (tmp, ix[from_live])):
+                self.conn.execute(
+                    sql.SQL("ALTER INDEX IF EXISTS {s}.{a} RENAME TO {b}").format(
+                        s=schema, a=sql.Identifier(a), b=sql.Identifier(b)
+                    )
+                )
+            self.conn.execute(
+                sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s").format(s=self._s),
+                (f"{self.table.qualified}#{to_live}",),
+            )
+            self.conn.execute(
+                sql.SQL(
+                    "UPDATE {s}.table_state SET model = %s, dimensions = %s, previous_model = %s,"
+                    " previous_dimensions = %s, migration_model = %s, migration_dimensions = %s,"
+                    " migration_column = %s, migration_started_at = NULL, swapped_at = now(),"
+                    " stale_text = NULL, stale_text_scanned_at = NULL, updated_at = now() WHERE table_name = %s"
+                ).format(s=self._s),
+                (model, dimensions, previous_model, previous_dimensions, *migration, self.table.qualified),
+            )
+        self._failure_key = None
+        self._attnum = None
+
+    def vector_index_specs(self, column: str | None = None) -> list[dict[str, Any]]:
+        """HNSW/IVFFlat indexes on a column as parts (method, operator class, storage options) to rebuild them
+        on another column."""
+        rows = self.conn.execute(
+            "SELECT ic.relname, am.amname, opc.opcname, coalesce(ic.reloptions, '{}')"
+            " FROM pg_index ix JOIN pg_class ic ON ic.oid = ix.indexrelid JOIN pg_am am ON am.oid = ic.relam"
+            " JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = ix.indkey[0]"
+            " JOIN pg_opclass opc ON opc.oid = ix.indclass[0]"
+            " WHERE ix.indrelid = to_regclass(%s) AND a.attname = %s AND am.amname IN ('hnsw', 'ivfflat')",
+            (self._regclass_text(), column or self.table.embedding_column),
+        ).fetchall()
+        return [{"name": r[0], "method": r[1], "opclass": r[2], "options": list(r[3])} for r in rows]
+
+    def build_vector_index(self, spec: dict[str, Any], column: str, maintenance_work_mem: str = "512MB") -> float:
+        """Build the index `spec` describes on `column` (for a shadow column before the swap)."""
+        options = []
+        for opt in spec["options"]:
+            key, _, value = str(opt).partition("=")
+            options.append(sql.SQL("{} = {}").format(sql.Identifier(key), sql.Literal(value)))
+        with_clause = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(options)) if options else sql.SQL("")
+        name = f"{self.table.name}_{column}_{spec['method']}_idx"[:63]
+        started = time.perf_counter()
+        with self.conn.transaction():
+            self.conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
+            self.conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} USING {am} ({c} {opc}){w}").format(
+                    ix=sql.Identifier(name),
+                    t=self._t,
+                    am=sql.Identifier(spec["method"]),
+                    c=sql.Identifier(column),
+                    opc=sql.Identifier(spec["opclass"]),
+                    w=with_clause,
+                )
+            )
+        return time.perf_counter() - started
 
     # ---------------------------------------------------------------- runs
     @property
@@ -726,7 +1177,7 @@ class Store:
                 "   WHERE f.table_name = %(table)s AND t.{emb} IS NULL AND f.attempts >= %(cap)s"
                 "   AND f.text_md5 IS NOT DISTINCT FROM md5(t.{text}))"
             ).format(t=self._t, emb=self._emb, s=self._s, id=self._id, text=self._text),
-            {"table": self.table.qualified, "cap": max_attempts},
+            {"table": self.failure_key, "cap": max_attempts},
         ).fetchone()
         assert cur is not None
         total, missing, failed, quarantined = (int(x) for x in cur)
@@ -739,6 +1190,30 @@ class Store:
             "failed": failed,
             "quarantined": quarantined,
             "stop_requested": self.stop_requested(),
+        }
+
+    def model_status(self) -> dict[str, Any]:
+        """Beside `status`: embedded vectors of another model than the live one (from provenance, an index-only
+        count) and the result of the last content-change scan (never scanned here, so status stays fast)."""
+        state = self.table_state()
+        stale_model = 0
+        if state.get("model"):
+            row = self.conn.execute(
+                sql.SQL(
+                    "SELECT count(*) FROM {s}.embedding_provenance WHERE table_name = %s AND column_attnum = %s"
+                    " AND model <> %s"
+                ).format(s=self._s),
+                (self.table.qualified, self._current_attnum(), state["model"]),
+            ).fetchone()
+            stale_model = int(row[0]) if row else 0
+        scanned = state.get("stale_text_scanned_at")
+        return {
+            "stale_model": stale_model,
+            "stale_text": int(state.get("stale_text") or 0),
+            "stale_text_scanned_at": scanned.isoformat(timespec="seconds") if scanned else "",
+            "migration_model": state.get("migration_model") or "",
+            "migration_column": state.get("migration_column") or "",
+            "previous_model": state.get("previous_model") or "",
         }
 
     def count_missing(self, id_min: int | None = None, id_max: int | None = None) -> int:
@@ -767,7 +1242,7 @@ class Store:
                 "SELECT (f.chunk_id / %s) * %s, count(*) FROM {s}.failures f JOIN {t} t ON t.{id} = f.chunk_id"
                 " WHERE f.table_name = %s AND t.{emb} IS NULL GROUP BY 1 ORDER BY 1"
             ).format(s=self._s, t=self._t, id=self._id, emb=self._emb),
-            (width, width, self.table.qualified),
+            (width, width, self.failure_key),
         ).fetchall()
         return [(int(r[0]), int(r[1])) for r in rows]
 

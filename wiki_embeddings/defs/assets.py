@@ -177,6 +177,7 @@ def report_metadata(report: RunReport, settings: Settings) -> dict[str, Any]:
         "embedded": report.embedded,
         "failed": report.failed,
         "skipped": report.skipped_busy,
+        "refreshed": report.refreshed,
         "remaining": report.remaining,
         "chunks_per_s": dg.MetadataValue.float(round(report.chunks_per_s, 2)),
         "seconds": dg.MetadataValue.float(round(report.seconds, 2)),
@@ -336,7 +337,8 @@ def embedding_coverage(context: dg.AssetExecutionContext, database: WikiDatabase
         status = collect_status(store, settings)
     context.log.info(
         f"total={status['total']} embedded={status['embedded']} missing={status['missing']} "
-        f"coverage_pct={status['coverage_pct']} failed={status['failed']} quarantined={status['quarantined']}"
+        f"coverage_pct={status['coverage_pct']} failed={status['failed']} quarantined={status['quarantined']} "
+        f"stale_model={status['stale_model']} stale_text={status['stale_text']}"
     )
     return dg.MaterializeResult(
         metadata={
@@ -348,6 +350,9 @@ def embedding_coverage(context: dg.AssetExecutionContext, database: WikiDatabase
             "coverage_pct_text": status["coverage_pct"],
             "failed": status["failed"],
             "quarantined": status["quarantined"],
+            "stale_model": status["stale_model"],
+            "stale_text": status["stale_text"],
+            "stale_text_scanned_at": status["stale_text_scanned_at"] or "never",
             "stop_requested": bool(status["stop_requested"]),
             "model": status["model"],
             "last_run_state": status["last_run_state"],

@@ -22,7 +22,8 @@ MISSING_IS_ZERO_KEY = dg.AssetCheckKey(COVERAGE_KEY, MISSING_IS_ZERO)
     name=MISSING_IS_ZERO,
     blocking=True,
     automation_condition=COVERAGE_AUTOMATION,  # evaluated in the same run whenever coverage is refreshed
-    description="Passes only when no chunk lacks an embedding (missing=0, coverage_pct=100.00); the readiness "
+    description="Passes only when no chunk lacks an embedding (missing=0, coverage_pct=100.00) and every embedding "
+    "is of the live model (stale_model=0); the readiness "
     "sensor sets WIKI_EMBEDDINGS_READY=true after a pass.",
 )
 def missing_is_zero(database: WikiDatabaseResource) -> dg.AssetCheckResult:
@@ -30,13 +31,20 @@ def missing_is_zero(database: WikiDatabaseResource) -> dg.AssetCheckResult:
     with database.store(settings) as store:
         store.migrate()
         status = store.status(settings.max_attempts)
+        status.update(store.model_status())
         summary = missing_summary(store.missing_by_range(RANGE_WIDTH), store.failed_by_range(RANGE_WIDTH))
-    passed = status["missing"] == 0 and status["coverage_pct"] == "100.00"
+    # Only embeddings current for the live model count: vectors of another model (stale_model) fail the check.
+    passed = status["missing"] == 0 and status["coverage_pct"] == "100.00" and status["stale_model"] == 0
     worst = worst_ranges(summary)
     if passed:
         description = f"done: all {status['total']} chunks embedded"
     elif status["total"] == 0:
         description = "the chunk table is empty: nothing to call ready"
+    elif status["missing"] == 0 and status["stale_model"]:
+        description = (
+            f"{status['stale_model']} embeddings were made by another model than the live one; "
+            "re-embed them through `wiki-embeddings migrate-model`"
+        )
     else:
         description = (
             f"{status['missing']} chunks missing (coverage {status['coverage_pct']} %), {status['failed']} with "
@@ -50,6 +58,8 @@ def missing_is_zero(database: WikiDatabaseResource) -> dg.AssetCheckResult:
             "missing": status["missing"],
             "failed": status["failed"],
             "quarantined": status["quarantined"],
+            "stale_model": status["stale_model"],
+            "stale_text": status["stale_text"],
             "total": status["total"],
             "coverage_pct": dg.MetadataValue.float(float(status["coverage_pct"])),
             "worst_ranges": markdown_table(worst),

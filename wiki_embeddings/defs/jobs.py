@@ -11,6 +11,7 @@ from wiki_embeddings.defs.assets import (
     wiki_chunk_embeddings_maintenance,
     wiki_chunks,
 )
+from wiki_embeddings.defs.migration import MIGRATION_JOBS
 from wiki_embeddings.defs.resources import WikiDatabaseResource
 
 #: Run tag naming the runbook mode; dagster.yaml limits maintenance runs to one at a time with it.
@@ -82,4 +83,4 @@ def resume_job() -> None:
     clear_stop_request()
 
 
-JOBS = [bootstrap_job, maintenance_job, coverage_job, stop_job, resume_job]
+JOBS = [bootstrap_job, maintenance_job, coverage_job, stop_job, resume_job, *MIGRATION_JOBS]
