@@ -543,31 +543,26 @@ class Store:
         """Write one batch of vectors in one short transaction, with their provenance.
 
         Default: only rows still missing are touched. `replace=True` (content refresh) overwrites a vector in
-        place, one UPDATE per row (never a NULL in between). With `md5s`, a row is written only if its text
-        is still the one claimed (`md5(text) = claimed md5`). psycopg 3's `executemany` pipelines the
-        per-row UPDATEs over the primary key: measured here the fastest at the pipeline's batch sizes (see
-        benchmarks/RESULTS.md). The provenance of the rows written goes in with one set-based statement;
-        failure records of the chunks written are cleared.
+        place (never a NULL in between). With `md5s`, a row is written only if its text is still the one
+        claimed (`md5(text) = claimed md5`). One statement does it all: an `UPDATE … FROM unnest(…)` over
+        binary arrays (ids, vectors, md5s) joined on the primary key, whose RETURNING feeds the provenance
+        insert and the clearing of failure records - one round trip per batch, the least client CPU measured
+        (benchmarks/RESULTS.md).
         """
         if not ids:
             return 0
-        guard = sql.SQL("") if replace else sql.SQL(" AND {emb} IS NULL").format(emb=self._emb)
+        guard = sql.SQL("") if replace else sql.SQL(" AND t.{emb} IS NULL").format(emb=self._emb)
         if md5s is not None:
-            guard = sql.Composed([guard, sql.SQL(" AND md5({text}) = %b").format(text=self._text)])
-            params: list[tuple[Any, ...]] = list(zip(vectors, ids, md5s, strict=True))
-        else:
-            params = list(zip(vectors, ids, strict=True))
-        stmt = sql.SQL("UPDATE {t} SET {emb} = %b WHERE {id} = %b{guard} RETURNING {id}").format(
-            t=self._t, emb=self._emb, id=self._id, guard=guard
-        )
-        with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(stmt, params, returning=True)
-            written: list[int] = []
-            while True:
-                written += [int(r[0]) for r in cur.fetchall()]
-                if not cur.nextset():
-                    break
-            if written and provenance is not None:
+            guard = sql.Composed([guard, sql.SQL(" AND md5(t.{text}) = u.md5").format(text=self._text)])
+        params: dict[str, Any] = {
+            "ids": list(ids),
+            "vectors": list(vectors),
+            "md5s": list(md5s) if md5s is not None else [None] * len(ids),
+            "failure_key": self.failure_key,
+        }
+        record = sql.SQL("")
+        with conn.transaction():
+            if provenance is not None:
                 attnum = self._current_attnum(conn)
                 if self._attnum is not None and attnum != self._attnum:
                     raise StoreError(
@@ -575,35 +570,32 @@ class Store:
                         "in this batch (start the run again)"
                     )
                 self._attnum = attnum
-                by_id = dict(zip(ids, md5s, strict=True)) if md5s is not None else {}
-                cur.execute(
-                    sql.SQL(
-                        "INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
-                        " dimensions, text_md5, max_chars, text_prefix, embedded_at)"
-                        " SELECT %(table)s, %(attnum)s, u.id, %(model)s, %(dim)s,"
-                        " coalesce(u.md5, md5(t.{text})), %(max_chars)s, %(prefix)s, now()"
-                        " FROM unnest(%(ids)s::bigint[], %(md5s)s::text[]) AS u(id, md5) JOIN {t} t ON t.{id} = u.id"
-                        " ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
-                        " dimensions = EXCLUDED.dimensions, text_md5 = EXCLUDED.text_md5,"
-                        " max_chars = EXCLUDED.max_chars, text_prefix = EXCLUDED.text_prefix,"
-                        " embedded_at = EXCLUDED.embedded_at"
-                    ).format(s=self._s, text=self._text, t=self._t, id=self._id),
-                    {
-                        "table": self.table.qualified,
-                        "attnum": attnum,
-                        "model": provenance.model,
-                        "dim": provenance.dimensions,
-                        "max_chars": provenance.max_chars,
-                        "prefix": provenance.text_prefix,
-                        "ids": written,
-                        "md5s": [by_id.get(i) for i in written],
-                    },
+                params.update(
+                    table=self.table.qualified,
+                    attnum=attnum,
+                    model=provenance.model,
+                    dim=provenance.dimensions,
+                    max_chars=provenance.max_chars,
+                    prefix=provenance.text_prefix,
                 )
-            cur.execute(
-                sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s AND chunk_id = ANY(%s)").format(s=self._s),
-                (self.failure_key, list(ids)),
-            )
-        return len(written)
+                record = sql.SQL(
+                    ", p AS (INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
+                    " dimensions, text_md5, max_chars, text_prefix, embedded_at)"
+                    " SELECT %(table)s, %(attnum)s, w.id, %(model)s, %(dim)s, w.md5, %(max_chars)s, %(prefix)s, now()"
+                    " FROM w ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
+                    " dimensions = EXCLUDED.dimensions, text_md5 = EXCLUDED.text_md5,"
+                    " max_chars = EXCLUDED.max_chars, text_prefix = EXCLUDED.text_prefix,"
+                    " embedded_at = EXCLUDED.embedded_at)"
+                ).format(s=self._s)
+            stmt = sql.SQL(
+                "WITH w AS (UPDATE {t} AS t SET {emb} = u.e"
+                " FROM unnest(%(ids)s::bigint[], %(vectors)s::vector[], %(md5s)s::text[]) AS u(id, e, md5)"
+                " WHERE t.{id} = u.id{guard} RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5){record},"
+                " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
+                " SELECT count(*) FROM w"
+            ).format(t=self._t, emb=self._emb, id=self._id, text=self._text, guard=guard, record=record, s=self._s)
+            row = conn.execute(stmt, params, binary=True).fetchone()
+        return int(row[0]) if row else 0
 
     def _current_attnum(self, conn: psycopg.Connection | None = None) -> int:
         c = conn or self.conn
