@@ -142,7 +142,7 @@ def test_a_write_killed_inside_its_transaction_leaves_none_of_its_batch_and_is_w
             writer = wait_until(
                 lambda: table.sql(
                     "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    " AND query LIKE 'UPDATE%%' AND query LIKE %s",
+                    " AND query LIKE '%%UPDATE%%SET%%' AND query LIKE %s",
                     (f"%{table.settings.table.split('.')[0]}%",),
                 ),
                 30,
