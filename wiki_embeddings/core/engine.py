@@ -172,6 +172,13 @@ class Backfill:
             self._stop_event.set()
 
     async def arun(self) -> RunReport:
+        """One run; the client's HTTP pool is closed at the end (it belongs to this event loop)."""
+        try:
+            return await self._arun()
+        finally:
+            await self.client.aclose()
+
+    async def _arun(self) -> RunReport:
         s = self.s
         self._stop_event = asyncio.Event()
         dimensions = await asyncio.to_thread(self._prepare_database)
@@ -711,10 +718,10 @@ class Backfill:
             else:
                 report.embedded += written
             self._batches_written += 1
-            self._progress(report)
+            await self._progress(report)
 
     # ------------------------------------------------------------ reporting
-    def _progress(self, report: RunReport) -> None:
+    async def _progress(self, report: RunReport) -> None:
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         rate = report.embedded / elapsed
         total = max(self._total, report.embedded + report.failed)
@@ -736,8 +743,10 @@ class Backfill:
                 f"{rate:.1f} chunks/s, eta {_fmt_eta(eta)}"
             )
             if report.run_id is not None:
-                try:
-                    self.store.heartbeat_run(report.run_id, report.embedded, report.failed, rate)
+                try:  # off the event loop: the embed workers keep the server busy meanwhile
+                    await asyncio.to_thread(
+                        self.store.heartbeat_run, report.run_id, report.embedded, report.failed, rate
+                    )
                 except psycopg.OperationalError:
                     self.store.close()  # the next bookkeeping call reconnects
 

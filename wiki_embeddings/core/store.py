@@ -589,7 +589,7 @@ class Store:
                 ).format(s=self._s)
             stmt = sql.SQL(
                 "WITH w AS (UPDATE {t} AS t SET {emb} = u.e"
-                " FROM unnest(%(ids)s::bigint[], %(vectors)s::vector[], %(md5s)s::text[]) AS u(id, e, md5)"
+                " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)s::text[]) AS u(id, e, md5)"
                 " WHERE t.{id} = u.id{guard} RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5){record},"
                 " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
                 " SELECT count(*) FROM w"
