@@ -85,11 +85,19 @@ def _backfill_flags(p: argparse.ArgumentParser) -> None:
         help="bootstrap: drop an HNSW/IVFFlat index on the column for the run and rebuild it after",
     )
     g2.add_argument(
+        "--refresh-changed",
+        dest="refresh_changed",
+        action="store_true",
+        default=None,
+        help="after the missing chunks, re-embed chunks whose text changed since they were embedded "
+        "(default: on in maintenance runs, i.e. with --max-chunks)",
+    )
+    g2.add_argument(
         "--no-refresh-changed",
         dest="refresh_changed",
         action="store_false",
         default=None,
-        help="skip the maintenance pass that re-embeds chunks whose text changed since they were embedded",
+        help="skip that pass",
     )
     g2.add_argument("--dry-run", action="store_true", help="say what would be embedded and exit")
 

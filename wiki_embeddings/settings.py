@@ -78,7 +78,9 @@ class Settings:
     id_min: int | None = None  # inclusive
     id_max: int | None = None  # inclusive
     drop_vector_index: bool = False
-    refresh_changed: bool = True  # maintenance: re-embed chunks whose text changed since they were embedded
+    # Re-embed chunks whose text changed since they were embedded, after the missing ones. None: only in
+    # maintenance runs (the runbook's maintenance is the run with --max-chunks); a bootstrap skips the scan.
+    refresh_changed: bool | None = None
     maintenance_work_mem: str = "512MB"  # for rebuilding a dropped vector index
     db_reconnect_sec: float = 60.0  # how long a run waits for a lost database before stopping
     dimensions: int | None = None

@@ -319,7 +319,8 @@ class Backfill:
     def _may_refresh(self) -> bool:
         """Maintenance re-embeds changed chunks after the missing ones, unless stopped, failed or capped."""
         s = self.s
-        if not s.refresh_changed or s.retry_failed or self._fatal is not None or self._stop_event.is_set():
+        wanted = s.refresh_changed if s.refresh_changed is not None else s.max_chunks is not None
+        if not wanted or s.retry_failed or self._fatal is not None or self._stop_event.is_set():
             return False
         return s.max_chunks is None or self._claimed < s.max_chunks
 

@@ -86,7 +86,8 @@ class MaintenanceConfig(RangeRunConfig):
     failure_log: str = Field(default=MAINTENANCE_FAILURE_LOG, description="JSONL of chunks that could not be embedded")
 
     def engine_settings(self) -> dict[str, Any]:
-        return {**super().engine_settings(), "max_chunks": self.max_chunks}
+        # Maintenance re-embeds chunks whose text changed since they were embedded (range runs do not).
+        return {**super().engine_settings(), "max_chunks": self.max_chunks, "refresh_changed": True}
 
 
 # ---------------------------------------------------------------------------- the source table
