@@ -194,13 +194,6 @@ def run(bench: Bench, *, pgai: bool = True, profile: Callable[..., Any] | None =
             cpus.append(cpu / n_cpu * 1000)
             bench.drop_schema_of(table)
         cpu_pipe = min(cpus)
-        protos = []
-        for _ in range(rounds):
-            table = bench.new_table(rows=n_cpu)
-            report, cpu = bench.backfill(bench.settings(table, url, concurrency=1, batch_size=64), prototype=True)
-            assert report.embedded == n_cpu
-            protos.append(cpu / n_cpu * 1000)
-            bench.drop_schema_of(table)
         table = bench.new_table(rows=n_cpu)
         _, loop_cpu, _ = runbook_loop(bench, table, url, max_batches=n_cpu // 64, sleep_ms=0)
         bench.drop_schema_of(table)
@@ -208,7 +201,7 @@ def run(bench: Bench, *, pgai: bool = True, profile: Callable[..., Any] | None =
         bare_client(url, MODEL, texts, 1)
         bare_cpu = (time.process_time() - cpu0) / n_cpu * 1000
         log(
-            f"  CPU s/1000 chunks: pipeline {[round(c, 3) for c in cpus]}, prototype {[round(c, 3) for c in protos]}, "
+            f"  CPU s/1000 chunks: pipeline {[round(c, 3) for c in cpus]}, "
             f"runbook loop {loop_cpu:.3f}, bare HTTP client {bare_cpu:.3f}"
         )
         bench.add(
@@ -222,17 +215,6 @@ def run(bench: Bench, *, pgai: bool = True, profile: Callable[..., Any] | None =
                 note=f"target on the measured value; bare HTTP client alone (no JSON parse, no DB): {bare_cpu:.3f}",
                 baseline_name="runbook loop (sleep 0)",
                 target_on="measured",
-            )
-        )
-        bench.add(
-            Result(
-                "client CPU",
-                "same, with 2-D answer validation + unnest write (prototypes.py) / as it is",
-                min(protos),
-                cpu_pipe,
-                "CPU s/1k",
-                note="what the two suggested core changes save together",
-                baseline_name="pipeline as it is",
             )
         )
         if profile is not None:
