@@ -210,24 +210,16 @@ class Bench:
         values.update(overrides)
         return from_env({}, **values)
 
-    def backfill(self, settings: Settings, prototype: bool = False) -> tuple[RunReport, float]:
-        """One engine run in this process; returns its report and this process's CPU seconds during the run.
-
-        prototype: with the suggested client parse and store write (benchmarks/prototypes.py).
-        """
-        return run_backfill(settings, prototype=prototype)
+    def backfill(self, settings: Settings) -> tuple[RunReport, float]:
+        """One engine run in this process; returns its report and this process's CPU seconds during the run."""
+        return run_backfill(settings)
 
 
 def run_backfill(
-    settings: Settings, profile: Callable[[Callable[[], Any]], Any] | None = None, prototype: bool = False
+    settings: Settings, profile: Callable[[Callable[[], Any]], Any] | None = None
 ) -> tuple[RunReport, float]:
     store = build_store(settings, settings.database_url or "")
     client = build_client(settings, settings.ollama_model or MODEL)
-    if prototype:
-        from benchmarks.prototypes import FastParseClient, UnnestStore
-
-        store = UnnestStore(store.dsn, store.table, store.state_schema)
-        client.__class__ = FastParseClient
     engine = Backfill(settings, store, client, log=lambda _m: None, progress_bar=False)
 
     async def go() -> RunReport:

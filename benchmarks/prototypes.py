@@ -1,7 +1,6 @@
-"""Prototypes of suggested core changes, as subclasses, so the benchmark can measure them beside the real thing.
+"""A write-path variant kept as a measured alternative beside the real `Store.write_vectors` (see RESULTS.md).
 
-Nothing here is used by the project; these exist to put numbers on suggestions for `core/client.py` and
-`core/store.py` (see RESULTS.md).
+Nothing here is used by the project.
 """
 
 from __future__ import annotations
@@ -12,31 +11,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from wiki_embeddings.core.client import OllamaClient
 from wiki_embeddings.core.store import Store
-
-
-class FastParseClient(OllamaClient):
-    """Validates the whole answer as one 2-D float32 array (one numpy call instead of one per vector).
-
-    Falls back to the per-vector validation whenever anything is off, so the error reporting is unchanged.
-    """
-
-    def _validate(self, raw: list[object], expected: int) -> list[np.ndarray]:
-        if len(raw) == expected and expected:
-            try:
-                arr = np.array(raw, dtype=np.float32)
-            except (TypeError, ValueError):
-                arr = None
-            if (
-                arr is not None
-                and arr.ndim == 2
-                and arr.shape[1] > 0
-                and (self.dimensions is None or arr.shape[1] == self.dimensions)
-                and np.isfinite(arr).all()
-            ):
-                return list(arr)
-        return super()._validate(raw, expected)
 
 
 class UnnestStore(Store):
