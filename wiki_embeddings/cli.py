@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from wiki_embeddings import __version__
-from wiki_embeddings.core import importer, migration
+from wiki_embeddings.core import control, importer, migration
 from wiki_embeddings.core.engine import (
     Backfill,
     DimensionMismatch,
@@ -22,7 +21,6 @@ from wiki_embeddings.core.engine import (
     resolve_model,
     same_model,
 )
-from wiki_embeddings.core.failure_log import append_no_follow
 from wiki_embeddings.core.status import collect_status, format_status
 from wiki_embeddings.core.store import StoreError
 from wiki_embeddings.local_services import answers, database_url, local_ollama
@@ -255,18 +253,11 @@ def cmd_status(s: Settings, args: argparse.Namespace, out: Any) -> int:
 
 
 def cmd_stop(s: Settings, args: argparse.Namespace, out: Any) -> int:
-    # The database request first: it is the brake that works even when the stop file cannot be written.
     with build_store(s, database_url(s)) as store:
-        store.migrate()
-        store.request_stop(args.reason)
-    try:
-        append_no_follow(Path(s.stop_file), f"stop requested by {os.environ.get('USER', 'operator')}\n".encode(), 0o644)
-    except OSError as exc:
-        hint = " (a symbolic link there is refused)" if os.path.islink(s.stop_file) else ""
-        raise CliError(
-            f"stop requested in the database, but the stop file {s.stop_file} was not written: "
-            f"{exc.strerror or exc}{hint}; runs of this table still stop after their current batch"
-        ) from exc
+        try:
+            control.request_stop(store, s.stop_file, f"{args.reason} ({os.environ.get('USER', 'operator')})")
+        except control.StopFileError as exc:
+            raise CliError(str(exc)) from exc
     print(
         f"stop requested: stop file {s.stop_file} created and recorded in the database; running backfills "
         "end after their current batch",
@@ -278,11 +269,8 @@ def cmd_stop(s: Settings, args: argparse.Namespace, out: Any) -> int:
 def cmd_resume(s: Settings, args: argparse.Namespace, out: Any) -> int:
     db_url = database_url(s)
     with build_store(s, db_url) as store:
-        store.migrate()
-        store.clear_stop()
+        control.clear_stop(store, s.stop_file)
         last = store.last_run()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(s.stop_file)  # a symlink there is removed itself, never its target
     print(f"stop request cleared (stop file {s.stop_file} removed)", file=out)
     if args.no_run:
         return 0
@@ -322,15 +310,7 @@ def cmd_import(s: Settings, args: argparse.Namespace, out: Any) -> int:
 def _dimensions_for_new_table(s: Settings, store: Any) -> int:
     model = resolve_model(s, store, local_default=s.with_ollama)
     if answers(s.ollama_urls[0]):
-        client = build_client(s, model)
-
-        async def probe() -> int:
-            try:
-                return await client.probe_dimensions()
-            finally:
-                await client.aclose()
-
-        return asyncio.run(probe())
+        return _probe(build_client(s, model))
     base = model.split(":")[0]
     if base in KNOWN_DIMENSIONS:
         return KNOWN_DIMENSIONS[base]

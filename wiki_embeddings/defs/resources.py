@@ -10,17 +10,15 @@ Precedence for one run: run config > resource field > environment variable > cor
 """
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from wiki_embeddings.core import control
 from wiki_embeddings.core.client import OllamaClient
 from wiki_embeddings.core.engine import Backfill, RunReport, build_client, build_store, resolve_model
-from wiki_embeddings.core.failure_log import append_no_follow
 from wiki_embeddings.core.readiness import ReadinessSettings
 from wiki_embeddings.core.store import Store
 from wiki_embeddings.local_services import database_url
@@ -81,23 +79,15 @@ class WikiDatabaseResource(dg.ConfigurableResource):
     def request_stop(self, reason: str = "operator (Dagster)") -> str:
         """The runbook's safe stop: stop file + stop request in the database. Returns the stop file path."""
         settings = self.settings()
-        append_no_follow(Path(settings.stop_file), f"stop requested: {reason}\n".encode(), 0o644)
         with self.store(settings) as store:
-            store.migrate()
-            store.request_stop(reason)
+            control.request_stop(store, settings.stop_file, reason)
         return settings.stop_file
 
     def clear_stop(self) -> tuple[str, bool]:
         """The runbook's resume (without the run): clear the database request, remove the stop file."""
         settings = self.settings()
         with self.store(settings) as store:
-            store.migrate()
-            store.clear_stop()
-        try:
-            os.unlink(settings.stop_file)  # unlinks a symlink itself, never its target
-            removed = True
-        except FileNotFoundError:
-            removed = False
+            removed = control.clear_stop(store, settings.stop_file)
         return settings.stop_file, removed
 
 
