@@ -7,7 +7,6 @@ them (and the other sessions' stores, which reconnect) see a working server.
 from __future__ import annotations
 
 import threading
-import time
 
 import psycopg
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.devtools import embedded_postgres
 from wiki_embeddings_tests.test_faults_support import (
+    FilledWatcher,
     advisory_locks,
     cli_env,
     filled,
@@ -26,32 +26,6 @@ from wiki_embeddings_tests.test_faults_support import (
 )
 
 BATCH = 16
-
-
-class Watcher:
-    """Samples the filled count from another session; a sample that fails (server down) is skipped."""
-
-    def __init__(self, table):
-        self.table = table
-        self.seen: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.seen.add(filled(self.table))
-            except psycopg.Error:
-                time.sleep(0.05)
-            time.sleep(0.003)
-
-    def __enter__(self) -> Watcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def _back(pg_data_dir, table) -> None:
@@ -72,7 +46,7 @@ def test_postgres_restarted_mid_run_the_run_reconnects_and_finishes(make_table, 
     table.load([(i, f"chunk {i} about the Han river") for i in range(1, rows + 1)])
     ollama.set_faults(latency_ms=30)
     log = table.tmp / "restart.log"
-    with Watcher(table) as watcher:
+    with FilledWatcher(table) as watcher:
         # Two requests in flight: several stages share the claim connection and all see it die at once.
         args = ("backfill", "--batch-size", str(BATCH), "--report-every", "5", "--concurrency", "2")
         proc = start_cli(table, *args, log=log)
@@ -135,7 +109,7 @@ def test_a_write_killed_inside_its_transaction_leaves_none_of_its_batch_and_is_w
     blocker = psycopg.connect(pg_url)
     blocker.execute(f"SELECT 1 FROM {table.settings.table} WHERE id = 10 FOR UPDATE")
     result: list = []
-    with Watcher(table) as watcher:
+    with FilledWatcher(table) as watcher:
         runner = threading.Thread(target=lambda: result.append(table.backfill()))
         runner.start()
         try:

@@ -16,6 +16,7 @@ import pytest
 
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings_tests.test_faults_support import (
+    FilledWatcher,
     advisory_locks,
     cli_env,
     dagster_materialize,
@@ -30,29 +31,6 @@ from wiki_embeddings_tests.test_faults_support import (
 
 BATCH = 16
 ROWS = 400  # a multiple of BATCH: every committed state is a whole number of batches
-
-
-class FilledWatcher:
-    """Samples the count of filled rows from another session while runs are killed and resumed."""
-
-    def __init__(self, table):
-        self.table = table
-        self.seen: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.seen.add(filled(self.table))
-            time.sleep(0.003)
-
-    def __enter__(self) -> FilledWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def test_kill_9_mid_request_then_a_rerun_fills_everything_once_and_leaves_no_claim(make_table, ollama):

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,3 +138,30 @@ def wrong_vectors(table, max_chars: int | None = None, model: str = TEST_MODEL, 
     want = expected_matrix([r[1] for r in rows], max_chars, model, dim)
     bad = ~np.all(np.isclose(got, want, atol=1e-6), axis=1)
     return [int(rows[i][0]) for i in np.flatnonzero(bad)]
+
+
+class FilledWatcher:
+    """Samples the count of filled rows from another session while runs are killed, resumed or cut off;
+    a sample that fails (the server is down) is skipped. Every committed state must be whole batches."""
+
+    def __init__(self, table):
+        self.table = table
+        self.seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.seen.add(filled(self.table))
+            except psycopg.Error:
+                time.sleep(0.05)
+            time.sleep(0.003)
+
+    def __enter__(self) -> FilledWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
