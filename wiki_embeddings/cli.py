@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from wiki_embeddings.core.engine import (
     DimensionMismatch,
     build_client,
     build_store,
+    probe_model_dimensions,
     resolve_model,
     same_model,
 )
@@ -218,11 +218,32 @@ def cmd_backfill(s: Settings, args: argparse.Namespace, out: Any) -> int:
                 handle_signals=True,
             )
             report = engine.run()
+            if report.exit_code == 0 and s.max_chunks is not None and not s.retry_failed:
+                report = _maintain_shadow(s, store, urls, out) or report
         if report.exit_code:
             print(f"error: {report.message}", file=sys.stderr)
         return report.exit_code
     finally:
         store.close()
+
+
+def _maintain_shadow(s: Settings, store: Any, urls: list[str], out: Any) -> Any:
+    """Maintenance (a capped run) during a model migration also fills the shadow column with the target model,
+    so chunks added or edited after their range was migrated never hold the swap back. None: no migration."""
+    target, shadow = store.migration_target()
+    if not target or not shadow or not store.column_exists(shadow):
+        return None
+    shadow_settings = s.replace(embedding_column=shadow, ollama_model=target)
+    with build_store(shadow_settings, s.database_url or "") as shadow_store:
+        engine = Backfill(
+            shadow_settings,
+            shadow_store,
+            build_client(shadow_settings, target, urls),
+            mode="migrate (maintenance)",
+            log=lambda m: print(m, file=out, flush=True),
+            handle_signals=True,
+        )
+        return engine.run()
 
 
 def _dry_run(s: Settings, store: Any, out: Any) -> int:
@@ -310,7 +331,7 @@ def cmd_import(s: Settings, args: argparse.Namespace, out: Any) -> int:
 def _dimensions_for_new_table(s: Settings, store: Any) -> int:
     model = resolve_model(s, store, local_default=s.with_ollama)
     if answers(s.ollama_urls[0]):
-        return _probe(build_client(s, model))
+        return probe_model_dimensions(s, model)
     base = model.split(":")[0]
     if base in KNOWN_DIMENSIONS:
         return KNOWN_DIMENSIONS[base]
@@ -370,20 +391,17 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
             return 0
         target = args.target_model
         live, _ = store.recorded_model()
-        if live and same_model(live, target):
+        if live and same_model(live, target):  # before asking the model server anything
             raise CliError(f"model {target!r} is already the live model of {store.table.qualified}.{live_column}")
-        shadow = migration.shadow_name(live_column)
     log = lambda m: print(m, file=out, flush=True)  # noqa: E731
     with local_ollama(s, target, log=log) as local_url:
         if local_url:
             s = s.replace(ollama_url=local_url)
-        dims = _probe(build_client(s, target))
+        dims = probe_model_dimensions(s, target)
         with build_store(s, db_url) as store:
-            added = store.start_migration(target, dims, shadow)
-        log(
-            f"migration to {target!r} ({dims}-d): shadow column {shadow} {'added' if added else 'exists'}; the live "
-            f"column {live_column} keeps serving until `migrate-model --swap`"
-        )
+            started = migration.start(store, target, dims)
+        log(started.message(live_column) + " (`migrate-model --swap`)")
+        shadow = started.shadow_column
         shadow_settings = s.replace(embedding_column=shadow, ollama_model=target)
         with build_store(shadow_settings, db_url) as shadow_store:
             engine = Backfill(
@@ -404,16 +422,6 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
     if report.exit_code:
         print(f"error: {report.message}", file=sys.stderr)
     return report.exit_code
-
-
-def _probe(client: Any) -> int:
-    async def probe() -> int:
-        try:
-            return await client.probe_dimensions()
-        finally:
-            await client.aclose()
-
-    return asyncio.run(probe())
 
 
 def cmd_config(s: Settings, args: argparse.Namespace, out: Any) -> int:

@@ -10,6 +10,7 @@ import dagster as dg
 from wiki_embeddings.defs.assets import ASSETS
 from wiki_embeddings.defs.checks import missing_is_zero
 from wiki_embeddings.defs.jobs import JOBS
+from wiki_embeddings.defs.migration import MIGRATION_JOBS, MIGRATION_SENSORS
 from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource
 from wiki_embeddings.defs.schedules import maintenance_schedule
 from wiki_embeddings.defs.sensors import SENSORS
@@ -41,8 +42,8 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=[missing_is_zero],
-    jobs=JOBS,
+    jobs=[*JOBS, *MIGRATION_JOBS],
     schedules=[maintenance_schedule],
-    sensors=SENSORS,
+    sensors=[*SENSORS, *MIGRATION_SENSORS],
     resources=build_resources(),
 )

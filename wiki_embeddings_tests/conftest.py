@@ -40,7 +40,7 @@ def pg_data_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def pg_url(pg_data_dir: Path) -> str:
-    """The session's PostgreSQL 18 + pgvector (the project's embedded server in a temp dir)."""
+    """The session's PostgreSQL 16 + pgvector (the project's embedded server in a temp dir)."""
     return embedded_postgres.ensure_running(pg_data_dir, database="wiki_test")
 
 

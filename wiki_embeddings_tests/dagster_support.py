@@ -8,6 +8,7 @@ import dagster as dg
 from wiki_embeddings.defs.assets import ASSETS, MaintenanceConfig, RangeRunConfig
 from wiki_embeddings.defs.checks import missing_is_zero
 from wiki_embeddings.defs.jobs import JOBS
+from wiki_embeddings.defs.migration import MIGRATION_JOBS, MIGRATION_SENSORS
 from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource
 from wiki_embeddings_tests.conftest import TEST_MODEL
 
@@ -38,8 +39,15 @@ def maintenance_config(table: Any, **overrides: Any) -> dg.RunConfig:
 
 
 def definitions_for(resources: dict[str, Any]) -> dg.Definitions:
-    """The project's assets, check and jobs bound to test resources (the shipped Definitions read the env)."""
-    return dg.Definitions(assets=ASSETS, asset_checks=[missing_is_zero], jobs=JOBS, resources=resources)
+    """The project's assets, check, jobs and migration sensors bound to test resources (the shipped Definitions
+    read the env)."""
+    return dg.Definitions(
+        assets=ASSETS,
+        asset_checks=[missing_is_zero],
+        jobs=[*JOBS, *MIGRATION_JOBS],
+        sensors=MIGRATION_SENSORS,
+        resources=resources,
+    )
 
 
 def failure_of(result: dg.ExecuteInProcessResult) -> Any:

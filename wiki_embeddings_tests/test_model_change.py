@@ -8,7 +8,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from wiki_embeddings.core.engine import build_store
 from wiki_embeddings.devtools.ollama_server import hash_vector
@@ -234,11 +233,65 @@ def test_failure_records_of_the_shadow_column_do_not_mix_with_the_live_ones(make
     assert [f["chunk_id"] for f in table.store.list_failures()] == [2]
 
 
-def test_the_swap_builds_the_live_vector_index_on_the_shadow_first():
-    pytest.skip(
-        "building an HNSW/IVFFlat index needs pgvector's distance functions, which crash the server on this CPU "
-        "(found by the benchmark work); the detection (Store.vector_index_specs) and build path are not exercised"
+def hnsw_plan_and_nearest(table, probe_id: int, operator: str = "<=>") -> tuple[str, int]:
+    """The plan of a nearest-neighbour query with sequential scans off, and its answer for chunk `probe_id`."""
+    name = table.settings.table
+    probe = f"(SELECT embedding FROM {name} WHERE id = {probe_id})"
+    query = f"SELECT id FROM {name} ORDER BY embedding {operator} {probe} LIMIT 1"
+    with build_store(table.settings, table.url) as store, store.conn.transaction():
+        store.conn.execute("SET LOCAL enable_seqscan = off")
+        plan = " ".join(r[0] for r in store.conn.execute(f"EXPLAIN {query}"))
+        nearest = store.conn.execute(query).fetchone()[0]
+    return plan, nearest
+
+
+def test_the_swap_builds_the_live_vector_index_on_the_shadow_first(make_table, ollama):
+    table = make_table()
+    name = table.settings.table
+    table.load([(i, f"section {i} of the article") for i in range(1, 61)])
+    assert table.backfill().state == "completed"
+    table.sql(
+        f"CREATE INDEX {table.store.table.name}_search ON {name} USING hnsw (embedding vector_cosine_ops)"
+        " WITH (m = 8, ef_construction = 32)"
     )
+    assert run_cli(table, "migrate-model", "--to", NOMIC)[0] == 0
+    assert table.store.vector_index_specs("embedding_next") == [], "the fill itself writes without an index"
+
+    code, out = run_cli(table, "migrate-model", "--swap")
+    assert code == 0, out
+    assert "building a hnsw index on embedding_next" in out
+    live = table.store.vector_index_specs()
+    assert [(s["method"], s["opclass"], sorted(s["options"])) for s in live] == [
+        ("hnsw", "vector_cosine_ops", ["ef_construction=32", "m=8"])
+    ]
+    plan, nearest = hnsw_plan_and_nearest(table, 17)
+    assert live[0]["name"] in plan and nearest == 17, "search uses the new index right after the swap"
+    assert [s["name"] for s in table.store.vector_index_specs("embedding_prev")] == [
+        f"{table.store.table.name}_search"
+    ], "the old vectors keep their index, for a rollback"
+
+    # A second migration finds the first one's index name taken and still builds its own.
+    assert run_cli(table, "migrate-model", "--to", "tiny")[0] == 0
+    code, out = run_cli(table, "migrate-model", "--swap")
+    assert code == 0, out
+    second = table.store.vector_index_specs()
+    assert len(second) == 1 and second[0]["name"] != live[0]["name"] and second[0]["name"].endswith("_2")
+    assert table.store.recorded_model() == ("tiny", 8)
+
+
+def test_a_bootstrap_may_drop_the_vector_index_and_rebuilds_it_after(make_table):
+    table = make_table()
+    name = table.settings.table
+    table.load([(i, f"line {i}") for i in range(1, 41)])
+    index = f"{table.store.table.name}_hnsw"
+    table.sql(f"CREATE INDEX {index} ON {name} USING hnsw (embedding vector_l2_ops)")
+    kept = table.backfill(id_max=20)
+    assert kept.index_seconds == {}, "without --drop-vector-index the index stays"
+    dropped = table.backfill(drop_vector_index=True)
+    assert dropped.state == "completed" and dropped.index_seconds["dropped"] == [index]
+    assert [s["name"] for s in table.store.vector_index_specs()] == [index], "rebuilt with its own name"
+    plan, nearest = hnsw_plan_and_nearest(table, 33, "<->")
+    assert index in plan and nearest == 33
 
 
 def test_the_readiness_check_fails_while_vectors_of_another_model_are_live(make_table, ollama):

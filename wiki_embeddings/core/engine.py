@@ -790,6 +790,19 @@ def resolve_model(settings: Settings, store: Store, local_default: bool = False)
     return LOCAL_SERVER_MODEL if local_default else DEFAULT_MODEL
 
 
+def probe_model_dimensions(settings: Settings, model: str) -> int:
+    """Ask `model` for one vector (proves it is there) and return its length: it sizes a new column."""
+    client = build_client(settings, model)
+
+    async def probe() -> int:
+        try:
+            return await client.probe_dimensions()
+        finally:
+            await client.aclose()
+
+    return asyncio.run(probe())
+
+
 def build_client(settings: Settings, model: str, urls: list[str] | None = None) -> OllamaClient:
     return OllamaClient(
         urls or settings.ollama_urls,

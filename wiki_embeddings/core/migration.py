@@ -6,10 +6,13 @@ shadow, and the renames happen in one transaction (`Store.swap_columns`). No SQL
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from wiki_embeddings.core.store import Store
+from wiki_embeddings.core.engine import same_model
+from wiki_embeddings.core.store import Store, StoreError
 
 
 class MigrationError(RuntimeError):
@@ -22,6 +25,35 @@ def shadow_name(column: str) -> str:
 
 def prev_name(column: str) -> str:
     return f"{column[:58]}_prev"
+
+
+@dataclass(frozen=True)
+class Started:
+    model: str
+    dimensions: int
+    shadow_column: str
+    added: bool
+
+    def message(self, live_column: str) -> str:
+        return (
+            f"migration to {self.model!r} ({self.dimensions}-d): shadow column {self.shadow_column} "
+            f"{'added' if self.added else 'exists'}; the live column {live_column} keeps serving until the swap"
+        )
+
+
+def start(store: Store, model: str, dimensions: int) -> Started:
+    """Add the shadow column for `model` (whose vector length the caller asked the model for) and record the
+    migration. Repeat-safe: starting the same migration again only reports it; another target is refused."""
+    live_column = store.table.embedding_column
+    live, _ = store.recorded_model()
+    if live and same_model(live, model):
+        raise MigrationError(f"model {model!r} is already the live model of {store.table.qualified}.{live_column}")
+    shadow = shadow_name(live_column)
+    try:
+        added = store.start_migration(model, dimensions, shadow)
+    except StoreError as exc:
+        raise MigrationError(str(exc)) from None
+    return Started(model, dimensions, shadow, added)
 
 
 def shadow_status(store: Store) -> dict[str, Any]:
@@ -43,27 +75,47 @@ def shadow_status(store: Store) -> dict[str, Any]:
     return out
 
 
-def swap(store: Store, log: Callable[[str], None] = lambda _m: None) -> str:
+def swap_blocker(store: Store) -> str | None:
+    """Why the shadow cannot be swapped in now, or None when it can (complete, and no run of the table)."""
     state = store.table_state()
     target, shadow = state.get("migration_model"), state.get("migration_column")
     if not target or not shadow or not store.column_exists(shadow):
-        raise MigrationError("no model migration in progress: start one with `migrate-model --to MODEL`")
+        return "no model migration in progress: start one with `migrate-model --to MODEL`"
     info = shadow_status(store)
     if info.get("missing") != 0 or info.get("coverage_pct") != "100.00":
-        raise MigrationError(
+        return (
             f"the shadow column {shadow} is not complete (missing={info.get('missing')}, coverage_pct="
             f"{info.get('coverage_pct')}); run `migrate-model --to {target}` until missing=0, then swap"
         )
     if store.live_runs():
-        raise MigrationError(
-            "a run of this table is in progress; stop it (`wiki-embeddings stop`) and swap after it ends"
-        )
+        return "a run of this table is in progress; stop it (`wiki-embeddings stop`) and swap after it ends"
+    return None
+
+
+def build_shadow_indexes(store: Store, shadow: str, log: Callable[[str], None] = lambda _m: None) -> list[str]:
+    """Give the shadow every HNSW/IVFFlat index the live column has (same method, operator class, options), so
+    search is as fast right after the swap as before it. Built CONCURRENTLY: the table stays writable."""
+    built = []
+    for spec in store.vector_index_specs(store.table.embedding_column):
+        if any(x["method"] == spec["method"] for x in store.vector_index_specs(shadow)):
+            continue
+        log(f"building a {spec['method']} index on {shadow} like {spec['name']} before the swap")
+        started = time.perf_counter()
+        name = store.build_vector_index(spec, shadow)
+        log(f"built {name} in {time.perf_counter() - started:.1f} s")
+        built.append(name)
+    return built
+
+
+def swap(store: Store, log: Callable[[str], None] = lambda _m: None) -> str:
+    """Make the complete shadow column the live one in one transaction, after giving it the live indexes."""
+    blocker = swap_blocker(store)
+    if blocker:
+        raise MigrationError(blocker)
+    state = store.table_state()
+    target, shadow = state["migration_model"], state["migration_column"]
     live_column = store.table.embedding_column
-    for spec in store.vector_index_specs(live_column):
-        if not any(x["method"] == spec["method"] for x in store.vector_index_specs(shadow)):
-            log(f"building {spec['method']} index on {shadow} like {spec['name']} before the swap")
-            seconds = store.build_vector_index(spec, shadow)
-            log(f"built in {seconds:.1f} s")
+    build_shadow_indexes(store, shadow, log)
     live_model, live_dims = store.recorded_model()
     store.swap_columns(
         to_live=shadow,

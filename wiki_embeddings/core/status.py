@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from wiki_embeddings.core.migration import shadow_status
 from wiki_embeddings.core.store import Store
 from wiki_embeddings.settings import Settings
 
@@ -28,6 +29,10 @@ STATUS_KEYS = [
     "last_run_embedded",
     "last_run_chunks_per_s",
     "last_run_heartbeat",
+    "migration_model",
+    "migration_embedded",
+    "migration_missing",
+    "migration_coverage_pct",
 ]
 
 
@@ -50,7 +55,20 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     rate = last["chunks_per_s"] if last else None
     status["last_run_chunks_per_s"] = f"{rate:.1f}" if rate is not None else ""
     status["last_run_heartbeat"] = last["heartbeat_at"].isoformat(timespec="seconds") if last else ""
+    status.update(migration_figures(store))
     return {k: status[k] for k in STATUS_KEYS}
+
+
+def migration_figures(store: Store) -> dict[str, Any]:
+    """The coverage of the model being migrated to (its shadow column), or empty values when none is."""
+    info = shadow_status(store)
+    in_progress = bool(info["target_model"]) and "coverage_pct" in info
+    return {
+        "migration_model": info["target_model"] if in_progress else "",
+        "migration_embedded": info["embedded"] if in_progress else "",
+        "migration_missing": info["missing"] if in_progress else "",
+        "migration_coverage_pct": info["coverage_pct"] if in_progress else "",
+    }
 
 
 def run_state(run: dict[str, Any]) -> str:

@@ -902,11 +902,15 @@ class Store:
                     f"vector({dimensions}); drop it (`migrate-model --abort`) first"
                 )
         else:
-            self.conn.execute(
-                sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {c} vector({d})").format(
-                    t=self._t, c=sql.Identifier(shadow), d=sql.Literal(int(dimensions))
+            # A brief ACCESS EXCLUSIVE lock (no rewrite: the column is NULL). lock_timeout, so a long query on the
+            # table makes this fail plainly instead of queueing every reader behind it (search down).
+            with self.conn.transaction():
+                self.conn.execute("SET LOCAL lock_timeout = '10s'")
+                self.conn.execute(
+                    sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {c} vector({d})").format(
+                        t=self._t, c=sql.Identifier(shadow), d=sql.Literal(int(dimensions))
+                    )
                 )
-            )
             added = True
         self.for_column(shadow).ensure_missing_index()
         self._ensure_state_row()
@@ -1033,24 +1037,29 @@ class Store:
             " FROM pg_index ix JOIN pg_class ic ON ic.oid = ix.indexrelid JOIN pg_am am ON am.oid = ic.relam"
             " JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = ix.indkey[0]"
             " JOIN pg_opclass opc ON opc.oid = ix.indclass[0]"
-            " WHERE ix.indrelid = to_regclass(%s) AND a.attname = %s AND am.amname IN ('hnsw', 'ivfflat')",
+            " WHERE ix.indrelid = to_regclass(%s) AND a.attname = %s AND am.amname IN ('hnsw', 'ivfflat')"
+            " AND ix.indisvalid",
             (self._regclass_text(), column or self.table.embedding_column),
         ).fetchall()
         return [{"name": r[0], "method": r[1], "opclass": r[2], "options": list(r[3])} for r in rows]
 
-    def build_vector_index(self, spec: dict[str, Any], column: str, maintenance_work_mem: str = "512MB") -> float:
-        """Build the index `spec` describes on `column` (for a shadow column before the swap)."""
+    def build_vector_index(self, spec: dict[str, Any], column: str, maintenance_work_mem: str = "512MB") -> str:
+        """Build the index `spec` describes on `column` (a shadow column before the swap); returns its name.
+
+        CONCURRENTLY, so writes to the table (the live column's maintenance, new chunks) go on during a build
+        that takes minutes on millions of rows. A free name is chosen, so an index left by an earlier
+        migration never turns the build into a silent no-op; a failed build's INVALID index is dropped.
+        """
         options = []
         for opt in spec["options"]:
             key, _, value = str(opt).partition("=")
             options.append(sql.SQL("{} = {}").format(sql.Identifier(key), sql.Literal(value)))
         with_clause = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(options)) if options else sql.SQL("")
-        name = f"{self.table.name}_{column}_{spec['method']}_idx"[:63]
-        started = time.perf_counter()
-        with self.conn.transaction():
-            self.conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
+        name = self._free_index_name(f"{self.table.name}_{column}_{spec['method']}_idx")
+        self.conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (maintenance_work_mem,))
+        try:
             self.conn.execute(
-                sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} USING {am} ({c} {opc}){w}").format(
+                sql.SQL("CREATE INDEX CONCURRENTLY {ix} ON {t} USING {am} ({c} {opc}){w}").format(
                     ix=sql.Identifier(name),
                     t=self._t,
                     am=sql.Identifier(spec["method"]),
@@ -1059,7 +1068,31 @@ class Store:
                     w=with_clause,
                 )
             )
-        return time.perf_counter() - started
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.execute(
+                    sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(self.table.schema, name))
+                )
+            raise
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                self.conn.execute("RESET maintenance_work_mem")
+        return name
+
+    def _free_index_name(self, base: str) -> str:
+        """`base` (cut to 63 bytes) or, when a relation of the schema has that name, `base_2`, `base_3`, ..."""
+        taken = {
+            r[0]
+            for r in self.conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s",
+                (self.table.schema,),
+            )
+        }
+        name, n = base[:63], 1
+        while name in taken:
+            n += 1
+            name = f"{base[: 63 - len(str(n)) - 1]}_{n}"
+        return name
 
     # ---------------------------------------------------------------- runs
     @property

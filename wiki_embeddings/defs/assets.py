@@ -317,7 +317,39 @@ def wiki_chunk_embeddings_maintenance(
         context.log.warning(
             f"maintenance: {report.failed} chunks could not be embedded (failure log: {settings.failure_log})"
         )
+    metadata.update(_maintain_shadow(context, database, ollama, config))
     return dg.MaterializeResult(metadata=metadata)
+
+
+def _maintain_shadow(
+    context: dg.AssetExecutionContext, database: WikiDatabaseResource, ollama: OllamaResource, config: RangeRunConfig
+) -> dict[str, Any]:
+    """During a model migration, maintenance also fills the shadow column with the target model (same cap), so
+    chunks added or edited after their range was migrated never hold the swap back."""
+    with database.store() as store:
+        target, shadow = store.migration_target()
+        if not target or not shadow or not store.column_exists(shadow):
+            return {}
+    what = f"maintenance of the migration to {target}"
+    report, settings = _run(
+        context,
+        database,
+        ollama,
+        mode="dagster maintenance (migration)",
+        embedding_column=shadow,
+        ollama_model=target,
+        **config.engine_settings(),
+    )
+    metadata = {
+        "migration_model": target,
+        "migration_embedded": report.embedded,
+        "migration_refreshed": report.refreshed,
+        "migration_failed": report.failed,
+        "migration_remaining": report.remaining,
+    }
+    _raise_on_trouble(report, metadata, what)
+    _raise_if_stopped(report, metadata, what)
+    return metadata
 
 
 # ---------------------------------------------------------------------------- coverage
@@ -331,7 +363,8 @@ def embedding_coverage(context: dg.AssetExecutionContext, database: WikiDatabase
     """How much of the table is embedded: the runbook's status figures, plotted over time.
 
     Done when missing=0 and coverage_pct=100.00 (the `missing_is_zero` check); coverage shows 100.00 only
-    when nothing is missing, and an empty table is 0.00.
+    when nothing is missing, and an empty table is 0.00. During a model migration, `migration_*` shows the new
+    model's coverage of its shadow column (it does not count towards readiness until the swap).
     """
     settings = database.settings()
     with database.store(settings) as store:
@@ -341,8 +374,21 @@ def embedding_coverage(context: dg.AssetExecutionContext, database: WikiDatabase
         f"coverage_pct={status['coverage_pct']} failed={status['failed']} quarantined={status['quarantined']} "
         f"stale_model={status['stale_model']} stale_text={status['stale_text']}"
     )
+    migration = {}
+    if status["migration_model"]:  # the new model's coverage beside the live one, while a migration runs
+        migration = {
+            "migration_model": status["migration_model"],
+            "migration_embedded": status["migration_embedded"],
+            "migration_missing": status["migration_missing"],
+            "migration_coverage_pct": dg.MetadataValue.float(float(status["migration_coverage_pct"])),
+        }
+        context.log.info(
+            f"migration to {status['migration_model']}: missing={status['migration_missing']} "
+            f"coverage_pct={status['migration_coverage_pct']}"
+        )
     return dg.MaterializeResult(
         metadata={
+            **migration,
             "dagster/row_count": status["total"],
             "total": status["total"],
             "embedded": status["embedded"],

@@ -1,14 +1,23 @@
-"""Dagster side of a change of model: fill the shadow column over the same ID ranges, then swap it in.
+"""Dagster side of a change of model: start it, fill the shadow column over the same ID ranges, swap it in.
 
-`wiki-embeddings migrate-model --to MODEL` starts the migration (asks the model for its vector length, adds
-the shadow column, records the target); `model_migration_job` then fills the shadow range by range (launch
-it as a backfill of all ranges, like `bootstrap_job`), and `model_swap_job` swaps it in once complete. The
-live column keeps serving, and the readiness flag stays as it is, until the swap.
+From the UI: launch `start_model_migration_job` with `to_model` (it asks the model for its vector length, adds
+the shadow column and records the target; the live column keeps serving); `fill_migration_after_start_sensor`
+then queues `model_migration_job` for every ID range that holds chunks (one run per range, like the bootstrap).
+Swap with `model_swap_job`, or turn on `model_swap_sensor` (on by default when WIKI_EMBED_AUTO_SWAP=true) to
+swap as soon as the shadow is complete and nothing runs. While a migration is in progress the maintenance job
+also fills the shadow, so chunks added meanwhile never hold the swap back. The logic is the core's
+(`wiki_embeddings.core.migration`); this module only declares.
 """
 
+import os
+from typing import Any
+
 import dagster as dg
+from pydantic import Field
 
 from wiki_embeddings.core import migration
+from wiki_embeddings.core.status import migration_figures
+from wiki_embeddings.core.store import Store, StoreError
 from wiki_embeddings.defs.assets import (
     OLLAMA_POOL,
     TRANSIENT_RETRY,
@@ -16,14 +25,84 @@ from wiki_embeddings.defs.assets import (
     _raise_if_stopped,
     _raise_on_trouble,
     _run,
+    embedding_coverage,
     report_metadata,
 )
-from wiki_embeddings.defs.partitions import id_ranges, range_bounds
+from wiki_embeddings.defs.jobs import MODE_TAG, coverage_job
+from wiki_embeddings.defs.partitions import LAST_RANGE_ID, id_ranges, key_for_id, range_bounds
 from wiki_embeddings.defs.resources import OllamaResource, WikiDatabaseResource
 
-MODE_TAG = "wiki_embeddings/mode"
+TARGET_TAG = "wiki_embeddings/target_model"
+AUTO_SWAP_ENV = "WIKI_EMBED_AUTO_SWAP"
+#: Runs of these jobs in flight keep the swap sensor waiting.
+FILL_JOB_NAMES = ("start_model_migration_job", "model_migration_job")
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 
+def migration_observation(store: Store, **extra: Any) -> dg.AssetObservation:
+    """The new model's coverage as an observation of `embedding_coverage`: plotted beside the live coverage."""
+    figures = migration_figures(store)
+    metadata: dict[str, Any] = {
+        "migration_model": figures["migration_model"],
+        "migration_embedded": figures["migration_embedded"] or 0,
+        "migration_missing": figures["migration_missing"] or 0,
+        "migration_coverage_pct": dg.MetadataValue.float(float(figures["migration_coverage_pct"] or 0)),
+        **extra,
+    }
+    return dg.AssetObservation(asset_key=embedding_coverage.key, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------- start
+class StartMigrationConfig(dg.Config):
+    """What to migrate to; the shadow column is `<embedding column>_next`."""
+
+    to_model: str = Field(description="the Ollama model to migrate to, e.g. nomic-embed-text (must be pulled)")
+    fill_all_ranges: bool = Field(
+        default=True,
+        description="then queue model_migration_job for every ID range holding chunks "
+        "(fill_migration_after_start_sensor); false: launch the backfill yourself",
+    )
+
+
+@dg.op(description="Ask the target model for its vector length, add the shadow column, record the migration.")
+def start_model_migration(
+    context: dg.OpExecutionContext,
+    config: StartMigrationConfig,
+    database: WikiDatabaseResource,
+    ollama: OllamaResource,
+) -> None:
+    to_model = config.to_model.strip()
+    if not to_model:
+        raise dg.Failure(description="to_model is empty: name the Ollama model to migrate to", allow_retries=False)
+    settings = database.settings(**ollama.overrides())
+    with database.store(settings) as store:
+        store.migrate()
+        store.column_dimensions()  # a clear error when the table or its column is absent
+    dimensions = ollama.probe_dimensions(settings, to_model)
+    with database.store(settings) as store:
+        try:
+            started = migration.start(store, to_model, dimensions)
+        except migration.MigrationError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
+        context.log.info(started.message(store.table.embedding_column))
+        context.log_event(migration_observation(store, shadow_column=started.shadow_column, dimensions=dimensions))
+
+
+@dg.job(
+    tags={MODE_TAG: "migrate-start"},
+    description="Start a change of model without downtime (`migrate-model --to MODEL`): set ops."
+    "start_model_migration.config.to_model; every ID range is then filled by model_migration_job.",
+)
+def start_model_migration_job() -> None:
+    start_model_migration()
+
+
+# ---------------------------------------------------------------------------- fill
 @dg.op(
     pool=OLLAMA_POOL,
     retry_policy=TRANSIENT_RETRY,
@@ -37,8 +116,9 @@ def fill_shadow_range(
         target, shadow = store.migration_target()
     if not target or not shadow:
         raise dg.Failure(
-            description="no model migration recorded: start one with `wiki-embeddings migrate-model --to MODEL` "
-            "(it asks the model for its vector length and adds the shadow column)",
+            description="no model migration recorded: start one with start_model_migration_job (or "
+            "`wiki-embeddings migrate-model --to MODEL`), which asks the model for its vector length and adds the "
+            "shadow column",
             allow_retries=False,
         )
     key = context.partition_key
@@ -56,6 +136,8 @@ def fill_shadow_range(
         **config.engine_settings(),
     )
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max, "shadow_column": shadow}
+    with database.store() as store:
+        context.log_event(migration_observation(store, partition=key))
     _raise_on_trouble(report, metadata, what)
     _raise_if_stopped(report, metadata, what)
     if report.remaining > 0:
@@ -68,31 +150,120 @@ def fill_shadow_range(
     context.log.info(f"{what}: {report.embedded} chunks embedded into {shadow}")
 
 
+@dg.job(
+    partitions_def=id_ranges,
+    tags={MODE_TAG: "migrate"},
+    config=dg.RunConfig(ops={"fill_shadow_range": RangeRunConfig()}),
+    description="Fill the model migration's shadow column, one run per ID range (queued for every range by "
+    "start_model_migration_job; re-run failed ranges like the bootstrap's).",
+)
+def model_migration_job() -> None:
+    fill_shadow_range()
+
+
+def ranges_holding_chunks(store: Store) -> list[str]:
+    """Partition keys from the range of the smallest id to that of the largest (capped at the last range)."""
+    low, high, count = store.id_bounds()
+    if not count or low is None or high is None or low > LAST_RANGE_ID:
+        return []
+    keys = id_ranges.get_partition_keys()
+    first, last = key_for_id(max(low, 0)), key_for_id(min(high, LAST_RANGE_ID))
+    return keys[keys.index(first) : keys.index(last) + 1]  # type: ignore[arg-type]
+
+
+@dg.run_status_sensor(
+    name="fill_migration_after_start_sensor",
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[start_model_migration_job],
+    request_job=model_migration_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After start_model_migration_job succeeds, queues model_migration_job for every ID range that holds "
+    "chunks (the pool `ollama` runs them one at a time).",
+)
+def fill_migration_after_start_sensor(context: dg.RunStatusSensorContext, database: WikiDatabaseResource):
+    run = context.dagster_run
+    config = (run.run_config.get("ops") or {}).get("start_model_migration", {}).get("config", {})
+    if not config.get("fill_all_ranges", True):
+        return dg.SkipReason(f"run {run.run_id} asked not to fill the ranges (fill_all_ranges=false)")
+    with database.store() as store:
+        target, _ = store.migration_target()
+        keys = ranges_holding_chunks(store)
+        _, high, _ = store.id_bounds()
+    if not target:
+        return dg.SkipReason("the migration started by run {run.run_id} is no longer recorded (aborted or swapped)")
+    if high is not None and high > LAST_RANGE_ID:
+        context.log.warning(
+            f"ids above {LAST_RANGE_ID} lie past the last range: the maintenance job (or `migrate-model --to "
+            f"{target}`) fills them in the shadow"
+        )
+    context.log.info(f"queueing model_migration_job for {len(keys)} ranges (migration to {target})")
+    return [dg.RunRequest(run_key=f"{run.run_id}:{key}", partition_key=key, tags={TARGET_TAG: target}) for key in keys]
+
+
+# ---------------------------------------------------------------------------- swap
 @dg.op(description="Swap the complete shadow column in (one transaction); refused while it is incomplete.")
 def swap_model(context: dg.OpExecutionContext, database: WikiDatabaseResource) -> None:
     with database.store() as store:
         store.migrate()
         try:
             message = migration.swap(store, log=context.log.info)
-        except migration.MigrationError as exc:
+        except (migration.MigrationError, StoreError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
     context.log.info(message)
 
 
 @dg.job(
-    partitions_def=id_ranges,
-    tags={MODE_TAG: "migrate"},
-    config=dg.RunConfig(ops={"fill_shadow_range": RangeRunConfig()}),
-    description="Fill the model migration's shadow column, one run per ID range (launch as a backfill of all "
-    "ranges); start the migration with `wiki-embeddings migrate-model --to MODEL` first.",
+    tags={MODE_TAG: "swap"},
+    description="Make the complete shadow column the live one (`migrate-model --swap`): builds the live column's "
+    "vector indexes on it first, then renames in one transaction.",
 )
-def model_migration_job() -> None:
-    fill_shadow_range()
-
-
-@dg.job(tags={MODE_TAG: "swap"}, description="Make the complete shadow column the live one (`migrate-model --swap`).")
 def model_swap_job() -> None:
     swap_model()
 
 
-MIGRATION_JOBS = [model_migration_job, model_swap_job]
+def _auto_swap_default() -> dg.DefaultSensorStatus:
+    on = os.environ.get(AUTO_SWAP_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    return dg.DefaultSensorStatus.RUNNING if on else dg.DefaultSensorStatus.STOPPED
+
+
+@dg.sensor(
+    name="model_swap_sensor",
+    job=model_swap_job,
+    minimum_interval_seconds=60,
+    default_status=_auto_swap_default(),
+    description=f"Swaps the new model in once its shadow column is complete (missing=0, coverage_pct=100.00) and no "
+    f"run of the table is in flight. Off unless turned on here or {AUTO_SWAP_ENV}=true when the code loads.",
+)
+def model_swap_sensor(context: dg.SensorEvaluationContext, database: WikiDatabaseResource):
+    with database.store() as store:
+        store.migrate()
+        state = store.table_state()
+        blocker = migration.swap_blocker(store)
+    if blocker:
+        return dg.SkipReason(blocker)
+    for job_name in FILL_JOB_NAMES + ("model_swap_job",):
+        busy = context.instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT), limit=1)
+        if busy:
+            return dg.SkipReason(f"run {busy[0].dagster_run.run_id} of {job_name} is in flight; swapping after it")
+    target = state["migration_model"]
+    started_at = state.get("migration_started_at")
+    context.log.info(f"the shadow column of the migration to {target!r} is complete: requesting the swap")
+    return dg.RunRequest(
+        run_key=f"swap:{target}:{started_at.isoformat() if started_at else ''}", tags={TARGET_TAG: target}
+    )
+
+
+@dg.run_status_sensor(
+    name="coverage_after_swap_sensor",
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[model_swap_job],
+    request_job=coverage_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Refreshes embedding_coverage and missing_is_zero after a swap, so the check judges the new model.",
+)
+def coverage_after_swap_sensor(context: dg.RunStatusSensorContext):
+    return dg.RunRequest(run_key=f"after-swap:{context.dagster_run.run_id}")
+
+
+MIGRATION_JOBS = [start_model_migration_job, model_migration_job, model_swap_job]
+MIGRATION_SENSORS = [fill_migration_after_start_sensor, model_swap_sensor, coverage_after_swap_sensor]

