@@ -13,10 +13,11 @@ from wiki_embeddings.defs import migration as migration_defs
 from wiki_embeddings.defs.assets import RangeRunConfig
 from wiki_embeddings.defs.migration import (
     StartMigrationConfig,
-    coverage_after_swap_sensor,
+    after_swap_sensor,
     fill_migration_after_start_sensor,
     model_swap_sensor,
 )
+from wiki_embeddings.defs.resources import ReadinessResource
 from wiki_embeddings_tests.dagster_support import FIRST, SECOND, definitions_for, maintenance_config, resources_for
 from wiki_embeddings_tests.test_model_change import NOMIC, assert_vectors_of
 
@@ -102,11 +103,18 @@ def test_an_operator_changes_the_model_from_the_ui_and_the_swap_happens_when_the
     status = migration_status(table)
     assert status["model"] == NOMIC and status["missing"] == 0 and status["migration_model"] == ""
 
-    # 5. After the swap, coverage and its check are refreshed so readiness judges the new model.
-    refresh = after_success(coverage_after_swap_sensor, instance, swapped, resources)
+    # 5. After the swap the backend is told the new model (env file + restart command), and coverage and its
+    #    check are refreshed so readiness judges the new model.
+    env_file = table.tmp / ".env.beta"
+    env_file.write_text("WIKI_EMBEDDINGS_READY=true\nWIKI_EMBEDDINGS_MODEL=all-minilm\n")
+    marker = table.tmp / "restarted"
+    after = {**resources, "readiness": ReadinessResource(env_file=str(env_file), restart_cmd=f"touch {marker}")}
+    refresh = after_success(after_swap_sensor, instance, swapped, after)
     assert isinstance(refresh, dg.RunRequest) and swapped.run_id in refresh.run_key
-    after = model_swap_sensor(swap_context)
-    assert isinstance(after, dg.SkipReason) and "no model migration in progress" in after.skip_message
+    assert env_file.read_text() == f"WIKI_EMBEDDINGS_READY=true\nWIKI_EMBEDDINGS_MODEL={NOMIC}\n"
+    assert marker.exists(), "the backend was restarted to embed queries with the new model"
+    done = model_swap_sensor(swap_context)
+    assert isinstance(done, dg.SkipReason) and "no model migration in progress" in done.skip_message
 
 
 def test_the_start_job_refuses_the_live_model_and_a_second_target_clearly(make_table, ollama, instance):

@@ -352,3 +352,44 @@ def test_the_dagster_migration_job_fills_the_shadow_per_range_and_the_swap_job_s
         instance.dispose()
     assert_vectors_of(table, NOMIC, 768)
     assert table.store.recorded_model() == (NOMIC, 768)
+
+
+def test_vectors_written_before_this_tool_are_counted_unverified_by_the_scan(make_table, ollama):
+    from wiki_embeddings_tests.test_cli import run_cli, status_of
+
+    table = make_table()
+    name = table.settings.table
+    table.load([(i, f"chunk {i}") for i in range(1, 11)])
+    assert table.backfill(id_max=6).state == "completed"
+    # The shell-script era: vectors written straight into the column, with no provenance.
+    vec = "[" + ",".join(["0.1"] * 384) + "]"
+    table.sql(f"UPDATE {name} SET embedding = %s::vector WHERE id > 6", (vec,))
+    assert status_of(table)["unverified"] == "", "status never scans; nothing was scanned yet"
+    code, out = run_cli(table, "status", "--scan-changed")
+    status = dict(line.split("=", 1) for line in out.strip().splitlines())
+    assert code == 0 and status["unverified"] == "4" and status["stale_text"] == "0"
+    assert status["stale_model"] == "0" and status["missing"] == "0"
+    # A maintenance run's complete content scan records it too.
+    table.sql(f"UPDATE {name} SET embedding = NULL WHERE id = 10")
+    assert table.backfill(max_chunks=100).state == "completed"
+    assert table.store.model_status()["unverified"] == 3
+
+
+def test_a_dropped_and_recreated_table_inherits_no_provenance_failures_or_model(make_table, ollama):
+    table = make_table()
+    name = table.settings.table
+    table.load([(1, "fine"), (2, "POISON chunk"), (3, "also fine")])
+    ollama.set_faults(error_marker="POISON")
+    assert table.backfill().failed == 1
+    ollama.reset_faults()
+    assert len(table.store.provenance([1, 3])) == 2 and table.store.list_failures()
+
+    table.sql(f"DROP TABLE {name}")
+    table.store.ensure_table(768)  # the same name, a new table, for another model
+    table.load([(1, "another text"), (2, "POISON no longer")])
+    table.store.migrate()
+    assert table.store.provenance([1, 2, 3]) == {} and table.store.list_failures() == []
+    assert table.store.recorded_model() == (None, None), "the empty new column holds no model's vectors"
+    report = table.backfill(ollama_model=NOMIC)
+    assert report.state == "completed" and report.embedded == 2
+    assert_vectors_of(table, NOMIC, 768)

@@ -241,7 +241,9 @@ class Backfill:
                 await self._pipeline(report)
                 if self._scan_complete and self._fatal is None:
                     stale = max(report.changed_found - report.refreshed, 0)
-                    await self._db("store", lambda _c: self.store.record_stale_text(stale))
+                    await self._db(
+                        "store", lambda _c: self.store.record_stale_text(stale, self.store.count_unverified())
+                    )
                 else:
                     report.changed_found = None
         finally:

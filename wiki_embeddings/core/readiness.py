@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 READY_KEY = "WIKI_EMBEDDINGS_READY"
+#: Written next to the flag after a model swap: the model the backend must embed queries with.
+MODEL_KEY = "WIKI_EMBEDDINGS_MODEL"
 DEFAULT_ENV_FILE = ".env.beta"
 POLICIES = ("keep", "unset")
 NEW_FILE_MODE = 0o600  # an env file may hold secrets
@@ -209,15 +211,32 @@ class FlagChange:
 
 
 def set_flag(path: str | os.PathLike[str], value: bool, key: str = READY_KEY) -> FlagChange:
-    """Set `key=true|false` in the env file atomically; every other line stays byte for byte.
+    """Set `key=true|false` in the env file atomically; every other line stays byte for byte."""
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    previous = read_flag(p, key)
+    changed, created = set_value(p, key, "true" if value else "false")
+    return FlagChange(p, changed, previous, created)
+
+
+def read_value(path: str | os.PathLike[str], key: str) -> str | None:
+    """The raw value of `key` (the last assignment wins), or None when the file or key is absent."""
+    text, _ = _read_no_follow(Path(path))
+    found: str | None = None
+    for line in (text or "").splitlines():
+        m = _LINE.match(line)
+        if m and m.group("key") == key:
+            found = _value(m.group("value"))
+    return found
+
+
+def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool, bool]:
+    """Set `key=wanted` in the env file atomically; returns (changed, created).
 
     Each line assigning `key` is rewritten in place (keeping an `export ` prefix and its line ending);
     when none does, the line is appended. A missing file is created with mode 0600.
     """
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     text, st = _read_no_follow(p)
-    previous = read_flag(p, key) if text is not None else None
-    wanted = "true" if value else "false"
     lines = (text or "").splitlines(keepends=True)
     out: list[str] = []
     replaced = False
@@ -236,9 +255,9 @@ def set_flag(path: str | os.PathLike[str], value: bool, key: str = READY_KEY) ->
         out.append(f"{key}={wanted}{newline}")
     new_text = "".join(out)
     if text is not None and new_text == text:
-        return FlagChange(p, False, previous, False)
+        return False, False
     _atomic_write(p, new_text.encode("utf-8"), st)
-    return FlagChange(p, True, previous, text is None)
+    return True, text is None
 
 
 def _atomic_write(path: Path, data: bytes, st: os.stat_result | None) -> None:

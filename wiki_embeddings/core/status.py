@@ -19,6 +19,7 @@ STATUS_KEYS = [
     "stale_model",
     "stale_text",
     "stale_text_scanned_at",
+    "unverified",
     "stop_requested",
     "model",
     "dimensions",

@@ -177,6 +177,13 @@ MIGRATIONS: list[str] = [
         ADD COLUMN IF NOT EXISTS stale_text            bigint,
         ADD COLUMN IF NOT EXISTS stale_text_scanned_at timestamptz;
     """,
+    # 3: the chunk table's oid (a dropped and recreated table must not inherit provenance or failures) and the
+    #    count of vectors without provenance (written before this tool, or by another writer), from the scan.
+    """
+    ALTER TABLE {s}.table_state
+        ADD COLUMN IF NOT EXISTS table_oid  oid,
+        ADD COLUMN IF NOT EXISTS unverified bigint;
+    """,
 ]
 
 
@@ -293,6 +300,7 @@ class Store:
                     sql.SQL("INSERT INTO {}.schema_migrations (version) VALUES (%s)").format(self._s),
                     (version,),
                 )
+            self.forget_if_recreated()
         return len(MIGRATIONS)
 
     def ensure_extension(self) -> None:
@@ -697,30 +705,95 @@ class Store:
         return Claim(rows, last, len(found) - len(locked), invalid, md5s, len(found))
 
     def scan_changed(self, record: bool = True) -> int:
-        """Count embedded chunks whose text changed since it was embedded (one set-based scan of the table);
-        recorded in table_state with its time for `status` (which never scans)."""
+        """Count embedded chunks whose text changed since it was embedded, and vectors without provenance, in
+        one set-based scan of the table; recorded in table_state with its time for `status` (which never scans)."""
         row = self.conn.execute(
             sql.SQL(
-                "SELECT count(*) FROM {t} t JOIN {s}.embedding_provenance p ON p.table_name = %s"
-                " AND p.column_attnum = %s AND p.chunk_id = t.{id}"
-                " WHERE t.{emb} IS NOT NULL AND p.text_md5 <> md5(t.{text})"
+                "SELECT count(*) FILTER (WHERE p.text_md5 <> md5(t.{text})), count(*) FILTER (WHERE p.chunk_id IS NULL)"
+                " FROM {t} t LEFT JOIN {s}.embedding_provenance p ON p.table_name = %s"
+                " AND p.column_attnum = %s AND p.chunk_id = t.{id} WHERE t.{emb} IS NOT NULL"
             ).format(t=self._t, s=self._s, id=self._id, emb=self._emb, text=self._text),
             (self.table.qualified, self._current_attnum()),
         ).fetchone()
-        count = int(row[0]) if row else 0
+        changed, unverified = (int(row[0]), int(row[1])) if row else (0, 0)
         if record:
-            self.record_stale_text(count)
-        return count
+            self.record_stale_text(changed, unverified)
+        return changed
 
-    def record_stale_text(self, count: int) -> None:
+    def count_unverified(self) -> int:
+        """Vectors with no provenance row: written before this tool (e.g. by the shell scripts) or by another
+        writer, so their model and text are unknown. One anti-join pass over the embedded rows."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {t} t WHERE t.{emb} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM"
+                " {s}.embedding_provenance p WHERE p.table_name = %s AND p.column_attnum = %s AND p.chunk_id = t.{id})"
+            ).format(t=self._t, s=self._s, id=self._id, emb=self._emb),
+            (self.table.qualified, self._current_attnum()),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def record_stale_text(self, count: int, unverified: int | None = None) -> None:
+        """Record a content scan's result; `unverified` None keeps the last recorded count."""
         self._ensure_state_row()
         self.conn.execute(
             sql.SQL(
-                "UPDATE {s}.table_state SET stale_text = %s, stale_text_scanned_at = now(), updated_at = now()"
-                " WHERE table_name = %s"
+                "UPDATE {s}.table_state SET stale_text = %s, stale_text_scanned_at = now(),"
+                " unverified = coalesce(%s, unverified), updated_at = now() WHERE table_name = %s"
             ).format(s=self._s),
-            (count, self.table.qualified),
+            (count, unverified, self.table.qualified),
         )
+
+    def forget_if_recreated(self) -> bool:
+        """A chunk table dropped and created again (another oid) starts with no provenance, failures or scan
+        result of its predecessor, whose chunk ids named other rows. The live model is kept only if the new
+        column already holds vectors. True when something was forgotten. Called by `migrate()`."""
+        row = self.conn.execute("SELECT to_regclass(%s)::oid", (self._regclass_text(),)).fetchone()
+        oid = row[0] if row else None
+        if oid is None:
+            return False
+        state = self.table_state()
+        if state and state.get("table_oid") not in (None, oid):
+            has_vectors = (
+                self.column_exists(self.table.embedding_column)
+                and self.conn.execute(
+                    sql.SQL("SELECT EXISTS (SELECT 1 FROM {t} WHERE {emb} IS NOT NULL)").format(
+                        t=self._t, emb=self._emb
+                    )
+                ).fetchone()
+            )
+            self.conn.execute(
+                sql.SQL("DELETE FROM {s}.embedding_provenance WHERE table_name = %s").format(s=self._s),
+                (self.table.qualified,),
+            )
+            self.conn.execute(
+                sql.SQL("DELETE FROM {s}.failures WHERE table_name = %s OR starts_with(table_name, %s)").format(
+                    s=self._s
+                ),
+                (self.table.qualified, f"{self.table.qualified}#"),
+            )
+            keep_model = bool(has_vectors and has_vectors[0])
+            shadow = state.get("migration_column")
+            keep_migration = bool(shadow and self.column_exists(shadow))
+            self.conn.execute(
+                sql.SQL(
+                    "UPDATE {s}.table_state SET table_oid = %s, stale_text = NULL, stale_text_scanned_at = NULL,"
+                    " unverified = NULL, model = CASE WHEN %s THEN model END,"
+                    " dimensions = CASE WHEN %s THEN dimensions END,"
+                    " migration_model = CASE WHEN %s THEN migration_model END,"
+                    " migration_dimensions = CASE WHEN %s THEN migration_dimensions END,"
+                    " migration_column = CASE WHEN %s THEN migration_column END,"
+                    " updated_at = now() WHERE table_name = %s"
+                ).format(s=self._s),
+                (oid, keep_model, keep_model, *[keep_migration] * 3, self.table.qualified),
+            )
+            return True
+        if state.get("table_oid") is None:
+            self._ensure_state_row()
+            self.conn.execute(
+                sql.SQL("UPDATE {s}.table_state SET table_oid = %s WHERE table_name = %s").format(s=self._s),
+                (oid, self.table.qualified),
+            )
+        return False
 
     def read_vectors(self, ids: Sequence[int]) -> dict[int, np.ndarray | None]:
         rows = self.conn.execute(
@@ -1232,9 +1305,11 @@ class Store:
             ).fetchone()
             stale_model = int(row[0]) if row else 0
         scanned = state.get("stale_text_scanned_at")
+        unverified = state.get("unverified")
         return {
             "stale_model": stale_model,
             "stale_text": int(state.get("stale_text") or 0),
+            "unverified": "" if unverified is None else int(unverified),
             "stale_text_scanned_at": scanned.isoformat(timespec="seconds") if scanned else "",
             "migration_model": state.get("migration_model") or "",
             "migration_column": state.get("migration_column") or "",

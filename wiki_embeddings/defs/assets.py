@@ -400,6 +400,7 @@ def embedding_coverage(context: dg.AssetExecutionContext, database: WikiDatabase
             "stale_model": status["stale_model"],
             "stale_text": status["stale_text"],
             "stale_text_scanned_at": status["stale_text_scanned_at"] or "never",
+            "unverified": status["unverified"] if status["unverified"] != "" else "not scanned",
             "stop_requested": bool(status["stop_requested"]),
             "model": status["model"],
             "last_run_state": status["last_run_state"],

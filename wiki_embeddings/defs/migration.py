@@ -4,9 +4,10 @@ From the UI: launch `start_model_migration_job` with `to_model` (it asks the mod
 the shadow column and records the target; the live column keeps serving); `fill_migration_after_start_sensor`
 then queues `model_migration_job` for every ID range that holds chunks (one run per range, like the bootstrap).
 Swap with `model_swap_job`, or turn on `model_swap_sensor` (on by default when WIKI_EMBED_AUTO_SWAP=true) to
-swap as soon as the shadow is complete and nothing runs. While a migration is in progress the maintenance job
-also fills the shadow, so chunks added meanwhile never hold the swap back. The logic is the core's
-(`wiki_embeddings.core.migration`); this module only declares.
+swap as soon as the shadow is complete and nothing runs; `after_swap_sensor` then tells the backend the new
+model (WIKI_EMBEDDINGS_MODEL in the readiness env file, restart command) and refreshes coverage. While a
+migration is in progress the maintenance job also fills the shadow, so chunks added meanwhile never hold the
+swap back. The logic is the core's (`wiki_embeddings.core.migration`); this module only declares.
 """
 
 import os
@@ -16,6 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from wiki_embeddings.core import migration
+from wiki_embeddings.core.readiness import MODEL_KEY, run_restart, set_value
 from wiki_embeddings.core.status import migration_figures
 from wiki_embeddings.core.store import Store, StoreError
 from wiki_embeddings.defs.assets import (
@@ -30,7 +32,7 @@ from wiki_embeddings.defs.assets import (
 )
 from wiki_embeddings.defs.jobs import MODE_TAG, coverage_job
 from wiki_embeddings.defs.partitions import LAST_RANGE_ID, id_ranges, key_for_id, range_bounds
-from wiki_embeddings.defs.resources import OllamaResource, WikiDatabaseResource
+from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource
 
 TARGET_TAG = "wiki_embeddings/target_model"
 AUTO_SWAP_ENV = "WIKI_EMBED_AUTO_SWAP"
@@ -254,16 +256,41 @@ def model_swap_sensor(context: dg.SensorEvaluationContext, database: WikiDatabas
 
 
 @dg.run_status_sensor(
-    name="coverage_after_swap_sensor",
+    name="after_swap_sensor",
     run_status=dg.DagsterRunStatus.SUCCESS,
     monitored_jobs=[model_swap_job],
     request_job=coverage_job,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Refreshes embedding_coverage and missing_is_zero after a swap, so the check judges the new model.",
+    description=f"After a swap: writes {MODEL_KEY}=<new live model> into the readiness env file and runs "
+    "WIKI_EMBEDDINGS_RESTART_CMD (the backend must embed queries with the new model), then refreshes "
+    "embedding_coverage and missing_is_zero so the check judges the new model.",
 )
-def coverage_after_swap_sensor(context: dg.RunStatusSensorContext):
+def after_swap_sensor(
+    context: dg.RunStatusSensorContext, database: WikiDatabaseResource, readiness: ReadinessResource
+) -> dg.RunRequest:
+    with database.store() as store:
+        model, _ = store.recorded_model()
+    settings = readiness.settings()
+    changed, created = set_value(settings.env_path, MODEL_KEY, model or "")
+    context.log.info(
+        f"after the swap: {MODEL_KEY}={model} in {settings.env_path}"
+        f"{' (file created)' if created else '' if changed else ' (already set)'}"
+    )
+    if changed and settings.restart_cmd:
+        restart = run_restart(settings.restart_cmd, settings.restart_timeout_sec)
+        if restart.ok:
+            context.log.info(f"backend restarted in {restart.seconds:.1f} s ({restart.command!r})")
+        else:
+            context.log.error(
+                f"the restart command {restart.command!r} failed (exit {restart.returncode}); restart the backend "
+                f"by hand so it embeds queries with {model!r}. Output: {restart.output_tail[-500:]}"
+            )
+    elif changed:
+        context.log.warning(
+            f"no WIKI_EMBEDDINGS_RESTART_CMD set: restart the backend so it embeds queries with {model!r}"
+        )
     return dg.RunRequest(run_key=f"after-swap:{context.dagster_run.run_id}")
 
 
 MIGRATION_JOBS = [start_model_migration_job, model_migration_job, model_swap_job]
-MIGRATION_SENSORS = [fill_migration_after_start_sensor, model_swap_sensor, coverage_after_swap_sensor]
+MIGRATION_SENSORS = [fill_migration_after_start_sensor, model_swap_sensor, after_swap_sensor]
