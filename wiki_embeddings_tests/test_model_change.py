@@ -264,19 +264,28 @@ def test_the_swap_builds_the_live_vector_index_on_the_shadow_first(make_table, o
     assert [(s["method"], s["opclass"], sorted(s["options"])) for s in live] == [
         ("hnsw", "vector_cosine_ops", ["ef_construction=32", "m=8"])
     ]
+    assert live[0]["name"] == f"{table.store.table.name}_search", "the live column keeps the operator's index name"
     plan, nearest = hnsw_plan_and_nearest(table, 17)
     assert live[0]["name"] in plan and nearest == 17, "search uses the new index right after the swap"
-    assert [s["name"] for s in table.store.vector_index_specs("embedding_prev")] == [
-        f"{table.store.table.name}_search"
-    ], "the old vectors keep their index, for a rollback"
+    previous = table.store.vector_index_specs("embedding_prev")
+    assert [(s["method"], s["name"]) for s in previous] == [
+        ("hnsw", f"{table.store.table.name}_embedding_next_hnsw_idx")
+    ]
 
-    # A second migration finds the first one's index name taken and still builds its own.
+    # A second migration finds the first one's index name taken (on embedding_prev) and still builds its own.
     assert run_cli(table, "migrate-model", "--to", "tiny")[0] == 0
     code, out = run_cli(table, "migrate-model", "--swap")
     assert code == 0, out
-    second = table.store.vector_index_specs()
-    assert len(second) == 1 and second[0]["name"] != live[0]["name"] and second[0]["name"].endswith("_2")
+    assert [s["name"] for s in table.store.vector_index_specs()] == [f"{table.store.table.name}_search"]
+    assert table.store.vector_index_specs("embedding_prev")[0]["name"].endswith("_2")
     assert table.store.recorded_model() == ("tiny", 8)
+    plan, nearest = hnsw_plan_and_nearest(table, 41)
+    assert f"{table.store.table.name}_search" in plan and nearest == 41
+
+    # A rollback trades the names back the same way.
+    assert run_cli(table, "migrate-model", "--rollback")[0] == 0
+    assert [s["name"] for s in table.store.vector_index_specs()] == [f"{table.store.table.name}_search"]
+    assert table.store.recorded_model() == (NOMIC, 768)
 
 
 def test_a_bootstrap_may_drop_the_vector_index_and_rebuilds_it_after(make_table):

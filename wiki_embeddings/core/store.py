@@ -1068,6 +1068,9 @@ class Store:
                 self.conn.execute(
                     sql.SQL("ALTER TABLE {t} DROP COLUMN {c}").format(t=self._t, c=sql.Identifier(from_live))
                 )
+            # Vector indexes trade names too, so the live column keeps the operator's index names (queries,
+            # hints and monitoring that name them go on working); paired by access method.
+            renames = self._vector_index_name_swaps(live, to_live)
             self.conn.execute(
                 sql.SQL("ALTER TABLE {t} RENAME COLUMN {a} TO {b}").format(
                     t=self._t, a=self._emb, b=sql.Identifier(from_live)
@@ -1080,7 +1083,7 @@ class Store:
             )
             schema = sql.Identifier(self.table.schema)
             tmp = f"{ix[live]}_swap"[:63]
-            for a, b in ((ix[live], tmp), (ix[to_live], ix[live]), (tmp, ix[from_live])):
+            for a, b in ((ix[live], tmp), (ix[to_live], ix[live]), (tmp, ix[from_live]), *renames):
                 self.conn.execute(
                     sql.SQL("ALTER INDEX IF EXISTS {s}.{a} RENAME TO {b}").format(
                         s=schema, a=sql.Identifier(a), b=sql.Identifier(b)
@@ -1101,6 +1104,18 @@ class Store:
             )
         self._failure_key = None
         self._attnum = None
+
+    def _vector_index_name_swaps(self, live: str, incoming: str) -> list[tuple[str, str]]:
+        """(old, new) index renames that give the incoming column's HNSW/IVFFlat indexes the live ones' names."""
+        outgoing = {s["method"]: s["name"] for s in self.vector_index_specs(live)}
+        renames: list[tuple[str, str]] = []
+        for spec in self.vector_index_specs(incoming):
+            name = outgoing.pop(spec["method"], None)
+            if name is None:
+                continue
+            tmp = f"{name[:50]}_swap_tmp"
+            renames += [(name, tmp), (spec["name"], name), (tmp, spec["name"])]
+        return renames
 
     def vector_index_specs(self, column: str | None = None) -> list[dict[str, Any]]:
         """HNSW/IVFFlat indexes on a column as parts (method, operator class, storage options) to rebuild them
