@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from wiki_embeddings.core.engine import build_store
 from wiki_embeddings.devtools.ollama_server import hash_vector
@@ -402,3 +403,18 @@ def test_a_dropped_and_recreated_table_inherits_no_provenance_failures_or_model(
     report = table.backfill(ollama_model=NOMIC)
     assert report.state == "completed" and report.embedded == 2
     assert_vectors_of(table, NOMIC, 768)
+
+
+def test_a_failed_shadow_index_build_leaves_no_invalid_index_behind(make_table):
+    import psycopg
+
+    table = make_table()
+    name = table.settings.table
+    table.sql(f"ALTER TABLE {name} ADD COLUMN embedding_next vector(2001)")  # HNSW allows at most 2000 dimensions
+    spec = {"name": "live", "method": "hnsw", "opclass": "vector_l2_ops", "options": []}
+    with pytest.raises(psycopg.Error, match="2000 dimensions"):
+        table.store.build_vector_index(spec, "embedding_next")
+    left = table.sql("SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass AND NOT indisvalid", (name,))
+    assert left == [(0,)]
+    setting = table.store.conn.execute("SELECT current_setting('maintenance_work_mem')").fetchone()
+    assert setting != ("512MB",), "the build's memory setting does not outlive it on the store's session"
