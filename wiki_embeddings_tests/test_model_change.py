@@ -418,3 +418,33 @@ def test_a_failed_shadow_index_build_leaves_no_invalid_index_behind(make_table):
     assert left == [(0,)]
     setting = table.store.conn.execute("SELECT current_setting('maintenance_work_mem')").fetchone()
     assert setting != ("512MB",), "the build's memory setting does not outlive it on the store's session"
+
+
+def test_a_batch_written_after_a_swap_committed_is_refused_whole(make_table):
+    from wiki_embeddings.core.store import Provenance, StoreError
+
+    table = make_table()
+    table.load([(i, f"t {i}") for i in range(1, 5)])
+    old = Provenance("all-minilm", 384, 2000)
+    writer = build_store(table.settings, table.url)
+    conn = writer.connect()
+    try:
+        vec = np.full(384, 0.5, dtype=np.float32)
+        assert writer.write_vectors(conn, [1, 2], [vec, vec], provenance=old) == 2
+        # A swap commits while this writer is between batches (same dimensions: nothing else would stop it).
+        table.sql(f"ALTER TABLE {table.settings.table} ADD COLUMN embedding_next vector(384)")
+        table.store.swap_columns(
+            to_live="embedding_next",
+            from_live="embedding_prev",
+            model="other-384",
+            dimensions=384,
+            previous_model="all-minilm",
+            previous_dimensions=384,
+            migration=(None, None, None),
+        )
+        with pytest.raises(StoreError, match="swapped during this run"):
+            writer.write_vectors(conn, [3, 4], [vec, vec], provenance=old)
+    finally:
+        conn.close()
+        writer.close()
+    assert table.sql(f"SELECT count(*) FROM {table.settings.table} WHERE embedding IS NOT NULL") == [(0,)]

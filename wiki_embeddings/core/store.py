@@ -571,6 +571,9 @@ class Store:
         record = sql.SQL("")
         with conn.transaction():
             if provenance is not None:
+                # The lock the UPDATE takes anyway, taken first: a swap (ACCESS EXCLUSIVE) cannot commit between
+                # the attnum check and the write, so old-model vectors never land in a just-swapped column.
+                conn.execute(sql.SQL("LOCK TABLE {t} IN ROW EXCLUSIVE MODE").format(t=self._t))
                 attnum = self._current_attnum(conn)
                 if self._attnum is not None and attnum != self._attnum:
                     raise StoreError(
