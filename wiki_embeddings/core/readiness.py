@@ -22,7 +22,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,3 +324,21 @@ def run_restart(command: str, timeout_sec: float = 45.0, cwd: str | None = None)
         rc = None
         output = out.decode("utf-8", "replace") + f"\n(killed after {timeout_sec:.0f} s)"
     return RestartResult(command, rc, time.monotonic() - started, output[-2000:])
+
+
+def restart_backend(
+    settings: ReadinessSettings, info: Callable[[str], None], error: Callable[[str], None], why: str
+) -> RestartResult | None:
+    """Run WIKI_EMBEDDINGS_RESTART_CMD (if set) so the backend picks up `why`; log how it went. None: not set."""
+    if not settings.restart_cmd:
+        info(f"no WIKI_EMBEDDINGS_RESTART_CMD set; restart the backend so it {why}")
+        return None
+    restart = run_restart(settings.restart_cmd, settings.restart_timeout_sec)
+    if restart.ok:
+        info(f"backend restarted in {restart.seconds:.1f} s ({restart.command!r})")
+    else:
+        error(
+            f"the restart command {restart.command!r} failed (exit {restart.returncode}); restart the backend by "
+            f"hand so it {why}. Output: {restart.output_tail[-500:]}"
+        )
+    return restart

@@ -17,7 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from wiki_embeddings.core import migration
-from wiki_embeddings.core.readiness import MODEL_KEY, run_restart, set_value
+from wiki_embeddings.core.readiness import MODEL_KEY, restart_backend, set_value
 from wiki_embeddings.core.status import migration_figures
 from wiki_embeddings.core.store import Store, StoreError
 from wiki_embeddings.defs.assets import (
@@ -276,19 +276,8 @@ def after_swap_sensor(
         f"after the swap: {MODEL_KEY}={model} in {settings.env_path}"
         f"{' (file created)' if created else '' if changed else ' (already set)'}"
     )
-    if changed and settings.restart_cmd:
-        restart = run_restart(settings.restart_cmd, settings.restart_timeout_sec)
-        if restart.ok:
-            context.log.info(f"backend restarted in {restart.seconds:.1f} s ({restart.command!r})")
-        else:
-            context.log.error(
-                f"the restart command {restart.command!r} failed (exit {restart.returncode}); restart the backend "
-                f"by hand so it embeds queries with {model!r}. Output: {restart.output_tail[-500:]}"
-            )
-    elif changed:
-        context.log.warning(
-            f"no WIKI_EMBEDDINGS_RESTART_CMD set: restart the backend so it embeds queries with {model!r}"
-        )
+    if changed:
+        restart_backend(settings, context.log.info, context.log.error, f"embeds queries with {model!r}")
     return dg.RunRequest(run_key=f"after-swap:{context.dagster_run.run_id}")
 
 

@@ -17,7 +17,7 @@ from wiki_embeddings.core.readiness import (
     Materialization,
     decide,
     read_flag,
-    run_restart,
+    restart_backend,
     set_flag,
 )
 from wiki_embeddings.defs.assets import embedding_coverage
@@ -104,19 +104,15 @@ def readiness_sensor(context: dg.SensorEvaluationContext, readiness: ReadinessRe
         f"readiness: {decision.reason}: set {READY_KEY}={metadata['flag']} in {path} "
         f"(was {_show(change.previous)}{', file created' if change.created else ''})"
     )
-    if settings.restart_cmd:
-        restart = run_restart(settings.restart_cmd, settings.restart_timeout_sec)
+    restart = restart_backend(
+        settings,
+        lambda m: context.log.info(f"readiness: {m}"),
+        lambda m: context.log.error(f"readiness: {m}"),
+        "picks the flag up",
+    )
+    if restart is not None:
         metadata["restart_returncode"] = restart.returncode if restart.returncode is not None else -1
         metadata["restart_output"] = dg.MetadataValue.text(restart.output_tail)
-        if restart.ok:
-            context.log.info(f"readiness: backend restarted in {restart.seconds:.1f} s ({restart.command!r})")
-        else:
-            context.log.error(
-                f"readiness: the restart command {restart.command!r} failed (exit {restart.returncode}); "
-                f"restart the backend by hand. Output: {restart.output_tail[-500:]}"
-            )
-    else:
-        context.log.info("readiness: no WIKI_EMBEDDINGS_RESTART_CMD set; restart the backend to pick the flag up")
     return dg.SensorResult(
         asset_events=[dg.AssetObservation(asset_key=embedding_coverage.key, metadata=metadata)], cursor=cursor
     )
