@@ -156,7 +156,7 @@ def bulk_limit(conn: psycopg.Connection, t: sql.Composable, ids: Sequence[int], 
 
 
 METHODS: dict[str, tuple[str, Writer]] = {
-    "store": ("Store.write_vectors (executemany per-row UPDATE + DELETE of failure records)", w_store),
+    "store": ("Store.write_vectors (one UPDATE…FROM unnest %b with provenance insert + failure delete)", w_store),
     "executemany": ("executemany per-row UPDATE (psycopg pipelines it)", w_executemany),
     "executemany_pipeline": ("executemany per-row UPDATE inside conn.pipeline()", w_executemany_pipeline),
     "copy_plain": ("COPY into ON COMMIT DELETE ROWS temp + UPDATE…FROM, planner defaults", copy_writer("plain")),

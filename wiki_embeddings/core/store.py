@@ -568,44 +568,65 @@ class Store:
             "md5s": list(md5s) if md5s is not None else [None] * len(ids),
             "failure_key": self.failure_key,
         }
-        record = sql.SQL("")
+        record, column_check, attnum_out = sql.SQL(""), sql.SQL(""), sql.SQL("NULL::smallint")
+        if provenance is not None:
+            # The column's attnum is read in the same statement, after the UPDATE has locked the table: a swap
+            # (ACCESS EXCLUSIVE) cannot commit in between. A batch whose column was swapped since this run's
+            # first batch writes nothing (old-model vectors never land in the new column) and is refused below.
+            params.update(
+                expected=self._attnum,
+                table=self.table.qualified,
+                model=provenance.model,
+                dim=provenance.dimensions,
+                max_chars=provenance.max_chars,
+                prefix=provenance.text_prefix,
+            )
+            column_check = sql.SQL(" AND (%(expected)s::smallint IS NULL OR (SELECT attnum FROM a) = %(expected)s)")
+            attnum_out = sql.SQL("(SELECT attnum FROM a)")
+            record = sql.SQL(
+                ", p AS (INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
+                " dimensions, text_md5, max_chars, text_prefix, embedded_at)"
+                " SELECT %(table)s, (SELECT attnum FROM a), w.id, %(model)s, %(dim)s, w.md5, %(max_chars)s, %(prefix)s,"
+                " now() FROM w ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
+                " dimensions = EXCLUDED.dimensions, text_md5 = EXCLUDED.text_md5,"
+                " max_chars = EXCLUDED.max_chars, text_prefix = EXCLUDED.text_prefix,"
+                " embedded_at = EXCLUDED.embedded_at)"
+            ).format(s=self._s)
+        stmt = sql.SQL(
+            "WITH a AS (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%(rel)s) AND attname = %(column)s"
+            " AND NOT attisdropped),"
+            " w AS (UPDATE {t} AS t SET {emb} = u.e"
+            " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)s::text[]) AS u(id, e, md5)"
+            " WHERE t.{id} = u.id{guard}{column_check}"
+            " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5){record},"
+            " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
+            " SELECT (SELECT count(*) FROM w), {attnum_out}"
+        ).format(
+            t=self._t,
+            emb=self._emb,
+            id=self._id,
+            text=self._text,
+            guard=guard,
+            column_check=column_check,
+            record=record,
+            s=self._s,
+            attnum_out=attnum_out,
+        )
+        params.update(
+            rel=sql.Identifier(self.table.schema, self.table.name).as_string(conn), column=self.table.embedding_column
+        )
         with conn.transaction():
+            row = conn.execute(stmt, params, binary=True).fetchone()
             if provenance is not None:
-                # The lock the UPDATE takes anyway, taken first: a swap (ACCESS EXCLUSIVE) cannot commit between
-                # the attnum check and the write, so old-model vectors never land in a just-swapped column.
-                conn.execute(sql.SQL("LOCK TABLE {t} IN ROW EXCLUSIVE MODE").format(t=self._t))
-                attnum = self._current_attnum(conn)
+                attnum = row[1] if row else None
+                if attnum is None:
+                    raise StoreError(f"column {self.table.embedding_column!r} not found in {self.table.qualified}")
                 if self._attnum is not None and attnum != self._attnum:
                     raise StoreError(
                         f"column {self.table.embedding_column!r} was swapped during this run; nothing written "
                         "in this batch (start the run again)"
                     )
-                self._attnum = attnum
-                params.update(
-                    table=self.table.qualified,
-                    attnum=attnum,
-                    model=provenance.model,
-                    dim=provenance.dimensions,
-                    max_chars=provenance.max_chars,
-                    prefix=provenance.text_prefix,
-                )
-                record = sql.SQL(
-                    ", p AS (INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
-                    " dimensions, text_md5, max_chars, text_prefix, embedded_at)"
-                    " SELECT %(table)s, %(attnum)s, w.id, %(model)s, %(dim)s, w.md5, %(max_chars)s, %(prefix)s, now()"
-                    " FROM w ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
-                    " dimensions = EXCLUDED.dimensions, text_md5 = EXCLUDED.text_md5,"
-                    " max_chars = EXCLUDED.max_chars, text_prefix = EXCLUDED.text_prefix,"
-                    " embedded_at = EXCLUDED.embedded_at)"
-                ).format(s=self._s)
-            stmt = sql.SQL(
-                "WITH w AS (UPDATE {t} AS t SET {emb} = u.e"
-                " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)s::text[]) AS u(id, e, md5)"
-                " WHERE t.{id} = u.id{guard} RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5){record},"
-                " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
-                " SELECT count(*) FROM w"
-            ).format(t=self._t, emb=self._emb, id=self._id, text=self._text, guard=guard, record=record, s=self._s)
-            row = conn.execute(stmt, params, binary=True).fetchone()
+                self._attnum = int(attnum)
         return int(row[0]) if row else 0
 
     def _current_attnum(self, conn: psycopg.Connection | None = None) -> int:
