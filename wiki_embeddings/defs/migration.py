@@ -163,10 +163,9 @@ def model_migration_job() -> None:
     fill_shadow_range()
 
 
-def ranges_holding_chunks(store: Store) -> list[str]:
+def ranges_holding_chunks(low: int | None, high: int | None) -> list[str]:
     """Partition keys from the range of the smallest id to that of the largest (capped at the last range)."""
-    low, high, count = store.id_bounds()
-    if not count or low is None or high is None or low > LAST_RANGE_ID:
+    if low is None or high is None or low > LAST_RANGE_ID:
         return []
     keys = id_ranges.get_partition_keys()
     first, last = key_for_id(max(low, 0)), key_for_id(min(high, LAST_RANGE_ID))
@@ -189,10 +188,10 @@ def fill_migration_after_start_sensor(context: dg.RunStatusSensorContext, databa
         return dg.SkipReason(f"run {run.run_id} asked not to fill the ranges (fill_all_ranges=false)")
     with database.store() as store:
         target, _ = store.migration_target()
-        keys = ranges_holding_chunks(store)
-        _, high, _ = store.id_bounds()
+        low, high, _ = store.id_bounds()
+    keys = ranges_holding_chunks(low, high)
     if not target:
-        return dg.SkipReason("the migration started by run {run.run_id} is no longer recorded (aborted or swapped)")
+        return dg.SkipReason(f"the migration started by run {run.run_id} is no longer recorded (aborted or swapped)")
     if high is not None and high > LAST_RANGE_ID:
         context.log.warning(
             f"ids above {LAST_RANGE_ID} lie past the last range: the maintenance job (or `migrate-model --to "
