@@ -21,6 +21,7 @@ from wiki_embeddings.core.readiness import MODEL_KEY, restart_backend, set_value
 from wiki_embeddings.core.status import migration_figures
 from wiki_embeddings.core.store import Store, StoreError
 from wiki_embeddings.defs.assets import (
+    CLEAN_STATES,
     OLLAMA_POOL,
     TRANSIENT_RETRY,
     RangeRunConfig,
@@ -138,8 +139,9 @@ def fill_shadow_range(
         **config.engine_settings(),
     )
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max, "shadow_column": shadow}
-    with database.store() as store:
-        context.log_event(migration_observation(store, partition=key))
+    if report.state in CLEAN_STATES:  # the database answered; after a transient end, retrying comes first
+        with database.store() as store:
+            context.log_event(migration_observation(store, partition=key))
     _raise_on_trouble(report, metadata, what)
     _raise_if_stopped(report, metadata, what)
     if report.remaining > 0:
