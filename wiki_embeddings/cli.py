@@ -19,7 +19,6 @@ from wiki_embeddings.core.engine import (
     build_store,
     probe_model_dimensions,
     resolve_model,
-    same_model,
 )
 from wiki_embeddings.core.status import collect_status, format_status
 from wiki_embeddings.core.store import StoreError
@@ -230,17 +229,23 @@ def cmd_backfill(s: Settings, args: argparse.Namespace, out: Any) -> int:
 def _maintain_shadow(s: Settings, store: Any, urls: list[str], out: Any) -> Any:
     """Maintenance (a capped run) during a model migration also fills the shadow column with the target model,
     so chunks added or edited after their range was migrated never hold the swap back. None: no migration."""
-    target, shadow = store.migration_target()
-    if not target or not shadow or not store.column_exists(shadow):
+    active = migration.active_migration(store)
+    if active is None:
         return None
+    target, shadow = active
+    return _fill_shadow(s, target, shadow, urls, "migrate (maintenance)", lambda m: print(m, file=out, flush=True))
+
+
+def _fill_shadow(s: Settings, target: str, shadow: str, urls: list[str] | None, mode: str, log: Any) -> Any:
+    """One engine run on the shadow column with the migration's target model."""
     shadow_settings = s.replace(embedding_column=shadow, ollama_model=target)
     with build_store(shadow_settings, s.database_url or "") as shadow_store:
         engine = Backfill(
             shadow_settings,
             shadow_store,
             build_client(shadow_settings, target, urls),
-            mode="migrate (maintenance)",
-            log=lambda m: print(m, file=out, flush=True),
+            mode=mode,
+            log=log,
             handle_signals=True,
         )
         return engine.run()
@@ -390,9 +395,7 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
             print(migration.rollback(store), file=out)
             return 0
         target = args.target_model
-        live, _ = store.recorded_model()
-        if live and same_model(live, target):  # before asking the model server anything
-            raise CliError(f"model {target!r} is already the live model of {store.table.qualified}.{live_column}")
+        migration.check_target(store, target)
     log = lambda m: print(m, file=out, flush=True)  # noqa: E731
     with local_ollama(s, target, log=log) as local_url:
         if local_url:
@@ -402,17 +405,7 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
             started = migration.start(store, target, dims)
         log(started.message(live_column) + " (`migrate-model --swap`)")
         shadow = started.shadow_column
-        shadow_settings = s.replace(embedding_column=shadow, ollama_model=target)
-        with build_store(shadow_settings, db_url) as shadow_store:
-            engine = Backfill(
-                shadow_settings,
-                shadow_store,
-                build_client(shadow_settings, target),
-                mode="migrate",
-                log=log,
-                handle_signals=True,
-            )
-            report = engine.run()
+        report = _fill_shadow(s, target, shadow, None, "migrate", log)
     with build_store(s, db_url) as store:
         info = migration.shadow_status(store)
     log(

@@ -41,14 +41,28 @@ class Started:
         )
 
 
+def active_migration(store: Store) -> tuple[str, str] | None:
+    """(target model, shadow column) of the migration in progress whose shadow column exists, else None."""
+    target, shadow = store.migration_target()
+    if not target or not shadow or not store.column_exists(shadow):
+        return None
+    return target, shadow
+
+
+def check_target(store: Store, model: str) -> None:
+    """Refuse a migration to the live model (cheap: callers run it before asking the model server anything)."""
+    live, _ = store.recorded_model()
+    if live and same_model(live, model):
+        raise MigrationError(
+            f"model {model!r} is already the live model of {store.table.qualified}.{store.table.embedding_column}"
+        )
+
+
 def start(store: Store, model: str, dimensions: int) -> Started:
     """Add the shadow column for `model` (whose vector length the caller asked the model for) and record the
     migration. Repeat-safe: starting the same migration again only reports it; another target is refused."""
-    live_column = store.table.embedding_column
-    live, _ = store.recorded_model()
-    if live and same_model(live, model):
-        raise MigrationError(f"model {model!r} is already the live model of {store.table.qualified}.{live_column}")
-    shadow = shadow_name(live_column)
+    check_target(store, model)
+    shadow = shadow_name(store.table.embedding_column)
     try:
         added = store.start_migration(model, dimensions, shadow)
     except StoreError as exc:
@@ -77,10 +91,10 @@ def shadow_status(store: Store) -> dict[str, Any]:
 
 def swap_blocker(store: Store) -> str | None:
     """Why the shadow cannot be swapped in now, or None when it can (complete, and no run of the table)."""
-    state = store.table_state()
-    target, shadow = state.get("migration_model"), state.get("migration_column")
-    if not target or not shadow or not store.column_exists(shadow):
+    active = active_migration(store)
+    if active is None:
         return "no model migration in progress: start one with `migrate-model --to MODEL`"
+    target, shadow = active
     info = shadow_status(store)
     if info.get("missing") != 0 or info.get("coverage_pct") != "100.00":
         return (

@@ -16,6 +16,7 @@ import pandas as pd
 import psycopg
 from pydantic import Field
 
+from wiki_embeddings.core import migration
 from wiki_embeddings.core.engine import DimensionMismatch, RunReport
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.core.store import StoreError
@@ -327,9 +328,10 @@ def _maintain_shadow(
     """During a model migration, maintenance also fills the shadow column with the target model (same cap), so
     chunks added or edited after their range was migrated never hold the swap back."""
     with database.store() as store:
-        target, shadow = store.migration_target()
-        if not target or not shadow or not store.column_exists(shadow):
-            return {}
+        active = migration.active_migration(store)
+    if active is None:
+        return {}
+    target, shadow = active
     what = f"maintenance of the migration to {target}"
     report, settings = _run(
         context,
@@ -374,9 +376,9 @@ def embedding_coverage(context: dg.AssetExecutionContext, database: WikiDatabase
         f"coverage_pct={status['coverage_pct']} failed={status['failed']} quarantined={status['quarantined']} "
         f"stale_model={status['stale_model']} stale_text={status['stale_text']}"
     )
-    migration = {}
+    migration_metadata = {}
     if status["migration_model"]:  # the new model's coverage beside the live one, while a migration runs
-        migration = {
+        migration_metadata = {
             "migration_model": status["migration_model"],
             "migration_embedded": status["migration_embedded"],
             "migration_missing": status["migration_missing"],
@@ -388,7 +390,7 @@ def embedding_coverage(context: dg.AssetExecutionContext, database: WikiDatabase
         )
     return dg.MaterializeResult(
         metadata={
-            **migration,
+            **migration_metadata,
             "dagster/row_count": status["total"],
             "total": status["total"],
             "embedded": status["embedded"],

@@ -116,14 +116,15 @@ def fill_shadow_range(
 ) -> None:
     with database.store() as store:
         store.migrate()
-        target, shadow = store.migration_target()
-    if not target or not shadow:
+        active = migration.active_migration(store)
+    if active is None:
         raise dg.Failure(
             description="no model migration recorded: start one with start_model_migration_job (or "
             "`wiki-embeddings migrate-model --to MODEL`), which asks the model for its vector length and adds the "
             "shadow column",
             allow_retries=False,
         )
+    target, shadow = active
     key = context.partition_key
     id_min, id_max = range_bounds(key, key)
     what = f"migration to {target} range {key}"
