@@ -12,11 +12,13 @@ from typing import Any
 
 from wiki_embeddings import __version__
 from wiki_embeddings.core import control, importer, migration
+from wiki_embeddings.core.context import format_preflight
 from wiki_embeddings.core.engine import (
     Backfill,
     DimensionMismatch,
     build_client,
     build_store,
+    preflight_estimate,
     probe_model_dimensions,
     resolve_model,
 )
@@ -97,6 +99,36 @@ def _backfill_flags(p: argparse.ArgumentParser) -> None:
         help="skip that pass",
     )
     g2.add_argument("--dry-run", action="store_true", help="say what would be embedded and exit")
+    g3 = p.add_argument_group("model server (real Ollama's knobs)")
+    g3.add_argument(
+        "--keep-alive",
+        help="sent with every request so the model stays loaded between batches [WIKI_EMBED_KEEP_ALIVE] (30m)",
+    )
+    g3.add_argument(
+        "--num-ctx",
+        type=int,
+        help="options.num_ctx: the context window in tokens, up to the model's maximum [WIKI_EMBED_NUM_CTX] "
+        "(the modelfile's default)",
+    )
+    g3.add_argument(
+        "--request-dimensions",
+        action="store_true",
+        default=None,
+        help="ask a Matryoshka model for `dimensions: D` when the column's vector(D) is narrower than its output "
+        "[WIKI_EMBED_REQUEST_DIMENSIONS]",
+    )
+    g3.add_argument(
+        "--load-timeout-sec",
+        type=float,
+        help="allowance for the first request, which may pay the model's load time [WIKI_EMBED_LOAD_TIMEOUT_SEC] (300)",
+    )
+    g3.add_argument(
+        "--reembed-cut",
+        action="store_true",
+        default=None,
+        help="also re-embed chunks that were cut to fit the context or truncated by the server (e.g. after "
+        "raising --num-ctx)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,13 +287,16 @@ def _dry_run(s: Settings, store: Any, out: Any) -> int:
     store.migrate()
     missing = store.count_missing(s.id_min, s.id_max)
     todo = missing if s.max_chunks is None else min(missing, s.max_chunks)
+    first, last = store.missing_id_bounds(s.id_min, s.id_max)
+    ids = f"ids {first}..{last}" if first is not None else "no ids"
     model = resolve_model(s, store, local_default=s.with_ollama)
     print(
-        f"dry run: would embed {todo} of {missing} missing chunks in {store.table.qualified} "
-        f"(ids {s.id_min if s.id_min is not None else 'min'}..{s.id_max if s.id_max is not None else 'max'}) "
-        f"with model {model!r}, batch {s.batch_size}, max-chars {s.max_chars}; nothing was sent or written",
+        f"dry run: would embed {todo} of {missing} missing chunks in {store.table.qualified} ({ids}) "
+        f"with model {model!r}, batch {s.batch_size}, max-chars {s.max_chars}; nothing was embedded or written",
         file=out,
     )
+    if todo:
+        print(format_preflight(preflight_estimate(s, store, model)), file=out)
     return 0
 
 
@@ -442,6 +477,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
     try:
         settings = settings_from_args(args)
         secrets = list(url_secrets(settings.database_url))
+        secrets += [secret for url in settings.ollama_urls for secret in url_secrets(url)]
         return COMMANDS[args.command](settings, args, out)
     except (CliError, StoreError, DimensionMismatch, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)

@@ -39,6 +39,10 @@ ENV_VARS: dict[str, str] = {
     "concurrency": "WIKI_EMBED_CONCURRENCY",
     "with_ollama": "OLALA_START_OLLAMA",
     "db_reconnect_sec": "WIKI_EMBED_DB_RECONNECT_SEC",
+    "keep_alive": "WIKI_EMBED_KEEP_ALIVE",
+    "num_ctx": "WIKI_EMBED_NUM_CTX",
+    "request_dimensions": "WIKI_EMBED_REQUEST_DIMENSIONS",
+    "load_timeout_sec": "WIKI_EMBED_LOAD_TIMEOUT_SEC",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -83,6 +87,12 @@ class Settings:
     refresh_changed: bool | None = None
     maintenance_work_mem: str = "512MB"  # for rebuilding a dropped vector index
     db_reconnect_sec: float = 60.0  # how long a run waits for a lost database before stopping
+    # The model server (real Ollama's knobs).
+    keep_alive: str = "30m"  # sent with every request so the model stays loaded between batches ("-1": forever)
+    num_ctx: int | None = None  # options.num_ctx: raise the window up to the model's own maximum
+    request_dimensions: bool = False  # ask a Matryoshka model for `dimensions: D` when the column is narrower
+    load_timeout_sec: float = 300.0  # allowance for the run's first request, which may pay the model's load
+    reembed_cut: bool = False  # also re-embed chunks embedded from a cut (context) or truncated by the server
     dimensions: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -107,6 +117,12 @@ class Settings:
             raise ValueError(f"max-chunks must not be negative, got {self.max_chunks}")
         if not self.ollama_urls:
             raise ValueError("OLLAMA_URL is empty")
+        for url in self.ollama_urls:
+            check_http_url(url)
+        if self.num_ctx is not None and self.num_ctx < 1:
+            raise ValueError(f"num-ctx must be at least 1, got {self.num_ctx}")
+        if self.load_timeout_sec <= 0:
+            raise ValueError(f"load-timeout-sec must be positive, got {self.load_timeout_sec}")
         return self
 
     def options_for_resume(self) -> dict[str, Any]:
@@ -134,8 +150,17 @@ class Settings:
             "id_min",
             "id_max",
             "refresh_changed",
+            "keep_alive",
+            "num_ctx",
+            "request_dimensions",
+            "load_timeout_sec",
         ]
-        return {k: getattr(self, k) for k in keep}
+        options = {k: getattr(self, k) for k in keep}
+        # Credentials in OLLAMA_URL are never written to the bookkeeping: `resume` takes the URL from the
+        # environment then (options["ollama_url"] is None).
+        if any(url_secrets(u) for u in self.ollama_urls):
+            options["ollama_url"] = None
+        return options
 
     def masked(self) -> dict[str, Any]:
         """Effective settings for printing, with secrets masked."""
@@ -187,6 +212,25 @@ def mask_url(url: str) -> str:
         netloc = f"{userinfo}@{host}"
     masked = urlunsplit((parts.scheme, netloc, parts.path, _PASSWORD_IN_URL.sub(r"\1***", parts.query), ""))
     return masked
+
+
+def check_http_url(url: str) -> None:
+    """A model-server URL must be `http(s)://host[:port]`: anything else is a configuration error, said plainly
+    (masked), instead of a traceback or six retries against an address that cannot exist."""
+    shown = mask_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"OLLAMA_URL {shown!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"OLLAMA_URL {shown!r} needs a scheme: write it as http://HOST:PORT (e.g. http://ollama:11434)"
+        )
+    if not parts.hostname:
+        raise ValueError(f"OLLAMA_URL {shown!r} has no host name")
+    if port == 0:
+        raise ValueError(f"OLLAMA_URL {shown!r}: port 0 is not a port a server can listen on")
 
 
 def redact(text: str, secrets: list[str | None]) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,17 +18,75 @@ import pytest
 
 from wiki_embeddings.core import importer
 from wiki_embeddings.core.engine import Backfill, RunReport, build_client, build_store
+from wiki_embeddings.core.readiness import DEFAULT_ENV_FILE
+from wiki_embeddings.core.readiness import ENV_VARS as READINESS_ENV_VARS
 from wiki_embeddings.core.store import Store
 from wiki_embeddings.devtools import embedded_postgres
 from wiki_embeddings.devtools.ollama_server import OllamaServer, hash_vector
-from wiki_embeddings.settings import Settings, from_env
+from wiki_embeddings.settings import DEFAULT_STOP_FILE, Settings, from_env
 
 TEST_MODEL = "all-minilm"
 TEST_DIM = 384
 
 # Tests never talk to the operators' services, whatever the shell exported.
-for _var in ("DATABASE_URL", "OLLAMA_URL", "OLLAMA_MODEL", "OLALA_START_OLLAMA", "EMBED_STOP_FILE", "WIKI_EMBED_TABLE"):
+for _var in ("DATABASE_URL", "OLLAMA_URL", "OLLAMA_MODEL", "OLALA_START_OLLAMA", "WIKI_EMBED_TABLE"):
     os.environ.pop(_var, None)
+
+# ...nor touch the operators' files: every default path a run, a stop, the readiness sensor or the embedded
+# PostgreSQL would use points into this session's temp dir (subprocesses inherit it), and the real defaults
+# are checked untouched when the session ends (`_operators_files_untouched`).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SESSION_DEFAULTS = Path(tempfile.mkdtemp(prefix="we-defaults-"))
+DEFAULT_PATHS_ENV = {
+    "EMBED_STOP_FILE": str(SESSION_DEFAULTS / "wiki-embed.stop"),
+    "WIKI_EMBED_FAILURE_LOG": str(SESSION_DEFAULTS / "wiki-embed-failures.jsonl"),
+    READINESS_ENV_VARS["env_file"]: str(SESSION_DEFAULTS / DEFAULT_ENV_FILE),
+    embedded_postgres.PGDATA_ENV: str(SESSION_DEFAULTS / "pgdata"),
+}
+os.environ.update(DEFAULT_PATHS_ENV)
+#: The operators' files (the defaults of settings.py, defs/assets.py, readiness.py, embedded_postgres.py).
+OPERATORS_FILES = [
+    Path(DEFAULT_STOP_FILE),
+    REPO_ROOT / ".pgdata",
+    REPO_ROOT / DEFAULT_ENV_FILE,
+    Path.cwd() / DEFAULT_ENV_FILE,
+]
+OPERATORS_FAILURE_LOGS = "/tmp/wiki-embed-failures-*.jsonl"  # the Dagster configs' defaults (defs/assets.py)
+
+
+def _operators_files_state() -> dict[str, tuple[int, int, int, int] | None]:
+    """(type, size, mtime, inode) of each operator file, None when absent; `.pgdata` only at its top level."""
+    state: dict[str, tuple[int, int, int, int] | None] = {}
+    for path in [*OPERATORS_FILES, *map(Path, sorted(glob.glob(OPERATORS_FAILURE_LOGS)))]:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            state[str(path)] = None
+            continue
+        state[str(path)] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino)
+    return state
+
+
+_OPERATORS_FILES_AT_START = _operators_files_state()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _operators_files_untouched() -> Iterator[None]:
+    """Fails the run (an error at the last teardown) when a test created, changed or removed an operator file."""
+    yield
+    after = _operators_files_state()
+    touched = [
+        f"{path}: {_show_state(_OPERATORS_FILES_AT_START.get(path))} -> {_show_state(after.get(path))}"
+        for path in sorted(set(_OPERATORS_FILES_AT_START) | set(after))
+        if _OPERATORS_FILES_AT_START.get(path) != after.get(path)
+    ]
+    shutil.rmtree(SESSION_DEFAULTS, ignore_errors=True)
+    if touched:
+        pytest.fail("the test run touched the operators' files:\n  " + "\n  ".join(touched), pytrace=False)
+
+
+def _show_state(state: tuple[int, int, int, int] | None) -> str:
+    return "absent" if state is None else f"{state[1]} bytes, mtime_ns {state[2]}, inode {state[3]}"
 
 
 @pytest.fixture(scope="session")

@@ -129,10 +129,11 @@ def test_failures_lists_and_clears_and_retry_failed_reruns_them(make_table, olla
 def test_dry_run_says_what_would_be_embedded_and_writes_nothing(make_table, ollama):
     table = make_table()
     table.load([(i, f"text {i}") for i in range(1, 11)])
-    before = ollama.stats()["requests"]
+    before = ollama.stats()["embed_requests"]
     code, out = run_cli(table, "backfill", "--dry-run", "--max-chunks", "4", "--model", "all-minilm")
-    assert code == 0 and "would embed 4 of 10 missing chunks" in out
-    assert ollama.stats()["requests"] == before and status_of(table)["missing"] == "10"
+    assert code == 0 and "would embed 4 of 10 missing chunks" in out and "(ids 1..10)" in out
+    assert "pre-flight: model context" in out, "the pre-flight estimate is part of a dry run"
+    assert ollama.stats()["embed_requests"] == before and status_of(table)["missing"] == "10"
 
 
 def test_an_unreachable_ollama_is_a_one_line_error_naming_OLLAMA_URL_and_nothing_is_written(make_table, capsys):

@@ -171,7 +171,10 @@ def test_the_check_fails_while_anything_is_missing_and_passes_at_zero(make_table
     evaluation = before.get_asset_check_evaluations()[0]
     assert not evaluation.passed
     assert evaluation.metadata["missing"].value == 1
-    assert "past 9999999" in evaluation.metadata["worst_ranges"].value
+    worst = evaluation.metadata["worst_ranges"]
+    assert isinstance(worst, dg.TableMetadataValue)
+    assert [(r.data["range"], r.data["missing"]) for r in worst.records] == [("past 9999999", 1)]
+    assert evaluation.severity == dg.AssetCheckSeverity.ERROR, "nothing runs: a real problem"
     coverage = before.asset_materializations_for_node("embedding_coverage")[0].metadata
     assert coverage["missing"].value == 1 and coverage["total"].value == 21
     assert coverage["coverage_pct"].value == pytest.approx(95.23)
@@ -220,14 +223,35 @@ def test_coverage_is_refreshed_automatically_after_a_range_is_written(make_table
     table.load([(i, f"chunk {i}") for i in range(1, 6)])
     resources = resources_for(table, ollama)
     defs = definitions_for(resources)
+    live = {missing_wiki_chunks.key, embedding_coverage.key, dg.AssetCheckKey(embedding_coverage.key, "missing_is_zero")}
+
+    def requested(result) -> set:
+        return {r.key for r in result.results if r.true_subset.size}
+
+    # A new instance gets its first picture with no click (no "upstream never materialized" on a launch).
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-    assert first.total_requested == 0
+    assert requested(first) == live
+    assert dg.materialize(
+        [missing_wiki_chunks, embedding_coverage, missing_is_zero], resources=resources, instance=instance
+    ).success
+    idle = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert idle.total_requested == 0, "nothing changed: nothing to refresh"
+
     assert run_range(table, ollama, instance, FIRST).success
-    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=idle.cursor)
     # Coverage and its check, in one run, although the other 99 ranges were never materialized.
     assert after.get_num_requested(embedding_coverage.key) == 1
-    requested = {r.key for r in after.results if r.true_subset.size}
-    assert requested == {embedding_coverage.key, dg.AssetCheckKey(embedding_coverage.key, "missing_is_zero")}
+    assert requested(after) == {embedding_coverage.key, dg.AssetCheckKey(embedding_coverage.key, "missing_is_zero")}
+
+    # A change of the table seen by the state sensor (a new data version of wiki_chunks) refreshes all three.
+    assert dg.materialize([embedding_coverage, missing_is_zero], resources=resources, instance=instance).success
+    quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
+    assert quiet.total_requested == 0
+    instance.report_runless_asset_event(
+        dg.AssetObservation(asset_key="wiki_chunks", tags={"dagster/data_version": "55:55:50"})
+    )
+    changed = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=quiet.cursor)
+    assert requested(changed) == live
 
 
 def test_a_dead_server_is_left_to_the_retry_policy_and_marks_nothing_failed(make_table, ollama, monkeypatch):

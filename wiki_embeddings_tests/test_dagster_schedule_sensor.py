@@ -98,10 +98,15 @@ def test_readiness_flips_once_after_a_pass_and_never_on_a_fail_or_a_stale_check(
     assert env.read_text() == ENV_TEXT.replace("READY=false", "READY=true"), "every other line kept"
     assert stat.S_IMODE(env.stat().st_mode) == 0o640
     assert marker.read_text() == "restarted\n"
-    [observation] = flipped.asset_events
-    assert observation.asset_key == embedding_coverage.key
-    assert observation.metadata["readiness_action"].value == "set_true"
-    assert observation.metadata["restart_returncode"].value == 0
+    # The flip is an event an operator can find: a materialization of `readiness`, and the tick says it.
+    [flip] = flipped.asset_events
+    assert isinstance(flip, dg.AssetMaterialization) and flip.asset_key == dg.AssetKey("readiness")
+    assert flip.metadata["readiness_action"].value == "set_true"
+    assert (flip.metadata["previous"].value, flip.metadata["flag"].value) == ("false", "true")
+    assert flip.metadata["env_file"].value == str(env) and flip.metadata["at"].value
+    assert flip.metadata["restart_returncode"].value == "0"
+    assert "check_evaluation_id" not in flip.metadata
+    assert "set WIKI_EMBEDDINGS_READY=true" in flipped.skip_reason.skip_message
 
     again = sensor.tick()
     assert again.skip_reason is not None and not again.asset_events

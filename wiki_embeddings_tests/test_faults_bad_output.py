@@ -17,7 +17,8 @@ from wiki_embeddings.core.failure_log import read_entries
 from wiki_embeddings_tests.test_faults_support import filled, wait_until, wrong_vectors
 
 CASES = {
-    "nan_marker": ("invalid_vector", "NaN or infinity"),
+    "nan_json_marker": ("invalid_vector", "NaN or infinity"),  # a NaN literal inside a 200 answer
+    "nan_marker": ("http_500", "json: unsupported value: NaN"),  # what real Ollama answers: a 500
     "inf_marker": ("invalid_vector", "NaN or infinity"),
     "wrong_dim_marker": ("invalid_vector", "vector length 383 != column dimension 384"),
     "empty_vector_marker": ("invalid_vector", "empty vector"),

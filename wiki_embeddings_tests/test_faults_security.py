@@ -257,8 +257,11 @@ def test_the_password_never_reaches_dagster_logs_metadata_or_storage(make_table,
     home = tmp_path / "dagster_home"
     home.mkdir()
     env = cli_env(table, DATABASE_URL=_with_password(table.url), DAGSTER_HOME=str(home))
+    # The run config's failure log, not the bootstrap default (/tmp/wiki-embed-failures-bootstrap.jsonl, an
+    # operator's file): WIKI_EMBED_FAILURE_LOG does not override a Dagster config default.
+    config = {"ops": {"wiki_chunk_embeddings": {"config": {"failure_log": table.settings.failure_log}}}}
     done = subprocess.run(
-        dagster_materialize(range_key(0)),
+        [*dagster_materialize(range_key(0)), "--config-json", json.dumps(config)],
         env=env,
         capture_output=True,
         text=True,
@@ -270,6 +273,7 @@ def test_the_password_never_reaches_dagster_logs_metadata_or_storage(make_table,
     assert stored, "Dagster stored its run"
     for path in stored:
         assert SECRET.encode() not in path.read_bytes(), path
+    assert [e["chunk_id"] for e in read_entries(table.settings.failure_log)] == [2], "the run config's log"
 
 
 # ------------------------------------------------------------------------------------------ planted links

@@ -118,8 +118,19 @@ def updates_counted(table) -> int:
     return int(rows[0][0]) if rows else 0
 
 
-def expected_matrix(texts: list[str], max_chars: int, model: str = TEST_MODEL, dim: int = TEST_DIM) -> np.ndarray:
-    return np.stack([hash_vector(model, clean_text(t[:max_chars]), dim) for t in texts])
+def expected_matrix(
+    texts: list[str],
+    max_chars: int,
+    model: str = TEST_MODEL,
+    dim: int = TEST_DIM,
+    sent: list[int | None] | None = None,
+) -> np.ndarray:
+    """The hash server's vectors for the texts as the engine sends them: cut to max_chars, cleaned, and cut again
+    to the characters provenance says were sent (a cut to fit the model's context)."""
+    sent = sent or [None] * len(texts)
+    return np.stack(
+        [hash_vector(model, clean_text(t[:max_chars])[:n], dim) for t, n in zip(texts, sent, strict=True)]
+    )
 
 
 def wrong_vectors(table, max_chars: int | None = None, model: str = TEST_MODEL, dim: int = TEST_DIM) -> list[int]:
@@ -129,13 +140,19 @@ def wrong_vectors(table, max_chars: int | None = None, model: str = TEST_MODEL, 
         from pgvector.psycopg import register_vector
 
         register_vector(conn)
+        schema, name = table.settings.table.split(".")
         rows = conn.execute(
-            f"SELECT id, content, embedding FROM {table.settings.table} WHERE embedding IS NOT NULL ORDER BY id"
+            f"SELECT t.id, t.content, t.embedding, p.chars_sent FROM {table.settings.table} t"
+            f" LEFT JOIN {table.settings.state_schema}.embedding_provenance p ON p.table_name = %s"
+            " AND p.chunk_id = t.id AND p.column_attnum = (SELECT attnum FROM pg_attribute"
+            " WHERE attrelid = %s::regclass AND attname = 'embedding')"
+            " WHERE t.embedding IS NOT NULL ORDER BY t.id",
+            (table.settings.table, f'"{schema}"."{name}"'),
         ).fetchall()
     if not rows:
         return []
     got = np.stack([r[2].to_numpy() for r in rows])
-    want = expected_matrix([r[1] for r in rows], max_chars, model, dim)
+    want = expected_matrix([r[1] for r in rows], max_chars, model, dim, [r[3] for r in rows])
     bad = ~np.all(np.isclose(got, want, atol=1e-6), axis=1)
     return [int(rows[i][0]) for i in np.flatnonzero(bad)]
 

@@ -81,9 +81,7 @@ def test_set_flag_rewrites_only_its_line_and_keeps_the_mode(tmp_path):
     change = set_flag(env, True)
 
     assert change.changed and change.previous is False and not change.created
-    assert env.read_text() == ENV_TEXT.replace(
-        "export WIKI_EMBEDDINGS_READY=false  # set by the readiness sensor", "export WIKI_EMBEDDINGS_READY=true"
-    )
+    assert env.read_text() == ENV_TEXT.replace("READY=false  # set by", "READY=true  # set by"), "comment kept"
     assert stat.S_IMODE(env.stat().st_mode) == 0o640
     assert read_flag(env) is True
     assert not set_flag(env, True).changed, "already true: the file is not rewritten"
@@ -97,6 +95,59 @@ def test_set_flag_appends_when_absent_and_keeps_crlf_endings(tmp_path):
     assert env.read_bytes() == b"A=1\r\nB=2\r\nWIKI_EMBEDDINGS_READY=true\r\n"
     set_flag(env, False)
     assert env.read_bytes() == b"A=1\r\nB=2\r\nWIKI_EMBEDDINGS_READY=false\r\n"
+
+
+def test_non_utf8_bytes_anywhere_are_kept_and_the_flag_still_flips(tmp_path):
+    env = tmp_path / ".env.beta"
+    before = b"# caf\xe9 (latin-1)\nGREETING=\xff\xfe\x80\nWIKI_EMBEDDINGS_READY=false\nTAIL=\xc3\n"
+    env.write_bytes(before)
+    assert read_flag(env) is False
+    assert set_flag(env, True).changed
+    assert env.read_bytes() == before.replace(b"READY=false", b"READY=true")
+    assert read_flag(env) is True
+
+
+SEPARATORS = [b"\x0c", b"\x0b", b"\x1c", "\x85".encode(), "\u2028".encode(), "\u2029".encode()]  # str.splitlines's
+
+
+@pytest.mark.parametrize("separator", SEPARATORS)
+def test_only_a_newline_ends_a_line_so_nothing_merges_into_the_flags_value(tmp_path, separator):
+    env = tmp_path / ".env.beta"
+    before = b"WIKI_EMBEDDINGS_READY=false # note" + separator + b"OTHER=1\nB=2" + separator + b"\n"
+    env.write_bytes(before)
+    set_flag(env, True)
+    assert env.read_bytes() == before.replace(b"READY=false", b"READY=true")
+    assert read_flag(env) is True
+
+
+def test_a_bom_on_the_first_line_is_kept_and_its_key_is_found_not_duplicated(tmp_path):
+    env = tmp_path / ".env.beta"
+    env.write_bytes(b"\xef\xbb\xbfWIKI_EMBEDDINGS_READY=false\r\nA=1\r\n")
+    assert read_flag(env) is False
+    set_flag(env, True)
+    assert env.read_bytes() == b"\xef\xbb\xbfWIKI_EMBEDDINGS_READY=true\r\nA=1\r\n"
+    assert env.read_bytes().count(b"WIKI_EMBEDDINGS_READY") == 1
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (
+            b"WIKI_EMBEDDINGS_READY=false # flipped by the sensor\n",
+            b"WIKI_EMBEDDINGS_READY=true # flipped by the sensor\n",
+        ),
+        (b'WIKI_EMBEDDINGS_READY="false"\t# quoted\r\n', b'WIKI_EMBEDDINGS_READY="true"\t# quoted\r\n'),
+        (b"export WIKI_EMBEDDINGS_READY='false' #c\n", b"export WIKI_EMBEDDINGS_READY='true' #c\n"),
+        (b"WIKI_EMBEDDINGS_READY= # unset yet\n", b"WIKI_EMBEDDINGS_READY=true # unset yet\n"),
+        (b"WIKI_EMBEDDINGS_READY=false#not-a-comment\n", b"WIKI_EMBEDDINGS_READY=true\n"),
+    ],
+)
+def test_an_inline_comment_after_the_value_is_kept(tmp_path, before, after):
+    env = tmp_path / ".env.beta"
+    env.write_bytes(before)
+    set_flag(env, True)
+    assert env.read_bytes() == after
+    assert read_flag(env) is True
 
 
 def test_a_missing_env_file_is_created_private(tmp_path):

@@ -5,10 +5,17 @@ The client decides what a failure *means*, because the engine acts on that meani
   through retries with backoff. The chunks are fine; the run stops cleanly and marks nothing failed.
 - `ModelNotFound`: the model is not pulled on the server; nothing can be embedded.
 - `InputRejected`: the server refused this input (400) - tied to the texts: the engine bisects.
+- `ContextExceeded`: a 400 saying the input is over the model's context (Ollama >= 0.13.5 answers it whatever
+  `truncate` says, ollama#14186): never the chunk's fault; the engine cuts the text to fit (core/context.py).
 - `AmbiguousFailure`: a 500, a deadline hit, a malformed answer - either the input or the server; the
   engine asks a known-good canary text before blaming the input.
 - `InvalidVectors`: the answer parsed, but some vectors are unusable (NaN, infinity, wrong or zero
   length); the valid ones come with it so they can still be written.
+
+Every request sends `truncate: false` (the tool cuts texts itself, so a stored vector is known to be of the
+text recorded), `keep_alive` (the model stays loaded between batches) and, when set, `options.num_ctx` and
+`dimensions`. Answers are read with a size bound: a body larger than a batch can legitimately be, or one that
+never ends, is cut off and treated as a server fault.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import asyncio
 import itertools
 import json
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +36,12 @@ import orjson
 from wiki_embeddings.settings import mask_url
 
 TRANSIENT_STATUSES = {408, 429, 502, 503, 504}
+# Ollama's refusal of an over-long input (0.13.5+: "the input length exceeds the context length").
+_CONTEXT_REFUSAL = re.compile(r"context (length|window)|exceeds the context|too many tokens", re.IGNORECASE)
+ERROR_BODY_LIMIT = 64 * 1024  # an error answer is a line of text; more is cut off
+BYTES_PER_NUMBER = 32  # a float in JSON ("-0.012345678901234567,") with a generous margin
+UNKNOWN_DIMENSIONS = 16_384  # the answer bound before the model's vector length is known
+RESPONSE_SLACK = 64 * 1024
 
 
 class EmbedFailure(Exception):
@@ -53,6 +67,12 @@ class ModelNotFound(EmbedFailure):
 
 class InputRejected(EmbedFailure):
     kind = "input_rejected"
+
+
+class ContextExceeded(InputRejected):
+    """The server refused an input as longer than the model's context window (in tokens)."""
+
+    kind = "context_exceeded"
 
 
 class AmbiguousFailure(EmbedFailure):
@@ -104,6 +124,9 @@ class OllamaClient:
         text_prefix: str = "",
         dimensions: int | None = None,
         connect_timeout_sec: float = 10.0,
+        keep_alive: str | None = "30m",
+        num_ctx: int | None = None,
+        load_timeout_sec: float = 300.0,
     ):
         if not urls:
             raise ValueError("at least one Ollama URL is needed")
@@ -113,7 +136,13 @@ class OllamaClient:
         self.backoff_base_sec = backoff_base_sec
         self.backoff_max_sec = backoff_max_sec
         self.text_prefix = text_prefix
-        self.dimensions = dimensions
+        self.dimensions = dimensions  # the vector length every answer must have (None: not checked yet)
+        self.request_dimensions: int | None = None  # sent as `dimensions` (Matryoshka models, opt-in)
+        self.keep_alive = keep_alive
+        self.num_ctx = num_ctx
+        self.load_timeout_sec = max(load_timeout_sec, timeout_sec)
+        self.last_prompt_eval_count: int | None = None
+        self._deadline_name = "--timeout-sec"
         self.per_url_in_flight = per_url_in_flight
         self._urls = [u.rstrip("/") for u in urls]
         self._endpoints: list[_Endpoint] | None = None
@@ -167,25 +196,52 @@ class OllamaClient:
                 f"the Ollama server at {mask_url(url)} (OLLAMA_URL) does not answer: {_describe(exc)}"
             ) from exc
 
+    async def show(self) -> dict[str, object]:
+        """POST /api/show for the model: its context length, architecture and default parameters.
+
+        Returns {} when the server cannot describe the model (an older server, a proxy): the context is then
+        learned from refusals alone.
+        """
+        http = self._ensure_open()
+        url = self._urls[0]
+        try:
+            resp = await asyncio.wait_for(
+                http.post(f"{url}/api/show", content=orjson.dumps({"model": self.model})), self._connect_timeout
+            )
+        except (httpx.HTTPError, TimeoutError):
+            return {}
+        if resp.status_code != 200:
+            return {}
+        try:
+            data = _loads(resp.content[: ERROR_BODY_LIMIT * 16])
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
     async def probe_dimensions(self, text: str = "dimension probe") -> int:
-        """Embed one text to learn the model's vector length (and prove the model is there)."""
+        """Embed one text to learn the model's vector length (and prove the model is there).
+
+        This is the run's first request, so it may pay the model's load time: it runs under the load allowance
+        (`load_timeout_sec`), not under `--timeout-sec`, and a cold start is never counted as a timeout.
+        """
         saved, self.dimensions = self.dimensions, None
+        saved_timeout, self.timeout_sec = self.timeout_sec, self.load_timeout_sec
+        self._deadline_name = "--load-timeout-sec (the first request may load the model)"
         try:
             vectors = await self.embed([text])
         finally:
             self.dimensions = saved
+            self.timeout_sec = saved_timeout
+            self._deadline_name = "--timeout-sec"
         return int(vectors[0].shape[0])
-
-    async def healthy(self, text: str) -> bool:
-        """Does a known-good text still embed? Tells a sick server from a poisoned chunk."""
-        try:
-            await self.embed([text])
-            return True
-        except EmbedFailure:
-            return False
 
     async def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
         """One validated batch: one finite float32 vector of the expected length per input, or an EmbedFailure."""
+        vectors, _ = await self.embed_counted(texts)
+        return vectors
+
+    async def embed_counted(self, texts: Sequence[str]) -> tuple[list[np.ndarray], int | None]:
+        """`embed`, plus the server's `prompt_eval_count` (tokens evaluated over all inputs; None if not sent)."""
         self._ensure_open()
         assert self._endpoints is not None and self._rotation is not None
         payload_texts = [self.text_prefix + t for t in texts] if self.text_prefix else list(texts)
@@ -195,16 +251,17 @@ class OllamaClient:
             try:
                 async with endpoint.slots:
                     started = time.perf_counter()
-                    vectors = await asyncio.wait_for(self._request(endpoint, payload_texts), self.timeout_sec)
+                    vectors, count = await asyncio.wait_for(self._request(endpoint, payload_texts), self.timeout_sec)
                     self.stats.seconds_waiting += time.perf_counter() - started
                 self.stats.texts += len(texts)
-                return self._validate(vectors, len(texts))
+                self.last_prompt_eval_count = count
+                return self._validate(vectors, len(texts)), count
             except TimeoutError as exc:
                 timeouts += 1
                 if timeouts > min(1, self.retries):
                     # A deadline hit twice: the engine asks a canary whether the server or the input is at fault.
                     raise AmbiguousFailure(
-                        f"no complete answer from {mask_url(endpoint.url)} within --timeout-sec "
+                        f"no complete answer from {mask_url(endpoint.url)} within {self._deadline_name} "
                         f"{self.timeout_sec:g} ({timeouts} attempts)",
                         kind="timeout",
                     ) from exc
@@ -227,17 +284,34 @@ class OllamaClient:
         return ceiling * (0.5 + random.random() / 2)
 
     # ------------------------------------------------------------ one HTTP exchange
-    async def _request(self, endpoint: _Endpoint, texts: list[str]) -> list[object]:
+    def _common_fields(self) -> dict[str, object]:
+        fields: dict[str, object] = {}
+        if self.keep_alive is not None:
+            fields["keep_alive"] = _keep_alive_value(self.keep_alive)
+        if self.num_ctx:
+            fields["options"] = {"num_ctx": self.num_ctx}
+        return fields
+
+    def _answer_limit(self, texts: int) -> int:
+        """The largest answer `texts` vectors can legitimately make (JSON numbers at a generous width)."""
+        dims = self.request_dimensions or self.dimensions or UNKNOWN_DIMENSIONS
+        return max(texts, 1) * dims * BYTES_PER_NUMBER + RESPONSE_SLACK
+
+    async def _request(self, endpoint: _Endpoint, texts: list[str]) -> tuple[list[object], int | None]:
         http = self._ensure_open()
         self.stats.requests += 1
         self.stats.by_url[endpoint.url] = self.stats.by_url.get(endpoint.url, 0) + 1
         if endpoint.legacy:
-            return [await self._legacy_one(endpoint, t) for t in texts]
-        body = orjson.dumps({"model": self.model, "input": texts, "truncate": True})
-        resp = await self._post(http, f"{endpoint.url}/api/embed", body)
+            return [await self._legacy_one(endpoint, t) for t in texts], None
+        payload: dict[str, object] = {"model": self.model, "input": texts, "truncate": False, **self._common_fields()}
+        if self.request_dimensions:
+            payload["dimensions"] = self.request_dimensions
+        resp = await self._post(
+            http, f"{endpoint.url}/api/embed", orjson.dumps(payload), self._answer_limit(len(texts))
+        )
         if resp.status_code == 404 and not _mentions_model(resp):
             endpoint.legacy = True  # an Ollama older than /api/embed
-            return [await self._legacy_one(endpoint, t) for t in texts]
+            return [await self._legacy_one(endpoint, t) for t in texts], None
         data = self._json_or_raise(resp, endpoint)
         embeddings = data.get("embeddings") if isinstance(data, dict) else None
         if not isinstance(embeddings, list):
@@ -246,23 +320,49 @@ class OllamaClient:
                 http_status=200,
                 kind="bad_response",
             )
-        return embeddings
+        count = data.get("prompt_eval_count") if isinstance(data, dict) else None
+        return embeddings, count if isinstance(count, int) and not isinstance(count, bool) else None
 
     async def _legacy_one(self, endpoint: _Endpoint, text: str) -> object:
         http = self._ensure_open()
-        body = orjson.dumps({"model": self.model, "prompt": text})
-        resp = await self._post(http, f"{endpoint.url}/api/embeddings", body)
+        body = orjson.dumps({"model": self.model, "prompt": text, **self._common_fields()})
+        resp = await self._post(http, f"{endpoint.url}/api/embeddings", body, self._answer_limit(1))
         data = self._json_or_raise(resp, endpoint)
         return data.get("embedding") if isinstance(data, dict) else None
 
     @staticmethod
-    async def _post(http: httpx.AsyncClient, url: str, body: bytes) -> httpx.Response:
+    async def _post(http: httpx.AsyncClient, url: str, body: bytes, limit: int) -> _Answer:
+        """POST and read the answer, never more than `limit` bytes (ERROR_BODY_LIMIT for an error answer).
+
+        A body over the bound, or one that never ends, is cut off and treated as a server fault: retried,
+        then a clean stop with nothing marked failed; memory stays bounded whatever the server sends.
+        """
         try:
-            return await http.post(url, content=body)
+            async with http.stream("POST", url, content=body) as resp:
+                cap = limit if resp.status_code < 400 else ERROR_BODY_LIMIT
+                declared = resp.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > cap and resp.status_code < 400:
+                    raise _Transient(
+                        f"answer of {int(declared):,} bytes from {mask_url(url)} is larger than a batch can be "
+                        f"({cap:,} bytes): refused"
+                    )
+                parts: list[bytes] = []
+                size = 0
+                async for part in resp.aiter_bytes():
+                    size += len(part)
+                    if size > cap:
+                        if resp.status_code >= 400:
+                            break  # an error text: its first part is enough
+                        raise _Transient(
+                            f"answer from {mask_url(url)} exceeded {cap:,} bytes (more than a batch can be, or "
+                            "a body that never ends): cut off"
+                        )
+                    parts.append(part)
+                return _Answer(resp.status_code, resp.headers, b"".join(parts)[:cap], resp.reason_phrase)
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             raise _Transient(f"{_describe(exc)} from {mask_url(url)}") from exc
 
-    def _json_or_raise(self, resp: httpx.Response, endpoint: _Endpoint) -> object:
+    def _json_or_raise(self, resp: _Answer, endpoint: _Endpoint) -> object:
         status = resp.status_code
         where = mask_url(endpoint.url)
         if status in TRANSIENT_STATUSES:
@@ -273,6 +373,8 @@ class OllamaClient:
                 f"Pull it first (`ollama pull {self.model}`) or set OLLAMA_MODEL to a model the server has.",
                 http_status=404,
             )
+        if status == 400 and _CONTEXT_REFUSAL.search(_error_text(resp)):
+            raise ContextExceeded(f"HTTP 400: {_error_text(resp)}", http_status=400)
         if 400 <= status < 500:
             raise InputRejected(f"HTTP {status}: {_error_text(resp)}", http_status=status, kind=f"http_{status}")
         if status >= 500:
@@ -336,6 +438,29 @@ class OllamaClient:
         return vectors  # type: ignore[return-value]
 
 
+@dataclass
+class _Answer:
+    """An HTTP answer read within its size bound."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+    reason_phrase: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+
+def _keep_alive_value(value: str) -> str | int:
+    """Ollama takes a duration ("30m", "1h") or seconds as a number (-1: forever, 0: unload at once)."""
+    text = value.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 class _Transient(Exception):
     """Internal: a failure worth retrying (transport error, overload status)."""
 
@@ -352,7 +477,7 @@ def _loads(content: bytes) -> object:
         return json.loads(content)
 
 
-def _error_text(resp: httpx.Response) -> str:
+def _error_text(resp: _Answer) -> str:
     try:
         data = _loads(resp.content)
         if isinstance(data, dict) and "error" in data:
@@ -362,7 +487,7 @@ def _error_text(resp: httpx.Response) -> str:
     return resp.text[:200].strip() or resp.reason_phrase
 
 
-def _mentions_model(resp: httpx.Response) -> bool:
+def _mentions_model(resp: _Answer) -> bool:
     return "model" in resp.text.lower()
 
 

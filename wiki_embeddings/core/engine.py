@@ -25,6 +25,7 @@ import psycopg
 
 from wiki_embeddings.core.client import (
     AmbiguousFailure,
+    ContextExceeded,
     EmbedFailure,
     InputRejected,
     InvalidVectors,
@@ -32,8 +33,20 @@ from wiki_embeddings.core.client import (
     OllamaClient,
     ServerUnavailable,
 )
+from wiki_embeddings.core.context import (
+    PREFLIGHT_SAMPLE,
+    SAFETY,
+    ContextRefused,
+    TokenEstimator,
+    Window,
+    fit_prefix,
+    fit_text,
+    format_preflight,
+    preflight,
+    window_from_show,
+)
 from wiki_embeddings.core.failure_log import FailureLog
-from wiki_embeddings.core.store import Provenance, Store
+from wiki_embeddings.core.store import Provenance, Store, VectorNotes
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings, redact, url_secrets
 
@@ -44,6 +57,9 @@ CLEAN_STATES = {"completed", "stopped", "max_chunks"}
 EXIT_CODES = {"server_unavailable": 3, "model_not_found": 4, "database_unavailable": 5, "failure_log_error": 6}
 DB_STOP_CHECK_EVERY_SEC = 1.0
 DB_RECONNECT_MAX_DELAY_SEC = 5.0
+# A batch whose `prompt_eval_count` is below this share of its estimated tokens is re-checked text by text.
+SILENT_TRUNCATION_SHARE = 0.6
+RECHECK_MAX = 8  # the longest texts of a suspect batch re-checked alone
 
 
 class DimensionMismatch(RuntimeError):
@@ -84,6 +100,12 @@ class RunReport:
     refreshed: int = 0  # chunks re-embedded in place because their text changed (maintenance)
     changed_found: int | None = None  # changed chunks the content scan found (None: no complete scan)
     index_seconds: dict[str, Any] = field(default_factory=dict)
+    context_tokens: int | None = None  # the model's window as this run understood it
+    context_cut: int = 0  # chunks embedded from a cut below --max-chars, to fit the context
+    server_truncated: int = 0  # chunks the server was caught truncating silently
+    fit_searches: int = 0  # refused chunks whose longest fitting prefix was searched
+    fit_requests: int = 0  # requests those searches sent (average = fit_requests / fit_searches)
+    preflight: dict[str, Any] = field(default_factory=dict)
 
     @property
     def chunks_per_s(self) -> float:
@@ -108,6 +130,26 @@ class _Batch:
     @property
     def ids(self) -> list[int]:
         return [r[0] for r in self.rows] + [r[0] for r in self.invalid]
+
+
+@dataclass
+class _Embedded:
+    """Vectors ready to write, with what was actually sent for each."""
+
+    ids: list[int]
+    vectors: list[np.ndarray]
+    chars: list[int]
+    cut: list[bool]
+    truncated: list[bool]
+
+    def keep(self, positions: list[int]) -> _Embedded:
+        return _Embedded(
+            [self.ids[k] for k in positions],
+            [self.vectors[k] for k in positions],
+            [self.chars[k] for k in positions],
+            [self.cut[k] for k in positions],
+            [self.truncated[k] for k in positions],
+        )
 
 
 class _Fatal(RuntimeError):
@@ -160,6 +202,8 @@ class Backfill:
         self._shadow = False  # filling a model migration's shadow column
         self._provenance: Provenance | None = None
         self._scan_complete = False
+        self._window = Window(num_ctx=settings.num_ctx)
+        self._estimator = TokenEstimator()
 
     # ------------------------------------------------------------ public
     def run(self) -> RunReport:
@@ -186,8 +230,11 @@ class Backfill:
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=self.client.model, dimensions=dimensions)
         self._report = report
+        idle = not self._refresh_wanted() and await asyncio.to_thread(self._count_remaining) == 0
         try:
-            await self._check_model(dimensions)
+            if not idle:  # nothing missing and no refresh pass: the model server is not contacted at all
+                await self._check_model(dimensions)
+                await self._learn_context(report)
         except EmbedFailure as exc:
             report.state = "model_not_found" if isinstance(exc, ModelNotFound) else "server_unavailable"
             report.message = self._clean(exc.message)
@@ -198,7 +245,7 @@ class Backfill:
                 )
             report.remaining = await asyncio.to_thread(self._count_remaining)
             return report
-        if not self._shadow:  # a shadow fill leaves the live model as it is until the swap
+        if not self._shadow and not idle:  # a shadow fill leaves the live model as it is until the swap
             await asyncio.to_thread(self.store.record_model, self.client.model, dimensions)
         self._provenance = Provenance(self.client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence)
@@ -282,7 +329,8 @@ class Backfill:
         self._log(
             f"{self.mode} {report.state}: embedded={report.embedded} failed={report.failed} "
             f"remaining={report.remaining} refreshed={report.refreshed} seconds={report.seconds:.1f} "
-            f"chunks/s={report.chunks_per_s:.1f}. "
+            f"chunks/s={report.chunks_per_s:.1f} cut_for_context={report.context_cut} "
+            f"server_truncated={report.server_truncated}{self._fit_summary(report)}. "
             f"{report.message}"
         )
         return report
@@ -318,25 +366,61 @@ class Backfill:
                 f"`wiki-embeddings migrate-model --to {self.client.model}` (then --swap)"
             )
 
+    def _refresh_wanted(self) -> bool:
+        """Does this run include the pass over embedded chunks (changed text; with --reembed-cut, cut ones)?"""
+        s = self.s
+        if s.retry_failed:
+            return False
+        if s.reembed_cut:
+            return True
+        return s.refresh_changed if s.refresh_changed is not None else s.max_chunks is not None
+
     def _may_refresh(self) -> bool:
         """Maintenance re-embeds changed chunks after the missing ones, unless stopped, failed or capped."""
         s = self.s
-        wanted = s.refresh_changed if s.refresh_changed is not None else s.max_chunks is not None
-        if not wanted or s.retry_failed or self._fatal is not None or self._stop_event.is_set():
+        if not self._refresh_wanted() or self._fatal is not None or self._stop_event.is_set():
             return False
         return s.max_chunks is None or self._claimed < s.max_chunks
 
     async def _check_model(self, dimensions: int) -> None:
         """Refuse a model whose vectors have another length than the column, before anything is written."""
         got = await self.client.probe_dimensions(CANARY_TEXT)
+        column = f"{self.store.table.qualified}.{self.store.table.embedding_column}"
+        if got != dimensions and self.s.request_dimensions and dimensions < got:
+            # A Matryoshka model (nomic-embed-text v1.5, ...) can answer shorter vectors when asked: opt-in,
+            # because not every model is trained for it (the server would just cut an ordinary model's vectors).
+            self.client.request_dimensions = dimensions
+            try:
+                got = await self.client.probe_dimensions(CANARY_TEXT)
+            except InputRejected as exc:
+                raise DimensionMismatch(
+                    f"model {self.client.model!r} refused `dimensions: {dimensions}` ({exc.message}); {column} is "
+                    f"vector({dimensions}); nothing was written"
+                ) from exc
         if got != dimensions:
+            hint = (
+                f" (the model answers {got} values: --request-dimensions asks a Matryoshka model for {dimensions})"
+                if dimensions < got and not self.s.request_dimensions
+                else ""
+            )
             raise DimensionMismatch(
-                f"model {self.client.model!r} returns {got}-dimensional vectors but "
-                f"{self.store.table.qualified}.{self.store.table.embedding_column} is vector({dimensions}); "
-                "nothing was written. Use the model the column was built for, or migrate the column."
+                f"model {self.client.model!r} returns {got}-dimensional vectors but {column} is vector({dimensions});"
+                f" nothing was written. Use the model the column was built for, or migrate the column{hint}."
             )
         self.client.dimensions = dimensions
         self._known_good = CANARY_TEXT
+
+    async def _learn_context(self, report: RunReport) -> None:
+        """Ask the server for the model's context (`/api/show`) and print the pre-flight estimate."""
+        self._window = window_from_show(await self.client.show(), self.s.num_ctx)
+        report.context_tokens = self._window.tokens
+        try:
+            sample = await asyncio.to_thread(self.store.sample_texts, PREFLIGHT_SAMPLE, self.s.max_chars)
+        except psycopg.Error as exc:  # an estimate only: it never stops a run
+            self._log(f"pre-flight: no sample ({type(exc).__name__}); model context {self._window.describe()}")
+            return
+        report.preflight = preflight(sample, self._window, self._estimator, self.s.max_chars, self.client.text_prefix)
+        self._log(format_preflight(report.preflight))
 
     def _drop_vector_indexes(self, report: RunReport) -> list[dict[str, str]]:
         """Bulk-load policy: an HNSW/IVFFlat index makes every write several times slower (pgvector #810).
@@ -498,7 +582,7 @@ class Backfill:
         self._conns["write"] = await asyncio.to_thread(self.store.connect)
         workers_n = s.concurrency * len(s.ollama_urls)
         todo: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=workers_n)
-        done: asyncio.Queue[tuple[list[int], list[np.ndarray]] | None] = asyncio.Queue(maxsize=workers_n * 2)
+        done: asyncio.Queue[_Embedded | None] = asyncio.Queue(maxsize=workers_n * 2)
         try:
             producer = asyncio.create_task(self._produce(todo, workers_n, report))
             workers = [asyncio.create_task(self._work(todo, done, report)) for _ in range(workers_n)]
@@ -537,6 +621,7 @@ class Backfill:
                     id_max=s.id_max,
                     mode=self._claim_mode(),
                     max_attempts=s.max_attempts,
+                    **({"include_cut": True} if self._phase == "refresh" and s.reembed_cut else {}),
                 )
                 if claim.last_scanned_id is None:
                     self._scan_complete = True
@@ -580,15 +665,22 @@ class Backfill:
                 self._unexpected("embedding worker", exc)
                 await self._release_quietly(batch.ids)
 
-    async def _call(self, texts: list[str]) -> list[np.ndarray]:
+    async def _call(self, texts: list[str]) -> tuple[list[np.ndarray], int | None]:
         try:
-            return await self.client.embed(texts)
+            return await self.client.embed_counted(texts)
         finally:
             if self.s.sleep_ms:
                 await asyncio.sleep(self.s.sleep_ms / 1000)
 
+    def _fit(self, text: str) -> str:
+        return fit_text(text, self.client.text_prefix, self._window.tokens, self._estimator)
+
     async def _embed_rows(self, rows: list[tuple[int, str]], done: asyncio.Queue, report: RunReport) -> None:
-        """Embed rows; on an input-tied failure split the batch until the bad chunks stand alone."""
+        """Embed rows; on an input-tied failure split the batch until the bad chunks stand alone.
+
+        Each text is first cut to fit the model's context (estimated in tokens); a text the server still
+        refuses as too long is cut to the longest prefix it takes (`_fit_one`), never failed for its length.
+        """
         if not rows:
             return
         blank = [r for r in rows if not r[1].strip()]
@@ -598,17 +690,34 @@ class Backfill:
             rows = [r for r in rows if r[1].strip()]
             if not rows:
                 return
+        sent = [self._fit(r[1]) for r in rows]
         try:
-            vectors = await self._call([r[1] for r in rows])
+            vectors, count = await self._call(sent)
         except ServerUnavailable as exc:
             raise _Fatal("server_unavailable", exc.message) from exc
         except ModelNotFound as exc:
             raise _Fatal("model_not_found", exc.message) from exc
+        except ContextExceeded as exc:
+            if len(rows) == 1:
+                await self._fit_one(rows[0], len(sent[0]), done, report, exc)
+                return
+            # The estimate was short for some text: the texts nearest the window go alone, the rest together.
+            budget = (self._window.tokens or 0) * SAFETY
+            risky = [k for k, t in enumerate(sent) if budget and self._estimator.estimate(t) >= 0.6 * budget]
+            if not risky or len(risky) == len(rows):
+                half = len(rows) // 2
+                await self._embed_rows(rows[:half], done, report)
+                await self._embed_rows(rows[half:], done, report)
+                return
+            for k in risky:
+                await self._embed_rows([rows[k]], done, report)
+            await self._embed_rows([r for k, r in enumerate(rows) if k not in set(risky)], done, report)
+            return
         except InvalidVectors as exc:
-            good = [(r, v) for r, v in zip(rows, exc.vectors, strict=True) if v is not None]
+            good = [k for k, v in enumerate(exc.vectors) if v is not None]
             if good:
-                await done.put(([r[0] for r, _ in good], [v for _, v in good]))
-                self._known_good = good[0][0][1]
+                await done.put(self._embedded(rows, sent, exc.vectors, good))
+                self._known_good = sent[good[0]]
             bad = [rows[i] for i in sorted(exc.reasons)]
             if len(rows) == 1:
                 await self._isolate(bad[0], exc.kind, exc.reasons[0], exc.http_status, report)
@@ -629,8 +738,95 @@ class Backfill:
                 await self._embed_rows(rows[:half], done, report)
                 await self._embed_rows(rows[half:], done, report)
             return
-        self._known_good = rows[0][1]
-        await done.put(([r[0] for r in rows], vectors))
+        self._known_good = sent[0]
+        embedded = self._embedded(rows, sent, vectors, list(range(len(rows))))
+        if count is not None:
+            await self._check_truncation(embedded, sent, count, report)
+        await done.put(embedded)
+
+    @staticmethod
+    def _embedded(
+        rows: list[tuple[int, str]], sent: list[str], vectors: list[np.ndarray | None], positions: list[int]
+    ) -> _Embedded:
+        return _Embedded(
+            [rows[k][0] for k in positions],
+            [v for k in positions if (v := vectors[k]) is not None],
+            [len(sent[k]) for k in positions],
+            [len(sent[k]) < len(rows[k][1]) for k in positions],
+            [False] * len(positions),
+        )
+
+    async def _check_truncation(self, embedded: _Embedded, sent: list[str], count: int, report: RunReport) -> None:
+        """A server that truncates silently evaluates fewer tokens than the texts have: `prompt_eval_count` well
+        below the estimate. Then the longer texts are re-checked one by one; a text whose own count is far below
+        its estimate was cut by the server (flagged, and the window learned); otherwise the counts teach the
+        estimator. A batch that looks right teaches it directly."""
+        prefix = self.client.text_prefix
+        estimates = [self._estimator.estimate(prefix + t) for t in sent]
+        if count >= SILENT_TRUNCATION_SHARE * sum(estimates) or len(sent) == 0:
+            self._estimator.observe([prefix + t for t in sent], count)
+            return
+        order = sorted(range(len(sent)), key=lambda k: estimates[k], reverse=True)[:RECHECK_MAX]
+        for k in order:
+            try:
+                _, own = await self._call([sent[k]])
+            except EmbedFailure:
+                continue  # the batch's vector stands; only the flag is unknown
+            if own is None:
+                continue
+            if own < SILENT_TRUNCATION_SHARE * estimates[k]:
+                embedded.truncated[k] = True
+                report.server_truncated += 1
+                self._window.learn(own)
+            else:
+                self._estimator.observe([prefix + sent[k]], own)
+        if any(embedded.truncated):
+            self._log(
+                f"the server truncated {sum(embedded.truncated)} chunk(s) silently (it evaluated fewer tokens than "
+                f"they have); recorded as server_truncated; texts are now cut to {self._window.tokens} tokens"
+            )
+
+    async def _fit_one(
+        self, row: tuple[int, str], refused_chars: int, done: asyncio.Queue, report: RunReport, exc: ContextExceeded
+    ) -> None:
+        """One chunk refused as over the context: embed the longest prefix the server takes (>= 90 % of it)."""
+
+        async def embed_one(text: str) -> tuple[np.ndarray, int | None]:
+            try:
+                vectors, count = await self._call([text])
+            except ContextExceeded as refused:
+                raise ContextRefused(refused.message) from refused
+            return vectors[0], count
+
+        try:
+            found = await fit_prefix(
+                row[1],
+                embed_one,
+                window_tokens=self._window.tokens,
+                estimator=self._estimator,
+                refused_at=refused_chars,
+            )
+        except ServerUnavailable as failure:
+            raise _Fatal("server_unavailable", failure.message) from failure
+        except ModelNotFound as failure:
+            raise _Fatal("model_not_found", failure.message) from failure
+        except EmbedFailure as failure:  # a real fault of this text (NaN, another 400): isolated as always
+            reason = failure.reasons[0] if isinstance(failure, InvalidVectors) else failure.message
+            await self._isolate(row, failure.kind, reason, failure.http_status, report)
+            return
+        report.fit_searches += 1
+        if found is None:
+            await self._isolate(
+                row, exc.kind, f"no prefix of this chunk fits the model's context: {exc.message}", 400, report
+            )
+            return
+        report.fit_requests += found.requests
+        believed = self._window.tokens
+        if found.tokens and (not believed or found.tokens < 0.9 * believed) and found.chars >= 0.9 * found.refused_at:
+            # The server takes less than it said (or said nothing): its window is about what this prefix used.
+            self._window.learn(found.tokens)
+        self._known_good = row[1][: found.chars]
+        await done.put(_Embedded([row[0]], [found.vector], [found.chars], [found.chars < len(row[1])], [False]))
 
     async def _server_well(self) -> bool:
         try:
@@ -677,9 +873,7 @@ class Backfill:
         except OSError as exc:
             raise _Fatal(
                 "failure_log_error",
-                f"cannot append to the failure log {self.failure_log.path}: {exc.strerror or exc} "
-                "(a symbolic link there is refused); the failure is recorded in the database "
-                "(`wiki-embeddings failures`)",
+                f"{exc}; the failure is recorded in the database (`wiki-embeddings failures`)",
             ) from exc
         report.failed += 1
         report.failed_ids.append(chunk_id)
@@ -692,23 +886,25 @@ class Backfill:
             item = await done.get()
             if item is None:
                 return
-            ids, vectors = item
             if self._fatal is not None and self._fatal.state == "database_unavailable":
                 continue  # drain: nothing can be written, the claims die with the sessions
-            keep = [k for k, cid in enumerate(ids) if cid in self._held]
-            if len(keep) < len(ids):  # claims lost in a reconnect: another run owns those chunks now
-                ids, vectors = [ids[k] for k in keep], [vectors[k] for k in keep]
+            keep = [k for k, cid in enumerate(item.ids) if cid in self._held]
+            if len(keep) < len(item.ids):  # claims lost in a reconnect: another run owns those chunks now
+                item = item.keep(keep)
+            ids = item.ids
             try:
                 md5s = [self._md5.get(i) for i in ids]
                 written = await self._db(
                     "write",
                     self.store.write_vectors,
                     ids,
-                    vectors,
+                    item.vectors,
                     md5s if all(m is not None for m in md5s) else None,
                     self._provenance,
                     self._phase == "refresh",
+                    VectorNotes(item.chars, item.cut, item.truncated),
                 )
+                report.context_cut += sum(item.cut)
                 await self._release(ids)
             except _Fatal as exc:
                 self._fatal = self._fatal or exc
@@ -752,6 +948,15 @@ class Backfill:
                     )
                 except psycopg.OperationalError:
                     self.store.close()  # the next bookkeeping call reconnects
+
+    @staticmethod
+    def _fit_summary(report: RunReport) -> str:
+        if not report.fit_searches:
+            return ""
+        return (
+            f" refused_as_too_long={report.fit_searches} (longest fitting prefix found in "
+            f"{report.fit_requests / report.fit_searches:.1f} requests on average)"
+        )
 
     def _finish_progress_bar(self) -> None:
         if self.progress_bar:
@@ -805,6 +1010,22 @@ def probe_model_dimensions(settings: Settings, model: str) -> int:
     return asyncio.run(probe())
 
 
+def preflight_estimate(settings: Settings, store: Store, model: str) -> dict[str, Any]:
+    """The pre-flight estimate without a run (`--dry-run`): the model's window from the server (`/api/show`, a
+    read; nothing is embedded) and a sample of the missing chunks. An unreachable server gives an unknown window."""
+    client = build_client(settings, model)
+
+    async def ask() -> dict[str, object]:
+        try:
+            return await client.show()
+        finally:
+            await client.aclose()
+
+    window = window_from_show(asyncio.run(ask()), settings.num_ctx)
+    sample = store.sample_texts(PREFLIGHT_SAMPLE, settings.max_chars)
+    return preflight(sample, window, TokenEstimator(), settings.max_chars, settings.text_prefix)
+
+
 def build_client(settings: Settings, model: str, urls: list[str] | None = None) -> OllamaClient:
     return OllamaClient(
         urls or settings.ollama_urls,
@@ -815,6 +1036,9 @@ def build_client(settings: Settings, model: str, urls: list[str] | None = None) 
         backoff_max_sec=settings.backoff_max_sec,
         per_url_in_flight=settings.concurrency,
         text_prefix=settings.text_prefix,
+        keep_alive=settings.keep_alive,
+        num_ctx=settings.num_ctx,
+        load_timeout_sec=settings.load_timeout_sec,
     )
 
 

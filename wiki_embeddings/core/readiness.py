@@ -7,14 +7,16 @@ Plain Python (no Dagster import) so the rule is testable on its own and any fron
   the flag on a failed, missing or stale evaluation (stale: older than the latest coverage materialization,
   or aimed at an older one), and acts once per evaluation.
 - `set_flag(...)`: rewrite one `KEY=value` line atomically (temp file in the same directory, fsync,
-  `os.replace`), keeping every other line, comment and line ending, the file's mode (and owner when
-  root), and refusing a symlink at the path.
+  `os.replace`), keeping every other byte (lines split on b"\n" only, as the shell does: comments, line
+  endings, a BOM, undecodable bytes), the file's mode (and owner when root), and refusing a symlink at the
+  path. A file that cannot be written is a `ReadinessError` naming the path and the reason.
 - `run_restart(...)`: the operator's optional backend-restart command, bounded by a timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -157,49 +159,82 @@ def decide(
 
 
 # ---------------------------------------------------------------------------- the env file
-_LINE = re.compile(r"^(?P<prefix>\s*(?:export\s+)?)(?P<key>[A-Za-z_][A-Za-z0-9_]*)\s*=(?P<value>.*)$")
+#: One `KEY=value` line (bytes, without its b"\n"): blanks are space and tab only, as in the shell; a UTF-8
+#: byte order mark may open the file's first line (`_BOM`, allowed there only).
+_LINE = re.compile(rb"(?P<prefix>[ \t]*(?:export[ \t]+)?)(?P<key>[A-Za-z_][A-Za-z0-9_]*)[ \t]*=(?P<value>.*)$")
+_BOM = b"\xef\xbb\xbf"
+_WORD = re.compile(rb"[^ \t]*")
 
 
-def _split_ending(line: str) -> tuple[str, str]:
-    for ending in ("\r\n", "\n", "\r"):
-        if line.endswith(ending):
-            return line[: -len(ending)], ending
-    return line, ""
+def _split_value(raw: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """Split what follows `KEY=` into (blanks, quote, value, rest): rest is every byte after the value.
+
+    A quoted value runs to its closing quote; an unquoted one to the next blank (the shell's word), so an
+    inline `# comment`, anything after it and the CR of a CRLF line stay in `rest`. Blanks before the value
+    are skipped (as dotenv readers do); a `#` after them starts a comment, not a value.
+    """
+    body, cr = (raw[:-1], raw[-1:]) if raw.endswith(b"\r") else (raw, b"")
+    stripped = body.lstrip(b" \t")
+    blanks, body = body[: len(body) - len(stripped)], stripped
+    quote = body[:1]
+    if quote in (b"'", b'"'):
+        close = body.find(quote, 1)
+        if close > 0:
+            return blanks, quote, body[1:close], body[close + 1 :] + cr
+    if blanks and body.startswith(b"#"):
+        return blanks, b"", b"", body + cr
+    word = _WORD.match(body)
+    end = word.end() if word else 0
+    return blanks, b"", body[:end], body[end:] + cr
 
 
-def _value(raw: str) -> str:
-    raw = raw.strip()
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
-        return raw[1:-1]
-    return raw.split(" #", 1)[0].strip()
+def _match(line: bytes, first: bool) -> re.Match[bytes] | None:
+    """The `KEY=value` match of a line, after the BOM when the file's first line starts with one."""
+    start = len(_BOM) if first and line.startswith(_BOM) else 0
+    return _LINE.match(line, start)  # match() anchors at `start`: no `^` in the pattern
 
 
-def _read_no_follow(path: Path) -> tuple[str | None, os.stat_result | None]:
+def _assignments(data: bytes, key: str) -> list[bytes]:
+    """The raw values assigned to `key`, in file order."""
+    found: list[bytes] = []
+    for number, line in enumerate(data.split(b"\n")):
+        m = _match(line, number == 0)
+        if m and m.group("key") == key.encode("ascii"):
+            found.append(_split_value(m.group("value"))[2])
+    return found
+
+
+def _read_no_follow(path: Path) -> tuple[bytes | None, os.stat_result | None]:
+    """The file's bytes (never decoded: an env file may hold any byte) and its stat; (None, None) if absent."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None, None
+    except OSError as exc:
+        raise ReadinessError(f"cannot read the readiness env file {path}: {_reason(exc)}") from exc
     if stat.S_ISLNK(st.st_mode):
         raise ReadinessError(f"refusing {path}: it is a symbolic link (write the real file's path instead)")
     if not stat.S_ISREG(st.st_mode):
         raise ReadinessError(f"refusing {path}: not a regular file")
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        data = fh.read()
-    return data.decode("utf-8"), st
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(), st
+    except OSError as exc:
+        raise ReadinessError(f"cannot read the readiness env file {path}: {_reason(exc)}") from exc
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def read_flag(path: str | os.PathLike[str], key: str = READY_KEY) -> bool | None:
     """The flag's value (the last assignment wins, as in a shell), or None when the file or key is absent."""
-    text, _ = _read_no_follow(Path(path))
-    if text is None:
+    data, _ = _read_no_follow(Path(path))
+    values = _assignments(data, key) if data is not None else []
+    if not values:
         return None
-    found: bool | None = None
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m and m.group("key") == key:
-            found = _value(m.group("value")).lower() in _TRUE
-    return found
+    return values[-1].decode("utf-8", "replace").strip().lower() in _TRUE
 
 
 @dataclass(frozen=True)
@@ -211,57 +246,61 @@ class FlagChange:
 
 
 def set_flag(path: str | os.PathLike[str], value: bool, key: str = READY_KEY) -> FlagChange:
-    """Set `key=true|false` in the env file atomically; every other line stays byte for byte."""
+    """Set `key=true|false` in the env file atomically; every other byte stays as it was."""
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     previous = read_flag(p, key)
     changed, created = set_value(p, key, "true" if value else "false")
     return FlagChange(p, changed, previous, created)
 
 
-def read_value(path: str | os.PathLike[str], key: str) -> str | None:
-    """The raw value of `key` (the last assignment wins), or None when the file or key is absent."""
-    text, _ = _read_no_follow(Path(path))
-    found: str | None = None
-    for line in (text or "").splitlines():
-        m = _LINE.match(line)
-        if m and m.group("key") == key:
-            found = _value(m.group("value"))
-    return found
-
-
 def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool, bool]:
     """Set `key=wanted` in the env file atomically; returns (changed, created).
 
-    Each line assigning `key` is rewritten in place (keeping an `export ` prefix and its line ending);
-    when none does, the line is appended. A missing file is created with mode 0600.
+    The file is handled as the shell reads it: bytes, lines split on b"\n" only. In each line assigning
+    `key` only the value's bytes change (its quotes, an `export ` prefix, a BOM, an inline comment and a
+    CRLF ending stay); every other byte of the file is kept exactly, undecodable ones too. When no line
+    assigns `key`, one is appended (CRLF if the file uses CRLF). A missing file is created with mode 0600.
+    Raises `ReadinessError` (one line naming the path and the reason) when the file cannot be written.
     """
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
-    text, st = _read_no_follow(p)
-    lines = (text or "").splitlines(keepends=True)
-    out: list[str] = []
+    data, st = _read_no_follow(p)
+    raw_key, value = key.encode("ascii"), wanted.encode("utf-8")
+    lines = (data or b"").split(b"\n")
     replaced = False
-    for line in lines:
-        body, ending = _split_ending(line)
-        m = _LINE.match(body)
-        if m and m.group("key") == key:
-            out.append(f"{m.group('prefix')}{key}={wanted}{ending}")
+    for number, line in enumerate(lines):
+        m = _match(line, number == 0)
+        if m and m.group("key") == raw_key:
+            blanks, quote, old, rest = _split_value(m.group("value"))
+            new_value = quote + value + quote
+            # `KEY= # note` has no value: write it right after `=` so the comment stays a comment.
+            new_value = blanks + new_value if old or quote else new_value + blanks
+            lines[number] = line[: m.start("value")] + new_value + rest
             replaced = True
-        else:
-            out.append(line)
+    new = b"\n".join(lines)
     if not replaced:
-        newline = "\r\n" if "\r\n" in (text or "") else "\n"
-        if out and not out[-1].endswith(("\n", "\r")):
-            out[-1] += newline
-        out.append(f"{key}={wanted}{newline}")
-    new_text = "".join(out)
-    if text is not None and new_text == text:
+        newline = b"\r\n" if b"\r\n" in new else b"\n"
+        if new.endswith(b"\r") and newline == b"\r\n":
+            new += b"\n"
+        elif new and not new.endswith(b"\n"):
+            new += newline
+        new += raw_key + b"=" + value + newline
+    if data is not None and new == data:
         return False, False
-    _atomic_write(p, new_text.encode("utf-8"), st)
-    return True, text is None
+    _atomic_write(p, new, st)
+    return True, data is None
 
 
 def _atomic_write(path: Path, data: bytes, st: os.stat_result | None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why = f"directory {path.parent} is not writable ({_reason(exc)})"
+        elif exc.errno == errno.ENOENT:
+            why = f"directory {path.parent} does not exist"
+        else:
+            why = f"cannot create a temporary file in {path.parent} ({_reason(exc)})"
+        raise ReadinessError(f"cannot write the readiness env file {path}: {why}") from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -272,9 +311,13 @@ def _atomic_write(path: Path, data: bytes, st: os.stat_result | None) -> None:
                     os.fchown(fh.fileno(), st.st_uid, st.st_gid)
             os.fsync(fh.fileno())
         os.replace(tmp, path)  # replaces a link planted meanwhile, never writes through it
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise ReadinessError(
+                f"cannot write the readiness env file {path}: {_reason(exc)} (the file is unchanged)"
+            ) from exc
         raise
     with contextlib.suppress(OSError):
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

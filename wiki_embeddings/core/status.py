@@ -20,6 +20,8 @@ STATUS_KEYS = [
     "stale_text",
     "stale_text_scanned_at",
     "unverified",
+    "cut_for_context",
+    "server_truncated",
     "stop_requested",
     "model",
     "dimensions",

@@ -105,6 +105,15 @@ class Provenance:
     text_prefix: str = ""
 
 
+@dataclass(frozen=True)
+class VectorNotes:
+    """Per-vector provenance of one batch, parallel to its ids: what was actually embedded."""
+
+    chars_sent: list[int]
+    context_cut: list[bool]  # cut below --max-chars to fit the model's context
+    server_truncated: list[bool]  # the server evaluated fewer tokens than the text has (silent truncation)
+
+
 MIGRATIONS: list[str] = [
     # 1: bookkeeping tables.
     """
@@ -183,6 +192,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE {s}.table_state
         ADD COLUMN IF NOT EXISTS table_oid  oid,
         ADD COLUMN IF NOT EXISTS unverified bigint;
+    """,
+    # 4: what was actually embedded (issue 10): characters sent, whether the text was cut below --max-chars
+    #    to fit the model's context, and whether the server was caught truncating it silently. Provenance, not
+    #    identity: text_md5 stays md5 of the whole stored text. A partial index keeps their counts cheap.
+    """
+    ALTER TABLE {s}.embedding_provenance
+        ADD COLUMN IF NOT EXISTS chars_sent       integer,
+        ADD COLUMN IF NOT EXISTS context_cut      boolean NOT NULL DEFAULT false,
+        ADD COLUMN IF NOT EXISTS server_truncated boolean NOT NULL DEFAULT false;
+    CREATE INDEX IF NOT EXISTS embedding_provenance_cut_idx
+        ON {s}.embedding_provenance (table_name, column_attnum, chunk_id) WHERE context_cut OR server_truncated;
     """,
 ]
 
@@ -547,6 +567,7 @@ class Store:
         md5s: Sequence[str] | None = None,
         provenance: Provenance | None = None,
         replace: bool = False,
+        notes: VectorNotes | None = None,
     ) -> int:
         """Write one batch of vectors in one short transaction, with their provenance.
 
@@ -566,6 +587,9 @@ class Store:
             "ids": list(ids),
             "vectors": list(vectors),
             "md5s": list(md5s) if md5s is not None else [None] * len(ids),
+            "chars": notes.chars_sent if notes is not None else [None] * len(ids),
+            "cut": notes.context_cut if notes is not None else [False] * len(ids),
+            "trunc": notes.server_truncated if notes is not None else [False] * len(ids),
             "failure_key": self.failure_key,
         }
         record, column_check, attnum_out = sql.SQL(""), sql.SQL(""), sql.SQL("NULL::smallint")
@@ -585,20 +609,24 @@ class Store:
             attnum_out = sql.SQL("(SELECT attnum FROM a)")
             record = sql.SQL(
                 ", p AS (INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
-                " dimensions, text_md5, max_chars, text_prefix, embedded_at)"
+                " dimensions, text_md5, max_chars, text_prefix, embedded_at, chars_sent, context_cut,"
+                " server_truncated)"
                 " SELECT %(table)s, (SELECT attnum FROM a), w.id, %(model)s, %(dim)s, w.md5, %(max_chars)s, %(prefix)s,"
-                " now() FROM w ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
+                " now(), w.chars, w.cut, w.trunc FROM w"
+                " ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
                 " dimensions = EXCLUDED.dimensions, text_md5 = EXCLUDED.text_md5,"
                 " max_chars = EXCLUDED.max_chars, text_prefix = EXCLUDED.text_prefix,"
-                " embedded_at = EXCLUDED.embedded_at)"
+                " embedded_at = EXCLUDED.embedded_at, chars_sent = EXCLUDED.chars_sent,"
+                " context_cut = EXCLUDED.context_cut, server_truncated = EXCLUDED.server_truncated)"
             ).format(s=self._s)
         stmt = sql.SQL(
             "WITH a AS (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%(rel)s) AND attname = %(column)s"
             " AND NOT attisdropped),"
             " w AS (UPDATE {t} AS t SET {emb} = u.e"
-            " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)s::text[]) AS u(id, e, md5)"
+            " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)s::text[], %(chars)s::int[],"
+            " %(cut)s::bool[], %(trunc)s::bool[]) AS u(id, e, md5, chars, cut, trunc)"
             " WHERE t.{id} = u.id{guard}{column_check}"
-            " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5){record},"
+            " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5, u.chars, u.cut, u.trunc){record},"
             " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
             " SELECT (SELECT count(*) FROM w), {attnum_out}"
         ).format(
@@ -653,7 +681,8 @@ class Store:
         """Provenance rows of this column for `ids`."""
         rows = self.conn.cursor(row_factory=dict_row).execute(
             sql.SQL(
-                "SELECT chunk_id, model, dimensions, text_md5, max_chars, text_prefix, embedded_at"
+                "SELECT chunk_id, model, dimensions, text_md5, max_chars, text_prefix, embedded_at, chars_sent,"
+                " context_cut, server_truncated"
                 " FROM {s}.embedding_provenance WHERE table_name = %s AND column_attnum = %s AND chunk_id = ANY(%s)"
             ).format(s=self._s),
             (self.table.qualified, self._current_attnum(), list(ids)),
@@ -661,8 +690,10 @@ class Store:
         return {int(r["chunk_id"]): dict(r) for r in rows.fetchall()}
 
     # ---------------------------------------------------------------- content changes
-    def _changed_window(self) -> sql.Composable:
-        """Embedded rows of one keyset window whose stored text no longer matches their provenance hash."""
+    def _changed_window(self, include_cut: bool = False) -> sql.Composable:
+        """Embedded rows of one keyset window whose stored text no longer matches their provenance hash (and, with
+        `include_cut`, those embedded from a text cut to fit the context or truncated by the server)."""
+        also = sql.SQL(" OR p.context_cut OR p.server_truncated") if include_cut else sql.SQL("")
         return sql.SQL(
             "WITH win AS MATERIALIZED ("
             " SELECT t.{id} AS id, md5(t.{text}) AS md5 FROM {t} t WHERE t.{emb} IS NOT NULL"
@@ -670,8 +701,8 @@ class Store:
             " AND (%(upper)s::bigint IS NULL OR t.{id} <= %(upper)s) ORDER BY t.{id} LIMIT %(window)s)"
             " SELECT w.id, w.md5, (SELECT max(id) FROM win) AS last FROM win w"
             " JOIN {s}.embedding_provenance p ON p.table_name = %(ptable)s AND p.column_attnum = %(attnum)s"
-            " AND p.chunk_id = w.id WHERE p.text_md5 <> w.md5 ORDER BY w.id"
-        ).format(id=self._id, text=self._text, t=self._t, emb=self._emb, s=self._s)
+            " AND p.chunk_id = w.id WHERE p.text_md5 <> w.md5{also} ORDER BY w.id"
+        ).format(id=self._id, text=self._text, t=self._t, emb=self._emb, s=self._s, also=also)
 
     def claim_changed(
         self,
@@ -683,13 +714,14 @@ class Store:
         id_min: int | None = None,
         id_max: int | None = None,
         scan_window: int = 5000,
+        include_cut: bool = False,
         **_: Any,
     ) -> Claim:
         """Keyset scan (one window of ids per call) for embedded chunks whose text changed since it was embedded;
         lock the first `limit` found. `last_scanned_id` is where the next call continues."""
         lower = after_id if after_id is not None else (id_min - 1 if id_min is not None else None)
         found = conn.execute(
-            self._changed_window(),
+            self._changed_window(include_cut),
             {
                 "lower": lower,
                 "upper": id_max,
@@ -1345,7 +1377,17 @@ class Store:
             stale_model = int(row[0]) if row else 0
         scanned = state.get("stale_text_scanned_at")
         unverified = state.get("unverified")
+        cut = self.conn.execute(
+            sql.SQL(
+                "SELECT count(*) FILTER (WHERE context_cut), count(*) FILTER (WHERE server_truncated)"
+                " FROM {s}.embedding_provenance WHERE table_name = %s AND column_attnum = %s"
+                " AND (context_cut OR server_truncated)"
+            ).format(s=self._s),
+            (self.table.qualified, self._current_attnum()),
+        ).fetchone()
         return {
+            "cut_for_context": int(cut[0]) if cut else 0,
+            "server_truncated": int(cut[1]) if cut else 0,
             "stale_model": stale_model,
             "stale_text": int(state.get("stale_text") or 0),
             "unverified": "" if unverified is None else int(unverified),
@@ -1354,6 +1396,44 @@ class Store:
             "migration_column": state.get("migration_column") or "",
             "previous_model": state.get("previous_model") or "",
         }
+
+    def sample_texts(self, size: int, max_chars: int, missing_only: bool = True) -> list[str]:
+        """About `size` chunk texts (cut to `max_chars`) spread over the table, for the pre-flight estimate:
+        a Bernoulli sample sized from the planner's row estimate, so it costs one pass over few pages."""
+        row = self.conn.execute(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+            (sql.Identifier(self.table.schema, self.table.name).as_string(self.conn),),
+        ).fetchone()
+        estimate = int(row[0]) if row and row[0] else 0
+        percent = 100.0 if estimate <= size * 4 else max(100.0 * size * 4 / estimate, 0.01)
+        where = sql.SQL("WHERE {emb} IS NULL").format(emb=self._emb) if missing_only else sql.SQL("")
+        if _is_sql_ascii(self.conn):  # undeclared bytes: decoded here, a bad byte replaced (an estimate only)
+            raw = self.conn.execute(
+                sql.SQL(
+                    "SELECT convert_to(left({text}, %s), 'SQL_ASCII') FROM {t} TABLESAMPLE BERNOULLI (%s) {where}"
+                    " LIMIT %s"
+                ).format(text=self._text, t=self._t, where=where),
+                (max_chars * UTF8_MAX_BYTES_PER_CHAR, percent, size),
+            ).fetchall()
+            return [bytes(r[0]).decode("utf-8", errors="replace")[:max_chars] for r in raw if r[0]]
+        rows = self.conn.execute(
+            sql.SQL("SELECT left({text}, %s) FROM {t} TABLESAMPLE BERNOULLI (%s) {where} LIMIT %s").format(
+                text=self._text, t=self._t, where=where
+            ),
+            (max_chars, percent, size),
+        ).fetchall()
+        return [r[0] for r in rows if r[0]]
+
+    def missing_id_bounds(self, id_min: int | None = None, id_max: int | None = None) -> tuple[int | None, int | None]:
+        """The smallest and largest missing id (in the range): two probes of the partial index."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT min({id}), max({id}) FROM {t} WHERE {emb} IS NULL"
+                " AND (%(lo)s::bigint IS NULL OR {id} >= %(lo)s) AND (%(hi)s::bigint IS NULL OR {id} <= %(hi)s)"
+            ).format(id=self._id, t=self._t, emb=self._emb),
+            {"lo": id_min, "hi": id_max},
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
 
     def count_missing(self, id_min: int | None = None, id_max: int | None = None) -> int:
         row = self.conn.execute(
@@ -1417,6 +1497,44 @@ class Store:
             self.conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
             self.conn.execute(sql.SQL(definition))  # type: ignore[arg-type]
         return time.perf_counter() - started
+
+    # ---------------------------------------------------------------- Dagster's picture of the table (defs/state.py)
+    # Read-only queries behind the Dagster state sensor and the coverage asset: which ID ranges hold chunks, the
+    # per-range counts, and the rate of the runs under way. Kept cheap: the sensor calls them every minute.
+    def occupied_ranges(self, width: int, count: int) -> list[int]:
+        """Starts of the first `count` ID ranges of `width` holding at least one chunk (a primary-key probe each)."""
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT s * %(w)s FROM generate_series(0, %(n)s - 1) AS s"
+                " WHERE EXISTS (SELECT 1 FROM {t} WHERE {id} >= s * %(w)s AND {id} < (s + 1) * %(w)s)"
+                " ORDER BY 1"
+            ).format(t=self._t, id=self._id),
+            {"w": width, "n": count},
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def rows_by_range(self, width: int) -> list[tuple[int, int, int]]:
+        """(range start, chunks, missing) for every ID range of `width` that holds chunks."""
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT ({id} / %s) * %s, count(*), count(*) FILTER (WHERE {emb} IS NULL) FROM {t}"
+                " GROUP BY 1 ORDER BY 1"
+            ).format(id=self._id, emb=self._emb, t=self._t),
+            (width, width),
+        ).fetchall()
+        return [(int(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+    def running_rate(self) -> tuple[int, float]:
+        """(runs of this table under way, their summed chunks/s from the last heartbeats); dead runs abandoned first."""
+        self.abandon_dead_runs()
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT count(*), coalesce(sum(chunks_per_s), 0) FROM {s}.runs"
+                " WHERE table_name = %s AND state = 'running'"
+            ).format(s=self._s),
+            (self.table.qualified,),
+        ).fetchone()
+        return (int(row[0]), float(row[1])) if row else (0, 0.0)
 
 
 def _is_sql_ascii(conn: psycopg.Connection) -> bool:

@@ -3,24 +3,38 @@
 Asset bodies call the core (engine, store via the resources) and turn its answers into metadata and
 outcomes; they hold no SQL and no HTTP.
 
-    wiki_chunks (observed) -> missing_wiki_chunks -> wiki_chunk_embeddings [ID ranges]   -> embedding_coverage
-                                                  -> wiki_chunk_embeddings_maintenance  ->   + missing_is_zero
+  wiki_chunks (observed) -> missing_wiki_chunks -> wiki_chunk_embeddings [ID ranges] -> embedding_coverage -> readiness
+                                               -> wiki_chunk_embeddings_maintenance -> + missing_is_zero  (env file)
+
+Who keeps the picture current without a click (the database is the truth, whoever wrote it):
+- `embedding_state_sensor` (defs/state.py) observes `wiki_chunks` every minute and reports ranges the database
+  shows complete (or empty) as materialized - also when the CLI, the runbook scripts or a cron did the work;
+- `coverage_automation_sensor` runs `missing_wiki_chunks`, `embedding_coverage` and `missing_is_zero` after any
+  write or change of the table, once at start and on `WIKI_EMBED_REFRESH_CRON` (`LIVE_AUTOMATION`);
+- `readiness_sensor` (defs/sensors.py) flips the flag and materializes `readiness`.
 """
 
+import os
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
 import dagster as dg
-import pandas as pd
 import psycopg
 from pydantic import Field
 
 from wiki_embeddings.core import migration
 from wiki_embeddings.core.engine import DimensionMismatch, RunReport
 from wiki_embeddings.core.status import collect_status
-from wiki_embeddings.core.store import StoreError
-from wiki_embeddings.defs.partitions import LAST_RANGE_ID, RANGE_WIDTH, id_ranges, key_for_id, range_bounds
+from wiki_embeddings.core.store import Store, StoreError
+from wiki_embeddings.defs.partitions import (
+    BACKFILL_POLICY,
+    LAST_RANGE_ID,
+    RANGE_WIDTH,
+    id_ranges,
+    key_bounds,
+    key_for_id,
+)
 from wiki_embeddings.defs.resources import OllamaResource, WikiDatabaseResource, run_engine
 from wiki_embeddings.settings import Settings, redact, url_password
 
@@ -36,9 +50,25 @@ MAX_TABLE_ROWS = 100
 #: request raises `dg.Failure(allow_retries=False)`, which this policy does not retry.
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
-#: Refresh coverage (and its check) when embeddings were written and nothing upstream is still running.
-#: Unlike plain `eager()`, ranges never materialized (empty ones, failed ones) do not hold it back.
-COVERAGE_AUTOMATION = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
+REFRESH_CRON_ENV = "WIKI_EMBED_REFRESH_CRON"
+#: The cadence on which what-is-missing, coverage and the check are refreshed even when nothing was seen changing.
+REFRESH_CRON = os.environ.get(REFRESH_CRON_ENV, "").strip() or "*/30 * * * *"
+
+_AC = dg.AutomationCondition
+_IDLE = ~_AC.in_progress() & ~_AC.any_deps_in_progress()
+#: missing_wiki_chunks, embedding_coverage and missing_is_zero stay the database's truth with no click:
+#: - after any write or change: an upstream update (a range or maintenance run, the state sensor's observation of
+#:   `wiki_chunks` when the table changed - new chunks, progress of a CLI run); unlike plain `eager()`, ranges
+#:   never materialized (failed ones) do not hold it back;
+#: - never refreshed yet (a new instance): at once, unless that attempt failed;
+#: - on REFRESH_CRON, whatever happened.
+LIVE_AUTOMATION = (
+    _AC.eager().without(~_AC.any_deps_missing()).with_label("after a write or a change of the table")
+    | (_AC.missing() & ~_AC.execution_failed() & _IDLE).with_label("never refreshed yet")
+    | (_AC.cron_tick_passed(REFRESH_CRON) & _IDLE).with_label(f"on {REFRESH_CRON}")
+)
+#: The name the check and older code use.
+COVERAGE_AUTOMATION = LIVE_AUTOMATION
 
 
 #: Engine end states that are the chunks' or the operator's business, not the infrastructure's.
@@ -108,20 +138,39 @@ class MaintenanceConfig(RangeRunConfig):
 def wiki_chunks(context: dg.AssetExecutionContext, database: WikiDatabaseResource):
     """Observe the chunk table: how many chunks, which ids, and whether some lie past the last ID range."""
     with database.store() as store:
-        low, high, total = store.id_bounds()
-    metadata: dict[str, Any] = {
-        "dagster/row_count": total,
-        "min_id": dg.MetadataValue.int(low if low is not None else 0),
-        "max_id": dg.MetadataValue.int(high if high is not None else 0),
-        "ranges": f"{len(id_ranges.get_partition_keys())} ranges of {RANGE_WIDTH} ids up to {LAST_RANGE_ID}",
-        "past_last_range": high is not None and high > LAST_RANGE_ID,
-    }
-    context.log.info(f"wiki_chunks: {total} chunks, ids {low}..{high}")
-    yield dg.ObserveResult(asset_key="wiki_chunks", metadata=metadata, data_version=dg.DataVersion(f"{total}:{high}"))
+        observed = observe_table(store)
+    context.log.info(f"wiki_chunks: {observed.description}")
+    yield dg.ObserveResult(asset_key="wiki_chunks", metadata=observed.metadata, data_version=observed.data_version)
+
+
+class TableObservation:
+    """What `wiki_chunks` looks like now: metadata for the UI and a data version that changes with the table."""
+
+    def __init__(self, total: int, low: int | None, high: int | None, missing: int):
+        self.total, self.low, self.high, self.missing = total, low, high, missing
+        self.data_version = dg.DataVersion(f"{total}:{high}:{missing}")
+        self.description = f"{total} chunks, ids {low}..{high}, {missing} without an embedding"
+        self.metadata: dict[str, Any] = {
+            "dagster/row_count": dg.MetadataValue.int(total),
+            "missing": dg.MetadataValue.int(missing),
+            # Identifiers, not quantities: text, so the UI draws no plot of them.
+            "min_id": dg.MetadataValue.text("" if low is None else str(low)),
+            "max_id": dg.MetadataValue.text("" if high is None else str(high)),
+            "ranges": dg.MetadataValue.text(
+                f"{len(id_ranges.get_partition_keys())} ranges of {RANGE_WIDTH} ids up to {LAST_RANGE_ID}"
+            ),
+            "past_last_range": dg.MetadataValue.bool(high is not None and high > LAST_RANGE_ID),
+        }
+
+
+def observe_table(store: Store) -> TableObservation:
+    """Two cheap queries: count and id bounds (primary key), missing (the partial index)."""
+    low, high, total = store.id_bounds()
+    return TableObservation(total, low, high, store.count_missing())
 
 
 # ---------------------------------------------------------------------------- what is missing
-def missing_summary(missing: list[tuple[int, int]], failed: list[tuple[int, int]]) -> pd.DataFrame:
+def missing_summary(missing: list[tuple[int, int]], failed: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """One row per ID range with missing chunks (`range`, `missing`, `failed`); ids past the last range in one row."""
     failed_by_start = dict(failed)
     rows: dict[str, dict[str, Any]] = {}
@@ -130,23 +179,29 @@ def missing_summary(missing: list[tuple[int, int]], failed: list[tuple[int, int]
         row = rows.setdefault(key, {"range": key, "missing": 0, "failed": 0})
         row["missing"] += count
         row["failed"] += failed_by_start.get(start, 0)
-    return pd.DataFrame(list(rows.values()), columns=["range", "missing", "failed"])
+    return list(rows.values())
 
 
-def worst_ranges(summary: pd.DataFrame, n: int = 5) -> pd.DataFrame:
-    return summary.sort_values(["missing", "range"], ascending=[False, True]).head(n)
+def worst_ranges(summary: list[dict[str, Any]], n: int = 5) -> list[dict[str, Any]]:
+    return sorted(summary, key=lambda r: (-r["missing"], r["range"]))[:n]
 
 
-def markdown_table(frame: pd.DataFrame, limit: int = MAX_TABLE_ROWS) -> dg.MetadataValue:
-    if frame.empty:
-        return dg.MetadataValue.md("_nothing missing_")
-    text = frame.head(limit).to_markdown(index=False)
-    if len(frame) > limit:
-        text += f"\n\n_{len(frame) - limit} more ranges not shown_"
-    return dg.MetadataValue.md(text)
+RANGE_COLUMNS = {"range": "string", "chunks": "int", "missing": "int", "failed": "int"}
 
 
-@dg.asset(deps=[wiki_chunks], kinds={"postgres", "pandas"}, group_name=GROUP)
+def range_table(rows: list[dict[str, Any]], limit: int = MAX_TABLE_ROWS) -> dg.MetadataValue:
+    """Rows of {range, [chunks], missing, failed} as a table the UI renders (and sorts); at most `limit` rows."""
+    columns = [c for c in RANGE_COLUMNS if any(c in r for r in rows)] or ["range", "missing", "failed"]
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, RANGE_COLUMNS[c]) for c in columns])
+    records = [dg.TableRecord({c: r.get(c, 0) for c in columns}) for r in rows[:limit]]
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+#: The former name of `range_table`.
+markdown_table = range_table
+
+
+@dg.asset(deps=[wiki_chunks], kinds={"postgres"}, group_name=GROUP, automation_condition=LIVE_AUTOMATION)
 def missing_wiki_chunks(context: dg.AssetExecutionContext, database: WikiDatabaseResource) -> dg.MaterializeResult:
     """Chunks still without an embedding, per ID range: the to-do list of the bootstrap backfill.
 
@@ -157,17 +212,17 @@ def missing_wiki_chunks(context: dg.AssetExecutionContext, database: WikiDatabas
     with database.store(settings) as store:
         store.migrate()
         summary = missing_summary(store.missing_by_range(RANGE_WIDTH), store.failed_by_range(RANGE_WIDTH))
-    total = int(summary["missing"].sum())
-    past = summary[summary["range"].str.startswith("past")]
+    total = sum(r["missing"] for r in summary)
+    past = [r for r in summary if r["range"].startswith("past")]
     context.log.info(f"{total} chunks missing in {len(summary)} ranges")
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": total,
             "missing": total,
             "ranges_with_missing": len(summary) - len(past),
-            "missing_past_last_range": int(past["missing"].sum()),
-            "failed": int(summary["failed"].sum()),
-            "by_range": markdown_table(summary),
+            "missing_past_last_range": sum(r["missing"] for r in past),
+            "failed": sum(r["failed"] for r in summary),
+            "by_range": range_table(summary),
         }
     )
 
@@ -242,37 +297,92 @@ def _raise_if_stopped(report: RunReport, metadata: dict[str, Any], what: str) ->
 
 @dg.asset(
     partitions_def=id_ranges,
+    backfill_policy=BACKFILL_POLICY,
     deps=[missing_wiki_chunks],
     kinds={"ollama", "postgres"},
     pool=OLLAMA_POOL,
     retry_policy=TRANSIENT_RETRY,
     group_name=GROUP,
+    output_required=False,  # a run over several ranges reports each range it completed, one by one
 )
 def wiki_chunk_embeddings(
     context: dg.AssetExecutionContext,
     config: RangeRunConfig,
     database: WikiDatabaseResource,
     ollama: OllamaResource,
-) -> Iterator[dg.AssetObservation | dg.MaterializeResult]:
+) -> Iterator[dg.AssetObservation | dg.AssetMaterialization | dg.MaterializeResult]:
     """Embeddings of one ID range of chunks: materialized means every chunk in the range has its vector.
 
     A run embeds the range's missing chunks with the runbook's bootstrap settings (batching, failure
     isolation, failure log, stop file). It fails, after writing everything else, when chunks of the range
     are still missing (see the failure log) or when it was stopped: re-run the range when fixed.
+    A backfill run over several ranges (BackfillPolicy) takes them one at a time: a range with nothing
+    missing (an empty one) costs one query; each completed range is materialized at once; the run fails at
+    the end naming the ranges that still miss chunks, which alone show as failed.
     """
-    key_range = context.partition_key_range
-    id_min, id_max = range_bounds(key_range.start, key_range.end)
-    what = (
-        f"range {key_range.start}" if key_range.start == key_range.end else f"ranges {key_range.start}..{key_range.end}"
-    )
+    keys = list(context.partition_keys)
+    if len(keys) == 1:
+        yield from _embed_one_range(context, config, database, ollama, keys[0])
+        return
+    with database.store() as store:
+        missing_by_start = dict(store.missing_by_range(RANGE_WIDTH))
+    incomplete: list[str] = []
+    for key in keys:
+        if missing_by_start.get(key_bounds(key)[0], 0) == 0:
+            yield dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=_nothing_to_do(key))
+            continue
+        try:
+            for event in _embed_one_range(context, config, database, ollama, key):
+                if isinstance(event, dg.MaterializeResult):
+                    event = dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=event.metadata)
+                yield event
+        except dg.Failure as failure:
+            if "stopped on request" in (failure.description or ""):
+                raise  # a stop request ends the whole run after this batch
+            context.log.error(failure.description or f"range {key} failed")
+            incomplete.append(key)
+    if incomplete:
+        raise dg.Failure(
+            description=(
+                f"{len(incomplete)} of {len(keys)} ranges still have missing chunks: {', '.join(incomplete[:20])}"
+                f"{' ...' if len(incomplete) > 20 else ''}. The others are materialized. Each failed range's "
+                "reason is in this run's log; fix it, then re-run the failed ranges (backfill page: re-execute "
+                "failed; retry_quarantined: true to include quarantined chunks)."
+            ),
+            metadata={"failed_ranges": dg.MetadataValue.json(incomplete)},
+            allow_retries=False,
+        )
+
+
+def _nothing_to_do(key: str) -> dict[str, Any]:
+    low, high = key_bounds(key)
+    return {
+        "dagster/row_count": 0,
+        "embedded": 0,
+        "remaining": 0,
+        "state": "nothing_missing",
+        "id_min": low,
+        "id_max": high,
+    }
+
+
+def _embed_one_range(
+    context: dg.AssetExecutionContext,
+    config: RangeRunConfig,
+    database: WikiDatabaseResource,
+    ollama: OllamaResource,
+    key: str,
+) -> Iterator[dg.AssetObservation | dg.MaterializeResult]:
+    id_min, id_max = key_bounds(key)
+    what = f"range {key}"
     report, settings = _run(
         context, database, ollama, mode=f"dagster {what}", id_min=id_min, id_max=id_max, **config.engine_settings()
     )
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max}
     _raise_on_trouble(report, metadata, what)
     if report.state == "stopped" or report.remaining > 0:
-        for key in context.partition_keys:  # what the run did stays visible on the partition
-            yield dg.AssetObservation(asset_key=context.asset_key, partition=key, metadata=metadata)
+        # what the run did stays visible on the partition
+        yield dg.AssetObservation(asset_key=context.asset_key, partition=key, metadata=metadata)
     _raise_if_stopped(report, metadata, what)
     if report.remaining > 0:
         others = max(report.remaining - report.failed - report.skipped_busy, 0)
@@ -355,59 +465,130 @@ def _maintain_shadow(
 
 
 # ---------------------------------------------------------------------------- coverage
+#: Status keys that are identifiers or labels, not quantities: text, so the UI draws no meaningless plot.
+_TEXT_KEYS = {"last_run_id", "dimensions"}
+#: Status keys whose value is a formatted number.
+_FLOAT_KEYS = {"coverage_pct", "migration_coverage_pct", "last_run_chunks_per_s"}
+
+
+def status_metadata(status: dict[str, Any]) -> dict[str, Any]:
+    """Every status key as metadata of one stable type: ints stay ints (plotted), percentages and rates become
+    floats, identifiers and labels text, flags bools. A key whose value is empty (`unverified` before the first
+    content scan, `migration_*` without a migration) is left out rather than switching type."""
+    out: dict[str, Any] = {}
+    for key, value in status.items():
+        if value is None or value == "":
+            continue
+        if key in _FLOAT_KEYS:
+            try:
+                out[key] = dg.MetadataValue.float(float(value))
+            except (TypeError, ValueError):
+                out[key] = dg.MetadataValue.text(str(value))
+        elif isinstance(value, bool):
+            out[key] = dg.MetadataValue.bool(value)
+        elif isinstance(value, int) and key not in _TEXT_KEYS:
+            out[key] = dg.MetadataValue.int(value)
+        elif isinstance(value, float):
+            out[key] = dg.MetadataValue.float(value)
+        else:
+            out[key] = dg.MetadataValue.text(str(value))
+    return out
+
+
+def progress(missing: int, running: int, rate: float) -> dict[str, Any]:
+    """chunks/s of the runs under way and the time left at that rate, as stable metadata."""
+    if missing == 0:
+        eta = "done"
+    elif running == 0:
+        eta = "nothing running"
+    elif rate <= 0:
+        eta = "starting"
+    else:
+        eta = _duration(missing / rate)
+    metadata: dict[str, Any] = {
+        "runs_under_way": dg.MetadataValue.int(running),
+        "chunks_per_s": dg.MetadataValue.float(round(rate, 2)),
+        "eta": dg.MetadataValue.text(eta),
+    }
+    if missing and running and rate > 0:
+        metadata["eta_s"] = dg.MetadataValue.float(round(missing / rate, 1))
+    return metadata
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def ranges_overview(store: Store) -> list[dict[str, Any]]:
+    """Chunks, missing and failed per ID range that holds chunks (ids past the last range in one row)."""
+    failed = dict(store.failed_by_range(RANGE_WIDTH))
+    rows: dict[str, dict[str, Any]] = {}
+    for start, chunks, missing in store.rows_by_range(RANGE_WIDTH):
+        key = key_for_id(start) or f"past {LAST_RANGE_ID}"
+        row = rows.setdefault(key, {"range": key, "chunks": 0, "missing": 0, "failed": 0})
+        row["chunks"] += chunks
+        row["missing"] += missing
+        row["failed"] += failed.get(start, 0)
+    return list(rows.values())
+
+
 @dg.asset(
-    deps=[wiki_chunk_embeddings, wiki_chunk_embeddings_maintenance],
+    deps=[missing_wiki_chunks, wiki_chunk_embeddings, wiki_chunk_embeddings_maintenance],
     kinds={"postgres"},
     group_name=GROUP,
-    automation_condition=COVERAGE_AUTOMATION,
+    automation_condition=LIVE_AUTOMATION,
 )
 def embedding_coverage(context: dg.AssetExecutionContext, database: WikiDatabaseResource) -> dg.MaterializeResult:
-    """How much of the table is embedded: the runbook's status figures, plotted over time.
+    """How much of the table is embedded: the runbook's status figures, plotted over time, and a table per range.
 
     Done when missing=0 and coverage_pct=100.00 (the `missing_is_zero` check); coverage shows 100.00 only
-    when nothing is missing, and an empty table is 0.00. During a model migration, `migration_*` shows the new
-    model's coverage of its shadow column (it does not count towards readiness until the swap).
+    when nothing is missing, and an empty table is 0.00. `chunks_per_s` / `eta` are those of the embedding runs
+    under way (CLI or Dagster). During a model migration, `migration_*` shows the new model's coverage of its
+    shadow column (it does not count towards readiness until the swap). Refreshed by itself (`LIVE_AUTOMATION`).
     """
     settings = database.settings()
     with database.store(settings) as store:
         status = collect_status(store, settings)
+        running, rate = store.running_rate()
+        per_range = ranges_overview(store)
     context.log.info(
         f"total={status['total']} embedded={status['embedded']} missing={status['missing']} "
         f"coverage_pct={status['coverage_pct']} failed={status['failed']} quarantined={status['quarantined']} "
-        f"stale_model={status['stale_model']} stale_text={status['stale_text']}"
+        f"stale_model={status['stale_model']} stale_text={status['stale_text']} runs_under_way={running}"
     )
-    migration_metadata = {}
-    if status["migration_model"]:  # the new model's coverage beside the live one, while a migration runs
-        migration_metadata = {
-            "migration_model": status["migration_model"],
-            "migration_embedded": status["migration_embedded"],
-            "migration_missing": status["migration_missing"],
-            "migration_coverage_pct": dg.MetadataValue.float(float(status["migration_coverage_pct"])),
-        }
+    if status["migration_model"]:
         context.log.info(
             f"migration to {status['migration_model']}: missing={status['migration_missing']} "
             f"coverage_pct={status['migration_coverage_pct']}"
         )
     return dg.MaterializeResult(
         metadata={
-            **migration_metadata,
-            "dagster/row_count": status["total"],
-            "total": status["total"],
-            "embedded": status["embedded"],
-            "missing": status["missing"],
-            "coverage_pct": dg.MetadataValue.float(float(status["coverage_pct"])),
-            "coverage_pct_text": status["coverage_pct"],
-            "failed": status["failed"],
-            "quarantined": status["quarantined"],
-            "stale_model": status["stale_model"],
-            "stale_text": status["stale_text"],
-            "stale_text_scanned_at": status["stale_text_scanned_at"] or "never",
-            "unverified": status["unverified"] if status["unverified"] != "" else "not scanned",
-            "stop_requested": bool(status["stop_requested"]),
-            "model": status["model"],
-            "last_run_state": status["last_run_state"],
+            **status_metadata(status),
+            "dagster/row_count": dg.MetadataValue.int(int(status["total"])),
+            "coverage_pct_text": dg.MetadataValue.text(str(status["coverage_pct"])),
+            **progress(int(status["missing"]), running, rate),
+            "by_range": range_table(per_range),
         }
     )
+
+
+#: The readiness flag (WIKI_EMBEDDINGS_READY in the env file): not computed by a run; `readiness_sensor`
+#: materializes it when it writes the flag (old and new value, file, time) and observes it when it keeps it.
+readiness = dg.AssetSpec(
+    "readiness",
+    deps=[embedding_coverage],
+    description=(
+        "WIKI_EMBEDDINGS_READY in the readiness env file (WIKI_EMBEDDINGS_ENV_FILE, .env.beta). Materialized by "
+        "readiness_sensor each time it writes the flag: previous and new value, file, time, restart result."
+    ),
+    kinds={"file"},
+    group_name=GROUP,
+)
 
 
 ASSETS = [
@@ -416,4 +597,5 @@ ASSETS = [
     wiki_chunk_embeddings,
     wiki_chunk_embeddings_maintenance,
     embedding_coverage,
+    readiness,
 ]

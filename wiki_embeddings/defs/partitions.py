@@ -5,6 +5,11 @@ count are read once, when the definitions load, from `WIKI_EMBED_RANGE_WIDTH` (1
 `WIKI_EMBED_RANGE_COUNT` (100): ids 0..9,999,999. Keep the count in the low hundreds: Dagster backfills of
 ~2,000 partitions have crashed the daemon (dagster #16304); use wider ranges instead. Chunks past the
 last range are still embedded by the maintenance job, which has no id bounds.
+
+Most ranges of a young table hold no chunks: `embedding_state_sensor` (defs/state.py) reports those as done
+("empty") and ranges the CLI filled as materialized, so the fill percentage is the database's. A backfill
+puts up to `WIKI_EMBED_RANGES_PER_RUN` (25) contiguous ranges in one run (`BACKFILL_POLICY`): an empty range
+costs one cheap query, not a run start.
 """
 
 import os
@@ -13,6 +18,8 @@ import dagster as dg
 
 RANGE_WIDTH_ENV = "WIKI_EMBED_RANGE_WIDTH"
 RANGE_COUNT_ENV = "WIKI_EMBED_RANGE_COUNT"
+RANGES_PER_RUN_ENV = "WIKI_EMBED_RANGES_PER_RUN"
+DEFAULT_RANGES_PER_RUN = 25
 DEFAULT_RANGE_WIDTH = 100_000
 DEFAULT_RANGE_COUNT = 100
 MAX_RANGE_COUNT = 1000
@@ -70,3 +77,11 @@ def key_for_id(chunk_id: int) -> str | None:
 
 
 id_ranges = dg.StaticPartitionsDefinition([range_key(i * RANGE_WIDTH) for i in range(RANGE_COUNT)])
+
+RANGES_PER_RUN = _int_env(RANGES_PER_RUN_ENV, DEFAULT_RANGES_PER_RUN)
+if RANGES_PER_RUN < 1:
+    raise ValueError(f"{RANGES_PER_RUN_ENV} must be at least 1, got {RANGES_PER_RUN}")
+
+#: A backfill over many ranges: runs of up to RANGES_PER_RUN contiguous ranges (each range still succeeds or fails
+#: on its own inside the run); several runs may go at once up to the `ollama` pool's limit.
+BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=RANGES_PER_RUN)

@@ -3,10 +3,12 @@
 `readiness_sensor` reads the latest completed evaluation of `missing_is_zero`; after a fresh pass it sets
 `WIKI_EMBEDDINGS_READY=true` in the env file and runs the optional backend-restart command. The rule itself
 (`decide`, the atomic env-file edit) lives in `wiki_embeddings.core.readiness`. The cursor is the id of the
-last evaluation handled, so one evaluation is acted on once. What it did is in the tick's log and, when it
-wrote or kept the flag on a regression, in an observation on `embedding_coverage`.
+last evaluation handled, so one evaluation is acted on once. What it did is the tick's message and log; each
+write of the flag is a materialization of the `readiness` asset (previous and new value, file, time, restart
+result), a flag kept on a regression an observation of it.
 """
 
+import datetime as dt
 from typing import Any
 
 import dagster as dg
@@ -20,9 +22,11 @@ from wiki_embeddings.core.readiness import (
     restart_backend,
     set_flag,
 )
-from wiki_embeddings.defs.assets import embedding_coverage
+from wiki_embeddings.defs.assets import embedding_coverage, missing_wiki_chunks
+from wiki_embeddings.defs.assets import readiness as readiness_asset
 from wiki_embeddings.defs.checks import COVERAGE_KEY, MISSING_IS_ZERO, MISSING_IS_ZERO_KEY
 from wiki_embeddings.defs.resources import ReadinessResource
+from wiki_embeddings.defs.state import embedding_state_sensor, sensor_interval
 
 COMPLETED = {"SUCCEEDED", "FAILED"}
 
@@ -60,7 +64,7 @@ def latest_coverage(instance: dg.DagsterInstance) -> Materialization | None:
 
 @dg.sensor(
     name="readiness_sensor",
-    minimum_interval_seconds=60,
+    minimum_interval_seconds=sensor_interval(60),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         f"After a fresh pass of {MISSING_IS_ZERO}, sets {READY_KEY}=true in the env file (WIKI_EMBEDDINGS_ENV_FILE, "
@@ -79,31 +83,35 @@ def readiness_sensor(context: dg.SensorEvaluationContext, readiness: ReadinessRe
     decision = decide(evaluation, latest_coverage(context.instance), handled, flag, settings.on_regression)
     cursor = str(decision.handled) if decision.handled is not None else context.cursor
     metadata: dict[str, Any] = {
-        "readiness_action": decision.action,
-        "reason": decision.reason,
+        "readiness_action": dg.MetadataValue.text(decision.action),
+        "reason": dg.MetadataValue.text(decision.reason),
         "env_file": dg.MetadataValue.path(str(path)),
-        "check_evaluation_id": decision.handled if decision.handled is not None else 0,
+        "at": dg.MetadataValue.text(dt.datetime.now(dt.UTC).isoformat(timespec="seconds")),
     }
 
     if decision.action == "none":
         context.log.info(f"readiness: {decision.reason}; {READY_KEY} in {path} is {_show(flag)}")
-        return dg.SensorResult(skip_reason=decision.reason, cursor=cursor)
+        return dg.SensorResult(skip_reason=f"{decision.reason}; {READY_KEY} is {_show(flag)}", cursor=cursor)
 
     if decision.action == "keep_on_regression":
         context.log.warning(f"readiness: {decision.reason} ({path})")
-        metadata["flag"] = "true"
+        metadata.update(previous=dg.MetadataValue.text("true"), flag=dg.MetadataValue.text("true"))
         return dg.SensorResult(
-            asset_events=[dg.AssetObservation(asset_key=embedding_coverage.key, metadata=metadata)], cursor=cursor
+            asset_events=[dg.AssetObservation(asset_key=readiness_asset.key, metadata=metadata)],
+            cursor=cursor,
+            skip_reason=f"kept {READY_KEY}=true in {path}: {decision.reason}",
         )
 
     value = decision.action == "set_true"
     change = set_flag(path, value)
-    metadata["flag"] = "true" if value else "false"
-    log = context.log.info if value else context.log.warning
-    log(
-        f"readiness: {decision.reason}: set {READY_KEY}={metadata['flag']} in {path} "
-        f"(was {_show(change.previous)}{', file created' if change.created else ''})"
+    new = "true" if value else "false"
+    metadata.update(previous=dg.MetadataValue.text(_show(change.previous)), flag=dg.MetadataValue.text(new))
+    metadata["file_created"] = dg.MetadataValue.bool(bool(change.created))
+    done = (
+        f"set {READY_KEY}={new} in {path} (was {_show(change.previous)}{', file created' if change.created else ''})"
     )
+    log = context.log.info if value else context.log.warning
+    log(f"readiness: {decision.reason}: {done}")
     restart = restart_backend(
         settings,
         lambda m: context.log.info(f"readiness: {m}"),
@@ -111,10 +119,19 @@ def readiness_sensor(context: dg.SensorEvaluationContext, readiness: ReadinessRe
         "picks the flag up",
     )
     if restart is not None:
-        metadata["restart_returncode"] = restart.returncode if restart.returncode is not None else -1
+        metadata["restart_returncode"] = dg.MetadataValue.text(
+            str(restart.returncode) if restart.returncode is not None else "timed out"
+        )
         metadata["restart_output"] = dg.MetadataValue.text(restart.output_tail)
+        done += f"; restart command exited {metadata['restart_returncode'].value}"
     return dg.SensorResult(
-        asset_events=[dg.AssetObservation(asset_key=embedding_coverage.key, metadata=metadata)], cursor=cursor
+        asset_events=[
+            dg.AssetMaterialization(
+                asset_key=readiness_asset.key, description=f"{decision.reason}: {done}", metadata=metadata
+            )
+        ],
+        cursor=cursor,
+        skip_reason=f"FLAG WRITTEN: {done}",
     )
 
 
@@ -122,14 +139,16 @@ def _show(flag: bool | None) -> str:
     return "unset" if flag is None else str(flag).lower()
 
 
-#: Runs embedding_coverage (and its check) once embeddings were written and nothing upstream still runs, so
-#: the end of a bootstrap backfill reaches the readiness sensor without anyone launching a run.
+#: Runs missing_wiki_chunks, embedding_coverage and its check by their automation condition (LIVE_AUTOMATION):
+#: after any write or change of the table, once on a new instance, on WIKI_EMBED_REFRESH_CRON - so the end of a
+#: bootstrap (by Dagster or by the CLI) reaches the readiness sensor without anyone launching a run.
 coverage_automation_sensor = dg.AutomationConditionSensorDefinition(
     "coverage_automation_sensor",
-    target=dg.AssetSelection.assets(embedding_coverage),
+    target=dg.AssetSelection.assets(missing_wiki_chunks, embedding_coverage),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=60,
-    description="Refreshes embedding_coverage and missing_is_zero after embeddings were written.",
+    minimum_interval_seconds=sensor_interval(30),
+    description="Refreshes missing_wiki_chunks, embedding_coverage and missing_is_zero after any write or change "
+    "of the table (seen by embedding_state_sensor), once on a new instance, and on WIKI_EMBED_REFRESH_CRON.",
 )
 
-SENSORS = [readiness_sensor, coverage_automation_sensor]
+SENSORS = [readiness_sensor, coverage_automation_sensor, embedding_state_sensor]
