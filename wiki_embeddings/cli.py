@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="key=value status: total, embedded, missing, coverage_pct, ...")
     _common(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--check", action="store_true", help="exit 0 only when missing=0")
+    p.add_argument("--check", action="store_true", help="exit 0 only when missing=0 and stale_model=0")
     p.add_argument(
         "--scan-changed",
         action="store_true",
@@ -310,7 +310,8 @@ def cmd_status(s: Settings, args: argparse.Namespace, out: Any) -> int:
         print(json.dumps(status, default=str), file=out)
     else:
         print(format_status(status), file=out)
-    return 0 if (not args.check or status["missing"] == 0) else 1
+    # Done means every chunk holds a vector of the live model: stale-model vectors fail the check as missing ones do.
+    return 0 if (not args.check or (status["missing"] == 0 and status["stale_model"] == 0)) else 1
 
 
 def cmd_stop(s: Settings, args: argparse.Namespace, out: Any) -> int:
@@ -427,7 +428,7 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
             print(migration.swap(store, log=lambda m: print(m, file=out, flush=True)), file=out)
             return 0
         if args.rollback:
-            print(migration.rollback(store), file=out)
+            print(migration.rollback(store, log=lambda m: print(m, file=out, flush=True)), file=out)
             return 0
         target = args.target_model
         migration.check_target(store, target)
@@ -437,7 +438,7 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
             s = s.replace(ollama_url=local_url)
         dims = probe_model_dimensions(s, target)
         with build_store(s, db_url) as store:
-            started = migration.start(store, target, dims)
+            started = migration.start(store, target, dims, log=log)
         log(started.message(live_column) + " (`migrate-model --swap`)")
         shadow = started.shadow_column
         report = _fill_shadow(s, target, shadow, None, "migrate", log)

@@ -18,6 +18,9 @@ DEFAULT_OLLAMA_URL = "http://ollama:11434"
 DEFAULT_MODEL = "nomic-embed-text"
 LOCAL_SERVER_MODEL = "all-minilm"
 DEFAULT_STOP_FILE = "/tmp/wiki-embed.stop"
+# One request embeds at most this many chunks: a batch is one HTTP body, one claim and one write transaction
+# (an absurd value used to end deep in SQL as `bigint out of range`).
+MAX_BATCH_SIZE = 4096
 
 # Environment variable for each setting that has one (the runbook's spellings where it has them).
 ENV_VARS: dict[str, str] = {
@@ -30,6 +33,7 @@ ENV_VARS: dict[str, str] = {
     "embedding_column": "WIKI_EMBED_EMBEDDING_COLUMN",
     "state_schema": "WIKI_EMBED_STATE_SCHEMA",
     "text_prefix": "WIKI_EMBED_TEXT_PREFIX",
+    "query_prefix": "WIKI_EMBED_QUERY_PREFIX",
     "stop_file": "EMBED_STOP_FILE",
     "failure_log": "WIKI_EMBED_FAILURE_LOG",
     "max_attempts": "WIKI_EMBED_MAX_ATTEMPTS",
@@ -43,6 +47,7 @@ ENV_VARS: dict[str, str] = {
     "num_ctx": "WIKI_EMBED_NUM_CTX",
     "request_dimensions": "WIKI_EMBED_REQUEST_DIMENSIONS",
     "load_timeout_sec": "WIKI_EMBED_LOAD_TIMEOUT_SEC",
+    "busy_wait_sec": "WIKI_EMBED_BUSY_WAIT_SEC",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -61,6 +66,7 @@ class Settings:
     embedding_column: str = "embedding"
     state_schema: str = "wiki_embeddings"
     text_prefix: str = ""
+    query_prefix: str = ""  # prepended to queries (retrieval self-test before a swap), e.g. 'search_query: '
     # The runbook's flags.
     batch_size: int = 64
     report_every: int = 10
@@ -93,7 +99,12 @@ class Settings:
     request_dimensions: bool = False  # ask a Matryoshka model for `dimensions: D` when the column is narrower
     load_timeout_sec: float = 300.0  # allowance for the run's first request, which may pay the model's load
     reembed_cut: bool = False  # also re-embed chunks embedded from a cut (context) or truncated by the server
+    busy_wait_sec: float = 30.0  # how long a run retries chunks another session holds before ending `locked`
     dimensions: int | None = None
+    # Run window (core/window.py): the run ends safely, as on the stop file, at `until` (HH:MM local time, or
+    # HH:MM+09:00 / HH:MMZ with an explicit offset: its next occurrence) or after `max_minutes`.
+    until: str | None = None
+    max_minutes: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -108,6 +119,11 @@ class Settings:
         for name in ("batch_size", "report_every", "concurrency", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ValueError(
+                f"batch-size must be at most {MAX_BATCH_SIZE} chunks per request, got {self.batch_size} "
+                "(64 to 256 is typical; use --concurrency for more throughput)"
+            )
         for name in ("timeout_sec", "max_chars"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -123,7 +139,19 @@ class Settings:
             raise ValueError(f"num-ctx must be at least 1, got {self.num_ctx}")
         if self.load_timeout_sec <= 0:
             raise ValueError(f"load-timeout-sec must be positive, got {self.load_timeout_sec}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max-minutes must be positive, got {self.max_minutes}")
+        if self.until is not None:
+            from wiki_embeddings.core.window import parse_until
+
+            parse_until(self.until)  # a clear ValueError for a malformed time
         return self
+
+    def run_deadline(self, now: float | None = None) -> tuple[float, str] | None:
+        """(epoch seconds, reason) of the run window's end, or None without --until / --max-minutes."""
+        from wiki_embeddings.core.window import run_deadline
+
+        return run_deadline(self.until, self.max_minutes, now)
 
     def options_for_resume(self) -> dict[str, Any]:
         """The run options worth replaying on `resume` (never the database URL: it may hold a password)."""

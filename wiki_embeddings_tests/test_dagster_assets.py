@@ -223,7 +223,8 @@ def test_coverage_is_refreshed_automatically_after_a_range_is_written(make_table
     table.load([(i, f"chunk {i}") for i in range(1, 6)])
     resources = resources_for(table, ollama)
     defs = definitions_for(resources)
-    live = {missing_wiki_chunks.key, embedding_coverage.key, dg.AssetCheckKey(embedding_coverage.key, "missing_is_zero")}
+    check = dg.AssetCheckKey(embedding_coverage.key, "missing_is_zero")
+    live = {missing_wiki_chunks.key, embedding_coverage.key, check}
 
     def requested(result) -> set:
         return {r.key for r in result.results if r.true_subset.size}

@@ -100,16 +100,16 @@ def filled(table) -> int:
     return int(table.sql(f"SELECT count(*) FROM {table.settings.table} WHERE embedding IS NOT NULL")[0][0])
 
 
-def advisory_locks(table) -> list[tuple]:
-    """Advisory locks held on this table's chunks (bigint keys in its namespace) or on its runs (two-int keys)."""
+def advisory_locks(table) -> list:
+    """Advisory locks held on this table's chunks (hashed bigint keys) or on its runs (two-int keys)."""
     store = table.store
-    return table.sql(
+    runs = table.sql(
         "SELECT pid, classid, objid, objsubid FROM pg_locks WHERE locktype = 'advisory'"
         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND ((objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) >> 40 = %s)"
-        "   OR (objsubid = 2 AND classid::bigint = %s))",
-        (store.table.lock_namespace, store.run_lock_namespace),
+        " AND objsubid = 2 AND classid::bigint = %s",
+        (store.run_lock_namespace,),
     )
+    return runs + [("claim", cid) for cid in store.held_claims()]
 
 
 def updates_counted(table) -> int:

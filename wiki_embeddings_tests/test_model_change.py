@@ -218,7 +218,7 @@ def test_stale_model_counts_vectors_of_another_model_than_the_live_one(make_tabl
     table.load([(i, f"t {i}") for i in range(1, 6)])
     assert table.backfill().state == "completed"
     assert table.store.model_status()["stale_model"] == 0
-    table.store.record_model("some-other-model", 384)  # e.g. recorded by hand: the vectors no longer match it
+    table.store.record_model("some-other-model", 384, replace=True)  # e.g. recorded by hand: the vectors no longer match it
     assert table.store.model_status()["stale_model"] == 5
 
 
@@ -314,7 +314,7 @@ def test_the_readiness_check_fails_while_vectors_of_another_model_are_live(make_
     table = make_table()
     table.load([(i, f"t {i}") for i in range(1, 6)])
     assert table.backfill().state == "completed"
-    table.store.record_model("some-other-model", 384)
+    table.store.record_model("some-other-model", 384, replace=True)
     instance = dg.DagsterInstance.ephemeral()
     try:
         result = dg.materialize(

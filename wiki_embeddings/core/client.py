@@ -218,6 +218,29 @@ class OllamaClient:
             return {}
         return data if isinstance(data, dict) else {}
 
+    async def model_digest(self) -> str | None:
+        """The model's digest as GET /api/tags lists it on the first server (`name` and `name:latest` are one
+        model), or None when the server does not answer or does not list it. Recorded per run: a digest that
+        changed under the same name explains vectors that no longer verify (`ollama pull` replaced the weights)."""
+        http = self._ensure_open()
+        url = self._urls[0]
+        try:
+            resp = await asyncio.wait_for(http.get(f"{url}/api/tags"), self._connect_timeout)
+            data = _loads(resp.content[: ERROR_BODY_LIMIT * 256]) if resp.status_code == 200 else {}
+        except (httpx.HTTPError, TimeoutError, ValueError):
+            return None
+
+        def norm(name: object) -> str:
+            text = str(name or "").strip().lower()
+            return text[: -len(":latest")] if text.endswith(":latest") else text
+
+        models = data.get("models") if isinstance(data, dict) else None
+        for entry in models if isinstance(models, list) else []:
+            if isinstance(entry, dict) and norm(self.model) in (norm(entry.get("name")), norm(entry.get("model"))):
+                digest = entry.get("digest")
+                return str(digest) if digest else None
+        return None
+
     async def probe_dimensions(self, text: str = "dimension probe") -> int:
         """Embed one text to learn the model's vector length (and prove the model is there).
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from wiki_embeddings.core import identity
 from wiki_embeddings.core.client import (
     AmbiguousFailure,
     ContextExceeded,
@@ -46,15 +47,22 @@ from wiki_embeddings.core.context import (
     window_from_show,
 )
 from wiki_embeddings.core.failure_log import FailureLog
-from wiki_embeddings.core.store import Provenance, Store, VectorNotes
+from wiki_embeddings.core.store import ModelMismatch, Provenance, Store, VectorNotes
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings, redact, url_secrets
 
 CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
 # Failures decided from the text alone: recorded without asking the server whether it is well.
-TEXT_ERRORS = {"empty_text", "invalid_utf8"}
+TEXT_ERRORS = {"empty_text", "invalid_utf8", "write_error"}
 CLEAN_STATES = {"completed", "stopped", "max_chunks"}
-EXIT_CODES = {"server_unavailable": 3, "model_not_found": 4, "database_unavailable": 5, "failure_log_error": 6}
+EXIT_CODES = {
+    "server_unavailable": 3,
+    "model_not_found": 4,
+    "database_unavailable": 5,
+    "failure_log_error": 6,
+    "locked": 7,
+    "model_changed": 8,
+}
 DB_STOP_CHECK_EVERY_SEC = 1.0
 DB_RECONNECT_MAX_DELAY_SEC = 5.0
 # A batch whose `prompt_eval_count` is below this share of its estimated tokens is re-checked text by text.
@@ -91,6 +99,7 @@ class RunReport:
     embedded: int = 0
     failed: int = 0
     skipped_busy: int = 0
+    locked: int = 0  # chunks still held by another session when the run ended (state `locked`)
     remaining: int = 0
     seconds: float = 0.0
     requests: int = 0
@@ -106,6 +115,7 @@ class RunReport:
     fit_searches: int = 0  # refused chunks whose longest fitting prefix was searched
     fit_requests: int = 0  # requests those searches sent (average = fit_requests / fit_searches)
     preflight: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str = ""  # why a `stopped` run stopped (stop file, signal, run window: core/window.py)
 
     @property
     def chunks_per_s(self) -> float:
@@ -185,6 +195,7 @@ class Backfill:
         # run state
         self._stop_event = asyncio.Event()
         self._stop_reason = ""
+        self._deadline: tuple[float, str] | None = None  # --until / --max-minutes (core/window.py)
         self._fatal: _Fatal | None = None
         self._last_db_stop_check = 0.0
         self._known_good: str | None = None
@@ -198,7 +209,8 @@ class Backfill:
         self._reconnecting: dict[str, asyncio.Lock] = {}
         self._held: set[int] = set()  # chunk ids this run has claimed and not yet released
         self._md5: dict[int, str] = {}  # md5 of the whole text of each held chunk, as claimed
-        self._phase = "missing"  # then "refresh": chunks whose text changed since they were embedded
+        self._phase = "missing"  # then "busy" (chunks held elsewhere, retried), "refresh" (text changed)
+        self._busy: set[int] = set()  # chunks another session held (claim key or row lock): retried at the end
         self._shadow = False  # filling a model migration's shadow column
         self._provenance: Provenance | None = None
         self._scan_complete = False
@@ -225,6 +237,7 @@ class Backfill:
     async def _arun(self) -> RunReport:
         s = self.s
         self._stop_event = asyncio.Event()
+        self._deadline = s.run_deadline()
         dimensions = await asyncio.to_thread(self._prepare_database)
         await asyncio.to_thread(self._check_recorded_model)
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
@@ -247,6 +260,10 @@ class Backfill:
             return report
         if not self._shadow and not idle:  # a shadow fill leaves the live model as it is until the swap
             await asyncio.to_thread(self.store.record_model, self.client.model, dimensions)
+        digest, model = None, self.client.model
+        if not idle:  # the column's identity (core/identity.py) and the model's digest (`verify` shows it)
+            await asyncio.to_thread(identity.record, self.store, model, dimensions, s.text_prefix, s.query_prefix)
+            digest = await self.client.model_digest()
         self._provenance = Provenance(self.client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence)
         # and asks for database stop requests.
@@ -255,6 +272,9 @@ class Backfill:
             report.run_id = await asyncio.to_thread(
                 self.store.start_run, self.mode, s.options_for_resume(), self.client.model, self._conns["run"]
             )
+            if digest:
+                record = self.store.record_trust
+                await asyncio.to_thread(record, "model_digest", {"digest": digest}, run_id=report.run_id, model=model)
             return await self._run_started(report, dimensions)
         finally:
             await self._close_connections(list(self._conns))
@@ -281,6 +301,7 @@ class Backfill:
         removers = self._install_signal_handlers()
         try:
             await self._pipeline(report)
+            await self._retry_busy(report)
             if self._may_refresh():
                 self._phase = "refresh"
                 self._scan_complete = False
@@ -308,8 +329,16 @@ class Backfill:
         if self._fatal is not None:
             report.state, report.message = self._fatal.state, self._clean(str(self._fatal))
         elif self._stop_event.is_set():
-            report.state = "stopped"
+            report.state, report.stop_reason = "stopped", self._stop_reason
             report.message = f"stopped on request ({self._stop_reason}); {report.remaining} chunks remain"
+        elif self._busy:
+            report.state = "locked"
+            report.locked = len(self._busy)
+            report.message = (
+                f"{report.locked} chunks locked by another session (a concurrent run holds their claim, or a "
+                f"transaction holds their row) for over {s.busy_wait_sec:g} s; run again later; "
+                f"{report.remaining} chunks remain"
+            )
         elif s.max_chunks is not None and self._claimed >= s.max_chunks and report.remaining > 0:
             report.state = "max_chunks"
             report.message = f"--max-chunks {s.max_chunks} reached; {report.remaining} chunks remain"
@@ -365,6 +394,9 @@ class Backfill:
                 f"and nothing was written. To change the model without downtime use "
                 f"`wiki-embeddings migrate-model --to {self.client.model}` (then --swap)"
             )
+        prefix = identity.prefix_problem(self.store, self.client.model, self.client.text_prefix, shadow=self._shadow)
+        if prefix:  # identity is model + dimensions + text prefix
+            raise ModelChanged(prefix)
 
     def _refresh_wanted(self) -> bool:
         """Does this run include the pass over embedded chunks (changed text; with --reembed-cut, cut ones)?"""
@@ -479,11 +511,19 @@ class Backfill:
     def _stop_file_present(self) -> bool:
         return self.stop_file is not None and os.path.lexists(self.stop_file)
 
+    def _window_over(self) -> bool:
+        """Past the run window's end (--until / --max-minutes): stop as on the stop file."""
+        if self._deadline is not None and time.time() >= self._deadline[0]:
+            self.request_stop(self._deadline[1])
+            return True
+        return False
+
     async def _should_stop(self) -> bool:
         if self._stop_event.is_set() or self._fatal is not None:
             return True
-        if self._stop_file_present():
-            self.request_stop(f"stop file {self.stop_file}")
+        if self._stop_file_present() or self._window_over():
+            if not self._stop_event.is_set():
+                self.request_stop(f"stop file {self.stop_file}")
             return True
         now = time.monotonic()
         if now - self._last_db_stop_check >= DB_STOP_CHECK_EVERY_SEC:
@@ -497,8 +537,9 @@ class Backfill:
         """Cheap check for workers before each new request (no database round trip)."""
         if self._stop_event.is_set() or self._fatal is not None:
             return True
-        if self._stop_file_present():
-            self.request_stop(f"stop file {self.stop_file}")
+        if self._stop_file_present() or self._window_over():
+            if not self._stop_event.is_set():
+                self.request_stop(f"stop file {self.stop_file}")
             return True
         return False
 
@@ -611,6 +652,9 @@ class Backfill:
                     limit = min(limit, s.max_chunks - self._claimed)
                     if limit <= 0:
                         break
+                if self._phase == "busy":
+                    await self._produce_busy(todo)
+                    break
                 claim = await self._db(
                     "claim",
                     self.store.claim_changed if self._phase == "refresh" else self.store.claim,
@@ -628,6 +672,8 @@ class Backfill:
                     break
                 after_id = claim.last_scanned_id
                 report.skipped_busy += claim.busy
+                if self._phase == "missing":
+                    self._busy.update(claim.busy_ids)
                 if self._phase == "refresh" and report.changed_found is not None:
                     report.changed_found += claim.found
                 if claim.rows or claim.invalid:
@@ -643,6 +689,43 @@ class Backfill:
         finally:
             for _ in range(workers_n):
                 await todo.put(None)
+
+    async def _produce_busy(self, todo: asyncio.Queue) -> None:
+        """Claim again the chunks that were busy; those still held stay in `_busy` for the next round."""
+        s = self.s
+        pending = sorted(self._busy)
+        self._busy.clear()
+        for start in range(0, len(pending), s.batch_size):
+            if await self._should_stop():
+                self._busy.update(pending[start:])
+                return
+            claim = await self._db(
+                "claim",
+                self.store.claim_ids,
+                pending[start : start + s.batch_size],
+                max_chars=s.max_chars,
+                mode=self._claim_mode(),
+                max_attempts=s.max_attempts,
+            )
+            self._busy.update(claim.busy_ids)
+            if claim.rows or claim.invalid:
+                batch = _Batch([(cid, clean_text(text)) for cid, text in claim.rows], claim.invalid)
+                self._claimed += len(batch.ids)
+                self._held.update(batch.ids)
+                self._md5.update(claim.text_md5)
+                await todo.put(batch)
+
+    async def _retry_busy(self, report: RunReport) -> None:
+        """Chunks another session held (a concurrent run's claim, a colliding claim key, a row lock) are never
+        skipped for good: they are retried until free or `busy_wait_sec` has passed (then the run ends `locked`)."""
+        deadline = time.monotonic() + self.s.busy_wait_sec
+        while self._busy and self._fatal is None and not self._stop_event.is_set():
+            self._phase = "busy"
+            await self._pipeline(report)
+            if not self._busy or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+        self._phase = "missing"
 
     async def _work(self, todo: asyncio.Queue, done: asyncio.Queue, report: RunReport) -> None:
         while True:
@@ -893,19 +976,11 @@ class Backfill:
                 item = item.keep(keep)
             ids = item.ids
             try:
-                md5s = [self._md5.get(i) for i in ids]
-                written = await self._db(
-                    "write",
-                    self.store.write_vectors,
-                    ids,
-                    item.vectors,
-                    md5s if all(m is not None for m in md5s) else None,
-                    self._provenance,
-                    self._phase == "refresh",
-                    VectorNotes(item.chars, item.cut, item.truncated),
-                )
-                report.context_cut += sum(item.cut)
+                written = await self._write_batch(item, report)
                 await self._release(ids)
+            except ModelMismatch as exc:
+                self._fatal = self._fatal or _Fatal("model_changed", str(exc))
+                continue
             except _Fatal as exc:
                 self._fatal = self._fatal or exc
                 continue
@@ -918,6 +993,43 @@ class Backfill:
                 report.embedded += written
             self._batches_written += 1
             await self._progress(report)
+
+    async def _write_batch(self, item: _Embedded, report: RunReport) -> int:
+        """Write one batch; a row the database refuses (a trigger, a constraint) is isolated like a chunk that
+        cannot be embedded: the batch is split until it stands alone, recorded `write_error`, the others written.
+        Rows another transaction holds are not waited for: they are retried at the end of the run."""
+        md5s = [self._md5.get(i) for i in item.ids]
+        try:
+            written = await self._db(
+                "write",
+                self.store.write_vectors,
+                item.ids,
+                item.vectors,
+                md5s if all(m is not None for m in md5s) else None,
+                self._provenance,
+                self._phase == "refresh",
+                VectorNotes(item.chars, item.cut, item.truncated),
+            )
+        except psycopg.Error as exc:  # not a lost connection (`_db` handles those): this data is refused
+            if len(item.ids) == 1:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                await self._isolate(
+                    (item.ids[0], ""),
+                    "write_error",
+                    f"the database refused the write: {reason}",
+                    None,
+                    report,
+                    text_length=item.chars[0],
+                )
+                return 0
+            half = len(item.ids) // 2
+            first = await self._write_batch(item.keep(list(range(half))), report)
+            return first + await self._write_batch(item.keep(list(range(half, len(item.ids)))), report)
+        locked = set(written.locked)
+        if locked and self._phase != "refresh":
+            self._busy.update(locked)
+        report.context_cut += sum(c for cid, c in zip(item.ids, item.cut, strict=True) if cid not in locked)
+        return int(written)
 
     # ------------------------------------------------------------ reporting
     async def _progress(self, report: RunReport) -> None:

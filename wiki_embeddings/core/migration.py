@@ -6,8 +6,9 @@ shadow, and the renames happen in one transaction (`Store.swap_columns`). No SQL
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +59,13 @@ def check_target(store: Store, model: str) -> None:
         )
 
 
-def start(store: Store, model: str, dimensions: int) -> Started:
+def start(store: Store, model: str, dimensions: int, log: Callable[[str], None] = lambda _m: None) -> Started:
     """Add the shadow column for `model` (whose vector length the caller asked the model for) and record the
     migration. Repeat-safe: starting the same migration again only reports it; another target is refused."""
     check_target(store, model)
     shadow = shadow_name(store.table.embedding_column)
+    with swap_lock(store, log):
+        drop_invalid_indexes(store, log)
     try:
         added = store.start_migration(model, dimensions, shadow)
     except StoreError as exc:
@@ -106,6 +109,50 @@ def swap_blocker(store: Store) -> str | None:
     return None
 
 
+def managed_columns(store: Store) -> list[str]:
+    """The columns a migration renames: live, shadow and previous."""
+    live = store.table.embedding_column
+    return [live, shadow_name(live), prev_name(live)]
+
+
+def drop_invalid_indexes(store: Store, log: Callable[[str], None] = lambda _m: None) -> list[str]:
+    """Drop INVALID indexes (an interrupted `CREATE INDEX CONCURRENTLY`) on the live, shadow and previous columns,
+    so none follows a column under the live name; called with the swap lock held, so no build of ours is under
+    way. One that cannot be dropped now is dropped by the swap's own transaction."""
+    dropped = store.drop_invalid_indexes(managed_columns(store))
+    for name in dropped:
+        log(f"dropped INVALID index {name} (left by an interrupted CREATE INDEX CONCURRENTLY)")
+    return dropped
+
+
+@contextlib.contextmanager
+def swap_lock(store: Store, log: Callable[[str], None] = lambda _m: None, poll_sec: float = 0.2) -> Iterator[None]:
+    """One swap, rollback or index clean-up of a table at a time (a session advisory lock: it dies with a killed
+    process). The loser waits, polling, without a statement open: a waiting statement's snapshot would hold up
+    the winner's `CREATE INDEX CONCURRENTLY`."""
+    if not store.try_swap_lock():
+        log(f"another swap or rollback of {store.table.qualified} is in progress; waiting for it to end")
+        while not store.try_swap_lock():
+            time.sleep(poll_sec)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            store.release_swap_lock()
+
+
+def _swapped_meanwhile(store: Store, before: dict[str, Any]) -> str | None:
+    """The message for a swap or rollback that lost the race: another one committed while it waited."""
+    after = store.table_state()
+    if after.get("swapped_at") == before.get("swapped_at"):
+        return None
+    return (
+        f"nothing to do: another swap or rollback of {store.table.qualified} finished while this one waited "
+        f"(at {after['swapped_at']:%Y-%m-%d %H:%M:%S}); {store.table.embedding_column} now holds model "
+        f"{after.get('model')!r}"
+    )
+
+
 def build_shadow_indexes(store: Store, shadow: str, log: Callable[[str], None] = lambda _m: None) -> list[str]:
     """Give the shadow every HNSW/IVFFlat index the live column has (same method, operator class, options), so
     search is as fast right after the swap as before it. Built CONCURRENTLY: the table stays writable."""
@@ -122,10 +169,18 @@ def build_shadow_indexes(store: Store, shadow: str, log: Callable[[str], None] =
 
 
 def swap(store: Store, log: Callable[[str], None] = lambda _m: None) -> str:
-    """Make the complete shadow column the live one in one transaction, after giving it the live indexes."""
+    """Make the complete shadow column the live one in one transaction, after giving it the live indexes.
+    Serialized per table (`swap_lock`): of two simultaneous swaps, the loser says the swap already happened."""
+    before = store.table_state()
+    with swap_lock(store, log):
+        return _swapped_meanwhile(store, before) or _swap(store, log)
+
+
+def _swap(store: Store, log: Callable[[str], None]) -> str:
     blocker = swap_blocker(store)
     if blocker:
         raise MigrationError(blocker)
+    drop_invalid_indexes(store, log)
     state = store.table_state()
     target, shadow = state["migration_model"], state["migration_column"]
     live_column = store.table.embedding_column
@@ -146,7 +201,14 @@ def swap(store: Store, log: Callable[[str], None] = lambda _m: None) -> str:
     )
 
 
-def rollback(store: Store) -> str:
+def rollback(store: Store, log: Callable[[str], None] = lambda _m: None) -> str:
+    """Swap the previous column back in (serialized with swaps, like them)."""
+    before = store.table_state()
+    with swap_lock(store, log):
+        return _swapped_meanwhile(store, before) or _rollback(store, log)
+
+
+def _rollback(store: Store, log: Callable[[str], None]) -> str:
     state = store.table_state()
     live_column = store.table.embedding_column
     prev, nxt = prev_name(live_column), shadow_name(live_column)
@@ -164,6 +226,7 @@ def rollback(store: Store) -> str:
         )
     if store.live_runs():
         raise MigrationError("a run of this table is in progress; stop it (`wiki-embeddings stop`) and roll back after")
+    drop_invalid_indexes(store, log)
     live_model, live_dims = store.recorded_model()
     store.swap_columns(
         to_live=prev,

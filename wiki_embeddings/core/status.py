@@ -36,12 +36,17 @@ STATUS_KEYS = [
     "migration_embedded",
     "migration_missing",
     "migration_coverage_pct",
+    "invalid_indexes",
+    "invalid_index_names",
 ]
 
 
 def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
-    """Counts from the database, the stop file, the recorded model and the last run, in one place."""
-    store.migrate()
+    """Counts from the database, the stop file, the recorded model and the last run, in one place.
+
+    Read-only once the bookkeeping schema is at its version, so a monitoring role with SELECT only can run it.
+    """
+    store.migrate(record=False)
     status = store.status(settings.max_attempts)
     status.update(store.model_status())
     status["dimensions"] = store.column_dimensions()
@@ -59,6 +64,9 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     status["last_run_chunks_per_s"] = f"{rate:.1f}" if rate is not None else ""
     status["last_run_heartbeat"] = last["heartbeat_at"].isoformat(timespec="seconds") if last else ""
     status.update(migration_figures(store))
+    invalid = store.invalid_indexes()  # left by an interrupted CREATE INDEX CONCURRENTLY; dropped by the next swap
+    status["invalid_indexes"] = len(invalid)
+    status["invalid_index_names"] = ",".join(ix["name"] for ix in invalid)
     return {k: status[k] for k in STATUS_KEYS}
 
 

@@ -34,6 +34,10 @@ class StoreError(RuntimeError):
     """A problem with the database that the operator must fix (missing table, wrong column type...)."""
 
 
+class ModelMismatch(StoreError):
+    """A batch of one model's vectors met a column that now takes another model (a swap during the run)."""
+
+
 def check_identifier(name: str, what: str) -> str:
     if not name or len(name.encode()) > 63:
         raise StoreError(f"{what} {name!r} must be 1 to 63 bytes long")
@@ -76,9 +80,9 @@ class TableRef:
         return f"{self.schema}.{self.name}"
 
     @property
-    def lock_namespace(self) -> int:
-        """High bits of the advisory-lock keys for this table's chunks (23 bits, so keys stay positive)."""
-        return zlib.crc32(self.qualified.encode()) & 0x7FFFFF
+    def lock_namespace(self) -> str:
+        """Hashed with each chunk id into its advisory-lock key (see `_lock_key_sql`)."""
+        return f"wiki_embeddings claim {self.qualified}:"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class Claim:
     # md5 of the whole stored text of each claimed chunk (what PostgreSQL recomputes as md5(content)).
     text_md5: dict[int, str] = field(default_factory=dict)
     found: int = 0  # content-change scans: changed chunks found in the window (locked or not)
+    busy_ids: list[int] = field(default_factory=list)  # candidates whose claim key another session holds
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,22 @@ class Provenance:
     dimensions: int
     max_chars: int
     text_prefix: str = ""
+
+
+class WriteResult(int):
+    """Rows written by one batch write; `locked` holds the ids another session held a row lock on (not waited
+    for: the engine retries them at the end of its run)."""
+
+    locked: tuple[int, ...]
+
+    def __new__(cls, written: int, locked: tuple[int, ...] = ()) -> WriteResult:
+        obj = super().__new__(cls, written)
+        obj.locked = locked
+        return obj
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a.removesuffix(":latest") == b.removesuffix(":latest")
 
 
 @dataclass(frozen=True)
@@ -215,9 +236,15 @@ _RUN_LOCK_HELD = (
 )
 
 
-def _lock_key_sql(namespace: int) -> sql.Composable:
-    """Advisory-lock key of a chunk id: the table's namespace in the high bits, the id in the low 40."""
-    return sql.SQL("(({ns}::bigint << 40) | c.id)").format(ns=sql.Literal(namespace))
+def _lock_key_sql(namespace: str) -> sql.Composable:
+    """Advisory-lock key of a chunk id: a 64-bit hash of the table's name and the id.
+
+    No key scheme maps every (table, bigint id) to a distinct 64-bit key (the old `(ns << 40) | id` lost the table's
+    bits for negative ids and ids >= 2^40), so a collision is made harmless instead: a chunk whose key is busy is
+    not skipped for good but retried at the end of the run (`Backfill._retry_busy`), and a run never ends
+    `completed` while chunks it was meant to cover are still held elsewhere.
+    """
+    return sql.SQL("hashtextextended({ns} || c.id::text, 0)").format(ns=sql.Literal(namespace))
 
 
 class Store:
@@ -295,33 +322,93 @@ class Store:
         return str(row[0]) if row else "?"
 
     # ---------------------------------------------------------------- schema
-    def migrate(self) -> int:
-        """Create the bookkeeping schema and apply pending versioned migrations; safe to repeat and to race."""
-        with self.conn.transaction():
-            self.conn.execute("SELECT pg_advisory_xact_lock(hashtext('wiki_embeddings.migrate'))")
-            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._s))
-            self.conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {}.schema_migrations "
-                    "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                ).format(self._s)
-            )
-            done = {
-                r[0]
-                for r in self.conn.execute(
-                    sql.SQL("SELECT version FROM {}.schema_migrations").format(self._s)
-                ).fetchall()
-            }
-            for version, statement in enumerate(MIGRATIONS, start=1):
-                if version in done:
-                    continue
-                self.conn.execute(sql.SQL(statement).format(s=self._s))  # type: ignore[arg-type]
-                self.conn.execute(
-                    sql.SQL("INSERT INTO {}.schema_migrations (version) VALUES (%s)").format(self._s),
-                    (version,),
-                )
-            self.forget_if_recreated()
+    def migrate(self, record: bool = True) -> int:
+        """Bring the bookkeeping schema to the current version; safe to repeat and to race.
+
+        At the current version (the steady state) it is one read of `schema_migrations`: no DDL, no lock, so a
+        role without `CREATE` on the database (or a read-only monitoring role) runs every command. Only a
+        pending migration takes the advisory lock and the DDL path. `record=False` (status) writes nothing:
+        the chunk table's identity (`forget_if_recreated`) is then left to the next writing command.
+        """
+        if self._pending_migrations():
+            self._apply_migrations()
+        if record:
+            with self.conn.transaction():
+                self.forget_if_recreated()
         return len(MIGRATIONS)
+
+    def _bookkeeping_schema_exists(self) -> bool:
+        row = self.conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.state_schema,)).fetchone()
+        return row is not None
+
+    def _pending_migrations(self) -> bool:
+        """True when a migration is missing; read-only (catalog lookups, then `schema_migrations`)."""
+        row = self.conn.execute(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = 'schema_migrations'",
+            (self.state_schema,),
+        ).fetchone()
+        if row is None:
+            return True
+        try:
+            done = self.conn.execute(
+                sql.SQL(
+                    "SELECT count(DISTINCT version) FROM {}.schema_migrations WHERE version BETWEEN 1 AND %s"
+                ).format(self._s),
+                (len(MIGRATIONS),),
+            ).fetchone()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise StoreError(self._privilege_message(exc, "USAGE on schema {s} and SELECT on its tables")) from exc
+        return not done or int(done[0]) < len(MIGRATIONS)
+
+    def _apply_migrations(self) -> None:
+        try:
+            with self.conn.transaction():
+                self.conn.execute("SELECT pg_advisory_xact_lock(hashtext('wiki_embeddings.migrate'))")
+                if not self._bookkeeping_schema_exists():  # CREATE SCHEMA IF NOT EXISTS needs CREATE even if it is
+                    self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._s))
+                self.conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {}.schema_migrations "
+                        "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                    ).format(self._s)
+                )
+                done = {
+                    r[0]
+                    for r in self.conn.execute(
+                        sql.SQL("SELECT version FROM {}.schema_migrations").format(self._s)
+                    ).fetchall()
+                }
+                for version, statement in enumerate(MIGRATIONS, start=1):
+                    if version in done:
+                        continue
+                    self.conn.execute(sql.SQL(statement).format(s=self._s))  # type: ignore[arg-type]
+                    self.conn.execute(
+                        sql.SQL("INSERT INTO {}.schema_migrations (version) VALUES (%s)").format(self._s),
+                        (version,),
+                    )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if not self._bookkeeping_schema_exists():
+                need = "CREATE on database {db}, needed once to create the bookkeeping schema {s}"
+            else:
+                need = "CREATE on schema {s} (or ownership of its tables), needed to upgrade the bookkeeping schema"
+            raise StoreError(self._privilege_message(exc, need, setup=True)) from exc
+
+    def _privilege_message(self, exc: psycopg.Error, need: str, setup: bool = False) -> str:
+        """`the role X lacks <need>; ...`: which privilege, for which role, and the way out."""
+        row = self.conn.execute("SELECT current_user, current_database()").fetchone()
+        role, db = (str(row[0]), str(row[1])) if row else ("?", "?")
+        s = sql.Identifier(self.state_schema).as_string(self.conn)
+        dbq = sql.Identifier(db).as_string(self.conn)
+        roleq = sql.Identifier(role).as_string(self.conn)
+        text = f"the role {role} lacks {need.format(db=db, s=s)} ({exc.diag.message_primary or exc})"
+        if setup:
+            return (
+                f"{text}; ask an administrator to run any wiki-embeddings command (e.g. `wiki-embeddings status`) "
+                f"once with a DATABASE_URL whose role has it, or to GRANT CREATE ON DATABASE {dbq} TO {roleq} "
+                "(README, Database privileges)"
+            )
+        return f"{text}; see README, Database privileges, for the GRANT statements"
 
     def ensure_extension(self) -> None:
         row = self.conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
@@ -360,12 +447,29 @@ class Store:
         return f"{self.table.name}_{self.table.embedding_column}_missing_idx"[:63]
 
     def ensure_missing_index(self) -> None:
-        """The partial index that keeps status and claims fast however large the table grows."""
-        self.conn.execute(
-            sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} ({id}) WHERE {emb} IS NULL").format(
-                ix=sql.Identifier(self._missing_index_name()), t=self._t, id=self._id, emb=self._emb
+        """The partial index that keeps status and claims fast however large the table grows.
+
+        Looked up first: `CREATE INDEX IF NOT EXISTS` needs ownership of the table even when the index exists,
+        and the backfill role need not own it (README, Database privileges)."""
+        row = self.conn.execute(
+            "SELECT 1 FROM pg_index ix JOIN pg_class ic ON ic.oid = ix.indexrelid"
+            " WHERE ix.indrelid = to_regclass(%s) AND ic.relname = %s",
+            (self._regclass_text(), self._missing_index_name()),
+        ).fetchone()
+        if row is not None:
+            return
+        try:
+            self.conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {ix} ON {t} ({id}) WHERE {emb} IS NULL").format(
+                    ix=sql.Identifier(self._missing_index_name()), t=self._t, id=self._id, emb=self._emb
+                )
             )
-        )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            need = f"ownership of {self.table.qualified}, needed once to create its index {self._missing_index_name()}"
+            raise StoreError(
+                self._privilege_message(exc, need.replace("{", "{{").replace("}", "}}"))
+                + " (or ask the table's owner to run `wiki-embeddings import` once)"
+            ) from exc
 
     def column_dimensions(self) -> int:
         """D of the embedding column, read from its type (vector(D)); a clear error when it is not a vector."""
@@ -387,7 +491,26 @@ class Store:
                 f"column {self.table.qualified}.{self.table.embedding_column} is {type_text}, "
                 "expected vector(D) with a fixed dimension"
             )
+        self.check_id_column()
         return int(typmod)
+
+    def check_id_column(self) -> None:
+        """Refuse an id column that is not smallint/integer/bigint (a domain over one counts), before anything is
+        sent: claims, locks, ranges and the bookkeeping hold ids as bigint."""
+        row = self.conn.execute(
+            "SELECT format_type(a.atttypid, a.atttypmod), b.typname FROM pg_attribute a"
+            " JOIN pg_type t ON t.oid = a.atttypid"
+            " JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END"
+            " WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND NOT a.attisdropped",
+            (self._regclass_text(), self.table.id_column),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"id column {self.table.id_column!r} not found in {self.table.qualified}")
+        if row[1] not in ("int2", "int4", "int8"):
+            raise StoreError(
+                f"id column {self.table.qualified}.{self.table.id_column} is {row[0]}; it must be smallint, integer "
+                "or bigint (set WIKI_EMBED_ID_COLUMN / --id-column to an integer key); nothing was sent"
+            )
 
     # ---------------------------------------------------------------- import
     def insert_chunks(self, rows: Iterable[tuple[int, str, int, str]], page: int = 5000) -> int:
@@ -470,7 +593,33 @@ class Store:
             return Claim([], None, 0)
         locked = [cid for cid, ok in cand if ok]
         rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, sql.SQL("AND {emb} IS NULL"), {})
-        return Claim(rows, int(cand[-1][0]), len(cand) - len(locked), invalid, md5s)
+        busy = [int(cid) for cid, ok in cand if not ok]
+        return Claim(rows, int(cand[-1][0]), len(busy), invalid, md5s, busy_ids=busy)
+
+    def claim_ids(
+        self,
+        conn: psycopg.Connection,
+        ids: Sequence[int],
+        *,
+        max_chars: int,
+        mode: str = "normal",
+        max_attempts: int = 3,
+    ) -> Claim:
+        """Claim these ids again (chunks that were busy earlier in the run), those still missing only."""
+        key = _lock_key_sql(self.table.lock_namespace)
+        cand = conn.execute(
+            sql.SQL(
+                "WITH cand AS MATERIALIZED (SELECT t.{id} AS id FROM {t} t WHERE t.{id} = ANY(%(ids)s)"
+                " AND t.{emb} IS NULL {filter})"
+                " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
+            ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key),
+            {"ids": list(ids), "table": self.failure_key, "cap": max_attempts},
+        ).fetchall()
+        locked = [int(cid) for cid, ok in cand if ok]
+        rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, sql.SQL("AND {emb} IS NULL"), {})
+        busy = [int(cid) for cid, ok in cand if not ok]
+        last = int(cand[-1][0]) if cand else None
+        return Claim(rows, last, len(busy), invalid, md5s, busy_ids=busy)
 
     def _read_claimed(
         self,
@@ -538,6 +687,19 @@ class Store:
                 invalid.append((int(cid), exc.reason, int(size)))
         return rows, invalid, md5s
 
+    def held_claims(self) -> list[int]:
+        """Ids of this table whose claim lock some session holds (a full scan: for tests and diagnosis)."""
+        key = _lock_key_sql(self.table.lock_namespace)
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT c.id FROM (SELECT {id} AS id FROM {t}) c JOIN pg_locks l ON l.locktype = 'advisory'"
+                " AND l.objsubid = 1 AND l.granted"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND ((l.classid::bigint << 32) | l.objid::bigint) = {key} ORDER BY 1"
+            ).format(id=self._id, t=self._t, key=key)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
     def release(self, conn: psycopg.Connection, ids: Sequence[int]) -> None:
         """Give back claims (after their vectors are committed, or when they are skipped)."""
         if not ids:
@@ -568,7 +730,7 @@ class Store:
         provenance: Provenance | None = None,
         replace: bool = False,
         notes: VectorNotes | None = None,
-    ) -> int:
+    ) -> WriteResult:
         """Write one batch of vectors in one short transaction, with their provenance.
 
         Default: only rows still missing are touched. `replace=True` (content refresh) overwrites a vector in
@@ -579,7 +741,7 @@ class Store:
         (benchmarks/RESULTS.md).
         """
         if not ids:
-            return 0
+            return WriteResult(0)
         guard = sql.SQL("") if replace else sql.SQL(" AND t.{emb} IS NULL").format(emb=self._emb)
         if md5s is not None:
             guard = sql.Composed([guard, sql.SQL(" AND md5(t.{text}) = u.md5").format(text=self._text)])
@@ -592,7 +754,8 @@ class Store:
             "trunc": notes.server_truncated if notes is not None else [False] * len(ids),
             "failure_key": self.failure_key,
         }
-        record, column_check, attnum_out = sql.SQL(""), sql.SQL(""), sql.SQL("NULL::smallint")
+        record, column_check, attnum_out = sql.SQL(""), sql.SQL(""), sql.SQL("NULL::smallint, NULL::text")
+        model_cte = sql.SQL("")
         if provenance is not None:
             # The column's attnum is read in the same statement, after the UPDATE has locked the table: a swap
             # (ACCESS EXCLUSIVE) cannot commit in between. A batch whose column was swapped since this run's
@@ -605,8 +768,19 @@ class Store:
                 max_chars=provenance.max_chars,
                 prefix=provenance.text_prefix,
             )
-            column_check = sql.SQL(" AND (%(expected)s::smallint IS NULL OR (SELECT attnum FROM a) = %(expected)s)")
-            attnum_out = sql.SQL("(SELECT attnum FROM a)")
+            # The model the column takes now (the live model, or a migration's target for its shadow column) is
+            # read in the same statement too: a run started before a swap never writes its model's vectors into
+            # a column that now belongs to another model.
+            column_check = sql.SQL(
+                " AND (%(expected)s::smallint IS NULL OR (SELECT attnum FROM a) = %(expected)s)"
+                " AND ((SELECT m FROM cm) IS NULL OR regexp_replace((SELECT m FROM cm), ':latest$', '')"
+                " = regexp_replace(%(model)s, ':latest$', ''))"
+            )
+            attnum_out = sql.SQL("(SELECT attnum FROM a), (SELECT m FROM cm)")
+            model_cte = sql.SQL(
+                " cm AS (SELECT CASE WHEN ts.migration_column = %(column)s THEN ts.migration_model ELSE ts.model END"
+                " AS m FROM {s}.table_state ts WHERE ts.table_name = %(table)s),"
+            ).format(s=self._s)
             record = sql.SQL(
                 ", p AS (INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
                 " dimensions, text_md5, max_chars, text_prefix, embedded_at, chars_sent, context_cut,"
@@ -621,14 +795,16 @@ class Store:
             ).format(s=self._s)
         stmt = sql.SQL(
             "WITH a AS (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%(rel)s) AND attname = %(column)s"
-            " AND NOT attisdropped),"
+            " AND NOT attisdropped),{model_cte}"
+            " lk AS (SELECT t.{id} AS id FROM {t} AS t WHERE t.{id} = ANY(%(ids)b::bigint[]) FOR UPDATE SKIP LOCKED),"
             " w AS (UPDATE {t} AS t SET {emb} = u.e"
             " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)s::text[], %(chars)s::int[],"
             " %(cut)s::bool[], %(trunc)s::bool[]) AS u(id, e, md5, chars, cut, trunc)"
-            " WHERE t.{id} = u.id{guard}{column_check}"
+            " WHERE t.{id} = u.id AND t.{id} IN (SELECT id FROM lk){guard}{column_check}"
             " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5, u.chars, u.cut, u.trunc){record},"
             " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
-            " SELECT (SELECT count(*) FROM w), {attnum_out}"
+            " SELECT (SELECT count(*) FROM w), {attnum_out},"
+            " (SELECT array_agg(x) FROM unnest(%(ids)b::bigint[]) AS x WHERE x NOT IN (SELECT id FROM lk))"
         ).format(
             t=self._t,
             emb=self._emb,
@@ -639,6 +815,7 @@ class Store:
             record=record,
             s=self._s,
             attnum_out=attnum_out,
+            model_cte=model_cte,
         )
         params.update(
             rel=sql.Identifier(self.table.schema, self.table.name).as_string(conn), column=self.table.embedding_column
@@ -655,7 +832,14 @@ class Store:
                         "in this batch (start the run again)"
                     )
                 self._attnum = int(attnum)
-        return int(row[0]) if row else 0
+                column_model = row[2] if row else None
+                if column_model is not None and not _same_model(column_model, provenance.model):
+                    raise ModelMismatch(
+                        f"{self.table.qualified}.{self.table.embedding_column} now takes model {column_model!r} "
+                        f"(a swap or another run changed it); nothing of model {provenance.model!r} was written in "
+                        "this batch: start the run again"
+                    )
+        return WriteResult(int(row[0]) if row else 0, tuple(row[-1] or ()) if row else ())
 
     def _current_attnum(self, conn: psycopg.Connection | None = None) -> int:
         c = conn or self.conn
@@ -975,14 +1159,28 @@ class Store:
         ).fetchone()
         return (row[0], row[1]) if row else (None, None)
 
-    def record_model(self, model: str, dimensions: int) -> None:
+    def record_model(self, model: str, dimensions: int, replace: bool = False) -> None:
+        """Record the live column's model; another recorded model is never overwritten (unless `replace`, by hand)."""
         self._ensure_state_row()
+        if replace:
+            self.conn.execute(
+                sql.SQL("UPDATE {s}.table_state SET model = NULL WHERE table_name = %s").format(s=self._s),
+                (self.table.qualified,),
+            )
         self.conn.execute(
             sql.SQL(
                 "UPDATE {s}.table_state SET model = %s, dimensions = %s, updated_at = now() WHERE table_name = %s"
+                " AND (model IS NULL OR regexp_replace(model, ':latest$', '') = regexp_replace(%s, ':latest$', ''))"
             ).format(s=self._s),
-            (model, dimensions, self.table.qualified),
+            (model, dimensions, self.table.qualified, model),
         )
+        recorded, _ = self.recorded_model()
+        if recorded is not None and not _same_model(recorded, model):
+            # A swap committed between this run's model check and now: the column belongs to `recorded`.
+            raise ModelMismatch(
+                f"{self.table.qualified}.{self.table.embedding_column} holds model {recorded!r} now (swapped while "
+                f"this run started); a run with model {model!r} is refused and nothing was written"
+            )
 
     # ---------------------------------------------------------------- model migration (shadow column)
     def migration_target(self) -> tuple[str | None, str | None]:
@@ -1118,6 +1316,11 @@ class Store:
         with self.conn.transaction():
             self.conn.execute("SET LOCAL lock_timeout = '10s'")
             self.conn.execute(sql.SQL("LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE").format(t=self._t))
+            # No CREATE INDEX CONCURRENTLY can be under way now (it holds a lock this one conflicts with): an
+            # INVALID index on these columns is a dead build's leftover. It would follow its column under the live
+            # name and be maintained on every write, never used; it goes in this transaction.
+            for dead in self.invalid_indexes([live, to_live, from_live]):
+                self.conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(dead["schema"], dead["name"])))
             if self.column_exists(from_live):
                 attnum = self.for_column(from_live)._current_attnum(self.conn)
                 self._forget_column(attnum, from_live)
@@ -1201,6 +1404,9 @@ class Store:
         with_clause = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(options)) if options else sql.SQL("")
         name = self._free_index_name(f"{self.table.name}_{column}_{spec['method']}_idx")
         self.conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (maintenance_work_mem,))
+        # A killed client (kill -9) ends the build within a second instead of leaving an orphan backend that
+        # finishes an index nobody waits for; the INVALID leftover is dropped by the next swap.
+        self.conn.execute("SELECT set_config('client_connection_check_interval', '1s', false)")
         try:
             self.conn.execute(
                 sql.SQL("CREATE INDEX CONCURRENTLY {ix} ON {t} USING {am} ({c} {opc}){w}").format(
@@ -1221,6 +1427,7 @@ class Store:
         finally:
             with contextlib.suppress(psycopg.Error):
                 self.conn.execute("RESET maintenance_work_mem")
+                self.conn.execute("RESET client_connection_check_interval")
         return name
 
     def _free_index_name(self, base: str) -> str:
@@ -1237,6 +1444,57 @@ class Store:
             n += 1
             name = f"{base[: 63 - len(str(n)) - 1]}_{n}"
         return name
+
+    def invalid_indexes(self, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """INVALID indexes on the chunk table (on one of `columns`, when given): leftovers of a `CREATE INDEX
+        CONCURRENTLY` whose session died or failed. Never used by queries, yet maintained on every write once
+        `ready`. Builds still under way (`pg_stat_progress_create_index`) are left out. A catalog query."""
+        rows = self.conn.execute(
+            "SELECT ns.nspname, ic.relname, ix.indisready, array(SELECT a.attname::text FROM pg_attribute a"
+            " WHERE a.attrelid = ix.indrelid AND a.attnum = ANY(ix.indkey) ORDER BY a.attnum)"
+            " FROM pg_index ix JOIN pg_class ic ON ic.oid = ix.indexrelid"
+            " JOIN pg_namespace ns ON ns.oid = ic.relnamespace"
+            " WHERE ix.indrelid = to_regclass(%s) AND NOT ix.indisvalid"
+            " AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p WHERE p.index_relid = ix.indexrelid)"
+            " ORDER BY ic.relname",
+            (self._regclass_text(),),
+        ).fetchall()
+        found = [{"schema": r[0], "name": r[1], "ready": bool(r[2]), "columns": list(r[3])} for r in rows]
+        if columns is not None:
+            found = [ix for ix in found if set(ix["columns"]) & set(columns)]
+        return found
+
+    def drop_invalid_indexes(self, columns: Sequence[str], lock_timeout: str = "5s") -> list[str]:
+        """Drop (CONCURRENTLY: the table stays readable and writable) the INVALID indexes on `columns`; returns
+        the names dropped. One that cannot be dropped within `lock_timeout` is left (the swap drops it)."""
+        dropped = []
+        for dead in self.invalid_indexes(columns):
+            try:
+                self.conn.execute("SELECT set_config('lock_timeout', %s, false)", (lock_timeout,))
+                self.conn.execute(
+                    sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(dead["schema"], dead["name"]))
+                )
+                dropped.append(dead["name"])
+            except psycopg.errors.LockNotAvailable:
+                continue
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    self.conn.execute("RESET lock_timeout")
+        return dropped
+
+    @property
+    def swap_lock_key(self) -> tuple[int, int]:
+        """Two-int advisory key that serializes swaps and rollbacks of this table's columns."""
+        return zlib.crc32(f"swap:{self.state_schema}".encode()) & 0x7FFFFFFF, self.table.lock_namespace
+
+    def try_swap_lock(self) -> bool:
+        """Take the table's swap lock on the store's session if free (never waits: a waiting statement would hold a
+        snapshot that the other swap's CREATE INDEX CONCURRENTLY has to wait for)."""
+        row = self.conn.execute("SELECT pg_try_advisory_lock(%s::int, %s::int)", self.swap_lock_key).fetchone()
+        return bool(row and row[0])
+
+    def release_swap_lock(self) -> None:
+        self.conn.execute("SELECT pg_advisory_unlock(%s::int, %s::int)", self.swap_lock_key)
 
     # ---------------------------------------------------------------- runs
     @property
@@ -1535,6 +1793,202 @@ class Store:
             (self.table.qualified,),
         ).fetchone()
         return (int(row[0]), float(row[1])) if row else (0, 0.0)
+
+    # ---------------------------------------------------------------- trust: verify, identity, retrieval gate
+    # Everything `core/verify.py`, `core/identity.py` and `core/quality.py` ask of the database, in one block.
+    # Their two bookkeeping tables are created here on first use (idempotent DDL, not a numbered migration):
+    #   column_identity: per vector column (by attnum, so it follows a swap's renames) the model, dimensions and
+    #                    text prefix its vectors were made with, and the model's query prefix;
+    #   trust_log:       results of `verify` / the drift check, retrieval self-tests, forced swaps and the model
+    #                    digest `/api/tags` reported per run (append-only; the latest of a kind is what counts).
+    # Reads are samples: primary-key probes at random points spread over the id range, never a table scan
+    # (except `embedded_ids_after`, the keyset pages of an explicit `verify --full`).
+    _trust_ready: bool = False
+
+    def ensure_trust_schema(self) -> None:
+        if self._trust_ready:
+            return
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(hashtext('wiki_embeddings.trust_schema'))")
+            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._s))
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {s}.column_identity ("
+                    " table_name text NOT NULL, column_attnum smallint NOT NULL, model text NOT NULL,"
+                    " dimensions integer NOT NULL, text_prefix text NOT NULL DEFAULT '',"
+                    " query_prefix text NOT NULL DEFAULT '', recorded_at timestamptz NOT NULL DEFAULT now(),"
+                    " PRIMARY KEY (table_name, column_attnum))"
+                ).format(s=self._s)
+            )
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {s}.trust_log ("
+                    " id bigserial PRIMARY KEY, table_name text NOT NULL, kind text NOT NULL, run_id bigint,"
+                    " model text, recorded_at timestamptz NOT NULL DEFAULT now(),"
+                    " result jsonb NOT NULL DEFAULT '{{}}');"
+                    " CREATE INDEX IF NOT EXISTS trust_log_kind_idx ON {s}.trust_log (table_name, kind, id DESC)"
+                ).format(s=self._s)
+            )
+        self._trust_ready = True
+
+    def column_identity(self) -> dict[str, Any] | None:
+        """The recorded identity of this store's vector column (model, dimensions, text_prefix, query_prefix)."""
+        self.ensure_trust_schema()
+        row = (
+            self.conn.cursor(row_factory=dict_row)
+            .execute(
+                sql.SQL(
+                    "SELECT model, dimensions, text_prefix, query_prefix, recorded_at FROM {s}.column_identity"
+                    " WHERE table_name = %s AND column_attnum = %s"
+                ).format(s=self._s),
+                (self.table.qualified, self._current_attnum()),
+            )
+            .fetchone()
+        )
+        return dict(row) if row else None
+
+    def record_column_identity(self, model: str, dimensions: int, text_prefix: str, query_prefix: str = "") -> None:
+        """Upsert the column's identity; an empty query prefix keeps the one recorded (it is not in the vectors)."""
+        self.ensure_trust_schema()
+        self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {s}.column_identity AS c (table_name, column_attnum, model, dimensions, text_prefix,"
+                " query_prefix) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (table_name, column_attnum) DO UPDATE"
+                " SET model = EXCLUDED.model, dimensions = EXCLUDED.dimensions, text_prefix = EXCLUDED.text_prefix,"
+                " query_prefix = coalesce(nullif(EXCLUDED.query_prefix, ''), c.query_prefix), recorded_at = now()"
+            ).format(s=self._s),
+            (self.table.qualified, self._current_attnum(), model, dimensions, text_prefix, query_prefix),
+        )
+
+    def forget_column_identity(self) -> None:
+        self.ensure_trust_schema()
+        self.conn.execute(
+            sql.SQL("DELETE FROM {s}.column_identity WHERE table_name = %s AND column_attnum = %s").format(s=self._s),
+            (self.table.qualified, self._current_attnum()),
+        )
+
+    def provenance_prefix(self) -> tuple[str, str] | None:
+        """(model, text_prefix) of one provenance row of this column (the first by id: an index probe), or None."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT model, text_prefix FROM {s}.embedding_provenance WHERE table_name = %s AND column_attnum = %s"
+                " ORDER BY chunk_id LIMIT 1"
+            ).format(s=self._s),
+            (self.table.qualified, self._current_attnum()),
+        ).fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    def record_trust(
+        self, kind: str, result: dict[str, Any], *, run_id: int | None = None, model: str | None = None
+    ) -> None:
+        self.ensure_trust_schema()
+        self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {s}.trust_log (table_name, kind, run_id, model, result) VALUES (%s, %s, %s, %s, %s)"
+            ).format(s=self._s),
+            (self.table.qualified, kind, run_id, model, json.dumps(result, default=str)),
+        )
+
+    def latest_trust(self, kind: str, model: str | None = None) -> dict[str, Any] | None:
+        """The latest trust_log row of `kind` for the table (and `model`): result keys plus recorded_at, run_id."""
+        self.ensure_trust_schema()
+        row = (
+            self.conn.cursor(row_factory=dict_row)
+            .execute(
+                sql.SQL(
+                    "SELECT run_id, model, recorded_at, result FROM {s}.trust_log WHERE table_name = %s AND kind = %s"
+                    " AND (%s::text IS NULL OR model = %s) ORDER BY id DESC LIMIT 1"
+                ).format(s=self._s),
+                (self.table.qualified, kind, model, model),
+            )
+            .fetchone()
+        )
+        if not row:
+            return None
+        extra = {"run_id": row["run_id"], "model": row["model"], "recorded_at": row["recorded_at"]}
+        return {**(row["result"] or {}), **extra}
+
+    def sample_ids(self, size: int, columns: Sequence[str] = (), seed: int | None = None) -> list[int]:
+        """About `size` distinct ids of chunks whose vector columns (`columns`, default this store's) are all set,
+        spread over the whole id range: one random point per stratum of [min id, max id], then the first such
+        chunk at or after it (a primary-key probe each). Gaps and missing vectors make the sample a little smaller."""
+        if size <= 0:
+            return []
+        bounds = self.conn.execute(sql.SQL("SELECT min({id}), max({id}) FROM {t}").format(id=self._id, t=self._t))
+        row = bounds.fetchone()
+        if not row or row[0] is None:
+            return []
+        low, high = int(row[0]), int(row[1])
+        cols = list(columns) or [self.table.embedding_column]
+        present = sql.SQL(" AND ").join(sql.SQL("t.{} IS NOT NULL").format(sql.Identifier(c)) for c in cols)
+        rng = np.random.default_rng(seed)
+        found: set[int] = set()
+        for _round in range(3):
+            want = size - len(found)
+            if want <= 0:
+                break
+            edges = np.linspace(low, high + 1, num=want + 1)
+            points = [int(a + rng.random() * (b - a)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+            rows = self.conn.execute(
+                sql.SQL(
+                    "SELECT DISTINCT x.id FROM unnest(%s::bigint[]) AS p(start) CROSS JOIN LATERAL"
+                    " (SELECT t.{id} AS id FROM {t} t WHERE t.{id} >= p.start AND {present} ORDER BY t.{id} LIMIT 1) x"
+                ).format(id=self._id, t=self._t, present=present),
+                (points,),
+            ).fetchall()
+            before = len(found)
+            found.update(int(r[0]) for r in rows)
+            if len(found) == before:
+                break
+        return sorted(found)[:size] if len(found) <= size else sorted(rng.choice(sorted(found), size, replace=False))
+
+    def embedded_ids_after(self, after: int | None, limit: int) -> list[int]:
+        """The next `limit` ids with a vector in this column after `after` (keyset pages for `verify --full`)."""
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT {id} FROM {t} WHERE {emb} IS NOT NULL AND (%(a)s::bigint IS NULL OR {id} > %(a)s)"
+                " ORDER BY {id} LIMIT %(n)s"
+            ).format(id=self._id, t=self._t, emb=self._emb),
+            {"a": after, "n": limit},
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def read_for_verify(self, ids: Sequence[int], default_chars: int) -> list[dict[str, Any]]:
+        """For each id with a vector: the stored vector, its provenance, md5 of the current text, and the text cut
+        as it was embedded (`chars_sent` characters when recorded, else the recorded --max-chars)."""
+        rows = (
+            self.conn.cursor(row_factory=dict_row)
+            .execute(
+                sql.SQL(
+                    "SELECT t.{id} AS id, t.{emb} AS vector, md5(t.{text}) AS current_md5, p.model, p.text_md5,"
+                    " p.text_prefix, p.chars_sent, p.max_chars, left(t.{text}, coalesce(p.chars_sent, p.max_chars,"
+                    " %(chars)s)) AS text FROM {t} t LEFT JOIN {s}.embedding_provenance p ON p.table_name = %(tn)s"
+                    " AND p.column_attnum = %(att)s AND p.chunk_id = t.{id}"
+                    " WHERE t.{id} = ANY(%(ids)s) AND t.{emb} IS NOT NULL ORDER BY t.{id}"
+                ).format(id=self._id, emb=self._emb, text=self._text, t=self._t, s=self._s),
+                {"chars": default_chars, "tn": self.table.qualified, "att": self._current_attnum(), "ids": list(ids)},
+            )
+            .fetchall()
+        )
+        for r in rows:
+            r["vector"] = np.asarray(r["vector"].to_numpy(), dtype=np.float32)
+        return list(rows)
+
+    def read_pairs(
+        self, ids: Sequence[int], other: str, max_chars: int
+    ) -> list[tuple[int, str, np.ndarray, np.ndarray]]:
+        """(id, text cut to `max_chars`, this column's vector, column `other`'s vector) for ids with both set."""
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT {id}, left({text}, %s), {emb}, {other} FROM {t} WHERE {id} = ANY(%s)"
+                " AND {emb} IS NOT NULL AND {other} IS NOT NULL ORDER BY {id}"
+            ).format(id=self._id, text=self._text, emb=self._emb, other=sql.Identifier(other), t=self._t),
+            (max_chars, list(ids)),
+        ).fetchall()
+        return [
+            (int(r[0]), r[1] or "", np.asarray(r[2].to_numpy(), np.float32), np.asarray(r[3].to_numpy(), np.float32))
+            for r in rows
+        ]
 
 
 def _is_sql_ascii(conn: psycopg.Connection) -> bool:

@@ -73,8 +73,9 @@ COVERAGE_AUTOMATION = LIVE_AUTOMATION
 
 #: Engine end states that are the chunks' or the operator's business, not the infrastructure's.
 CLEAN_STATES = {"completed", "stopped", "max_chunks"}
-#: End states worth a retry: the server or the database was away; the chunks are fine.
-TRANSIENT_STATES = {"server_unavailable", "database_unavailable"}
+#: End states worth a retry: the server or the database was away, or another session held some chunks (a
+#: concurrent run's claim, a row lock); the chunks are fine.
+TRANSIENT_STATES = {"server_unavailable", "database_unavailable", "locked"}
 
 
 class EmbeddingServiceUnavailable(Exception):

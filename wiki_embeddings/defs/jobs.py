@@ -26,8 +26,9 @@ bootstrap_job = dg.define_asset_job(
     tags={MODE_TAG: "bootstrap"},
     description=(
         "Runbook mode 1, the first bulk fill: launch it as a backfill of all ID ranges (UI, or `dagster job "
-        "backfill -w workspace.yaml -j bootstrap_job --all true --noprompt`); one run per range, at most the "
-        "`ollama` pool's limit at once. Defaults: batch 64, report every 10, timeout 120 s, sleep 150 ms, "
+        "backfill -w workspace.yaml -j bootstrap_job --all true --noprompt`); up to 25 ranges per run "
+        "(WIKI_EMBED_RANGES_PER_RUN), at most the `ollama` pool's limit of runs at once. "
+        "Defaults: batch 64, report every 10, timeout 120 s, sleep 150 ms, "
         "max-chars 2000."
     ),
 )

@@ -26,7 +26,8 @@ response: json: unsupported value: NaN`` (fault ``nan_marker``), as real Ollama 
 Faults (latency, limited slots, periodic errors, hangs, slow, endless or oversized bodies, malformed
 answers, model load time...) can be set at start or at runtime (``POST /_control/faults``) so client
 resilience is tested against real HTTP; ``GET /_control/stats`` also shows the last request's
-``keep_alive``, ``options``, ``truncate`` and ``dimensions``.
+``keep_alive``, ``options``, ``truncate`` and ``dimensions``. Fault ``model_salt`` simulates an ``ollama pull``
+that replaced a model's weights under the same name: other vectors, another ``/api/tags`` digest.
 
 Run ``python -m wiki_embeddings.devtools.ollama_server --help`` for the command line.
 """
@@ -238,6 +239,9 @@ class Faults:
     ignore_truncate: bool = False  # with silent_truncate: cut silently even when truncate is false (a proxy)
     disable_embed_endpoint: bool = False  # /api/embed -> 404, as older Ollama; legacy endpoint works
     down: bool = False  # embed endpoints answer 503 (overloaded)
+    # Other weights under the same name (an `ollama pull` that replaced the model): every vector becomes the hash
+    # backend's vector of (name, salt, text), whatever the backend, and /api/tags reports another digest.
+    model_salt: str | None = None
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(Faults)
@@ -1056,6 +1060,9 @@ class OllamaServer:
 
     def _route_tags(self, body: bytes) -> _Reply:
         entries = [spec.tag_entry(self._started_at) for spec in self.models.values()]
+        if self._faults.model_salt is not None:  # other weights, another digest (as after an `ollama pull`)
+            for entry in entries:
+                entry["digest"] = hashlib.sha256(f"{entry['name']}#{self._faults.model_salt}".encode()).hexdigest()
         return _Reply(200, orjson.dumps({"models": entries}))
 
     def _route_show(self, body: bytes) -> _Reply:
@@ -1335,11 +1342,16 @@ class OllamaServer:
         ``dims``: Matryoshka truncation to the first ``dims`` values, re-normalised to unit length.
         """
         special = {"nan_json_marker", "inf_marker", "wrong_dim_marker", "empty_vector_marker"} & markers.keys()
-        keys = [(spec.name, t) for t in inputs]
+        salt = self._faults.model_salt
+        keys = [(spec.name if salt is None else f"{spec.name}#{salt}", t) for t in inputs]
         parts = self._cache.get_many(keys)
         missing = [i for i, p in enumerate(parts) if p is None]
         if missing:
-            vectors = self._backend.embed(spec, [inputs[i] for i in missing])
+            texts = [inputs[i] for i in missing]
+            if salt is None:
+                vectors = self._backend.embed(spec, texts)
+            else:  # fault model_salt: the weights behind the name changed
+                vectors = [hash_vector(f"{spec.name}#{salt}", t, spec.dim) for t in texts]
             fresh = [(keys[i], orjson.dumps(v, option=_NUMPY)) for i, v in zip(missing, vectors, strict=True)]
             self._cache.put_many(fresh)
             for i, (_, value) in zip(missing, fresh, strict=True):

@@ -1,0 +1,78 @@
+"""A vector column's identity is model + dimensions + text prefix: vectors of one column must agree on all three.
+
+`nomic-embed-text` embeds `search_document: X` and `X` into different places; a column whose vectors mix the
+two retrieves worse than either. So a run whose `--text-prefix` differs from the prefix the column's vectors were
+made with is refused, like another model is, with a pointer to `migrate-model`, which may target the same model
+with the new prefix (`migrate-model --to MODEL --text-prefix 'search_document: '`). Cuts (`--max-chars`, the
+context) are not identity: they stay per-vector provenance and are never refused.
+
+The identity is recorded per column attnum in `<state schema>.column_identity` (so it follows the columns through
+a swap's renames), together with the model's *query* prefix (`--query-prefix`), which the retrieval self-test
+before a swap uses. A column without a record (vectors written before this was recorded) falls back to its
+provenance. No SQL here: the store owns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wiki_embeddings.core.store import Store
+
+
+def recorded(store: Store) -> dict[str, Any] | None:
+    """The column's identity: the record, else (model, text_prefix) from one provenance row, else None."""
+    identity = store.column_identity()
+    if identity is not None:
+        return identity
+    found = store.provenance_prefix()
+    if found is None:
+        return None
+    return {"model": found[0], "dimensions": None, "text_prefix": found[1], "query_prefix": ""}
+
+
+def prefix_problem(store: Store, model: str, text_prefix: str, *, shadow: bool) -> str | None:
+    """Why a run of `model` with `text_prefix` may not write this column, or None. The model itself is checked by
+    the engine (`_check_recorded_model`); this is the prefix part of the identity."""
+    from wiki_embeddings.core.engine import same_model
+
+    identity = recorded(store)
+    if identity is None or not same_model(identity["model"], model):
+        return None  # nothing recorded yet, or another model (the engine decides about that)
+    have = identity["text_prefix"] or ""
+    if have == (text_prefix or ""):
+        return None
+    column = f"{store.table.qualified}.{store.table.embedding_column}"
+    if shadow:
+        return (
+            f"{column} is being filled for the migration to {model!r} with text prefix {have!r}; this run's prefix "
+            f"is {text_prefix!r}. Run with --text-prefix {have!r} (WIKI_EMBED_TEXT_PREFIX), or `migrate-model "
+            "--abort` and start the migration again with the new prefix; nothing was written"
+        )
+    return (
+        f"{column} holds vectors of model {model!r} embedded with text prefix {have!r}; a run with prefix "
+        f"{text_prefix!r} is refused (a column must not mix prefixes) and nothing was written. Use --text-prefix "
+        f"{have!r} (WIKI_EMBED_TEXT_PREFIX), or change the prefix without downtime: `wiki-embeddings migrate-model "
+        f"--to {model} --text-prefix {text_prefix!r}` (then --swap)"
+    )
+
+
+def record(store: Store, model: str, dimensions: int, text_prefix: str, query_prefix: str = "") -> None:
+    store.record_column_identity(model, dimensions, text_prefix or "", query_prefix or "")
+
+
+def query_prefix(store: Store, fallback: str = "") -> str:
+    """The query prefix recorded for the column's model, else `fallback` (the setting)."""
+    identity = store.column_identity()
+    return (identity or {}).get("query_prefix") or fallback
+
+
+def shadow_prefixes(store: Store, shadow: str) -> dict[str, str]:
+    """Settings overrides for a fill of the migration's shadow column: the text and query prefixes the migration
+    was started with (so a maintenance run with the live model's prefix fills the shadow with the target's)."""
+    if not store.column_exists(shadow):
+        return {}
+    with store.for_column(shadow) as sh:
+        identity = sh.column_identity()
+    if not identity:
+        return {}
+    return {"text_prefix": identity.get("text_prefix") or "", "query_prefix": identity.get("query_prefix") or ""}
