@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from wiki_embeddings import __version__
-from wiki_embeddings.core import control, importer, migration
+from wiki_embeddings.core import control, identity, importer, migration, quality, verify
 from wiki_embeddings.core.context import format_preflight
 from wiki_embeddings.core.engine import (
     Backfill,
@@ -48,6 +48,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ollama-url", help="comma-separated for several servers [OLLAMA_URL] (http://ollama:11434)")
     g.add_argument("--model", dest="ollama_model", help="[OLLAMA_MODEL]; unset: the model of the last run")
     g.add_argument("--text-prefix", help="prepended to every text, e.g. 'search_document: ' [WIKI_EMBED_TEXT_PREFIX]")
+    g.add_argument(
+        "--query-prefix",
+        help="the model's query prefix, e.g. 'search_query: ' (swap self-test) [WIKI_EMBED_QUERY_PREFIX]",
+    )
     g.add_argument("--max-attempts", type=int, help="failures of the same text before quarantine (3)")
 
 
@@ -60,6 +64,10 @@ def _backfill_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-chars", type=int, help="text cut to this many characters before sending (2000)")
     g.add_argument("--failure-log", help="JSONL file for chunks that could not be embedded")
     g.add_argument("--max-chunks", type=int, help="stop after this many chunks (maintenance)")
+    g.add_argument(
+        "--until", metavar="HH:MM", help="end the run safely at this time (local, or with an offset: 06:00+09:00)"
+    )
+    g.add_argument("--max-minutes", type=float, help="end the run safely after this many minutes")
     g.add_argument(
         "--with-ollama",
         action="store_true",
@@ -191,7 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--swap", action="store_true", help="make the complete shadow column the live one")
     action.add_argument("--rollback", action="store_true", help="swap the previous column back in")
     action.add_argument("--abort", action="store_true", help="drop the shadow column and forget the migration")
+    action.add_argument(
+        "--check-quality", action="store_true", help="run the swap's retrieval self-test only (exit 1: it would refuse)"
+    )
     p.add_argument("--json", action="store_true", help="--status as one JSON object")
+    p.add_argument("--force", action="store_true", help="--swap even when the retrieval self-test refuses (recorded)")
+    p.add_argument("--quality-sample", type=int, default=quality.DEFAULT_SAMPLE, help="chunks in the self-test (2000)")
+    p.add_argument(
+        "--quality-margin",
+        type=float,
+        default=quality.DEFAULT_MARGIN,
+        help="refuse the swap when the shadow's recall@10 or MRR is lower than the live one's by more (0.02)",
+    )
+
+    p = sub.add_parser(
+        "verify",
+        help="re-embed a sample of stored vectors and compare: did the model change under its name?",
+        description="Exit 0: the stored vectors match the live model; 1: they do not (model changed, or some "
+        "vectors differ / have norm 0); 3: not evaluated (the model server did not answer).",
+    )
+    _common(p)
+    p.add_argument("--sample", type=int, default=verify.DEFAULT_SAMPLE, help="vectors re-embedded (200)")
+    p.add_argument("--full", action="store_true", help="every embedded chunk instead of a sample (a full scan)")
+    p.add_argument(
+        "--min-cosine", type=float, default=verify.MIN_COSINE, help=f"threshold per vector ({verify.MIN_COSINE})"
+    )
+    p.add_argument("--batch-size", type=int, help="texts per request (64)")
+    p.add_argument("--timeout-sec", type=float, help="deadline for one request (120)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     _common(p)
@@ -219,6 +254,13 @@ _NOT_SETTINGS = {
     "swap",
     "rollback",
     "abort",
+    "check_quality",
+    "force",
+    "quality_sample",
+    "quality_margin",
+    "sample",
+    "full",
+    "min_cosine",
 }
 
 
@@ -265,6 +307,7 @@ def _maintain_shadow(s: Settings, store: Any, urls: list[str], out: Any) -> Any:
     if active is None:
         return None
     target, shadow = active
+    s = s.replace(**identity.shadow_prefixes(store, shadow))  # the migration's own prefixes, not the live ones
     return _fill_shadow(s, target, shadow, urls, "migrate (maintenance)", lambda m: print(m, file=out, flush=True))
 
 
@@ -412,7 +455,7 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
         store.migrate()
         store.column_dimensions()  # a clear error when the table or column is absent
         if args.migration_status:
-            info = migration.shadow_status(store)
+            info = {**migration.shadow_status(store), **quality.latest_figures(store)}
             if args.json:
                 print(json.dumps(info, default=str), file=out)
             else:
@@ -424,21 +467,38 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
             dropped = store.abort_migration()
             print(f"migration aborted; shadow column {dropped or '-'} dropped", file=out)
             return 0
-        if args.swap:
-            print(migration.swap(store, log=lambda m: print(m, file=out, flush=True)), file=out)
+        if args.swap or args.check_quality:
+            log = lambda m: print(m, file=out, flush=True)  # noqa: E731
+            try:
+                quality.gate(
+                    store,
+                    s,
+                    force=args.force and args.swap,
+                    sample=args.quality_sample,
+                    margin=args.quality_margin,
+                    log=log,
+                )
+            except quality.QualityRefused as exc:
+                print(f"error: {exc}" if args.swap else f"the swap would be refused: {exc}", file=sys.stderr)
+                return 1
+            if args.swap:
+                print(migration.swap(store, log=log), file=out)
             return 0
         if args.rollback:
             print(migration.rollback(store, log=lambda m: print(m, file=out, flush=True)), file=out)
             return 0
         target = args.target_model
-        migration.check_target(store, target)
+        migration.check_target(store, target, s.text_prefix)
+        shadow_now = migration.shadow_name(store.table.embedding_column)
+        if not s.text_prefix and not s.query_prefix:  # continuing: the prefixes the migration was started with
+            s = s.replace(**identity.shadow_prefixes(store, shadow_now))
     log = lambda m: print(m, file=out, flush=True)  # noqa: E731
     with local_ollama(s, target, log=log) as local_url:
         if local_url:
             s = s.replace(ollama_url=local_url)
         dims = probe_model_dimensions(s, target)
         with build_store(s, db_url) as store:
-            started = migration.start(store, target, dims, log=log)
+            started = migration.start(store, target, dims, log=log, text_prefix=s.text_prefix)
         log(started.message(live_column) + " (`migrate-model --swap`)")
         shadow = started.shadow_column
         report = _fill_shadow(s, target, shadow, None, "migrate", log)
@@ -450,6 +510,21 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
     )
     if report.exit_code:
         print(f"error: {report.message}", file=sys.stderr)
+    return report.exit_code
+
+
+def cmd_verify(s: Settings, args: argparse.Namespace, out: Any) -> int:
+    """Exit 0 match, 1 model changed / mismatch, 3 not evaluated (core/verify.py)."""
+    db_url = database_url(s)
+    with build_store(s, db_url) as store:
+        store.migrate()
+        store.column_dimensions()  # a clear error when the table or column is absent
+        model = resolve_model(s, store)
+        report = verify.verify(store, s, model, sample=args.sample, full=args.full, threshold=args.min_cosine)
+    if args.json:
+        print(json.dumps(report.as_dict(), default=str), file=out)
+    else:
+        print(verify.format_report(report), file=out)
     return report.exit_code
 
 
@@ -468,6 +543,7 @@ COMMANDS = {
     "failures": cmd_failures,
     "config": cmd_config,
     "migrate-model": cmd_migrate_model,
+    "verify": cmd_verify,
 }
 
 

@@ -14,6 +14,7 @@ from wiki_embeddings.defs.migration import MIGRATION_JOBS, MIGRATION_SENSORS
 from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource
 from wiki_embeddings.defs.schedules import maintenance_schedule
 from wiki_embeddings.defs.sensors import SENSORS
+from wiki_embeddings.defs.trust import vectors_match_model
 
 
 def _env(var: str) -> dg.EnvVar | None:
@@ -41,7 +42,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
 
 defs = dg.Definitions(
     assets=ASSETS,
-    asset_checks=[missing_is_zero],
+    asset_checks=[missing_is_zero, vectors_match_model],
     jobs=[*JOBS, *MIGRATION_JOBS],
     schedules=[maintenance_schedule],
     sensors=[*SENSORS, *MIGRATION_SENSORS],

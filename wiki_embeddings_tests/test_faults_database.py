@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 
-import psycopg
 import pytest
 
 from wiki_embeddings.core.status import collect_status
@@ -105,9 +104,18 @@ def test_a_write_killed_inside_its_transaction_leaves_none_of_its_batch_and_is_w
 ):
     table = make_table(batch_size=BATCH, backoff_base_sec=0.05)
     table.load([(i, f"text {i}") for i in range(1, 2 * BATCH + 1)])
-    # Another session holds row 10: the run's first write updates rows 1..9 in its transaction, then waits.
-    blocker = psycopg.connect(pg_url)
-    blocker.execute(f"SELECT 1 FROM {table.settings.table} WHERE id = 10 FOR UPDATE")
+    # A trigger makes the write of row 10 take a long time: the run's first write has updated rows 1..9 in its
+    # transaction when it is killed. (A row lock would not do: writes skip locked rows and retry them later.)
+    schema = table.settings.table.split(".")[0]
+    table.sql(f"CREATE TABLE {schema}.slow_flag AS SELECT 1 AS on")
+    table.sql(
+        f"CREATE FUNCTION {schema}.slow_10() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.id = 10 AND"
+        f" EXISTS (SELECT 1 FROM {schema}.slow_flag) THEN PERFORM pg_sleep(60); END IF; RETURN NEW; END $$"
+    )
+    table.sql(
+        f"CREATE TRIGGER slow_10 BEFORE UPDATE ON {table.settings.table}"
+        f" FOR EACH ROW EXECUTE FUNCTION {schema}.slow_10()"
+    )
     result: list = []
     with FilledWatcher(table) as watcher:
         runner = threading.Thread(target=lambda: result.append(table.backfill()))
@@ -115,24 +123,23 @@ def test_a_write_killed_inside_its_transaction_leaves_none_of_its_batch_and_is_w
         try:
             writer = wait_until(
                 lambda: table.sql(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'"
                     " AND query LIKE '%%UPDATE%%SET%%' AND query LIKE %s",
-                    (f"%{table.settings.table.split('.')[0]}%",),
+                    (f"%{schema}%",),
                 ),
                 30,
-                "the write to wait on the locked row",
+                "the write to be inside its transaction",
             )[0][0]
             assert filled(table) == 0, "rows 1..9 are written but not committed: nobody sees them"
+            table.sql(f"DELETE FROM {schema}.slow_flag")  # the retried write goes through at once
             table.sql("SELECT pg_terminate_backend(%s)", (writer,))
             wait_until(
                 lambda: not table.sql("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (writer,)), 10, "the kill"
             )
             assert filled(table) == 0, "the killed transaction left none of its batch"
         finally:
-            blocker.rollback()
-            blocker.close()
             runner.join(60)
     report = result[0]
-    assert report.state == "completed" and report.embedded == 2 * BATCH and report.failed == 0
+    assert report.state == "completed" and report.embedded == 2 * BATCH and report.failed == 0, report.message
     assert wrong_vectors(table) == []
     assert watcher.seen <= {0, BATCH, 2 * BATCH}, sorted(watcher.seen)

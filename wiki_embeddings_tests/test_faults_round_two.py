@@ -38,9 +38,11 @@ def test_a_run_that_started_before_a_swap_never_records_its_model_again(make_tab
     table.load([(1, "one")])
     table.store.record_model("all-minilm", 384)
     swap_to(table, "model-b")  # the swap commits while a backfill of all-minilm is still probing its server
-    with build_store(table.settings, table.url) as late:
-        with pytest.raises(ModelMismatch, match="holds model 'model-b' now"):
-            late.record_model("all-minilm", 384)
+    with (
+        build_store(table.settings, table.url) as late,
+        pytest.raises(ModelMismatch, match="holds model 'model-b' now"),
+    ):
+        late.record_model("all-minilm", 384)
     assert table.store.recorded_model() == ("model-b", 384), "the old model is never put back"
 
 
@@ -192,3 +194,95 @@ def test_a_busy_claim_key_delays_a_chunk_and_never_ends_the_run_completed(make_t
     finally:
         holder.close()
     assert table.backfill().state == "completed" and table.status()["missing"] == 0
+
+
+# ------------------------------------------------------------------------------------------ 2. deadlines
+
+
+@pytest.fixture
+def proxy(pg_url):
+    from wiki_embeddings_tests.test_faults_support import SilentableProxy
+
+    p = SilentableProxy(pg_url)
+    yield p
+    p.close()
+
+
+def _start_through(table, proxy, tmp_path, **env):
+    from wiki_embeddings_tests.test_faults_support import cli_env, start_cli
+
+    extra = {
+        "DATABASE_URL": proxy.url,
+        "WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC": "2",
+        "WIKI_EMBED_DB_RECONNECT_SEC": "4",
+        **env,
+    }
+    log = tmp_path / "run.log"
+    return start_cli(table, "backfill", "--batch-size", "8", env=cli_env(table, **extra), log=log), log
+
+
+def _wait_filled(table, at_least: int) -> None:
+    from wiki_embeddings_tests.test_faults_support import filled, wait_until
+
+    wait_until(lambda: filled(table) >= at_least, 60, f"{at_least} chunks written")
+
+
+def test_a_black_holed_database_is_detected_within_its_deadline_and_the_run_exits_5(
+    make_table, ollama, proxy, tmp_path
+):
+    table = make_table()
+    table.load([(i, f"t {i}") for i in range(1, 401)])
+    ollama.set_faults(latency_ms=30)
+    proc, log = _start_through(table, proxy, tmp_path)
+    _wait_filled(table, 16)
+    proxy.silent.set()  # the network goes silent: no answer, no reset
+    started = time.monotonic()
+    code = proc.wait(90)
+    elapsed = time.monotonic() - started
+    out = log.read_text()
+    assert code == 5, out
+    assert "could not reconnect within 4 s" in out and "Traceback" not in out
+    assert elapsed < 45, (
+        f"bounded by the client's deadline and WIKI_EMBED_DB_RECONNECT_SEC, not by TCP: {elapsed:.0f} s"
+    )
+    assert table.store.list_failures() == []
+
+
+def test_sigterm_is_honoured_within_seconds_while_the_database_does_not_answer(make_table, ollama, proxy, tmp_path):
+    import signal
+
+    table = make_table()
+    table.load([(i, f"t {i}") for i in range(1, 401)])
+    ollama.set_faults(latency_ms=30)
+    proc, log = _start_through(table, proxy, tmp_path, WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC="120")
+    _wait_filled(table, 16)
+    proxy.silent.set()
+    time.sleep(1.0)  # the run is now waiting on a database that never answers
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(60)
+    assert time.monotonic() - started < 12, "stop is honoured within seconds whatever the run waits on"
+    assert code == 0 and "stopped on request" in log.read_text()
+
+
+def test_status_never_shows_running_with_a_frozen_heartbeat():
+    from datetime import UTC, datetime, timedelta
+
+    from wiki_embeddings.core.status import RUN_LEASE_SEC, run_state
+
+    now = datetime.now(UTC)
+    fresh = {"state": "running", "alive": True, "heartbeat_at": now}
+    frozen = {"state": "running", "alive": True, "heartbeat_at": now - timedelta(seconds=RUN_LEASE_SEC + 1)}
+    assert run_state(fresh) == "running" and run_state(frozen) == "stalled"
+    assert run_state({**frozen, "alive": False}) == "abandoned"
+
+
+def test_every_pipeline_connection_bounds_its_statements_and_lock_waits(make_table):
+    table = make_table()
+    with build_store(table.settings, table.url) as store, store.connect(statement_timeout_sec=7) as conn:
+        settings = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('statement_timeout', 'lock_timeout')"
+            ).fetchall()
+        )
+    assert settings == {"statement_timeout": "7000", "lock_timeout": "10000"}

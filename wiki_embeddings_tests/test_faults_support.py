@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -128,9 +129,7 @@ def expected_matrix(
     """The hash server's vectors for the texts as the engine sends them: cut to max_chars, cleaned, and cut again
     to the characters provenance says were sent (a cut to fit the model's context)."""
     sent = sent or [None] * len(texts)
-    return np.stack(
-        [hash_vector(model, clean_text(t[:max_chars])[:n], dim) for t, n in zip(texts, sent, strict=True)]
-    )
+    return np.stack([hash_vector(model, clean_text(t[:max_chars])[:n], dim) for t, n in zip(texts, sent, strict=True)])
 
 
 def wrong_vectors(table, max_chars: int | None = None, model: str = TEST_MODEL, dim: int = TEST_DIM) -> list[int]:
@@ -182,3 +181,65 @@ class FilledWatcher:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+class SilentableProxy:
+    """A TCP proxy in front of the test PostgreSQL's unix socket that can go silent: it stops forwarding in both
+    directions and answers nothing, without closing anything (no FIN, no RST) - a black-holed network, through
+    which no kernel keepalive of the client ever fires (the client's TCP peer is this live proxy)."""
+
+    def __init__(self, pg_url: str) -> None:
+        import socket
+        import threading
+        from urllib.parse import parse_qs, unquote, urlsplit
+
+        parts = urlsplit(pg_url)
+        self._socket_path = f"{unquote(parse_qs(parts.query)['host'][0])}/.s.PGSQL.5432"
+        self._database = parts.path.lstrip("/")
+        self.silent = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._socket = socket
+        self._threading = threading
+        self._open: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self._database}?sslmode=disable"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._open.append(client)
+            if self.silent.is_set():
+                continue  # accepted, never answered
+            upstream = self._socket.socket(self._socket.AF_UNIX)
+            upstream.connect(self._socket_path)
+            self._open.append(upstream)
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            while self.silent.is_set():  # hold the bytes forever: the peer sees nothing, not even a close
+                time.sleep(0.2)
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._open:
+            with contextlib.suppress(OSError):
+                sock.close()

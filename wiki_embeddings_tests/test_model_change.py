@@ -218,7 +218,8 @@ def test_stale_model_counts_vectors_of_another_model_than_the_live_one(make_tabl
     table.load([(i, f"t {i}") for i in range(1, 6)])
     assert table.backfill().state == "completed"
     assert table.store.model_status()["stale_model"] == 0
-    table.store.record_model("some-other-model", 384, replace=True)  # e.g. recorded by hand: the vectors no longer match it
+    # e.g. recorded by hand: the vectors no longer match it
+    table.store.record_model("some-other-model", 384, replace=True)
     assert table.store.model_status()["stale_model"] == 5
 
 

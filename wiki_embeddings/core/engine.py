@@ -11,9 +11,11 @@ is sent, what is in flight is written, and the run ends with state `stopped`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -65,6 +67,9 @@ EXIT_CODES = {
 }
 DB_STOP_CHECK_EVERY_SEC = 1.0
 DB_RECONNECT_MAX_DELAY_SEC = 5.0
+DB_CLIENT_MARGIN_SEC = 5.0  # the client-side deadline of a database call: statement_timeout + this
+DB_STOP_GRACE_SEC = 3.0  # after a stop request, how long a database call may still take before it is abandoned
+HEARTBEAT_EVERY_SEC = 10.0  # the run's row is touched this often; `status` calls a run stalled past its lease
 # A batch whose `prompt_eval_count` is below this share of its estimated tokens is re-checked text by text.
 SILENT_TRUNCATION_SHARE = 0.6
 RECHECK_MAX = 8  # the longest texts of a suspect batch re-checked alone
@@ -162,6 +167,37 @@ class _Embedded:
         )
 
 
+class _NoAnswer(Exception):
+    """A database call passed its client-side deadline."""
+
+
+def in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future:
+    """`fn(*args)` on a daemon thread, as a future of the running loop.
+
+    Not `asyncio.to_thread`: the default executor's threads are joined when the loop and the interpreter end, so a
+    call stuck on a black-holed socket would hold the process forever; a daemon thread is simply left behind.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def deliver(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def target() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(deliver, future.set_exception, exc)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver, future.set_result, result)
+
+    threading.Thread(target=target, name="wiki-embeddings-db", daemon=True).start()
+    return future
+
+
 class _Fatal(RuntimeError):
     def __init__(self, state: str, message: str):
         super().__init__(message)
@@ -206,6 +242,9 @@ class Backfill:
         self._started = 0.0
         self._conns: dict[str, Any] = {}
         self._retired: list[Any] = []  # lost connections, closed when no stage can be using them any more
+        self._abandoned: set[Any] = set()  # connections whose call never answered: never touched again
+        self._db_silent = False  # a call went unanswered after a stop request: later calls get no grace
+        self._call_deadline = settings.db_statement_timeout_sec + DB_CLIENT_MARGIN_SEC
         self._reconnecting: dict[str, asyncio.Lock] = {}
         self._held: set[int] = set()  # chunk ids this run has claimed and not yet released
         self._md5: dict[int, str] = {}  # md5 of the whole text of each held chunk, as claimed
@@ -267,7 +306,7 @@ class Backfill:
         self._provenance = Provenance(self.client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence)
         # and asks for database stop requests.
-        self._conns = {"run": await asyncio.to_thread(self.store.connect)}
+        self._conns = {"run": await asyncio.to_thread(self._connect)}
         try:
             report.run_id = await asyncio.to_thread(
                 self.store.start_run, self.mode, s.options_for_resume(), self.client.model, self._conns["run"]
@@ -279,12 +318,20 @@ class Backfill:
         finally:
             await self._close_connections(list(self._conns))
 
+    def _connect(self) -> Any:
+        """A pipeline connection: statement_timeout and lock_timeout set, keepalives on (core/store.py)."""
+        return self.store.connect(statement_timeout_sec=self.s.db_statement_timeout_sec)
+
     async def _close_connections(self, roles: list[str]) -> None:
-        """Close the roles' connections and every retired one (closing a session releases its claims)."""
+        """Close the roles' connections and every retired one (closing a session releases its claims).
+        Abandoned ones (a call never answered) are left to the process's exit."""
         conns = [self._conns.pop(role) for role in roles if role in self._conns] + self._retired
         self._retired = []
         for conn in conns:
-            await asyncio.to_thread(conn.close)
+            if conn in self._abandoned:
+                continue
+            with contextlib.suppress(Exception):
+                await self._answer(in_daemon_thread(conn.close))
 
     async def _run_started(self, report: RunReport, dimensions: int) -> RunReport:
         s = self.s
@@ -299,6 +346,7 @@ class Backfill:
         dropped = await asyncio.to_thread(self._drop_vector_indexes, report)
         self._started = time.perf_counter()
         removers = self._install_signal_handlers()
+        heartbeats = asyncio.create_task(self._heartbeats(report))
         try:
             await self._pipeline(report)
             await self._retry_busy(report)
@@ -315,6 +363,7 @@ class Backfill:
                 else:
                     report.changed_found = None
         finally:
+            heartbeats.cancel()
             for remove in removers:
                 remove()
             report.seconds = time.perf_counter() - self._started
@@ -323,8 +372,8 @@ class Backfill:
         report.requests = self.client.stats.requests
         try:
             report.remaining = await self._db("store", lambda _c: self._count_remaining())
-        except _Fatal as exc:  # the database is still gone: report what is known, never a traceback
-            self._fatal = self._fatal or exc
+        except (_Fatal, psycopg.Error) as exc:  # the database (or the table) is gone: report what is known
+            self._fatal = self._fatal or (exc if isinstance(exc, _Fatal) else _Fatal("error", self._clean(str(exc))))
             report.remaining = max(self._total - report.embedded - report.failed, 0)
         if self._fatal is not None:
             report.state, report.message = self._fatal.state, self._clean(str(self._fatal))
@@ -349,11 +398,20 @@ class Backfill:
             await self._db(
                 "store",
                 lambda _c: self.store.finish_run(
-                    report.run_id, report.state, report.embedded, report.failed, report.chunks_per_s, report.message
+                    report.run_id,
+                    report.state,
+                    report.embedded,
+                    report.failed,
+                    report.chunks_per_s,
+                    report.message,
+                    report.locked,
                 ),
             )
         except _Fatal:
-            self._log("could not record the end of the run (database gone); status will show it as abandoned")
+            self._log(
+                "could not record the end of the run (database gone); status will show it as abandoned, or as "
+                "stalled while the server keeps its session"
+            )
         self._finish_progress_bar()
         self._log(
             f"{self.mode} {report.state}: embedded={report.embedded} failed={report.failed} "
@@ -548,6 +606,11 @@ class Backfill:
     async def _db(self, role: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run `fn(conn, ...)` on the role's connection in a thread; on a lost connection, reconnect with backoff.
 
+        Every call has a client-side deadline (the server's statement_timeout plus a margin): a black-holed
+        network never answers, and no kernel keepalive fires through a user-space proxy. A call past its deadline
+        is abandoned with its connection (its thread is a daemon: it can never hold the process) and handled as a
+        lost connection. A stop request (stop file, SIGTERM) is honoured within seconds whatever a call waits on.
+
         The claim connection holds the run's claims (session advisory locks), which die with a lost session:
         after reconnecting they are re-taken, and chunks another run took meanwhile are dropped from this run.
         A write is repeat-safe (it only fills rows still missing), so it is simply tried again.
@@ -557,8 +620,10 @@ class Backfill:
         while True:
             conn = self._conns.get(role) if role != "store" else None
             try:
-                return await asyncio.to_thread(fn, conn, *args, **kwargs)
-            except psycopg.OperationalError as exc:  # (the store's own connection reopens itself when broken)
+                return await self._answer(in_daemon_thread(fn, conn, *args, **kwargs))
+            except (psycopg.OperationalError, _NoAnswer) as exc:  # (the store's own connection reopens itself)
+                if isinstance(exc, _NoAnswer):
+                    self._abandon(role, conn)
                 if time.monotonic() >= deadline:
                     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                     raise _Fatal(
@@ -567,10 +632,45 @@ class Backfill:
                         f"{first_line}",
                     ) from exc
                 self._log(f"database connection lost ({type(exc).__name__}); reconnecting in {delay:.1f} s")
-                await asyncio.sleep(delay)
+                await self._sleep_unless_stopped(delay)
                 delay = min(delay * 2, DB_RECONNECT_MAX_DELAY_SEC)
-                if conn is not None and (conn.closed or conn.broken):  # the session is lost, not just the statement
+                if conn is not None and (conn.closed or conn.broken or conn in self._abandoned):
                     await self._reconnect(role, conn)
+
+    async def _answer(self, call: asyncio.Future) -> Any:
+        """The call's result within its deadline; a stop request cuts the wait to a short grace."""
+        stop = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            done, _ = await asyncio.wait({call, stop}, timeout=self._call_deadline, return_when="FIRST_COMPLETED")
+            if call not in done and stop in done:
+                # Once one call went unanswered after a stop, the database is taken as silent: no more graces.
+                grace = 0.2 if self._db_silent else DB_STOP_GRACE_SEC
+                done, _ = await asyncio.wait({call}, timeout=grace)
+                if call not in done:
+                    call.cancel()
+                    self._db_silent = True
+                    raise _Fatal(
+                        "stopped",
+                        f"stopped on request ({self._stop_reason}) while the database did not answer for "
+                        f"{DB_STOP_GRACE_SEC:g} s; the chunks in flight stay missing and a re-run takes them",
+                    )
+            if call not in done:
+                call.cancel()
+                raise _NoAnswer(f"no answer from the database within {self._call_deadline:g} s (client deadline)")
+            return call.result()
+        finally:
+            stop.cancel()
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+
+    def _abandon(self, role: str, conn: Any) -> None:
+        """A connection whose call never answered is dropped, never closed (its thread may be inside it)."""
+        if conn is not None:
+            self._abandoned.add(conn)
+        else:
+            self.store.forget_connection()
 
     async def _reconnect(self, role: str, lost: Any) -> None:
         """Replace the role's lost connection once, however many stages noticed; re-take what its session held.
@@ -582,24 +682,25 @@ class Backfill:
             if self._conns.get(role) is not lost:
                 return  # another stage reconnected this role already
             try:
-                fresh = await asyncio.to_thread(self.store.connect)
-            except psycopg.OperationalError:
+                fresh = await self._answer(in_daemon_thread(self._connect))
+            except (psycopg.OperationalError, _NoAnswer):
                 return  # still down: the caller's loop waits and tries again
-            self._retired.append(lost)
+            if lost not in self._abandoned:
+                self._retired.append(lost)
             self._conns[role] = fresh
             try:
                 if role == "run" and self._report is not None and self._report.run_id is not None:
-                    await asyncio.to_thread(self.store.hold_run_lock, fresh, self._report.run_id)
+                    await self._answer(in_daemon_thread(self.store.hold_run_lock, fresh, self._report.run_id))
                 if role == "claim" and self._held:
                     wanted = sorted(self._held)
-                    held = await asyncio.to_thread(self.store.relock, fresh, wanted)
+                    held = await self._answer(in_daemon_thread(self.store.relock, fresh, wanted))
                     gone = set(wanted) - set(held)
                     if gone:
                         self._log(
                             f"{len(gone)} claimed chunks were taken by another run while reconnecting; skipping them"
                         )
                     self._held -= gone
-            except psycopg.OperationalError:
+            except (psycopg.OperationalError, _NoAnswer):
                 return  # lost again at once: the next call sees a broken connection and comes back here
 
     async def _release(self, ids: list[int]) -> None:
@@ -619,8 +720,8 @@ class Backfill:
 
     async def _pipeline(self, report: RunReport) -> None:
         s = self.s
-        self._conns["claim"] = await asyncio.to_thread(self.store.connect)
-        self._conns["write"] = await asyncio.to_thread(self.store.connect)
+        self._conns["claim"] = await asyncio.to_thread(self._connect)
+        self._conns["write"] = await asyncio.to_thread(self._connect)
         workers_n = s.concurrency * len(s.ollama_urls)
         todo: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=workers_n)
         done: asyncio.Queue[_Embedded | None] = asyncio.Queue(maxsize=workers_n * 2)
@@ -640,21 +741,23 @@ class Backfill:
     def _unexpected(self, where: str, exc: BaseException) -> None:
         """A bug or an unforeseen error in one stage stops the run cleanly instead of hanging the others."""
         if self._fatal is None:
-            self._fatal = _Fatal("error", self._clean(f"unexpected error in the {where}: {type(exc).__name__}: {exc}"))
+            gone = self.store.vanished(exc)  # the table dropped or renamed under the run: state table_gone
+            message = gone or f"unexpected error in the {where}: {type(exc).__name__}: {exc}"
+            self._fatal = _Fatal("table_gone" if gone else "error", self._clean(message))
 
     async def _produce(self, todo: asyncio.Queue, workers_n: int, report: RunReport) -> None:
         s = self.s
         after_id: int | None = None
         try:
             while not await self._should_stop():
+                if self._phase == "busy":
+                    await self._produce_busy(todo)
+                    break
                 limit = s.batch_size
                 if s.max_chunks is not None:
                     limit = min(limit, s.max_chunks - self._claimed)
                     if limit <= 0:
                         break
-                if self._phase == "busy":
-                    await self._produce_busy(todo)
-                    break
                 claim = await self._db(
                     "claim",
                     self.store.claim_changed if self._phase == "refresh" else self.store.claim,
@@ -695,6 +798,8 @@ class Backfill:
         s = self.s
         pending = sorted(self._busy)
         self._busy.clear()
+        if s.max_chunks is not None:
+            pending = pending[: max(s.max_chunks - self._claimed, 0)]
         for start in range(0, len(pending), s.batch_size):
             if await self._should_stop():
                 self._busy.update(pending[start:])
@@ -718,6 +823,9 @@ class Backfill:
     async def _retry_busy(self, report: RunReport) -> None:
         """Chunks another session held (a concurrent run's claim, a colliding claim key, a row lock) are never
         skipped for good: they are retried until free or `busy_wait_sec` has passed (then the run ends `locked`)."""
+        if self.s.max_chunks is not None and self._claimed >= self.s.max_chunks:
+            self._busy.clear()  # a capped run (maintenance) took its share: the rest is another run's business
+            return
         deadline = time.monotonic() + self.s.busy_wait_sec
         while self._busy and self._fatal is None and not self._stop_event.is_set():
             self._phase = "busy"
@@ -1053,13 +1161,29 @@ class Backfill:
                 f"progress: {report.embedded}/{total} embedded, failed={report.failed}, "
                 f"{rate:.1f} chunks/s, eta {_fmt_eta(eta)}"
             )
-            if report.run_id is not None:
-                try:  # off the event loop: the embed workers keep the server busy meanwhile
-                    await asyncio.to_thread(
-                        self.store.heartbeat_run, report.run_id, report.embedded, report.failed, rate
+
+    async def _heartbeats(self, report: RunReport) -> None:
+        """Touch the run's row every HEARTBEAT_EVERY_SEC whatever the pipeline waits on: `status` tells a run that
+        stopped doing so (a frozen process, a black-holed database) by its heartbeat, not by hope."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_EVERY_SEC)
+            if report.run_id is None:
+                continue
+            elapsed = max(time.perf_counter() - self._started, 1e-9)
+            try:  # off the event loop: the embed workers keep the server busy meanwhile
+                await self._answer(
+                    in_daemon_thread(
+                        self.store.heartbeat_run,
+                        report.run_id,
+                        report.embedded,
+                        report.failed,
+                        report.embedded / elapsed,
                     )
-                except psycopg.OperationalError:
-                    self.store.close()  # the next bookkeeping call reconnects
+                )
+            except _NoAnswer:
+                self.store.forget_connection()
+            except (psycopg.Error, _Fatal):
+                self.store.close()  # the next bookkeeping call reconnects
 
     @staticmethod
     def _fit_summary(report: RunReport) -> str:

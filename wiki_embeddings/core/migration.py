@@ -50,19 +50,32 @@ def active_migration(store: Store) -> tuple[str, str] | None:
     return target, shadow
 
 
-def check_target(store: Store, model: str) -> None:
-    """Refuse a migration to the live model (cheap: callers run it before asking the model server anything)."""
+def check_target(store: Store, model: str, text_prefix: str | None = None) -> None:
+    """Refuse a migration to the live model (cheap: callers run it before asking the model server anything) -
+    unless `text_prefix` differs from the live column's: identity is model + dimensions + prefix (core/identity.py)."""
     live, _ = store.recorded_model()
     if live and same_model(live, model):
+        from wiki_embeddings.core import identity
+
+        have = (identity.recorded(store) or {}).get("text_prefix") or ""
+        if text_prefix is not None and text_prefix != have:
+            return  # the same model with another text prefix: a migration of its own
         raise MigrationError(
             f"model {model!r} is already the live model of {store.table.qualified}.{store.table.embedding_column}"
+            f" (text prefix {have!r}); to change only the prefix pass --text-prefix"
         )
 
 
-def start(store: Store, model: str, dimensions: int, log: Callable[[str], None] = lambda _m: None) -> Started:
+def start(
+    store: Store,
+    model: str,
+    dimensions: int,
+    log: Callable[[str], None] = lambda _m: None,
+    text_prefix: str | None = None,
+) -> Started:
     """Add the shadow column for `model` (whose vector length the caller asked the model for) and record the
     migration. Repeat-safe: starting the same migration again only reports it; another target is refused."""
-    check_target(store, model)
+    check_target(store, model, text_prefix)
     shadow = shadow_name(store.table.embedding_column)
     with swap_lock(store, log):
         drop_invalid_indexes(store, log)

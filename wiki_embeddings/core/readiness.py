@@ -94,6 +94,7 @@ class Evaluation:
     timestamp: float
     target_storage_id: int | None  # the coverage materialization it looked at
     missing: int | None = None
+    blocked_by: str = ""  # another readiness condition that failed (the drift check, defs/trust.py)
 
 
 @dataclass(frozen=True)
@@ -143,19 +144,13 @@ def decide(
             return Decision("none", f"{READY_KEY} is already true", evaluation.id)
         return Decision("set_true", f"evaluation {evaluation.id} passed: missing=0, coverage 100.00", evaluation.id)
     # A fresh failing evaluation.
+    why = evaluation.blocked_by or f"missing={evaluation.missing}"
+    again = evaluation.blocked_by or f"missing rose again (missing={evaluation.missing})"
     if flag is not True:
-        return Decision("none", f"evaluation {evaluation.id} failed (missing={evaluation.missing})", evaluation.id)
+        return Decision("none", f"evaluation {evaluation.id} failed ({why})", evaluation.id)
     if policy == "unset":
-        return Decision(
-            "set_false",
-            f"missing rose again (missing={evaluation.missing}) and the policy is 'unset'",
-            evaluation.id,
-        )
-    return Decision(
-        "keep_on_regression",
-        f"missing rose again (missing={evaluation.missing}); {READY_KEY} stays true (policy 'keep')",
-        evaluation.id,
-    )
+        return Decision("set_false", f"{again} and the policy is 'unset'", evaluation.id)
+    return Decision("keep_on_regression", f"{again}; {READY_KEY} stays true (policy 'keep')", evaluation.id)
 
 
 # ---------------------------------------------------------------------------- the env file

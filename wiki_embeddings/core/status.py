@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from typing import Any
 
 from wiki_embeddings.core.migration import shadow_status
 from wiki_embeddings.core.store import Store
+from wiki_embeddings.core.verify import STATUS_KEYS as VERIFY_STATUS_KEYS
+from wiki_embeddings.core.verify import status_figures as verify_figures
 from wiki_embeddings.settings import Settings
 
 STATUS_KEYS = [
@@ -22,6 +25,7 @@ STATUS_KEYS = [
     "unverified",
     "cut_for_context",
     "server_truncated",
+    "locked",
     "stop_requested",
     "model",
     "dimensions",
@@ -38,6 +42,8 @@ STATUS_KEYS = [
     "migration_coverage_pct",
     "invalid_indexes",
     "invalid_index_names",
+    # The last `verify` / drift check and the model digest recorded by the runs (core/verify.py): never re-embeds.
+    *VERIFY_STATUS_KEYS,
 ]
 
 
@@ -47,9 +53,10 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     Read-only once the bookkeeping schema is at its version, so a monitoring role with SELECT only can run it.
     """
     store.migrate(record=False)
+    dimensions = store.column_dimensions()  # first: a missing table or a non-integer id column is one clear line
     status = store.status(settings.max_attempts)
     status.update(store.model_status())
-    status["dimensions"] = store.column_dimensions()
+    status["dimensions"] = dimensions
     status["stop_requested"] = bool(status["stop_requested"]) or os.path.lexists(settings.stop_file)
     model, _ = store.recorded_model()
     status["model"] = model or ""
@@ -60,6 +67,8 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     finished = last["finished_at"] if last else None
     status["last_run_finished"] = finished.isoformat(timespec="seconds") if finished else ""
     status["last_run_embedded"] = last["embedded"] if last else 0
+    # Chunks another session held when the last run ended (state `locked`): a re-run takes them.
+    status["locked"] = int(last.get("locked") or 0) if last and last["state"] == "locked" else 0
     rate = last["chunks_per_s"] if last else None
     status["last_run_chunks_per_s"] = f"{rate:.1f}" if rate is not None else ""
     status["last_run_heartbeat"] = last["heartbeat_at"].isoformat(timespec="seconds") if last else ""
@@ -67,6 +76,7 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     invalid = store.invalid_indexes()  # left by an interrupted CREATE INDEX CONCURRENTLY; dropped by the next swap
     status["invalid_indexes"] = len(invalid)
     status["invalid_index_names"] = ",".join(ix["name"] for ix in invalid)
+    status.update(verify_figures(store))
     return {k: status[k] for k in STATUS_KEYS}
 
 
@@ -82,11 +92,21 @@ def migration_figures(store: Store) -> dict[str, Any]:
     }
 
 
+RUN_LEASE_SEC = 90.0  # a running run touches its row every 10 s (engine.HEARTBEAT_EVERY_SEC)
+
+
 def run_state(run: dict[str, Any]) -> str:
     """A run recorded as `running` whose database session is gone (its liveness lock is free) is `abandoned`:
-    its process was killed or lost. Its claims died with that session, so a new run may start at once."""
+    its process was killed or lost. Its claims died with that session, so a new run may start at once.
+
+    One whose session still looks alive but whose heartbeat is older than its lease is `stalled`: its process
+    froze, or the network to it went silent (the server keeps such a session until its own TCP keepalive ends
+    it). Status never shows `running` with a frozen heartbeat."""
     if run["state"] == "running" and not run.get("alive", True):
         return "abandoned"
+    beat = run.get("heartbeat_at")
+    if run["state"] == "running" and beat is not None and (datetime.now(UTC) - beat).total_seconds() > RUN_LEASE_SEC:
+        return "stalled"
     return str(run["state"])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 import zlib
@@ -225,7 +226,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX IF NOT EXISTS embedding_provenance_cut_idx
         ON {s}.embedding_provenance (table_name, column_attnum, chunk_id) WHERE context_cut OR server_truncated;
     """,
+    # 5: chunks another session still held when a run ended (state `locked`), for `status`.
+    """
+    ALTER TABLE {s}.runs ADD COLUMN IF NOT EXISTS locked bigint NOT NULL DEFAULT 0;
+    """,
 ]
+
+# Every pipeline connection bounds how long the server may work or wait on one statement (the client adds its
+# own deadline on top: a black-holed network never answers at all). Keepalives and tcp_user_timeout end a dead
+# TCP connection at the kernel level too, where the path lets them (not through a user-space proxy).
+STATEMENT_TIMEOUT_SEC = 60.0
+LOCK_TIMEOUT_SEC = 10.0
+TCP_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+TCP_USER_TIMEOUT_MS = 30_000
 
 
 # `pg_locks` row of a run's liveness lock (two-int4 advisory key: objsubid 2, never a chunk claim's bigint key).
@@ -272,16 +285,27 @@ class Store:
         self._attnum: int | None = None
 
     # ---------------------------------------------------------------- connections
-    def connect(self, register: bool = True) -> psycopg.Connection:
+    def connect(self, register: bool = True, statement_timeout_sec: float | None = None) -> psycopg.Connection:
         """A new autocommit connection (vector type registered when the extension exists).
 
         The client encoding is always UTF-8: the server converts from its own encoding, and a `SQL_ASCII`
         database (which has none) passes its bytes through; `claim` reads chunk text from such a database
         as bytes and decodes it itself, so one bad chunk cannot break a whole read.
         """
+        options = ""  # a pipeline connection (claims, writes, the run's row) never waits long on the server
+        if statement_timeout_sec:
+            lock_ms, statement_ms = int(LOCK_TIMEOUT_SEC * 1000), int(statement_timeout_sec * 1000)
+            options = f"-c lock_timeout={lock_ms} -c statement_timeout={statement_ms}"
         try:
             conn = psycopg.connect(
-                self.dsn, autocommit=True, application_name=self.app_name, connect_timeout=10, client_encoding="UTF8"
+                self.dsn,
+                autocommit=True,
+                application_name=self.app_name,
+                connect_timeout=10,
+                client_encoding="UTF8",
+                **({"options": options} if options else {}),
+                tcp_user_timeout=TCP_USER_TIMEOUT_MS,
+                **TCP_OPTIONS,
             )
         except psycopg.Error as exc:
             # libpq quotes a malformed URL whole in its message: never let the password ride along.
@@ -305,6 +329,11 @@ class Store:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = self.connect()
         return self._conn
+
+    def forget_connection(self) -> None:
+        """Drop the store's own connection without closing it (a call on it never answered; its thread may still
+        be inside it); the next statement opens a fresh one."""
+        self._conn = None
 
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:
@@ -390,22 +419,27 @@ class Store:
         except psycopg.errors.InsufficientPrivilege as exc:
             if not self._bookkeeping_schema_exists():
                 need = "CREATE on database {db}, needed once to create the bookkeeping schema {s}"
+                grant = "CREATE ON DATABASE {db}"
             else:
-                need = "CREATE on schema {s} (or ownership of its tables), needed to upgrade the bookkeeping schema"
-            raise StoreError(self._privilege_message(exc, need, setup=True)) from exc
+                need = "CREATE on schema {s} (or ownership of its tables), needed once to upgrade it"
+                grant = "CREATE ON SCHEMA {s}"
+            raise StoreError(self._privilege_message(exc, need, grant)) from exc
 
-    def _privilege_message(self, exc: psycopg.Error, need: str, setup: bool = False) -> str:
+    def _privilege_message(self, exc: psycopg.Error, need: str, grant: str | None = None) -> str:
         """`the role X lacks <need>; ...`: which privilege, for which role, and the way out."""
         row = self.conn.execute("SELECT current_user, current_database()").fetchone()
         role, db = (str(row[0]), str(row[1])) if row else ("?", "?")
-        s = sql.Identifier(self.state_schema).as_string(self.conn)
-        dbq = sql.Identifier(db).as_string(self.conn)
-        roleq = sql.Identifier(role).as_string(self.conn)
+
+        def ident(name: str) -> str:  # quoted only when it must be, so the GRANT can be pasted as shown
+            plain = re.fullmatch(r"[a-z_][a-z0-9_]*", name)
+            return name if plain else sql.Identifier(name).as_string(self.conn)
+
+        s, dbq, roleq = ident(self.state_schema), ident(db), ident(role)
         text = f"the role {role} lacks {need.format(db=db, s=s)} ({exc.diag.message_primary or exc})"
-        if setup:
+        if grant:
             return (
                 f"{text}; ask an administrator to run any wiki-embeddings command (e.g. `wiki-embeddings status`) "
-                f"once with a DATABASE_URL whose role has it, or to GRANT CREATE ON DATABASE {dbq} TO {roleq} "
+                f"once with a DATABASE_URL whose role has it, or to GRANT {grant.format(db=dbq, s=s)} TO {roleq} "
                 "(README, Database privileges)"
             )
         return f"{text}; see README, Database privileges, for the GRANT statements"
@@ -493,6 +527,16 @@ class Store:
             )
         self.check_id_column()
         return int(typmod)
+
+    def vanished(self, exc: BaseException) -> str | None:
+        """The message for an error saying the chunk table or one of its columns is gone (dropped or renamed
+        under a run), else None. From the error alone: no query, so a run's event loop may call it."""
+        if not isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)):
+            return None
+        return (
+            f"the chunk table {self.table.qualified} or its column {self.table.embedding_column!r} disappeared "
+            f"during the run (dropped or renamed): {exc.diag.message_primary or exc}; committed batches stay written"
+        )
 
     def check_id_column(self) -> None:
         """Refuse an id column that is not smallint/integer/bigint (a domain over one counts), before anything is
@@ -1450,8 +1494,10 @@ class Store:
         CONCURRENTLY` whose session died or failed. Never used by queries, yet maintained on every write once
         `ready`. Builds still under way (`pg_stat_progress_create_index`) are left out. A catalog query."""
         rows = self.conn.execute(
-            "SELECT ns.nspname, ic.relname, ix.indisready, array(SELECT a.attname::text FROM pg_attribute a"
-            " WHERE a.attrelid = ix.indrelid AND a.attnum = ANY(ix.indkey) ORDER BY a.attnum)"
+            # Columns from pg_depend: those of the key, of expressions and of the predicate alike.
+            "SELECT ns.nspname, ic.relname, ix.indisready, array(SELECT DISTINCT a.attname::text FROM pg_depend d"
+            " JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid"
+            " WHERE d.classid = 'pg_class'::regclass AND d.objid = ix.indexrelid AND d.refobjid = ix.indrelid)"
             " FROM pg_index ix JOIN pg_class ic ON ic.oid = ix.indexrelid"
             " JOIN pg_namespace ns ON ns.oid = ic.relnamespace"
             " WHERE ix.indrelid = to_regclass(%s) AND NOT ix.indisvalid"
@@ -1485,7 +1531,8 @@ class Store:
     @property
     def swap_lock_key(self) -> tuple[int, int]:
         """Two-int advisory key that serializes swaps and rollbacks of this table's columns."""
-        return zlib.crc32(f"swap:{self.state_schema}".encode()) & 0x7FFFFFFF, self.table.lock_namespace
+        table_key = zlib.crc32(self.table.qualified.encode()) & 0x7FFFFFFF
+        return zlib.crc32(f"swap:{self.state_schema}".encode()) & 0x7FFFFFFF, table_key
 
     def try_swap_lock(self) -> bool:
         """Take the table's swap lock on the store's session if free (never waits: a waiting statement would hold a
@@ -1568,14 +1615,21 @@ class Store:
         )
 
     def finish_run(
-        self, run_id: int, state: str, embedded: int, failed: int, chunks_per_s: float, message: str
+        self,
+        run_id: int,
+        state: str,
+        embedded: int,
+        failed: int,
+        chunks_per_s: float,
+        message: str,
+        locked: int = 0,
     ) -> None:
         self.conn.execute(
             sql.SQL(
                 "UPDATE {s}.runs SET state = %s, finished_at = now(), heartbeat_at = now(), embedded = %s,"
-                " failed = %s, chunks_per_s = %s, message = %s WHERE run_id = %s"
+                " failed = %s, chunks_per_s = %s, message = %s, locked = %s WHERE run_id = %s"
             ).format(s=self._s),
-            (state, embedded, failed, chunks_per_s, message, run_id),
+            (state, embedded, failed, chunks_per_s, message, locked, run_id),
         )
 
     def last_run(self, mode: str | None = None) -> dict[str, Any] | None:
@@ -1583,7 +1637,7 @@ class Store:
         row = cur.execute(
             sql.SQL(
                 "SELECT run_id, mode, state, host, pid, model, options, started_at, heartbeat_at, finished_at,"
-                " embedded, failed, chunks_per_s, message, {held} AS alive FROM {s}.runs r"
+                " embedded, failed, chunks_per_s, message, locked, {held} AS alive FROM {s}.runs r"
                 " WHERE table_name = %(table)s AND (%(mode)s::text IS NULL OR mode = %(mode)s)"
                 " ORDER BY run_id DESC LIMIT 1"
             ).format(s=self._s, held=sql.SQL(_RUN_LOCK_HELD)),
@@ -1808,6 +1862,9 @@ class Store:
     def ensure_trust_schema(self) -> None:
         if self._trust_ready:
             return
+        if self._trust_table("column_identity") and self._trust_table("trust_log"):  # no DDL when present: a role
+            self._trust_ready = True  # without CREATE on the database or the schema must run (README, privileges)
+            return
         with self.conn.transaction():
             self.conn.execute("SELECT pg_advisory_xact_lock(hashtext('wiki_embeddings.trust_schema'))")
             self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._s))
@@ -1831,9 +1888,18 @@ class Store:
             )
         self._trust_ready = True
 
+    def _trust_table(self, name: str) -> bool:
+        """Readers never create (a monitoring role with SELECT only runs `status`): absent tables read as empty."""
+        if self._trust_ready:
+            return True
+        qualified = sql.Identifier(self.state_schema, name).as_string(self.conn)
+        row = self.conn.execute("SELECT to_regclass(%s)", (qualified,)).fetchone()
+        return bool(row and row[0])
+
     def column_identity(self) -> dict[str, Any] | None:
         """The recorded identity of this store's vector column (model, dimensions, text_prefix, query_prefix)."""
-        self.ensure_trust_schema()
+        if not self._trust_table("column_identity"):
+            return None
         row = (
             self.conn.cursor(row_factory=dict_row)
             .execute(
@@ -1891,7 +1957,8 @@ class Store:
 
     def latest_trust(self, kind: str, model: str | None = None) -> dict[str, Any] | None:
         """The latest trust_log row of `kind` for the table (and `model`): result keys plus recorded_at, run_id."""
-        self.ensure_trust_schema()
+        if not self._trust_table("trust_log"):
+            return None
         row = (
             self.conn.cursor(row_factory=dict_row)
             .execute(
@@ -1909,32 +1976,56 @@ class Store:
         return {**(row["result"] or {}), **extra}
 
     def sample_ids(self, size: int, columns: Sequence[str] = (), seed: int | None = None) -> list[int]:
-        """About `size` distinct ids of chunks whose vector columns (`columns`, default this store's) are all set,
-        spread over the whole id range: one random point per stratum of [min id, max id], then the first such
-        chunk at or after it (a primary-key probe each). Gaps and missing vectors make the sample a little smaller."""
+        """About `size` distinct random ids of chunks whose vector columns (`columns`, default this store's) are all
+        set, spread over the whole id range, never by a table scan of a large table. A table of up to
+        `_SMALL_TABLE` rows: its ids read and sampled. A larger one: strata of equal row counts from PostgreSQL's
+        statistics of the id column (`pg_stats.histogram_bounds`, else [min, max]), one random point per wanted id
+        in its stratum, then the first such chunk at or after it within the stratum (a primary-key probe each)."""
         if size <= 0:
             return []
-        bounds = self.conn.execute(sql.SQL("SELECT min({id}), max({id}) FROM {t}").format(id=self._id, t=self._t))
-        row = bounds.fetchone()
-        if not row or row[0] is None:
-            return []
-        low, high = int(row[0]), int(row[1])
         cols = list(columns) or [self.table.embedding_column]
         present = sql.SQL(" AND ").join(sql.SQL("t.{} IS NOT NULL").format(sql.Identifier(c)) for c in cols)
         rng = np.random.default_rng(seed)
+        row = self.conn.execute(
+            sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {t} LIMIT %s) x").format(t=self._t), (_SMALL_TABLE + 1,)
+        ).fetchone()
+        if row and int(row[0]) <= _SMALL_TABLE:
+            ids = [
+                int(r[0])
+                for r in self.conn.execute(
+                    sql.SQL("SELECT t.{id} FROM {t} t WHERE {present}").format(id=self._id, t=self._t, present=present)
+                ).fetchall()
+            ]
+            return sorted(int(x) for x in rng.choice(ids, min(size, len(ids)), replace=False)) if ids else []
+        bounds_row = self.conn.execute(
+            "SELECT histogram_bounds::text::bigint[] FROM pg_stats WHERE schemaname = %s AND tablename = %s"
+            " AND attname = %s",
+            (self.table.schema, self.table.name, self.table.id_column),
+        ).fetchone()
+        edges = [int(x) for x in (bounds_row[0] if bounds_row and bounds_row[0] else [])]
+        if len(edges) < 2:
+            mm = self.conn.execute(sql.SQL("SELECT min({id}), max({id}) FROM {t}").format(id=self._id, t=self._t))
+            low_high = mm.fetchone()
+            if not low_high or low_high[0] is None:
+                return []
+            edges = [int(low_high[0]), int(low_high[1])]
+        edges[-1] += 1  # the last stratum includes the largest id
         found: set[int] = set()
         for _round in range(3):
             want = size - len(found)
             if want <= 0:
                 break
-            edges = np.linspace(low, high + 1, num=want + 1)
-            points = [int(a + rng.random() * (b - a)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+            strata = rng.integers(0, len(edges) - 1, size=want)
+            lows = np.asarray(edges[:-1])[strata]
+            highs = np.asarray(edges[1:])[strata]
+            points = (lows + rng.random(want) * (highs - lows)).astype(np.int64)
             rows = self.conn.execute(
                 sql.SQL(
-                    "SELECT DISTINCT x.id FROM unnest(%s::bigint[]) AS p(start) CROSS JOIN LATERAL"
-                    " (SELECT t.{id} AS id FROM {t} t WHERE t.{id} >= p.start AND {present} ORDER BY t.{id} LIMIT 1) x"
+                    "SELECT DISTINCT x.id FROM unnest(%s::bigint[], %s::bigint[]) AS p(start, stop) CROSS JOIN LATERAL"
+                    " (SELECT t.{id} AS id FROM {t} t WHERE t.{id} >= p.start AND t.{id} < p.stop AND {present}"
+                    " ORDER BY t.{id} LIMIT 1) x"
                 ).format(id=self._id, t=self._t, present=present),
-                (points,),
+                (points.tolist(), highs.tolist()),
             ).fetchall()
             before = len(found)
             found.update(int(r[0]) for r in rows)
@@ -1989,6 +2080,10 @@ class Store:
             (int(r[0]), r[1] or "", np.asarray(r[2].to_numpy(), np.float32), np.asarray(r[3].to_numpy(), np.float32))
             for r in rows
         ]
+
+
+#: `Store.sample_ids` reads every id of a table up to this many rows (cheap) instead of probing strata.
+_SMALL_TABLE = 50_000
 
 
 def _is_sql_ascii(conn: psycopg.Connection) -> bool:

@@ -23,10 +23,11 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from wiki_embeddings.core import migration
+from wiki_embeddings.core import identity, migration
 from wiki_embeddings.core.engine import DimensionMismatch, RunReport
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.core.store import Store, StoreError
+from wiki_embeddings.core.window import WINDOW_REASON
 from wiki_embeddings.defs.partitions import (
     BACKFILL_POLICY,
     LAST_RANGE_ID,
@@ -95,6 +96,12 @@ class RangeRunConfig(dg.Config):
     retry_quarantined: bool = Field(
         default=False, description="also claim chunks quarantined by earlier failures (a deliberate re-run)"
     )
+    until: str | None = Field(
+        default=None,
+        description="run window: end safely at HH:MM (the worker's local time, or with an offset: 06:00+09:00); "
+        "the range is left resumable (not materialized, not failed)",
+    )
+    max_minutes: float | None = Field(default=None, description="run window: end safely after this many minutes")
 
     def engine_settings(self) -> dict[str, Any]:
         return {
@@ -105,6 +112,8 @@ class RangeRunConfig(dg.Config):
             "max_chars": self.max_chars,
             "failure_log": self.failure_log,
             "include_quarantined": self.retry_quarantined,
+            "until": self.until,
+            "max_minutes": self.max_minutes,
         }
 
 
@@ -283,6 +292,17 @@ def _raise_on_trouble(report: RunReport, metadata: dict[str, Any], what: str) ->
         )
 
 
+def window_ended(report: RunReport) -> bool:
+    """The run stopped because its window (until / max_minutes, core/window.py) closed."""
+    return report.state == "stopped" and report.stop_reason.startswith(WINDOW_REASON)
+
+
+def _shadow_prefixes(database: WikiDatabaseResource, shadow: str) -> dict[str, str]:
+    """The text/query prefixes the migration was started with (core/identity.py), for a fill of its shadow."""
+    with database.store() as store:
+        return identity.shadow_prefixes(store, shadow)
+
+
 def _raise_if_stopped(report: RunReport, metadata: dict[str, Any], what: str) -> None:
     if report.state == "stopped":
         raise dg.Failure(
@@ -332,16 +352,20 @@ def wiki_chunk_embeddings(
         if missing_by_start.get(key_bounds(key)[0], 0) == 0:
             yield dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=_nothing_to_do(key))
             continue
+        ended = False
         try:
             for event in _embed_one_range(context, config, database, ollama, key):
                 if isinstance(event, dg.MaterializeResult):
                     event = dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=event.metadata)
+                ended = ended or (isinstance(event, dg.AssetObservation) and "window_ended" in event.metadata)
                 yield event
         except dg.Failure as failure:
             if "stopped on request" in (failure.description or ""):
                 raise  # a stop request ends the whole run after this batch
             context.log.error(failure.description or f"range {key} failed")
             incomplete.append(key)
+        if ended:  # the run window closed: the ranges not reached stay as they are, for the next run
+            break
     if incomplete:
         raise dg.Failure(
             description=(
@@ -381,6 +405,11 @@ def _embed_one_range(
     )
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max}
     _raise_on_trouble(report, metadata, what)
+    if window_ended(report):  # the run window closed: resumable, neither materialized nor failed
+        metadata["window_ended"] = report.stop_reason
+        yield dg.AssetObservation(asset_key=context.asset_key, partition=key, metadata=metadata)
+        context.log.info(f"{what}: {report.stop_reason}; {report.remaining} chunks left for the next run")
+        return
     if report.state == "stopped" or report.remaining > 0:
         # what the run did stays visible on the partition
         yield dg.AssetObservation(asset_key=context.asset_key, partition=key, metadata=metadata)
@@ -424,6 +453,8 @@ def wiki_chunk_embeddings_maintenance(
     report, settings = _run(context, database, ollama, mode="dagster maintenance", **config.engine_settings())
     metadata = report_metadata(report, settings)
     _raise_on_trouble(report, metadata, "maintenance")
+    if window_ended(report):  # like --max-chunks: a clean, capped end; the shadow waits for the next run
+        return dg.MaterializeResult(metadata={**metadata, "window_ended": report.stop_reason})
     _raise_if_stopped(report, metadata, "maintenance")
     if report.failed:
         context.log.warning(
@@ -452,6 +483,7 @@ def _maintain_shadow(
         embedding_column=shadow,
         ollama_model=target,
         **config.engine_settings(),
+        **_shadow_prefixes(shadow),
     )
     metadata = {
         "migration_model": target,

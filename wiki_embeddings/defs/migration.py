@@ -16,7 +16,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from wiki_embeddings.core import migration
+from wiki_embeddings.core import migration, quality
 from wiki_embeddings.core.readiness import MODEL_KEY, restart_backend, set_value
 from wiki_embeddings.core.status import migration_figures
 from wiki_embeddings.core.store import Store, StoreError
@@ -28,8 +28,10 @@ from wiki_embeddings.defs.assets import (
     _raise_if_stopped,
     _raise_on_trouble,
     _run,
+    _shadow_prefixes,
     embedding_coverage,
     report_metadata,
+    window_ended,
 )
 from wiki_embeddings.defs.jobs import MODE_TAG, coverage_job
 from wiki_embeddings.defs.partitions import LAST_RANGE_ID, id_ranges, key_for_id, range_bounds
@@ -138,12 +140,16 @@ def fill_shadow_range(
         embedding_column=shadow,
         ollama_model=target,
         **config.engine_settings(),
+        **_shadow_prefixes(database, shadow),
     )
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max, "shadow_column": shadow}
     if report.state in CLEAN_STATES:  # the database answered; after a transient end, retrying comes first
         with database.store() as store:
             context.log_event(migration_observation(store, partition=key))
     _raise_on_trouble(report, metadata, what)
+    if window_ended(report):  # the run window closed: the range is resumed by its next run, not failed
+        context.log.info(f"{what}: {report.stop_reason}; {report.remaining} chunks left for the next run")
+        return
     _raise_if_stopped(report, metadata, what)
     if report.remaining > 0:
         raise dg.Failure(
@@ -205,15 +211,61 @@ def fill_migration_after_start_sensor(context: dg.RunStatusSensorContext, databa
 
 
 # ---------------------------------------------------------------------------- swap
-@dg.op(description="Swap the complete shadow column in (one transaction); refused while it is incomplete.")
-def swap_model(context: dg.OpExecutionContext, database: WikiDatabaseResource) -> None:
-    with database.store() as store:
+class SwapConfig(dg.Config):
+    """The swap's quality gate (core/quality.py): a retrieval self-test of the shadow against the live column."""
+
+    force: bool = Field(default=False, description="swap even when the retrieval self-test refuses (recorded)")
+    quality_sample: int = Field(default=quality.DEFAULT_SAMPLE, description="chunks in the retrieval self-test")
+    quality_margin: float = Field(
+        default=quality.DEFAULT_MARGIN,
+        description="refuse when the shadow's recall@10 or MRR is lower than the live column's by more than this",
+    )
+
+
+@dg.op(
+    description="Run the retrieval self-test (refused when the shadow retrieves worse than the live column, unless "
+    "force), then swap the complete shadow column in (one transaction); refused while it is incomplete."
+)
+def swap_model(
+    context: dg.OpExecutionContext, config: SwapConfig, database: WikiDatabaseResource, ollama: OllamaResource
+) -> None:
+    settings = database.settings(**ollama.overrides())
+    with database.store(settings) as store:
         store.migrate()
         try:
+            report = quality.gate(
+                store,
+                settings,
+                force=config.force,
+                sample=config.quality_sample,
+                margin=config.quality_margin,
+                log=context.log.info,
+            )
+            context.log_event(migration_observation(store, **quality_metadata(report.figures())))
             message = migration.swap(store, log=context.log.info)
+        except quality.QualityRefused as exc:  # the figures ride on the failure (the step's events end here)
+            figures = quality_metadata(quality.latest_figures(store))
+            raise dg.Failure(description=str(exc), metadata=figures, allow_retries=False) from None
         except (migration.MigrationError, StoreError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
     context.log.info(message)
+
+
+def quality_metadata(figures: dict[str, Any]) -> dict[str, Any]:
+    """The self-test's figures as metadata of the shadow's observation (empty values left out)."""
+    out: dict[str, Any] = {}
+    for key, value in figures.items():
+        if value is None or value == "":
+            continue
+        if isinstance(value, bool):
+            out[key] = dg.MetadataValue.bool(value)
+        elif isinstance(value, float):
+            out[key] = dg.MetadataValue.float(value)
+        elif isinstance(value, int):
+            out[key] = dg.MetadataValue.int(value)
+        else:
+            out[key] = dg.MetadataValue.text(str(value))
+    return out
 
 
 @dg.job(

@@ -121,6 +121,9 @@ class OllamaResource(dg.ConfigurableResource):
     text_prefix: str | None = Field(
         default=None, description="prepended to every text, e.g. 'search_document: ' [WIKI_EMBED_TEXT_PREFIX]"
     )
+    query_prefix: str | None = Field(
+        default=None, description="the model's query prefix, e.g. 'search_query: ' [WIKI_EMBED_QUERY_PREFIX]"
+    )
 
     def overrides(self) -> dict[str, Any]:
         return _set(
@@ -131,6 +134,7 @@ class OllamaResource(dg.ConfigurableResource):
             retries=self.retries,
             concurrency=self.concurrency,
             text_prefix=self.text_prefix,
+            query_prefix=self.query_prefix,
         )
 
     def client(self, settings: Settings, store: Store) -> OllamaClient:

@@ -8,6 +8,7 @@ write of the flag is a materialization of the `readiness` asset (previous and ne
 result), a flag kept on a regression an observation of it.
 """
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -27,6 +28,7 @@ from wiki_embeddings.defs.assets import readiness as readiness_asset
 from wiki_embeddings.defs.checks import COVERAGE_KEY, MISSING_IS_ZERO, MISSING_IS_ZERO_KEY
 from wiki_embeddings.defs.resources import ReadinessResource
 from wiki_embeddings.defs.state import embedding_state_sensor, sensor_interval
+from wiki_embeddings.defs.trust import VECTORS_MATCH, latest_drift
 
 COMPLETED = {"SUCCEEDED", "FAILED"}
 
@@ -80,6 +82,14 @@ def readiness_sensor(context: dg.SensorEvaluationContext, readiness: ReadinessRe
         return dg.SensorResult(skip_reason=pending, cursor=context.cursor)
     handled = int(context.cursor) if context.cursor else None
     flag = read_flag(path)
+    drift = latest_drift(context.instance)  # vectors_match_model counts like missing_is_zero (defs/trust.py)
+    if evaluation is not None and drift is not None and (drift.blocks or drift.id > evaluation.id):
+        evaluation = dataclasses.replace(
+            evaluation,
+            id=max(evaluation.id, drift.id),
+            passed=evaluation.passed and not drift.blocks,
+            blocked_by=f"{VECTORS_MATCH}: {drift.description}" if drift.blocks else "",
+        )
     decision = decide(evaluation, latest_coverage(context.instance), handled, flag, settings.on_regression)
     cursor = str(decision.handled) if decision.handled is not None else context.cursor
     metadata: dict[str, Any] = {
@@ -107,9 +117,7 @@ def readiness_sensor(context: dg.SensorEvaluationContext, readiness: ReadinessRe
     new = "true" if value else "false"
     metadata.update(previous=dg.MetadataValue.text(_show(change.previous)), flag=dg.MetadataValue.text(new))
     metadata["file_created"] = dg.MetadataValue.bool(bool(change.created))
-    done = (
-        f"set {READY_KEY}={new} in {path} (was {_show(change.previous)}{', file created' if change.created else ''})"
-    )
+    done = f"set {READY_KEY}={new} in {path} (was {_show(change.previous)}{', file created' if change.created else ''})"
     log = context.log.info if value else context.log.warning
     log(f"readiness: {decision.reason}: {done}")
     restart = restart_backend(

@@ -187,6 +187,12 @@ def approx_tokens(text: str) -> int:
     return n + 2
 
 
+def _is_hash_model(spec: ModelSpec) -> bool:
+    """A model named ``hash-*`` is embedded by the hash backend on any server: with ``--backend minilm`` it serves
+    a random-vector model beside the real one (a retrieval self-test must refuse it)."""
+    return spec.name.startswith("hash-")
+
+
 def hash_vector(model: str, text: str, dim: int) -> np.ndarray:
     """Deterministic unit float32 vector for (model, text), the ``hash`` backend's embedding.
 
@@ -816,7 +822,7 @@ class OllamaServer:
         specs = [spec.resolved(cap) for spec in specs]
         if backend == "minilm":
             for spec in specs:
-                if spec.dim != MINILM_DIM:
+                if spec.dim != MINILM_DIM and not _is_hash_model(spec):
                     raise ValueError(f"minilm backend serves dimension {MINILM_DIM}, not {spec.name}:{spec.dim}")
         self.host = host
         self.port = port
@@ -1348,8 +1354,10 @@ class OllamaServer:
         missing = [i for i, p in enumerate(parts) if p is None]
         if missing:
             texts = [inputs[i] for i in missing]
-            if salt is None:
+            if salt is None and not _is_hash_model(spec):
                 vectors = self._backend.embed(spec, texts)
+            elif salt is None:  # a `hash-*` model: random vectors beside the real one (retrieval tests)
+                vectors = [hash_vector(spec.name, t, spec.dim) for t in texts]
             else:  # fault model_salt: the weights behind the name changed
                 vectors = [hash_vector(f"{spec.name}#{salt}", t, spec.dim) for t in texts]
             fresh = [(keys[i], orjson.dumps(v, option=_NUMPY)) for i, v in zip(missing, vectors, strict=True)]
