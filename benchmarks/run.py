@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_index, bench_memory, bench_model, bench_saturation, bench_write
+from benchmarks import bench_index, bench_memory, bench_model, bench_saturation, bench_tuning, bench_write
 from benchmarks.common import (
     REPO_ROOT,
     Bench,
@@ -35,7 +35,7 @@ from benchmarks.common import (
 )
 from wiki_embeddings.settings import Settings
 
-SECTIONS = ("saturation", "write", "memory", "model", "index")
+SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index")
 
 METHOD = """\
 ## How each figure is measured
@@ -51,6 +51,24 @@ METHOD = """\
   `ai.destination_column`) on the same server and texts, chunks/s from its first committed batch to its
   last (start-up excluded); pgai is installed once into a throwaway venv (`/tmp/wiki-bench-pgai-venv`,
   ~5 minutes the first time; `--no-pgai` skips it).
+- **tuning** (self-tuning depth and batch size, core/tuning.py): *default flags* = `Backfill.run()` with no
+  `--concurrency` and no `--batch-size` (depth starts at 1 and tunes itself per server; batch up to 64).
+  *Ceiling* = a bare async client (prebuilt bodies, answers read, not parsed) at the depth that keeps the
+  server(s) busiest: the better of K and K+1 requests in flight per server, in the same run; medians of 3
+  (2 with --quick). Servers: the hash server (own process, cache warmed), 40 ms per request, K slots.
+  *2 servers*: two such processes (1 slot each) in `OLLAMA_URL`; the joint ceiling drives both at once.
+  *4 workers*: four `Backfill` processes (`python -m benchmarks.bench_tuning --child`) started together on one
+  table over both servers; chunks/s over the wall time from the common start to the last end (their start-up
+  included); double work = texts the servers embedded − chunks − one start-up probe per worker.
+  *Client CPU*: `process_time` of a default-flags run vs a minimal script doing only the unavoidable work on
+  the same chunks (keyset `SELECT … WHERE embedding IS NULL AND id > last LIMIT 64`, httpx POST, orjson parse +
+  float32 matrix + finiteness/length check, binary `UPDATE … FROM unnest(%b, %b)`), zero-latency server.
+  *Politeness*: the server made CPU-model-like (5 ms + 42 ms per text, 1 slot: ~2.7 s per 64); a "user"
+  thread sends one single-text embed a second while a capped run (`--max-minutes`) embeds; p95 of the user's
+  request latency (its own ~47 ms service included) per mode, and each mode's chunks/s.
+  *Growth*: median time of one `Store.claim` + `write_vectors` + `release` of 64 rows (vector(8), short texts)
+  at the start and near the end of a 100,000-row and a 5,000,000-row table (500,000 with --quick), and
+  `Store.status()` on the large one.
 - **client CPU**: `time.process_time()` of the benchmark process around `Backfill.run()` (all its
   threads), server in another process with 0 ms latency; baseline = the runbook loop (sleep 0) in this
   process on the same server.
@@ -214,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "saturation": lambda: bench_saturation.run(
                 bench, pgai=not args.no_pgai, profile=profile_pipeline if args.profile else None
             ),
+            "tuning": lambda: bench_tuning.run(bench),
             "write": lambda: bench_write.run(bench),
             "memory": lambda: bench_memory.run(bench),
             "model": lambda: bench_model.run(bench),

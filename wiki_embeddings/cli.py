@@ -55,12 +55,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-attempts", type=int, help="failures of the same text before quarantine (3)")
 
 
+def _concurrency(raw: str) -> int:
+    """`--concurrency auto` (0: self-tuning) or a number of requests in flight per server."""
+    if raw.strip().lower() == "auto":
+        return 0
+    return int(raw)
+
+
 def _backfill_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runbook flags")
-    g.add_argument("--batch-size", type=int, help="chunks per request (64)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help="most chunks per request (64); trouble (503, timeouts) shrinks batches, success grows them back",
+    )
     g.add_argument("--report-every", type=int, help="a progress line every N batches (10)")
     g.add_argument("--timeout-sec", type=float, help="deadline for one whole embedding request (120)")
-    g.add_argument("--sleep-ms", type=int, help="pause after each request (0)")
+    g.add_argument("--sleep-ms", type=int, help="pause after each request (0); > 0 means one request in flight")
     g.add_argument("--max-chars", type=int, help="text cut to this many characters before sending (2000)")
     g.add_argument("--failure-log", help="JSONL file for chunks that could not be embedded")
     g.add_argument("--max-chunks", type=int, help="stop after this many chunks (maintenance)")
@@ -75,7 +86,27 @@ def _backfill_flags(p: argparse.ArgumentParser) -> None:
         help="start a local embedding service when OLLAMA_URL does not answer [OLALA_START_OLLAMA=1]",
     )
     g2 = p.add_argument_group("more")
-    g2.add_argument("--concurrency", type=int, help="requests in flight per Ollama server (1)")
+    g2.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        help="requests in flight per Ollama server: N pins it; auto (default) starts at 1 and adds a queued request "
+        "while the server idles between requests, backing off on 503/429/timeouts and latency growth",
+    )
+    g2.add_argument(
+        "--polite",
+        dest="polite",
+        action="store_true",
+        default=None,
+        help="live queries share the server: one request in flight, batches sized to --target-request-sec "
+        "(default: on in maintenance runs once the readiness flag is set) [WIKI_EMBED_POLITE]",
+    )
+    g2.add_argument("--no-polite", dest="polite", action="store_false", default=None, help="never polite")
+    g2.add_argument(
+        "--target-request-sec",
+        type=float,
+        help="polite mode: the longest a request of ours should hold the server, so a user's query waits about "
+        "that long at most (0.5; giving it turns polite mode on) [WIKI_EMBED_TARGET_REQUEST_SEC]",
+    )
     g2.add_argument("--retries", type=int, help="retries of transport errors / overload before stopping (5)")
     g2.add_argument("--id-min", type=int, help="only chunks with id >= this")
     g2.add_argument("--id-max", type=int, help="only chunks with id <= this")

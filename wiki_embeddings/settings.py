@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -21,6 +20,8 @@ DEFAULT_STOP_FILE = "/tmp/wiki-embed.stop"
 # One request embeds at most this many chunks: a batch is one HTTP body, one claim and one write transaction
 # (an absurd value used to end deep in SQL as `bigint out of range`).
 MAX_BATCH_SIZE = 4096
+# Polite mode's default target request duration: a live query waits behind about this much of a batch.
+DEFAULT_TARGET_REQUEST_SEC = 0.5
 
 # Environment variable for each setting that has one (the runbook's spellings where it has them).
 ENV_VARS: dict[str, str] = {
@@ -41,6 +42,8 @@ ENV_VARS: dict[str, str] = {
     "backoff_base_sec": "WIKI_EMBED_BACKOFF_BASE_SEC",
     "backoff_max_sec": "WIKI_EMBED_BACKOFF_MAX_SEC",
     "concurrency": "WIKI_EMBED_CONCURRENCY",
+    "polite": "WIKI_EMBED_POLITE",
+    "target_request_sec": "WIKI_EMBED_TARGET_REQUEST_SEC",
     "with_ollama": "OLALA_START_OLLAMA",
     "db_reconnect_sec": "WIKI_EMBED_DB_RECONNECT_SEC",
     "keep_alive": "WIKI_EMBED_KEEP_ALIVE",
@@ -79,7 +82,12 @@ class Settings:
     stop_file: str = DEFAULT_STOP_FILE
     with_ollama: bool = False
     # Beyond the runbook.
-    concurrency: int = 1
+    # Requests in flight per server: 0 = self-tuning (core/tuning.py; "auto"), N = pinned at N.
+    concurrency: int = 0
+    # Polite mode (live queries share the server): batches sized to `target_request_sec` at depth 1.
+    # None: on for maintenance runs (--max-chunks) once the readiness flag is set, or when a target is given.
+    polite: bool | None = None
+    target_request_sec: float | None = None  # None: DEFAULT_TARGET_REQUEST_SEC
     max_attempts: int = 3
     retries: int = 5
     backoff_base_sec: float = 0.5
@@ -102,12 +110,10 @@ class Settings:
     reembed_cut: bool = False  # also re-embed chunks embedded from a cut (context) or truncated by the server
     busy_wait_sec: float = 30.0  # how long a run retries chunks another session holds before ending `locked`
     db_statement_timeout_sec: float = 60.0  # server-side bound of a pipeline statement; the client adds 5 s
-    dimensions: int | None = None
     # Run window (core/window.py): the run ends safely, as on the stop file, at `until` (HH:MM local time, or
     # HH:MM+09:00 / HH:MMZ with an explicit offset: its next occurrence) or after `max_minutes`.
     until: str | None = None
     max_minutes: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ollama_urls(self) -> list[str]:
@@ -118,7 +124,11 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def validate(self) -> Settings:
-        for name in ("batch_size", "report_every", "concurrency", "max_attempts"):
+        if self.concurrency < 0:
+            raise ValueError(f"concurrency must be 'auto' (0) or at least 1, got {self.concurrency}")
+        if self.target_request_sec is not None and self.target_request_sec <= 0:
+            raise ValueError(f"target-request-sec must be positive, got {self.target_request_sec}")
+        for name in ("batch_size", "report_every", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.batch_size > MAX_BATCH_SIZE:
@@ -175,6 +185,8 @@ class Settings:
             "stop_file",
             "with_ollama",
             "concurrency",
+            "polite",
+            "target_request_sec",
             "max_attempts",
             "retries",
             "id_min",
@@ -195,7 +207,6 @@ class Settings:
     def masked(self) -> dict[str, Any]:
         """Effective settings for printing, with secrets masked."""
         out = dataclasses.asdict(self)
-        out.pop("extra", None)
         out["database_url"] = mask_url(self.database_url) if self.database_url else None
         out["ollama_url"] = ",".join(mask_url(u) for u in self.ollama_urls)
         return out
@@ -203,6 +214,8 @@ class Settings:
 
 def _coerce(name: str, raw: str) -> Any:
     kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+    if name == "concurrency" and raw.strip().lower() == "auto":
+        return 0
     if "bool" in str(kind):
         return raw.strip().lower() in _TRUE
     if "int" in str(kind) and "float" not in str(kind):
@@ -301,7 +314,3 @@ def url_secrets(url: str | None) -> list[str]:
 def url_password(url: str | None) -> str | None:
     secrets = url_secrets(url)
     return secrets[0] if secrets else None
-
-
-def expand_path(path: str | None) -> Path | None:
-    return Path(os.path.expanduser(path)) if path else None

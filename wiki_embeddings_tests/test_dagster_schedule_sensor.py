@@ -29,10 +29,10 @@ def test_the_schedule_asks_for_maintenance_with_the_runbook_settings(instance):
     assert isinstance(request, dg.RunRequest)
     config = request.run_config["ops"]["wiki_chunk_embeddings_maintenance"]["config"]
     assert config == {
-        "batch_size": 32,
+        "batch_size": 64,  # the most; polite mode (after readiness) sizes batches to the target duration
         "report_every": 20,
         "timeout_sec": 120.0,
-        "sleep_ms": 100,
+        "sleep_ms": 0,
         "max_chars": 2000,
         "failure_log": "/tmp/wiki-embed-failures-maintenance.jsonl",
         "retry_quarantined": False,

@@ -31,7 +31,8 @@ DAGSTER = importlib.util.find_spec("wiki_embeddings.definitions") is not None
 def test_overlapping_runs_embed_and_write_each_chunk_exactly_once_without_deadlock(make_table, ollama, tmp_path):
     table = make_table()
     table.load([(i, f"shared chunk {i}") for i in range(1, ROWS + 1)])
-    ollama.set_faults(latency_ms=15, slots=4)
+    # 10 ms per text: a Dagster range run (no fixed sleep, self-tuning depth) takes seconds, so the others overlap it.
+    ollama.set_faults(latency_ms=15, per_text_ms=10, slots=4)
     ollama.reset_stats()
     procs: dict[str, subprocess.Popen] = {}
     try:

@@ -214,3 +214,17 @@ def test_sample_ids_spread_over_sparse_id_ranges(make_table, monkeypatch):
     t.sql(f"ANALYZE {t.settings.table}")
     ids = t.store.sample_ids(40, seed=4)
     assert len(ids) >= 30 and sum(i < 100 for i in ids) >= 10 and sum(i >= 1_000_000 for i in ids) >= 10
+
+
+def test_after_model_changed_a_migration_to_the_same_name_re_embeds_with_the_new_weights(make_table, ollama):
+    t = make_table()
+    t.load(_rows(30))
+    t.backfill()
+    with pytest.raises(migration.MigrationError, match="already the live model"):
+        migration.check_target(t.store, TEST_MODEL, "")
+    ollama.set_faults(model_salt="pulled")
+    assert verify.verify(t.store, t.settings, TEST_MODEL, sample=20).verdict == "model_changed"
+    migration.start(t.store, TEST_MODEL, 384, text_prefix="")
+    assert t.backfill(embedding_column="embedding_next").state == "completed"
+    assert "swapped" in migration.swap(t.store)  # 30 chunks of random words: the gate is not run here
+    assert verify.verify(t.store, t.settings, TEST_MODEL, sample=20).verdict == "match"

@@ -21,11 +21,9 @@ never ends, is cut off and treated as a server fault.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import random
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,9 +31,12 @@ import httpx
 import numpy as np
 import orjson
 
+from wiki_embeddings.core import tuning as tune
 from wiki_embeddings.settings import mask_url
 
 TRANSIENT_STATUSES = {408, 429, 502, 503, 504}
+OVERLOAD_STATUSES = {429, 502, 503, 504}  # answers that shrink depth and batch size (core/tuning.py)
+MAX_BATCH_TEXTS = 4096  # settings.MAX_BATCH_SIZE: a client built without a tuning never limits the batch
 # Ollama's refusal of an over-long input (0.13.5+: "the input length exceeds the context length").
 _CONTEXT_REFUSAL = re.compile(r"context (length|window)|exceeds the context|too many tokens", re.IGNORECASE)
 ERROR_BODY_LIMIT = 64 * 1024  # an error answer is a line of text; more is cut off
@@ -94,9 +95,44 @@ class InvalidVectors(EmbedFailure):
 @dataclass
 class _Endpoint:
     url: str
-    slots: asyncio.Semaphore
+    index: int
+    active: int = 0  # our requests in flight there; at most its depth (core/tuning.py)
     legacy: bool = False  # /api/embed answered 404: an older Ollama, use /api/embeddings
     requests: int = 0
+
+
+class _Turns:
+    """A semaphore whose limit can change: the embed workers that may hold a batch at once (= total depth)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.active = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def __aenter__(self) -> None:
+        while self.active >= self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.active += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.active -= 1
+        self.wake()
+
+    def set_limit(self, limit: int) -> None:
+        if limit != self.limit:
+            self.limit = limit
+            self.wake()
+
+    def wake(self) -> None:
+        for waiter in self._waiters[: max(self.limit - self.active, 0)]:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 @dataclass
@@ -120,13 +156,14 @@ class OllamaClient:
         retries: int = 5,
         backoff_base_sec: float = 0.5,
         backoff_max_sec: float = 30.0,
-        per_url_in_flight: int = 1,
+        per_url_in_flight: int | None = 1,
         text_prefix: str = "",
         dimensions: int | None = None,
         connect_timeout_sec: float = 10.0,
         keep_alive: str | None = "30m",
         num_ctx: int | None = None,
         load_timeout_sec: float = 300.0,
+        tuning: tune.Tuning | None = None,
     ):
         if not urls:
             raise ValueError("at least one Ollama URL is needed")
@@ -142,11 +179,19 @@ class OllamaClient:
         self.num_ctx = num_ctx
         self.load_timeout_sec = max(load_timeout_sec, timeout_sec)
         self.last_prompt_eval_count: int | None = None
+        self._probing = False  # the first request may load the model: its time is no evidence for tuning
         self._deadline_name = "--timeout-sec"
-        self.per_url_in_flight = per_url_in_flight
         self._urls = [u.rstrip("/") for u in urls]
+        # Requests in flight per server: pinned (per_url_in_flight), or self-tuning (None / 0; core/tuning.py).
+        self.tuning = tuning or tune.Tuning(
+            len(self._urls), pinned_depth=per_url_in_flight or None, max_batch=MAX_BATCH_TEXTS
+        )
+        if self.tuning.servers != len(self._urls):
+            raise ValueError("the tuning must have one depth per server")
         self._endpoints: list[_Endpoint] | None = None
-        self._rotation: itertools.cycle[int] | None = None
+        self._next = 0  # where the round-robin starts looking for a server with a free slot
+        self._slot_waiters: list[asyncio.Future[None]] = []
+        self._turns: _Turns | None = None
         self._connect_timeout = min(connect_timeout_sec, timeout_sec)
         self._http: httpx.AsyncClient | None = None
         self.stats = ClientStats()
@@ -155,9 +200,10 @@ class OllamaClient:
     def _ensure_open(self) -> httpx.AsyncClient:
         """Create the pool lazily, inside the running event loop (semaphores bind to it)."""
         if self._http is None:
-            self._endpoints = [_Endpoint(u, asyncio.Semaphore(self.per_url_in_flight)) for u in self._urls]
-            self._rotation = itertools.cycle(range(len(self._endpoints)))
-            slots = self.per_url_in_flight * len(self._urls)
+            self._endpoints = [_Endpoint(u, i) for i, u in enumerate(self._urls)]
+            self._turns = _Turns(self.tuning.total_depth)
+            self._slot_waiters = []
+            slots = self.tuning.max_workers
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.timeout_sec, connect=self._connect_timeout),
                 limits=httpx.Limits(max_connections=slots + 4, max_keepalive_connections=slots + 4),
@@ -165,6 +211,41 @@ class OllamaClient:
                 trust_env=False,  # Ollama sits on the internal network: never route it through an HTTP proxy
             )
         return self._http
+
+    def turn(self) -> _Turns:
+        """Held by an embed worker for a whole batch: no more workers hold claimed batches than servers take."""
+        self._ensure_open()
+        assert self._turns is not None
+        return self._turns
+
+    async def _acquire_endpoint(self) -> _Endpoint:
+        """The next server (round-robin) with a free slot under its depth; waits while every one is full."""
+        assert self._endpoints is not None
+        endpoints = self._endpoints
+        while True:
+            for k in range(len(endpoints)):
+                endpoint = endpoints[(self._next + k) % len(endpoints)]
+                if endpoint.active < self.tuning.depth(endpoint.index):
+                    endpoint.active += 1
+                    self._next = (endpoint.index + 1) % len(endpoints)
+                    return endpoint
+            waiter = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._slot_waiters:
+                    self._slot_waiters.remove(waiter)
+
+    def _release_endpoint(self, endpoint: _Endpoint, ticket: tune.Ticket, outcome: str) -> float:
+        endpoint.active -= 1
+        seconds = self.tuning.done(ticket, outcome)
+        if self._turns is not None:
+            self._turns.set_limit(self.tuning.total_depth)
+        for waiter in self._slot_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        return seconds
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -249,12 +330,14 @@ class OllamaClient:
         """
         saved, self.dimensions = self.dimensions, None
         saved_timeout, self.timeout_sec = self.timeout_sec, self.load_timeout_sec
+        self._probing = True
         self._deadline_name = "--load-timeout-sec (the first request may load the model)"
         try:
             vectors = await self.embed([text])
         finally:
             self.dimensions = saved
             self.timeout_sec = saved_timeout
+            self._probing = False
             self._deadline_name = "--timeout-sec"
         return int(vectors[0].shape[0])
 
@@ -266,16 +349,27 @@ class OllamaClient:
     async def embed_counted(self, texts: Sequence[str]) -> tuple[list[np.ndarray], int | None]:
         """`embed`, plus the server's `prompt_eval_count` (tokens evaluated over all inputs; None if not sent)."""
         self._ensure_open()
-        assert self._endpoints is not None and self._rotation is not None
+        assert self._endpoints is not None
         payload_texts = [self.text_prefix + t for t in texts] if self.text_prefix else list(texts)
+        probing = self._probing
         attempt = timeouts = 0
         while True:
-            endpoint = self._endpoints[next(self._rotation)]
+            endpoint = await self._acquire_endpoint()
+            ticket = self.tuning.sent(endpoint.index, len(texts), endpoint.active)
+            outcome = tune.ERROR
             try:
-                async with endpoint.slots:
-                    started = time.perf_counter()
+                try:
                     vectors, count = await asyncio.wait_for(self._request(endpoint, payload_texts), self.timeout_sec)
-                    self.stats.seconds_waiting += time.perf_counter() - started
+                    outcome = tune.IGNORE if probing else tune.OK
+                except TimeoutError:
+                    outcome = tune.IGNORE if probing else tune.TROUBLE
+                    raise
+                except _Transient as exc:
+                    if exc.http_status is None or exc.http_status in OVERLOAD_STATUSES:
+                        outcome = tune.TROUBLE
+                    raise
+                finally:
+                    self.stats.seconds_waiting += self._release_endpoint(endpoint, ticket, outcome)
                 self.stats.texts += len(texts)
                 self.last_prompt_eval_count = count
                 return self._validate(vectors, len(texts)), count

@@ -51,7 +51,8 @@ from wiki_embeddings.core.context import (
 from wiki_embeddings.core.failure_log import FailureLog
 from wiki_embeddings.core.store import ModelMismatch, Provenance, Store, VectorNotes
 from wiki_embeddings.core.text import clean_text
-from wiki_embeddings.settings import Settings, redact, url_secrets
+from wiki_embeddings.core.tuning import Tuning
+from wiki_embeddings.settings import DEFAULT_TARGET_REQUEST_SEC, Settings, redact, url_secrets
 
 CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
 # Failures decided from the text alone: recorded without asking the server whether it is well.
@@ -121,6 +122,7 @@ class RunReport:
     fit_requests: int = 0  # requests those searches sent (average = fit_requests / fit_searches)
     preflight: dict[str, Any] = field(default_factory=dict)
     stop_reason: str = ""  # why a `stopped` run stopped (stop file, signal, run window: core/window.py)
+    tuning: dict[str, Any] = field(default_factory=dict)  # depth per server and batch size (core/tuning.py)
 
     @property
     def chunks_per_s(self) -> float:
@@ -340,8 +342,7 @@ class Backfill:
             self._total = min(self._total, s.max_chunks)
         self._log(
             f"{self.mode}: {self._total} chunks to embed in {self.store.table.qualified} with model "
-            f"{self.client.model!r} ({dimensions}-d) at {self.client.where}; batch {s.batch_size}, "
-            f"{s.concurrency} in flight per server"
+            f"{self.client.model!r} ({dimensions}-d) at {self.client.where}; {describe_tuning(self.client.tuning)}"
         )
         dropped = await asyncio.to_thread(self._drop_vector_indexes, report)
         self._started = time.perf_counter()
@@ -370,6 +371,7 @@ class Backfill:
             if dropped:
                 await asyncio.to_thread(self._rebuild_vector_indexes, dropped, report)
         report.requests = self.client.stats.requests
+        report.tuning = self.client.tuning.snapshot()
         try:
             report.remaining = await self._db("store", lambda _c: self._count_remaining())
         except (_Fatal, psycopg.Error) as exc:  # the database (or the table) is gone: report what is known
@@ -719,11 +721,14 @@ class Backfill:
             self._fatal = self._fatal or exc
 
     async def _pipeline(self, report: RunReport) -> None:
-        s = self.s
         self._conns["claim"] = await asyncio.to_thread(self._connect)
         self._conns["write"] = await asyncio.to_thread(self._connect)
-        workers_n = s.concurrency * len(s.ollama_urls)
-        todo: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=workers_n)
+        tuning = self.client.tuning
+        workers_n = tuning.max_workers  # self-tuning: at most total-depth of them hold a batch (client.turn)
+        # Claimed batches waiting for a worker: enough that no server waits on a claim, few enough that this run
+        # holds no more chunks than it is about to send (other runs on the same table claim the rest).
+        prefetch = workers_n if not tuning.auto else tuning.servers + 1
+        todo: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=prefetch)
         done: asyncio.Queue[_Embedded | None] = asyncio.Queue(maxsize=workers_n * 2)
         try:
             producer = asyncio.create_task(self._produce(todo, workers_n, report))
@@ -753,7 +758,7 @@ class Backfill:
                 if self._phase == "busy":
                     await self._produce_busy(todo)
                     break
-                limit = s.batch_size
+                limit = min(s.batch_size, self.client.tuning.batch_size)  # trouble / polite mode shrink it
                 if s.max_chunks is not None:
                     limit = min(limit, s.max_chunks - self._claimed)
                     if limit <= 0:
@@ -837,24 +842,31 @@ class Backfill:
 
     async def _work(self, todo: asyncio.Queue, done: asyncio.Queue, report: RunReport) -> None:
         while True:
-            batch = await todo.get()
-            if batch is None:
-                return
-            if self._stopping():
-                # Not sent: give the claims back untouched for the next run.
-                await self._release_quietly(batch.ids)
-                continue
-            try:
-                for cid, reason, size in batch.invalid:
-                    await self._isolate((cid, ""), "invalid_utf8", reason, None, report, text_length=size)
-                await self._embed_rows(batch.rows, done, report)
-            except _Fatal as exc:
-                if self._fatal is None:
-                    self._fatal = exc
-                await self._release_quietly(batch.ids)
-            except Exception as exc:  # noqa: BLE001 - reported as the run's end state
-                self._unexpected("embedding worker", exc)
-                await self._release_quietly(batch.ids)
+            async with self.client.turn():  # no more workers hold a batch than the servers' depths take
+                if not await self._work_one(todo, done, report):
+                    return
+
+    async def _work_one(self, todo: asyncio.Queue, done: asyncio.Queue, report: RunReport) -> bool:
+        """One batch from the queue, embedded and handed to the writer; False at the end of the queue."""
+        batch = await todo.get()
+        if batch is None:
+            return False
+        if self._stopping():
+            # Not sent: give the claims back untouched for the next run.
+            await self._release_quietly(batch.ids)
+            return True
+        try:
+            for cid, reason, size in batch.invalid:
+                await self._isolate((cid, ""), "invalid_utf8", reason, None, report, text_length=size)
+            await self._embed_rows(batch.rows, done, report)
+        except _Fatal as exc:
+            if self._fatal is None:
+                self._fatal = exc
+            await self._release_quietly(batch.ids)
+        except Exception as exc:  # noqa: BLE001 - reported as the run's end state
+            self._unexpected("embedding worker", exc)
+            await self._release_quietly(batch.ids)
+        return True
 
     async def _call(self, texts: list[str]) -> tuple[list[np.ndarray], int | None]:
         try:
@@ -1262,15 +1274,53 @@ def preflight_estimate(settings: Settings, store: Store, model: str) -> dict[str
     return preflight(sample, window, TokenEstimator(), settings.max_chars, settings.text_prefix)
 
 
+def polite_mode(settings: Settings) -> bool:
+    """Is this run polite to live queries (batches sized to --target-request-sec, depth 1)?
+
+    --polite / --no-polite decide; else a given --target-request-sec means yes; else a maintenance run (one with
+    --max-chunks) is polite once the readiness flag (WIKI_EMBEDDINGS_READY in WIKI_EMBEDDINGS_ENV_FILE) is set:
+    then the beta backend embeds its users' queries on the same Ollama.
+    """
+    if settings.polite is not None:
+        return settings.polite
+    if settings.target_request_sec is not None:
+        return True
+    if settings.max_chunks is None or settings.retry_failed:
+        return False
+    from wiki_embeddings.core import readiness
+
+    try:
+        return bool(readiness.read_flag(readiness.ReadinessSettings.from_env().env_path))
+    except (OSError, ValueError):
+        return False
+
+
+def build_tuning(settings: Settings, servers: int) -> Tuning:
+    """Depth per server and batch size for a run (core/tuning.py): --concurrency N pins the depth; --sleep-ms > 0
+    (the operator asked for idle time) and polite mode mean depth 1; otherwise it tunes itself."""
+    polite = polite_mode(settings)
+    pinned = settings.concurrency or (1 if settings.sleep_ms > 0 or polite else None)
+    target = (settings.target_request_sec or DEFAULT_TARGET_REQUEST_SEC) if polite else None
+    return Tuning(servers, pinned_depth=pinned, max_batch=settings.batch_size, target_sec=target)
+
+
+def describe_tuning(tuning: Tuning) -> str:
+    depth = "self-tuning depth per server (from 1)" if tuning.auto else f"{tuning.pinned_depth} in flight per server"
+    if tuning.target_sec is not None:
+        return f"polite: batch {tuning.max_batch} at most, sized to {tuning.target_sec:g} s per request, {depth}"
+    return f"batch {tuning.max_batch} at most (halved on trouble, grown back on success), {depth}"
+
+
 def build_client(settings: Settings, model: str, urls: list[str] | None = None) -> OllamaClient:
+    urls = urls or settings.ollama_urls
     return OllamaClient(
-        urls or settings.ollama_urls,
+        urls,
         model,
         timeout_sec=settings.timeout_sec,
         retries=settings.retries,
         backoff_base_sec=settings.backoff_base_sec,
         backoff_max_sec=settings.backoff_max_sec,
-        per_url_in_flight=settings.concurrency,
+        tuning=build_tuning(settings, len(urls)),
         text_prefix=settings.text_prefix,
         keep_alive=settings.keep_alive,
         num_ctx=settings.num_ctx,

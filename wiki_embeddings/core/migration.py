@@ -60,6 +60,8 @@ def check_target(store: Store, model: str, text_prefix: str | None = None) -> No
         have = (identity.recorded(store) or {}).get("text_prefix") or ""
         if text_prefix is not None and text_prefix != have:
             return  # the same model with another text prefix: a migration of its own
+        if (store.latest_trust("verify", live) or {}).get("verdict") == "model_changed":
+            return  # `verify` found other weights behind the name: re-embedding with them is a migration
         raise MigrationError(
             f"model {model!r} is already the live model of {store.table.qualified}.{store.table.embedding_column}"
             f" (text prefix {have!r}); to change only the prefix pass --text-prefix"

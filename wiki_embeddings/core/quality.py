@@ -230,14 +230,14 @@ def gate(
     store.record_trust(
         "quality", {**report.as_dict(), "forced_by": who if report.forced else ""}, model=report.shadow.model
     )
-    log(report.message)
     if report.passed:
+        log(report.message)
         return report
     if force:
         store.record_trust(
             "swap_forced", {**report.figures(), "by": who, "message": report.message}, model=report.shadow.model
         )
-        log(f"--force: swapping although the quality gate says {report.verdict}; recorded")
+        log(f"{report.message}\n--force: swapping although the quality gate says {report.verdict}; recorded")
         return report
     raise QualityRefused(f"swap refused by the retrieval self-test ({report.verdict}): {report.message}")
 

@@ -230,6 +230,31 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE {s}.runs ADD COLUMN IF NOT EXISTS locked bigint NOT NULL DEFAULT 0;
     """,
+    # 6: trust in the vectors (issue 15): each column's identity (model, dimensions, prefixes) and the log of
+    #    verifications, quality gates and model digests. A numbered migration, so the documented grants (ON ALL
+    #    TABLES IN SCHEMA) cover them and no run needs CREATE later.
+    """
+    CREATE TABLE IF NOT EXISTS {s}.column_identity (
+        table_name    text        NOT NULL,
+        column_attnum smallint    NOT NULL,
+        model         text        NOT NULL,
+        dimensions    integer     NOT NULL,
+        text_prefix   text        NOT NULL DEFAULT '',
+        query_prefix  text        NOT NULL DEFAULT '',
+        recorded_at   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (table_name, column_attnum)
+    );
+    CREATE TABLE IF NOT EXISTS {s}.trust_log (
+        id          bigserial   PRIMARY KEY,
+        table_name  text        NOT NULL,
+        kind        text        NOT NULL,
+        run_id      bigint,
+        model       text,
+        recorded_at timestamptz NOT NULL DEFAULT now(),
+        result      jsonb       NOT NULL DEFAULT '{{}}'
+    );
+    CREATE INDEX IF NOT EXISTS trust_log_kind_idx ON {s}.trust_log (table_name, kind, id DESC);
+    """,
 ]
 
 # Every pipeline connection bounds how long the server may work or wait on one statement (the client adds its

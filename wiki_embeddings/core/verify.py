@@ -246,8 +246,9 @@ def _judge(report: VerifyReport, cosines: list[tuple[int, float]]) -> None:
         report.message = (
             f"the model answering as {name} changed: {report.below_threshold} of {len(values)} re-embedded vectors "
             f"differ from the stored ones (min cosine {report.min_cosine}, median {report.median_cosine}, threshold "
-            f"{report.threshold}).{cause} Re-embed with `wiki-embeddings migrate-model --to {report.model}` (fills "
-            "a shadow column, then --swap), or restore the model the vectors were made with."
+            f"{report.threshold}).{cause} Re-embed with `wiki-embeddings migrate-model --to {report.model}` (allowed "
+            "after this result: fills a shadow column with the new weights, then --swap), or restore the model the "
+            "vectors were made with."
         )
     elif report.below_threshold or report.zero_norm:
         report.verdict = "mismatch"

@@ -87,10 +87,24 @@ class EmbeddingServiceUnavailable(Exception):
 class RangeRunConfig(dg.Config):
     """One range run; defaults are the runbook's bootstrap command."""
 
-    batch_size: int = Field(default=64, description="chunks per request")
+    batch_size: int = Field(
+        default=64, description="most chunks per request; trouble (503, timeouts) shrinks batches, success grows them"
+    )
     report_every: int = Field(default=10, description="a progress line every N batches")
     timeout_sec: float | None = Field(default=120.0, description="deadline of one request; null: the ollama resource's")
-    sleep_ms: int = Field(default=150, description="pause after each request, easing Ollama's load")
+    sleep_ms: int = Field(
+        default=0,
+        description="pause after each request; > 0 means one request in flight (0: the depth tunes itself; for "
+        "live traffic use polite instead)",
+    )
+    polite: bool | None = Field(
+        default=None,
+        description="live queries share Ollama: one request in flight, batches sized to target_request_sec; "
+        "null: on for maintenance once the readiness flag is set (WIKI_EMBEDDINGS_ENV_FILE)",
+    )
+    target_request_sec: float | None = Field(
+        default=None, description="polite mode's longest request in seconds (0.5); setting it turns polite mode on"
+    )
     max_chars: int | None = Field(default=2000, description="text cut before sending; null: the ollama resource's")
     failure_log: str = Field(default=BOOTSTRAP_FAILURE_LOG, description="JSONL of chunks that could not be embedded")
     retry_quarantined: bool = Field(
@@ -109,6 +123,8 @@ class RangeRunConfig(dg.Config):
             "report_every": self.report_every,
             "timeout_sec": self.timeout_sec,
             "sleep_ms": self.sleep_ms,
+            "polite": self.polite,
+            "target_request_sec": self.target_request_sec,
             "max_chars": self.max_chars,
             "failure_log": self.failure_log,
             "include_quarantined": self.retry_quarantined,
@@ -120,9 +136,7 @@ class RangeRunConfig(dg.Config):
 class MaintenanceConfig(RangeRunConfig):
     """One maintenance run; defaults are the runbook's maintenance command."""
 
-    batch_size: int = Field(default=32, description="chunks per request")
     report_every: int = Field(default=20, description="a progress line every N batches")
-    sleep_ms: int = Field(default=100, description="pause after each request")
     max_chunks: int | None = Field(default=20000, description="stop after this many chunks; null: no cap")
     failure_log: str = Field(default=MAINTENANCE_FAILURE_LOG, description="JSONL of chunks that could not be embedded")
 
@@ -483,7 +497,7 @@ def _maintain_shadow(
         embedding_column=shadow,
         ollama_model=target,
         **config.engine_settings(),
-        **_shadow_prefixes(shadow),
+        **_shadow_prefixes(database, shadow),
     )
     metadata = {
         "migration_model": target,

@@ -116,7 +116,7 @@ class OllamaResource(dg.ConfigurableResource):
         default=None, description="retries of transport errors / overload [WIKI_EMBED_RETRIES] (5)"
     )
     concurrency: int | None = Field(
-        default=None, description="requests in flight per server [WIKI_EMBED_CONCURRENCY] (1)"
+        default=None, description="requests in flight per server; 0: self-tuning [WIKI_EMBED_CONCURRENCY] (0)"
     )
     text_prefix: str | None = Field(
         default=None, description="prepended to every text, e.g. 'search_document: ' [WIKI_EMBED_TEXT_PREFIX]"
