@@ -227,10 +227,11 @@ def with_user(bench: Bench, url: str, rows: int, seconds: float, **flags: Any) -
         settings = settings.replace(**flags)
         user.start()
         time.sleep(1.5)  # the user's first query alone: its own service time
-        from wiki_embeddings.core.engine import Backfill, build_client, build_store
+        from wiki_embeddings.core.engine import Backfill
+        from wiki_embeddings.core.factories import build_client, build_store
 
         store = build_store(settings, bench.url)
-        engine = Backfill(settings, store, build_client(settings, MODEL), log=lambda _m: None, progress_bar=False)
+        engine = Backfill(settings, store, build_client(settings, MODEL), log=lambda _m: None)
         try:
             report = engine.run()
         finally:
@@ -249,7 +250,7 @@ def with_user(bench: Bench, url: str, rows: int, seconds: float, **flags: Any) -
 def growth(bench: Bench, rows: int, batches: int = 60) -> tuple[float, float]:
     """Median seconds of one claim + write of 64 rows (vector(8)) at the start and near the end of a table of
     `rows` rows, and Store.status() seconds on it. Returns (per-batch s, status s)."""
-    from wiki_embeddings.core.store import Provenance
+    from wiki_embeddings.core.db import Provenance
 
     table = bench.new_table(dim=8, rows=rows, source="series")
     store = bench.store(table)

@@ -15,7 +15,7 @@ from psycopg import sql
 
 from benchmarks.common import DIM, Bench, Result, log
 from benchmarks.prototypes import UnnestStore
-from wiki_embeddings.core.store import Store
+from wiki_embeddings.core.db import Store
 
 Writer = Callable[[psycopg.Connection, Store, sql.Composable, Sequence[int], Sequence[np.ndarray]], None]
 

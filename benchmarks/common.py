@@ -23,8 +23,9 @@ import psycopg
 from psycopg import sql
 
 from wiki_embeddings.core import importer
-from wiki_embeddings.core.engine import Backfill, RunReport, build_client, build_store
-from wiki_embeddings.core.store import Store
+from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.engine import Backfill, RunReport
+from wiki_embeddings.core.factories import build_client, build_store
 from wiki_embeddings.devtools import embedded_postgres
 from wiki_embeddings.devtools.ollama_server import start_subprocess, stop_subprocess
 from wiki_embeddings.settings import Settings, from_env
@@ -220,7 +221,7 @@ def run_backfill(
 ) -> tuple[RunReport, float]:
     store = build_store(settings, settings.database_url or "")
     client = build_client(settings, settings.ollama_model or MODEL)
-    engine = Backfill(settings, store, client, log=lambda _m: None, progress_bar=False)
+    engine = Backfill(settings, store, client, log=lambda _m: None)
 
     async def go() -> RunReport:
         try:

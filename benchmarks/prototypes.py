@@ -11,7 +11,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from wiki_embeddings.core.store import Store
+from wiki_embeddings.core.db import Store
 
 
 class UnnestStore(Store):

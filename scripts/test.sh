@@ -11,4 +11,6 @@ if [ ! -x "${WIKI_EMBED_CHROMIUM:-/usr/lib/chromium/chromium}" ] && ! command -v
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
+# What CI checks besides the tests (the same hooks run locally through .pre-commit-config.yaml):
+bash scripts/lint.sh
 .venv/bin/python -m pytest -q "$@"

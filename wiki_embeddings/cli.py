@@ -6,24 +6,24 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from wiki_embeddings import __version__
-from wiki_embeddings.core import control, identity, importer, migration, quality, verify
+from wiki_embeddings.core import control, identity, importer, migration, operations, quality, verify
 from wiki_embeddings.core.context import format_preflight
-from wiki_embeddings.core.engine import (
-    Backfill,
-    DimensionMismatch,
+from wiki_embeddings.core.db import DatabaseError, StoreError
+from wiki_embeddings.core.engine import DimensionMismatch
+from wiki_embeddings.core.factories import (
     build_client,
     build_store,
     preflight_estimate,
     probe_model_dimensions,
     resolve_model,
 )
+from wiki_embeddings.core.progress import LineReporter, Progress
 from wiki_embeddings.core.status import collect_status, format_status
-from wiki_embeddings.core.store import StoreError
 from wiki_embeddings.local_services import answers, database_url, local_ollama
 from wiki_embeddings.settings import Settings, from_env, redact, url_secrets
 
@@ -300,6 +300,35 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return from_env(**overrides).validate()
 
 
+class BarReporter:
+    """A progress bar on a terminal (redrawn after every batch), plus the runbook's progress lines."""
+
+    WIDTH = 30
+
+    def __init__(self, out: Any, log: Callable[[str], None]):
+        self._out = out
+        self._lines = LineReporter(log)
+        self._bar = bool(getattr(out, "isatty", lambda: False)())
+
+    def progress(self, figures: Progress, report_line: bool) -> None:
+        if self._bar:
+            done = figures.embedded + figures.failed
+            filled = int(self.WIDTH * done / figures.total) if figures.total else self.WIDTH
+            self._out.write(
+                f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {figures.embedded}/{figures.total} "
+                f"{figures.chunks_per_s:.1f} chunks/s eta {figures.eta}   "
+            )
+            if report_line:
+                self._out.write("\n")
+            self._out.flush()
+        self._lines.progress(figures, report_line)
+
+    def finish(self) -> None:
+        if self._bar:
+            self._out.write("\n")
+            self._out.flush()
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_backfill(s: Settings, args: argparse.Namespace, out: Any) -> int:
     db_url = database_url(s)
@@ -313,48 +342,26 @@ def cmd_backfill(s: Settings, args: argparse.Namespace, out: Any) -> int:
             urls = [local_url] if local_url else s.ollama_urls
             if local_url:
                 s = s.replace(ollama_url=local_url)
-            engine = Backfill(
+            log = lambda m: print(m, file=out, flush=True)  # noqa: E731
+            report = operations.run_backfill(
                 s,
-                store,
-                build_client(s, model, urls),
                 mode="retry_failed" if s.retry_failed else "backfill",
-                log=lambda m: print(m, file=out, flush=True),
+                log=log,
+                client=lambda settings, _store: build_client(settings, model, urls),
                 handle_signals=True,
+                reporter=BarReporter(out, log),
             )
-            report = engine.run()
             if report.exit_code == 0 and s.max_chunks is not None and not s.retry_failed:
-                report = _maintain_shadow(s, store, urls, out) or report
+                mode = "migrate (maintenance)"
+                shadow = operations.maintain_shadow(
+                    s, store, mode=mode, log=log, urls=urls, handle_signals=True, reporter=BarReporter(out, log)
+                )
+                report = shadow or report
         if report.exit_code:
             print(f"error: {report.message}", file=sys.stderr)
         return report.exit_code
     finally:
         store.close()
-
-
-def _maintain_shadow(s: Settings, store: Any, urls: list[str], out: Any) -> Any:
-    """Maintenance (a capped run) during a model migration also fills the shadow column with the target model,
-    so chunks added or edited after their range was migrated never hold the swap back. None: no migration."""
-    active = migration.active_migration(store)
-    if active is None:
-        return None
-    target, shadow = active
-    s = s.replace(**identity.shadow_prefixes(store, shadow))  # the migration's own prefixes, not the live ones
-    return _fill_shadow(s, target, shadow, urls, "migrate (maintenance)", lambda m: print(m, file=out, flush=True))
-
-
-def _fill_shadow(s: Settings, target: str, shadow: str, urls: list[str] | None, mode: str, log: Any) -> Any:
-    """One engine run on the shadow column with the migration's target model."""
-    shadow_settings = s.replace(embedding_column=shadow, ollama_model=target)
-    with build_store(shadow_settings, s.database_url or "") as shadow_store:
-        engine = Backfill(
-            shadow_settings,
-            shadow_store,
-            build_client(shadow_settings, target, urls),
-            mode=mode,
-            log=log,
-            handle_signals=True,
-        )
-        return engine.run()
 
 
 def _dry_run(s: Settings, store: Any, out: Any) -> int:
@@ -411,7 +418,7 @@ def cmd_resume(s: Settings, args: argparse.Namespace, out: Any) -> int:
     if args.no_run:
         return 0
     saved: dict[str, Any] = dict(last["options"]) if last and last.get("options") else {}
-    if not saved:
+    if not saved or last is None:
         print("no earlier run recorded: starting a backfill with the defaults", file=out)
     else:
         print(f"resuming with the options of run {last['run_id']} ({last['state']})", file=out)
@@ -532,7 +539,10 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
             started = migration.start(store, target, dims, log=log, text_prefix=s.text_prefix)
         log(started.message(live_column) + " (`migrate-model --swap`)")
         shadow = started.shadow_column
-        report = _fill_shadow(s, target, shadow, None, "migrate", log)
+        overrides = {"embedding_column": shadow, "ollama_model": target}
+        report = operations.fill_shadow(
+            s, overrides, mode="migrate", log=log, handle_signals=True, reporter=BarReporter(out, log)
+        )
     with build_store(s, db_url) as store:
         info = migration.shadow_status(store)
     log(
@@ -587,19 +597,15 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
         secrets = list(url_secrets(settings.database_url))
         secrets += [secret for url in settings.ollama_urls for secret in url_secrets(url)]
         return COMMANDS[args.command](settings, args, out)
+    except DatabaseError as exc:  # the driver's message may span lines: the first, without a password
+        print(f"error: database: {redact(exc.first_line, secrets)}", file=sys.stderr)
+        return EXIT_ERROR
     except (CliError, StoreError, DimensionMismatch, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # psycopg.OperationalError and friends: one line, no password
-        import psycopg
-
-        if isinstance(exc, psycopg.Error):
-            print(f"error: database: {redact(str(exc).strip().splitlines()[0], secrets)}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
 
 
 if __name__ == "__main__":

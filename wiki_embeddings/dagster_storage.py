@@ -58,29 +58,29 @@ def _from_config(cls: Any, inst_data: Any, config_value: dict[str, Any]) -> Any:
 
 class ProjectRunStorage(PostgresRunStorage):
     @classmethod
-    def config_type(cls) -> dict[str, Any]:  # type: ignore[override]
+    def config_type(cls) -> dict[str, Any]:
         return _CONFIG
 
     @classmethod
-    def from_config_value(cls, inst_data, config_value):  # type: ignore[override]
+    def from_config_value(cls, inst_data, config_value):
         return _from_config(cls, inst_data, config_value)
 
 
 class ProjectEventLogStorage(PostgresEventLogStorage):
     @classmethod
-    def config_type(cls) -> dict[str, Any]:  # type: ignore[override]
+    def config_type(cls) -> dict[str, Any]:
         return _CONFIG
 
     @classmethod
-    def from_config_value(cls, inst_data, config_value):  # type: ignore[override]
+    def from_config_value(cls, inst_data, config_value):
         return _from_config(cls, inst_data, config_value)
 
 
 class ProjectScheduleStorage(PostgresScheduleStorage):
     @classmethod
-    def config_type(cls) -> dict[str, Any]:  # type: ignore[override]
+    def config_type(cls) -> dict[str, Any]:
         return _CONFIG
 
     @classmethod
-    def from_config_value(cls, inst_data, config_value):  # type: ignore[override]
+    def from_config_value(cls, inst_data, config_value):
         return _from_config(cls, inst_data, config_value)

@@ -40,11 +40,14 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
     }
 
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    asset_checks=[missing_is_zero, vectors_match_model],
-    jobs=[*JOBS, *MIGRATION_JOBS],
-    schedules=[maintenance_schedule],
-    sensors=[*SENSORS, *MIGRATION_SENSORS],
-    resources=build_resources(),
-)
+@dg.definitions
+def defs() -> dg.Definitions:
+    """Built when Dagster loads the code location (not at import): resources bind the environment of that moment."""
+    return dg.Definitions(
+        assets=ASSETS,
+        asset_checks=[missing_is_zero, vectors_match_model],
+        jobs=[*JOBS, *MIGRATION_JOBS],
+        schedules=[maintenance_schedule],
+        sensors=[*SENSORS, *MIGRATION_SENSORS],
+        resources=build_resources(),
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -55,6 +56,11 @@ ENV_VARS: dict[str, str] = {
 }
 
 _TRUE = {"1", "true", "yes", "on"}
+
+
+def is_true(raw: str | None) -> bool:
+    """How every boolean setting and flag value is read: 1/true/yes/on, any case and spacing."""
+    return raw is not None and raw.strip().lower() in _TRUE
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,7 @@ def _coerce(name: str, raw: str) -> Any:
     if name == "concurrency" and raw.strip().lower() == "auto":
         return 0
     if "bool" in str(kind):
-        return raw.strip().lower() in _TRUE
+        return is_true(raw)
     if "int" in str(kind) and "float" not in str(kind):
         return int(raw)
     if "float" in str(kind):
@@ -276,7 +282,7 @@ def check_http_url(url: str) -> None:
         raise ValueError(f"OLLAMA_URL {shown!r}: port 0 is not a port a server can listen on")
 
 
-def redact(text: str, secrets: list[str | None]) -> str:
+def redact(text: str, secrets: Sequence[str | None]) -> str:
     """Remove known secret strings (e.g. the database password) from a message before it is shown."""
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
         text = text.replace(secret, "***")

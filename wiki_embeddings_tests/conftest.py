@@ -17,10 +17,11 @@ import psycopg
 import pytest
 
 from wiki_embeddings.core import importer
-from wiki_embeddings.core.engine import Backfill, RunReport, build_client, build_store
+from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.engine import Backfill, RunReport
+from wiki_embeddings.core.factories import build_client, build_store
 from wiki_embeddings.core.readiness import DEFAULT_ENV_FILE
 from wiki_embeddings.core.readiness import ENV_VARS as READINESS_ENV_VARS
-from wiki_embeddings.core.store import Store
 from wiki_embeddings.devtools import embedded_postgres
 from wiki_embeddings.devtools.ollama_server import OllamaServer, hash_vector
 from wiki_embeddings.settings import DEFAULT_STOP_FILE, Settings, from_env

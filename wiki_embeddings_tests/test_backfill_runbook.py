@@ -255,7 +255,7 @@ def test_status_figures_are_exact(make_table, ollama):
 
 
 def test_coverage_shows_100_only_when_nothing_is_missing():
-    from wiki_embeddings.core.store import coverage_pct
+    from wiki_embeddings.core.db import coverage_pct
 
     assert coverage_pct(999_999, 1_000_000) == "99.99"
     assert coverage_pct(1_000_000, 1_000_000) == "100.00"

@@ -14,7 +14,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from wiki_embeddings.core.engine import build_store
+from wiki_embeddings.core.factories import build_store
 from wiki_embeddings.core.failure_log import read_entries
 from wiki_embeddings.core.text import InvalidText, clean_text, decode_utf8_prefix
 from wiki_embeddings.devtools.ollama_server import hash_vector

@@ -147,7 +147,7 @@ def test_a_dagster_partition_run_killed_mid_run_is_completed_by_a_rerun(make_tab
 @pytest.mark.parametrize("stage", ["write_vectors", "claim", "record_failure"])
 def test_an_unexpected_error_in_one_stage_ends_the_run_instead_of_hanging_it(make_table, ollama, monkeypatch, stage):
     """A bug (or an unforeseen error) in the writer, the claim loop or the bookkeeping stops the whole run."""
-    from wiki_embeddings.core.store import Store
+    from wiki_embeddings.core.db import Store
 
     table = make_table(batch_size=4)
     table.load([(i, "POISON" if i == 2 else f"text {i}") for i in range(1, 41)])

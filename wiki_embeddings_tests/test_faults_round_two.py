@@ -10,8 +10,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from wiki_embeddings.core.engine import build_store
-from wiki_embeddings.core.store import ModelMismatch, Provenance
+from wiki_embeddings.core.db import ModelMismatch, Provenance
+from wiki_embeddings.core.factories import build_store
 from wiki_embeddings_tests.test_cli import run_cli
 from wiki_embeddings_tests.test_faults_support import wrong_vectors
 

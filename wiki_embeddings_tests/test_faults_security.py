@@ -15,10 +15,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from wiki_embeddings.core import store as store_module
-from wiki_embeddings.core.engine import Backfill, build_client, build_store
+from wiki_embeddings.core import db as db_package
+from wiki_embeddings.core.db import StoreError, TableRef
+from wiki_embeddings.core.engine import Backfill
+from wiki_embeddings.core.factories import build_client, build_store
 from wiki_embeddings.core.failure_log import read_entries
-from wiki_embeddings.core.store import StoreError, TableRef
 from wiki_embeddings.settings import from_env
 from wiki_embeddings_tests.conftest import TEST_DIM, TEST_MODEL
 from wiki_embeddings_tests.test_faults_support import (
@@ -87,8 +88,10 @@ def _sql_offenders(source: str) -> list[tuple[int, str]]:
 
 
 def test_store_builds_sql_only_from_literals_and_psycopg_sql_composition():
-    """No f-string, `%`, `+` or `str.format` ever makes SQL text in store.py: identifiers go through sql.Identifier."""
-    assert _sql_offenders(Path(store_module.__file__).read_text()) == []
+    """No f-string, `%`, `+` or `str.format` ever makes SQL text in core/db: identifiers go through sql.Identifier."""
+    modules = sorted(Path(db_package.__file__).parent.glob("*.py"))
+    assert len(modules) >= 10
+    assert {m.name: _sql_offenders(m.read_text()) for m in modules} == {m.name: [] for m in modules}
 
 
 def test_the_sql_check_catches_each_unsafe_spelling():
@@ -234,13 +237,14 @@ def test_a_lost_database_mid_run_is_reported_without_the_password(make_table, ol
 
 def test_a_connection_error_raised_to_a_front_end_carries_no_password(pg_url):
     """Dagster and other front ends get the store's exception itself: it must be clean at the source."""
-    from wiki_embeddings.core.store import Store
+    from wiki_embeddings.core.db import DatabaseError, Store
 
     for url in (f"postgresql://u:{SECRET}@[broken/db", f"postgresql://u:{SECRET}@/db?host=/nonexistent"):
         store = Store(url, TableRef.parse("public.wiki_chunks"))
-        with pytest.raises(psycopg.Error) as caught:
+        with pytest.raises(DatabaseError) as caught:  # the project's error: no driver exception leaves core/db
             store.ping()
         assert SECRET not in str(caught.value) and SECRET not in repr(caught.value)
+        assert SECRET not in str(caught.value.__cause__), "nor in the driver's error it was made from"
 
 
 DAGSTER_MISSING = importlib.util.find_spec("wiki_embeddings.definitions") is None

@@ -39,7 +39,9 @@ def test_soak_kills_overload_and_poison_end_with_exactly_the_poisoned_chunks_mis
     poisoned = sorted(rng.sample(range(1, CHUNKS + 1), POISONED))
     table = make_table(dim=8, ollama_model="tiny", batch_size=BATCH)
     table.load([(i, f"soak chunk {i} POISON" if i in poisoned else f"soak chunk {i}") for i in range(1, CHUNKS + 1)])
-    ollama.set_faults(fail_every_n=20, error_marker="POISON")  # every 20th request answers 503
+    # every 20th request answers 503; 50 ms per request keeps the whole load longer than the three kill cycles
+    # (the run's self-tuned depth would otherwise finish it before the last kill)
+    ollama.set_faults(fail_every_n=20, error_marker="POISON", latency_ms=50)
     env = cli_env(table, OLLAMA_MODEL="tiny", WIKI_EMBED_CONCURRENCY="2", WIKI_EMBED_RETRIES="4")
     args = ("backfill", "--batch-size", str(BATCH), "--report-every", "20")
 

@@ -40,7 +40,8 @@ def test_korean_and_english_wiki_chunks_are_never_failed_for_being_long(make_tab
     table = make_table(ollama_url=small_context.url, batch_size=64, max_chars=2000)
     chunks = table.load_wiki(400)
     s = table.settings
-    from wiki_embeddings.core.engine import Backfill, build_client, build_store
+    from wiki_embeddings.core.engine import Backfill
+    from wiki_embeddings.core.factories import build_client, build_store
 
     with build_store(s, table.url) as store:
         report = Backfill(s, store, build_client(s, TEST_MODEL), log=lines.append).run()

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from wiki_embeddings.core.engine import build_store
+from wiki_embeddings.core.factories import build_store
 from wiki_embeddings.devtools.ollama_server import hash_vector
 from wiki_embeddings_tests.test_cli import run_cli, status_of
 
@@ -407,13 +407,13 @@ def test_a_dropped_and_recreated_table_inherits_no_provenance_failures_or_model(
 
 
 def test_a_failed_shadow_index_build_leaves_no_invalid_index_behind(make_table):
-    import psycopg
+    from wiki_embeddings.core.db import DataRefused
 
     table = make_table()
     name = table.settings.table
     table.sql(f"ALTER TABLE {name} ADD COLUMN embedding_next vector(2001)")  # HNSW allows at most 2000 dimensions
     spec = {"name": "live", "method": "hnsw", "opclass": "vector_l2_ops", "options": []}
-    with pytest.raises(psycopg.Error, match="2000 dimensions"):
+    with pytest.raises(DataRefused, match="2000 dimensions"):
         table.store.build_vector_index(spec, "embedding_next")
     left = table.sql("SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass AND NOT indisvalid", (name,))
     assert left == [(0,)]
@@ -422,7 +422,7 @@ def test_a_failed_shadow_index_build_leaves_no_invalid_index_behind(make_table):
 
 
 def test_a_batch_written_after_a_swap_committed_is_refused_whole(make_table):
-    from wiki_embeddings.core.store import Provenance, StoreError
+    from wiki_embeddings.core.db import Provenance, StoreError
 
     table = make_table()
     table.load([(i, f"t {i}") for i in range(1, 5)])

@@ -203,7 +203,7 @@ def test_rank_figures_and_queries():
 
 
 def test_sample_ids_spread_over_sparse_id_ranges(make_table, monkeypatch):
-    from wiki_embeddings.core import store as store_module
+    from wiki_embeddings.core.db import trust as store_module
 
     t = make_table()
     t.load(_rows(50) + _rows(50, start=1_000_000))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from wiki_embeddings.core import tuning as tune
-from wiki_embeddings.core.engine import build_tuning, polite_mode
+from wiki_embeddings.core.factories import build_tuning, polite_mode
 from wiki_embeddings.settings import DEFAULT_TARGET_REQUEST_SEC, Settings
 
 

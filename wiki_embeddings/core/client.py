@@ -271,7 +271,8 @@ class OllamaClient:
         try:
             resp = await asyncio.wait_for(http.get(f"{url}/api/version"), self._connect_timeout)
             resp.raise_for_status()
-            return str(_loads(resp.content).get("version", "?"))
+            data = _loads(resp.content)
+            return str(data.get("version", "?")) if isinstance(data, dict) else "?"
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
             raise ServerUnavailable(
                 f"the Ollama server at {mask_url(url)} (OLLAMA_URL) does not answer: {_describe(exc)}"

@@ -10,8 +10,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.failure_log import append_no_follow
-from wiki_embeddings.core.store import Store
 
 
 class StopFileError(OSError):

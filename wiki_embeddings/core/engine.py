@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 
 from wiki_embeddings.core import identity
 from wiki_embeddings.core.client import (
@@ -48,11 +47,20 @@ from wiki_embeddings.core.context import (
     preflight,
     window_from_show,
 )
+from wiki_embeddings.core.db import (
+    DatabaseError,
+    DatabaseUnavailable,
+    DataRefused,
+    ModelMismatch,
+    Provenance,
+    Store,
+    VectorNotes,
+)
 from wiki_embeddings.core.failure_log import FailureLog
-from wiki_embeddings.core.store import ModelMismatch, Provenance, Store, VectorNotes
+from wiki_embeddings.core.progress import LineReporter, Progress, Reporter
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.core.tuning import Tuning
-from wiki_embeddings.settings import DEFAULT_TARGET_REQUEST_SEC, Settings, redact, url_secrets
+from wiki_embeddings.settings import Settings, redact, url_secrets
 
 CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
 # Failures decided from the text alone: recorded without asking the server whether it is well.
@@ -218,7 +226,7 @@ class Backfill:
         mode: str = "backfill",
         log: Callable[[str], None] | None = None,
         handle_signals: bool = False,
-        progress_bar: bool | None = None,
+        reporter: Reporter | None = None,
     ):
         self.s = settings.validate()
         self.store = store
@@ -226,7 +234,7 @@ class Backfill:
         self.mode = mode
         self._log = log or (lambda line: print(line, flush=True))
         self.handle_signals = handle_signals
-        self.progress_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
+        self.reporter: Reporter = reporter or LineReporter(self._log)
         self.failure_log = FailureLog(settings.failure_log)
         self.stop_file = Path(settings.stop_file) if settings.stop_file else None
         self._secrets: list[str | None] = list(url_secrets(settings.database_url))
@@ -321,7 +329,7 @@ class Backfill:
             await self._close_connections(list(self._conns))
 
     def _connect(self) -> Any:
-        """A pipeline connection: statement_timeout and lock_timeout set, keepalives on (core/store.py)."""
+        """A pipeline connection: statement_timeout and lock_timeout set, keepalives on (core/db/connection.py)."""
         return self.store.connect(statement_timeout_sec=self.s.db_statement_timeout_sec)
 
     async def _close_connections(self, roles: list[str]) -> None:
@@ -374,7 +382,7 @@ class Backfill:
         report.tuning = self.client.tuning.snapshot()
         try:
             report.remaining = await self._db("store", lambda _c: self._count_remaining())
-        except (_Fatal, psycopg.Error) as exc:  # the database (or the table) is gone: report what is known
+        except (_Fatal, DatabaseError) as exc:  # the database (or the table) is gone: report what is known
             self._fatal = self._fatal or (exc if isinstance(exc, _Fatal) else _Fatal("error", self._clean(str(exc))))
             report.remaining = max(self._total - report.embedded - report.failed, 0)
         if self._fatal is not None:
@@ -397,10 +405,12 @@ class Backfill:
             report.state = "completed"
             report.message = f"done; {report.remaining} chunks remain missing ({report.failed} failed this run)"
         try:
+            run_id = report.run_id
+            assert run_id is not None  # recorded before the pipeline started
             await self._db(
                 "store",
                 lambda _c: self.store.finish_run(
-                    report.run_id,
+                    run_id,
                     report.state,
                     report.embedded,
                     report.failed,
@@ -414,7 +424,7 @@ class Backfill:
                 "could not record the end of the run (database gone); status will show it as abandoned, or as "
                 "stalled while the server keeps its session"
             )
-        self._finish_progress_bar()
+        self.reporter.finish()
         self._log(
             f"{self.mode} {report.state}: embedded={report.embedded} failed={report.failed} "
             f"remaining={report.remaining} refreshed={report.refreshed} seconds={report.seconds:.1f} "
@@ -508,7 +518,7 @@ class Backfill:
         report.context_tokens = self._window.tokens
         try:
             sample = await asyncio.to_thread(self.store.sample_texts, PREFLIGHT_SAMPLE, self.s.max_chars)
-        except psycopg.Error as exc:  # an estimate only: it never stops a run
+        except DatabaseError as exc:  # an estimate only: it never stops a run
             self._log(f"pre-flight: no sample ({type(exc).__name__}); model context {self._window.describe()}")
             return
         report.preflight = preflight(sample, self._window, self._estimator, self.s.max_chars, self.client.text_prefix)
@@ -555,15 +565,15 @@ class Backfill:
         return self.store.count_missing(self.s.id_min, self.s.id_max)
 
     # ------------------------------------------------------------ stop handling
-    def _install_signal_handlers(self) -> list[Callable[[], None]]:
+    def _install_signal_handlers(self) -> list[Callable[[], object]]:
         if not self.handle_signals:
             return []
         loop = asyncio.get_running_loop()
-        removers = []
+        removers: list[Callable[[], object]] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
-                removers.append(lambda sig=sig: loop.remove_signal_handler(sig))
+                removers.append(functools.partial(loop.remove_signal_handler, sig))
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
         return removers
@@ -623,7 +633,7 @@ class Backfill:
             conn = self._conns.get(role) if role != "store" else None
             try:
                 return await self._answer(in_daemon_thread(fn, conn, *args, **kwargs))
-            except (psycopg.OperationalError, _NoAnswer) as exc:  # (the store's own connection reopens itself)
+            except (DatabaseUnavailable, _NoAnswer) as exc:  # (the store's own connection reopens itself)
                 if isinstance(exc, _NoAnswer):
                     self._abandon(role, conn)
                 if time.monotonic() >= deadline:
@@ -685,7 +695,7 @@ class Backfill:
                 return  # another stage reconnected this role already
             try:
                 fresh = await self._answer(in_daemon_thread(self._connect))
-            except (psycopg.OperationalError, _NoAnswer):
+            except (DatabaseUnavailable, _NoAnswer):
                 return  # still down: the caller's loop waits and tries again
             if lost not in self._abandoned:
                 self._retired.append(lost)
@@ -702,7 +712,7 @@ class Backfill:
                             f"{len(gone)} claimed chunks were taken by another run while reconnecting; skipping them"
                         )
                     self._held -= gone
-            except (psycopg.OperationalError, _NoAnswer):
+            except (DatabaseUnavailable, _NoAnswer):
                 return  # lost again at once: the next call sees a broken connection and comes back here
 
     async def _release(self, ids: list[int]) -> None:
@@ -949,7 +959,7 @@ class Backfill:
 
     @staticmethod
     def _embedded(
-        rows: list[tuple[int, str]], sent: list[str], vectors: list[np.ndarray | None], positions: list[int]
+        rows: list[tuple[int, str]], sent: list[str], vectors: Sequence[np.ndarray | None], positions: list[int]
     ) -> _Embedded:
         return _Embedded(
             [rows[k][0] for k in positions],
@@ -1130,7 +1140,7 @@ class Backfill:
                 self._phase == "refresh",
                 VectorNotes(item.chars, item.cut, item.truncated),
             )
-        except psycopg.Error as exc:  # not a lost connection (`_db` handles those): this data is refused
+        except DataRefused as exc:  # not a lost connection (`_db` handles those): this data is refused
             if len(item.ids) == 1:
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 await self._isolate(
@@ -1158,21 +1168,8 @@ class Backfill:
         total = max(self._total, report.embedded + report.failed)
         left = max(total - report.embedded - report.failed, 0)
         eta = left / rate if rate > 0 else float("inf")
-        if self.progress_bar:
-            width = 30
-            filled = int(width * (report.embedded + report.failed) / total) if total else width
-            sys.stdout.write(
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {report.embedded}/{total} {rate:.1f} chunks/s "
-                f"eta {_fmt_eta(eta)}   "
-            )
-            sys.stdout.flush()
-        if self._batches_written % self.s.report_every == 0:
-            if self.progress_bar:
-                sys.stdout.write("\n")
-            self._log(
-                f"progress: {report.embedded}/{total} embedded, failed={report.failed}, "
-                f"{rate:.1f} chunks/s, eta {_fmt_eta(eta)}"
-            )
+        figures = Progress(report.embedded, report.failed, total, rate, eta)
+        self.reporter.progress(figures, self._batches_written % self.s.report_every == 0)
 
     async def _heartbeats(self, report: RunReport) -> None:
         """Touch the run's row every HEARTBEAT_EVERY_SEC whatever the pipeline waits on: `status` tells a run that
@@ -1194,7 +1191,7 @@ class Backfill:
                 )
             except _NoAnswer:
                 self.store.forget_connection()
-            except (psycopg.Error, _Fatal):
+            except (DatabaseError, _Fatal):
                 self.store.close()  # the next bookkeeping call reconnects
 
     @staticmethod
@@ -1206,102 +1203,8 @@ class Backfill:
             f"{report.fit_requests / report.fit_searches:.1f} requests on average)"
         )
 
-    def _finish_progress_bar(self) -> None:
-        if self.progress_bar:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-
     def _clean(self, message: str) -> str:
         return redact(message, self._secrets)
-
-
-def _fmt_eta(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
-def resolve_model(settings: Settings, store: Store, local_default: bool = False) -> str:
-    """OLLAMA_MODEL if set; else the model recorded for the table by its last run; else the default.
-
-    So the runbook's bootstrap and maintenance commands, written without a model, use one model.
-    """
-    if settings.ollama_model:
-        return settings.ollama_model
-    try:
-        store.migrate()
-        recorded, _ = store.recorded_model()
-    except Exception:  # noqa: BLE001 - a fresh database has no record; the default applies
-        recorded = None
-    if recorded:
-        return recorded
-    from wiki_embeddings.settings import DEFAULT_MODEL, LOCAL_SERVER_MODEL
-
-    return LOCAL_SERVER_MODEL if local_default else DEFAULT_MODEL
-
-
-def probe_model_dimensions(settings: Settings, model: str) -> int:
-    """Ask `model` for one vector (proves it is there) and return its length: it sizes a new column."""
-    client = build_client(settings, model)
-
-    async def probe() -> int:
-        try:
-            return await client.probe_dimensions()
-        finally:
-            await client.aclose()
-
-    return asyncio.run(probe())
-
-
-def preflight_estimate(settings: Settings, store: Store, model: str) -> dict[str, Any]:
-    """The pre-flight estimate without a run (`--dry-run`): the model's window from the server (`/api/show`, a
-    read; nothing is embedded) and a sample of the missing chunks. An unreachable server gives an unknown window."""
-    client = build_client(settings, model)
-
-    async def ask() -> dict[str, object]:
-        try:
-            return await client.show()
-        finally:
-            await client.aclose()
-
-    window = window_from_show(asyncio.run(ask()), settings.num_ctx)
-    sample = store.sample_texts(PREFLIGHT_SAMPLE, settings.max_chars)
-    return preflight(sample, window, TokenEstimator(), settings.max_chars, settings.text_prefix)
-
-
-def polite_mode(settings: Settings) -> bool:
-    """Is this run polite to live queries (batches sized to --target-request-sec, depth 1)?
-
-    --polite / --no-polite decide; else a given --target-request-sec means yes; else a maintenance run (one with
-    --max-chunks) is polite once the readiness flag (WIKI_EMBEDDINGS_READY in WIKI_EMBEDDINGS_ENV_FILE) is set:
-    then the beta backend embeds its users' queries on the same Ollama.
-    """
-    if settings.polite is not None:
-        return settings.polite
-    if settings.target_request_sec is not None:
-        return True
-    if settings.max_chunks is None or settings.retry_failed:
-        return False
-    from wiki_embeddings.core import readiness
-
-    try:
-        return bool(readiness.read_flag(readiness.ReadinessSettings.from_env().env_path))
-    except (OSError, ValueError):
-        return False
-
-
-def build_tuning(settings: Settings, servers: int) -> Tuning:
-    """Depth per server and batch size for a run (core/tuning.py): --concurrency N pins the depth; --sleep-ms > 0
-    (the operator asked for idle time) and polite mode mean depth 1; otherwise it tunes itself."""
-    polite = polite_mode(settings)
-    pinned = settings.concurrency or (1 if settings.sleep_ms > 0 or polite else None)
-    target = (settings.target_request_sec or DEFAULT_TARGET_REQUEST_SEC) if polite else None
-    return Tuning(servers, pinned_depth=pinned, max_batch=settings.batch_size, target_sec=target)
 
 
 def describe_tuning(tuning: Tuning) -> str:
@@ -1309,27 +1212,3 @@ def describe_tuning(tuning: Tuning) -> str:
     if tuning.target_sec is not None:
         return f"polite: batch {tuning.max_batch} at most, sized to {tuning.target_sec:g} s per request, {depth}"
     return f"batch {tuning.max_batch} at most (halved on trouble, grown back on success), {depth}"
-
-
-def build_client(settings: Settings, model: str, urls: list[str] | None = None) -> OllamaClient:
-    urls = urls or settings.ollama_urls
-    return OllamaClient(
-        urls,
-        model,
-        timeout_sec=settings.timeout_sec,
-        retries=settings.retries,
-        backoff_base_sec=settings.backoff_base_sec,
-        backoff_max_sec=settings.backoff_max_sec,
-        tuning=build_tuning(settings, len(urls)),
-        text_prefix=settings.text_prefix,
-        keep_alive=settings.keep_alive,
-        num_ctx=settings.num_ctx,
-        load_timeout_sec=settings.load_timeout_sec,
-    )
-
-
-def build_store(settings: Settings, database_url: str) -> Store:
-    from wiki_embeddings.core.store import TableRef
-
-    table = TableRef.parse(settings.table, settings.id_column, settings.text_column, settings.embedding_column)
-    return Store(database_url, table, settings.state_schema)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from wiki_embeddings.core.store import Store
+from wiki_embeddings.core.db import Store
 
 
 def recorded(store: Store) -> dict[str, Any] | None:

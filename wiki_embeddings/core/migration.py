@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from wiki_embeddings.core.db import Store, StoreError
 from wiki_embeddings.core.engine import same_model
-from wiki_embeddings.core.store import Store, StoreError
 
 
 class MigrationError(RuntimeError):

@@ -26,8 +26,8 @@ import numpy as np
 
 from wiki_embeddings.core import identity, migration
 from wiki_embeddings.core.client import EmbedFailure
-from wiki_embeddings.core.engine import build_client
-from wiki_embeddings.core.store import Store
+from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.factories import build_client
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings
 

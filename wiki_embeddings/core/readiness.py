@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from wiki_embeddings.settings import is_true
+
 READY_KEY = "WIKI_EMBEDDINGS_READY"
 #: Written next to the flag after a model swap: the model the backend must embed queries with.
 MODEL_KEY = "WIKI_EMBEDDINGS_MODEL"
@@ -41,8 +43,6 @@ ENV_VARS = {
     "on_regression": "WIKI_EMBEDDINGS_READY_ON_REGRESSION",
     "restart_timeout_sec": "WIKI_EMBEDDINGS_RESTART_TIMEOUT_SEC",
 }
-
-_TRUE = {"1", "true", "yes", "on"}
 
 
 class ReadinessError(RuntimeError):
@@ -229,7 +229,7 @@ def read_flag(path: str | os.PathLike[str], key: str = READY_KEY) -> bool | None
     values = _assignments(data, key) if data is not None else []
     if not values:
         return None
-    return values[-1].decode("utf-8", "replace").strip().lower() in _TRUE
+    return is_true(values[-1].decode("utf-8", "replace"))
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
+from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.migration import shadow_status
-from wiki_embeddings.core.store import Store
 from wiki_embeddings.core.verify import STATUS_KEYS as VERIFY_STATUS_KEYS
 from wiki_embeddings.core.verify import status_figures as verify_figures
 from wiki_embeddings.settings import Settings

@@ -40,7 +40,6 @@ def clean_text(text: str) -> str:
     return _CONTROL.sub(" ", text)
 
 
-
 def decode_utf8_prefix(raw: bytes, max_chars: int, complete: bool) -> str:
     """The first `max_chars` characters of UTF-8 `raw`; InvalidText when a byte sequence is not UTF-8.
 

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from wiki_embeddings.core.client import EmbedFailure, InputRejected, InvalidVectors
-from wiki_embeddings.core.engine import build_client, same_model
-from wiki_embeddings.core.store import Store
+from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.engine import same_model
+from wiki_embeddings.core.factories import build_client
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings
 

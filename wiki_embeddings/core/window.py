@@ -36,7 +36,7 @@ def parse_until(text: str) -> tuple[int, int, int, timezone | None]:
     if zone is None:
         return hour, minute, second, None
     if zone.upper() == "Z":
-        return hour, minute, second, UTC  # type: ignore[return-value]
+        return hour, minute, second, UTC
     digits = zone[1:].replace(":", "")
     delta = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
     if delta > timedelta(hours=14):

@@ -20,13 +20,13 @@ from typing import Any
 from urllib.parse import unquote
 
 import dagster as dg
-import psycopg
 from pydantic import Field
 
-from wiki_embeddings.core import identity, migration
+from wiki_embeddings.core import operations
+from wiki_embeddings.core.db import DatabaseUnavailable, DataRefused, Store, StoreError
+from wiki_embeddings.core.engine import CLEAN_STATES as ENGINE_CLEAN_STATES
 from wiki_embeddings.core.engine import DimensionMismatch, RunReport
 from wiki_embeddings.core.status import collect_status
-from wiki_embeddings.core.store import Store, StoreError
 from wiki_embeddings.core.window import WINDOW_REASON
 from wiki_embeddings.defs.partitions import (
     BACKFILL_POLICY,
@@ -73,7 +73,7 @@ COVERAGE_AUTOMATION = LIVE_AUTOMATION
 
 
 #: Engine end states that are the chunks' or the operator's business, not the infrastructure's.
-CLEAN_STATES = {"completed", "stopped", "max_chunks"}
+CLEAN_STATES = ENGINE_CLEAN_STATES
 #: End states worth a retry: the server or the database was away, or another session held some chunks (a
 #: concurrent run's claim, a row lock); the chunks are fine.
 TRANSIENT_STATES = {"server_unavailable", "database_unavailable", "locked"}
@@ -275,12 +275,12 @@ def _run(context: dg.AssetExecutionContext, database, ollama, *, mode: str, **ru
     secrets = _url_secrets(database.settings().database_url)
     try:
         return run_engine(database, ollama, mode=mode, log=context.log.info, **run)
+    except DatabaseUnavailable as exc:  # the database is away: transient
+        raise EmbeddingServiceUnavailable(f"{mode}: database unavailable: {_first_line(exc, secrets)}") from None
+    except DataRefused as exc:
+        raise dg.Failure(description=f"{mode}: database: {_first_line(exc, secrets)}", allow_retries=False) from None
     except (DimensionMismatch, StoreError) as exc:  # configuration: retrying cannot help
         raise dg.Failure(description=redact(str(exc), secrets), allow_retries=False) from None
-    except psycopg.OperationalError as exc:  # the database is away: transient
-        raise EmbeddingServiceUnavailable(f"{mode}: database unavailable: {_first_line(exc, secrets)}") from None
-    except psycopg.Error as exc:
-        raise dg.Failure(description=f"{mode}: database: {_first_line(exc, secrets)}", allow_retries=False) from None
 
 
 def _url_secrets(url: str | None) -> list[str]:
@@ -309,12 +309,6 @@ def _raise_on_trouble(report: RunReport, metadata: dict[str, Any], what: str) ->
 def window_ended(report: RunReport) -> bool:
     """The run stopped because its window (until / max_minutes, core/window.py) closed."""
     return report.state == "stopped" and report.stop_reason.startswith(WINDOW_REASON)
-
-
-def _shadow_prefixes(database: WikiDatabaseResource, shadow: str) -> dict[str, str]:
-    """The text/query prefixes the migration was started with (core/identity.py), for a fill of its shadow."""
-    with database.store() as store:
-        return identity.shadow_prefixes(store, shadow)
 
 
 def _raise_if_stopped(report: RunReport, metadata: dict[str, Any], what: str) -> None:
@@ -370,7 +364,9 @@ def wiki_chunk_embeddings(
         try:
             for event in _embed_one_range(context, config, database, ollama, key):
                 if isinstance(event, dg.MaterializeResult):
-                    event = dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=event.metadata)
+                    event = dg.AssetMaterialization(  # type: ignore[assignment]  # re-keyed to its partition
+                        asset_key=context.asset_key, partition=key, metadata=event.metadata
+                    )
                 ended = ended or (isinstance(event, dg.AssetObservation) and "window_ended" in event.metadata)
                 yield event
         except dg.Failure as failure:
@@ -484,20 +480,13 @@ def _maintain_shadow(
     """During a model migration, maintenance also fills the shadow column with the target model (same cap), so
     chunks added or edited after their range was migrated never hold the swap back."""
     with database.store() as store:
-        active = migration.active_migration(store)
-    if active is None:
+        overrides = operations.shadow_overrides(store)
+    if overrides is None:
         return {}
-    target, shadow = active
+    target = overrides["ollama_model"]
     what = f"maintenance of the migration to {target}"
     report, settings = _run(
-        context,
-        database,
-        ollama,
-        mode="dagster maintenance (migration)",
-        embedding_column=shadow,
-        ollama_model=target,
-        **config.engine_settings(),
-        **_shadow_prefixes(database, shadow),
+        context, database, ollama, mode="dagster maintenance (migration)", **config.engine_settings(), **overrides
     )
     metadata = {
         "migration_model": target,

@@ -61,7 +61,8 @@ def _own_run_id(context: dg.AssetCheckExecutionContext) -> str | None:
     asset=embedding_coverage,
     name=MISSING_IS_ZERO,
     blocking=False,
-    automation_condition=LIVE_AUTOMATION,  # evaluated in the same run whenever coverage is refreshed
+    # evaluated in the same run whenever coverage is refreshed (an asset condition, valid on a check)
+    automation_condition=LIVE_AUTOMATION,  # type: ignore[arg-type]
     description="Passes only when no chunk lacks an embedding (missing=0, coverage_pct=100.00) and every embedding "
     "is of the live model (stale_model=0); the readiness sensor sets WIKI_EMBEDDINGS_READY=true after a pass. "
     "While embedding runs are under way a miss is a WARN with progress (chunks/s, ETA); ERROR when nothing runs.",

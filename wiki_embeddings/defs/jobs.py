@@ -4,6 +4,7 @@ The model-change jobs live with their sensors in `defs/migration.py`.
 """
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from wiki_embeddings.defs.assets import (
     MaintenanceConfig,
@@ -86,4 +87,10 @@ def resume_job() -> None:
     clear_stop_request()
 
 
-JOBS = [bootstrap_job, maintenance_job, coverage_job, stop_job, resume_job]  # + defs/migration.py's
+JOBS: list[dg.JobDefinition | UnresolvedAssetJobDefinition] = [
+    bootstrap_job,
+    maintenance_job,
+    coverage_job,
+    stop_job,
+    resume_job,
+]  # + defs/migration.py's

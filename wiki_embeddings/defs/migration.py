@@ -16,10 +16,10 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from wiki_embeddings.core import migration, quality
+from wiki_embeddings.core import migration, operations, quality
+from wiki_embeddings.core.db import Store, StoreError
 from wiki_embeddings.core.readiness import MODEL_KEY, restart_backend, set_value
 from wiki_embeddings.core.status import migration_figures
-from wiki_embeddings.core.store import Store, StoreError
 from wiki_embeddings.defs.assets import (
     CLEAN_STATES,
     OLLAMA_POOL,
@@ -28,7 +28,6 @@ from wiki_embeddings.defs.assets import (
     _raise_if_stopped,
     _raise_on_trouble,
     _run,
-    _shadow_prefixes,
     embedding_coverage,
     report_metadata,
     window_ended,
@@ -36,6 +35,7 @@ from wiki_embeddings.defs.assets import (
 from wiki_embeddings.defs.jobs import MODE_TAG, coverage_job
 from wiki_embeddings.defs.partitions import LAST_RANGE_ID, id_ranges, key_for_id, range_bounds
 from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource
+from wiki_embeddings.settings import is_true
 
 TARGET_TAG = "wiki_embeddings/target_model"
 AUTO_SWAP_ENV = "WIKI_EMBED_AUTO_SWAP"
@@ -118,15 +118,15 @@ def fill_shadow_range(
 ) -> None:
     with database.store() as store:
         store.migrate()
-        active = migration.active_migration(store)
-    if active is None:
+        overrides = operations.shadow_overrides(store)
+    if overrides is None:
         raise dg.Failure(
             description="no model migration recorded: start one with start_model_migration_job (or "
             "`wiki-embeddings migrate-model --to MODEL`), which asks the model for its vector length and adds the "
             "shadow column",
             allow_retries=False,
         )
-    target, shadow = active
+    target, shadow = overrides["ollama_model"], overrides["embedding_column"]
     key = context.partition_key
     id_min, id_max = range_bounds(key, key)
     what = f"migration to {target} range {key}"
@@ -137,10 +137,8 @@ def fill_shadow_range(
         mode=f"dagster migrate {key}",
         id_min=id_min,
         id_max=id_max,
-        embedding_column=shadow,
-        ollama_model=target,
         **config.engine_settings(),
-        **_shadow_prefixes(database, shadow),
+        **overrides,
     )
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max, "shadow_column": shadow}
     if report.state in CLEAN_STATES:  # the database answered; after a transient end, retrying comes first
@@ -178,7 +176,7 @@ def ranges_holding_chunks(low: int | None, high: int | None) -> list[str]:
         return []
     keys = id_ranges.get_partition_keys()
     first, last = key_for_id(max(low, 0)), key_for_id(min(high, LAST_RANGE_ID))
-    return keys[keys.index(first) : keys.index(last) + 1]  # type: ignore[arg-type]
+    return list(keys[keys.index(first) : keys.index(last) + 1])
 
 
 @dg.run_status_sensor(
@@ -192,7 +190,8 @@ def ranges_holding_chunks(low: int | None, high: int | None) -> list[str]:
 )
 def fill_migration_after_start_sensor(context: dg.RunStatusSensorContext, database: WikiDatabaseResource):
     run = context.dagster_run
-    config = (run.run_config.get("ops") or {}).get("start_model_migration", {}).get("config", {})
+    ops: dict[str, Any] = dict(run.run_config.get("ops") or {})  # type: ignore[call-overload]
+    config = ops.get("start_model_migration", {}).get("config", {})
     if not config.get("fill_all_ranges", True):
         return dg.SkipReason(f"run {run.run_id} asked not to fill the ranges (fill_all_ranges=false)")
     with database.store() as store:
@@ -278,7 +277,7 @@ def model_swap_job() -> None:
 
 
 def _auto_swap_default() -> dg.DefaultSensorStatus:
-    on = os.environ.get(AUTO_SWAP_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    on = is_true(os.environ.get(AUTO_SWAP_ENV))
     return dg.DefaultSensorStatus.RUNNING if on else dg.DefaultSensorStatus.STOPPED
 
 

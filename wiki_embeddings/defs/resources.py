@@ -16,18 +16,12 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from wiki_embeddings.core import control
+from wiki_embeddings.core import control, operations
 from wiki_embeddings.core.client import OllamaClient
-from wiki_embeddings.core.engine import (
-    Backfill,
-    RunReport,
-    build_client,
-    build_store,
-    probe_model_dimensions,
-    resolve_model,
-)
+from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.engine import RunReport
+from wiki_embeddings.core.factories import build_client, build_store, probe_model_dimensions, resolve_model
 from wiki_embeddings.core.readiness import ReadinessSettings
-from wiki_embeddings.core.store import Store
 from wiki_embeddings.local_services import database_url
 from wiki_embeddings.settings import Settings, from_env
 
@@ -189,6 +183,4 @@ def run_engine(
     settings = from_env(**{**database.overrides(), **ollama.overrides(), **_set(**run)})
     settings = settings.replace(database_url=database_url(settings)).validate()
     assert settings.database_url is not None
-    with build_store(settings, settings.database_url) as store:
-        engine = Backfill(settings, store, ollama.client(settings, store), mode=mode, log=log)
-        return engine.run(), settings
+    return operations.run_backfill(settings, mode=mode, log=log, client=ollama.client), settings

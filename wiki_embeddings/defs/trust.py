@@ -15,7 +15,7 @@ from typing import Any
 import dagster as dg
 
 from wiki_embeddings.core import verify
-from wiki_embeddings.core.engine import resolve_model
+from wiki_embeddings.core.factories import resolve_model
 from wiki_embeddings.defs.assets import LIVE_AUTOMATION, embedding_coverage
 from wiki_embeddings.defs.resources import OllamaResource, WikiDatabaseResource
 
@@ -28,7 +28,7 @@ DRIFT_SAMPLE = 32
     asset=embedding_coverage,
     name=VECTORS_MATCH,
     blocking=False,
-    automation_condition=LIVE_AUTOMATION,
+    automation_condition=LIVE_AUTOMATION,  # type: ignore[arg-type]  # an asset condition, valid on a check
     description=f"Re-embeds {DRIFT_SAMPLE} stored vectors spread over the table with the live model and compares "
     f"(cosine >= {verify.MIN_COSINE}): fails when the model answering under the live name changed (an `ollama pull` "
     "replaced its weights) or vectors differ / have norm 0. Readiness waits for it like for missing_is_zero.",

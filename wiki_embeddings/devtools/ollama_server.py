@@ -580,7 +580,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         """Read the whole request body (Content-Length or chunked) so keep-alive stays in sync."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -1145,7 +1145,7 @@ class OllamaServer:
         if spec is None:  # the registry has no such manifest
             if not stream:
                 return _error(500, _PULL_UNKNOWN)
-            lines = [{"status": "pulling manifest"}, {"error": _PULL_UNKNOWN}]
+            lines: list[dict[str, Any]] = [{"status": "pulling manifest"}, {"error": _PULL_UNKNOWN}]
         else:
             digest = "sha256:" + hashlib.sha256(spec.name.encode()).hexdigest()
             size = spec.known.size

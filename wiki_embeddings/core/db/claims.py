@@ -1,0 +1,214 @@
+"""Claims: keyset reads of missing chunks locked with session advisory locks that die with their process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import psycopg
+from psycopg import sql
+
+from wiki_embeddings.core.db.connection import StoreBase, _is_sql_ascii
+from wiki_embeddings.core.db.records import Claim
+from wiki_embeddings.core.text import UTF8_MAX_BYTES_PER_CHAR, InvalidText, decode_utf8_prefix
+
+if TYPE_CHECKING:
+    from wiki_embeddings.core.db import Store
+
+
+def _lock_key_sql(namespace: str) -> sql.Composable:
+    """Advisory-lock key of a chunk id: a 64-bit hash of the table's name and the id.
+
+    No key scheme maps every (table, bigint id) to a distinct 64-bit key (the old `(ns << 40) | id` lost the table's
+    bits for negative ids and ids >= 2^40), so a collision is made harmless instead: a chunk whose key is busy is
+    not skipped for good but retried at the end of the run (`Backfill._retry_busy`), and a run never ends
+    `completed` while chunks it was meant to cover are still held elsewhere.
+    """
+    return sql.SQL("hashtextextended({ns} || c.id::text, 0)").format(ns=sql.Literal(namespace))
+
+
+class ClaimsMixin(StoreBase):
+    """Claims: keyset reads of missing chunks locked with session advisory locks that die with their process."""
+
+    def _candidate_filter(self: Store, mode: str) -> sql.Composable:
+        """Which missing chunks a run may take: normal runs skip quarantined chunks, retries take only failures."""
+        failures = sql.SQL("{s}.failures f WHERE f.table_name = %(table)s AND f.chunk_id = t.{id}").format(
+            s=self._s, id=self._id
+        )
+        quarantined = sql.SQL("f.attempts >= %(cap)s AND f.text_md5 IS NOT DISTINCT FROM md5(t.{text})").format(
+            text=self._text
+        )
+        if mode == "normal":
+            return sql.SQL("AND NOT EXISTS (SELECT 1 FROM {f} AND {q})").format(f=failures, q=quarantined)
+        if mode == "retry_failed":
+            return sql.SQL("AND EXISTS (SELECT 1 FROM {f})").format(f=failures)
+        if mode == "all":
+            return sql.SQL("")
+        raise ValueError(f"unknown claim mode {mode!r}")
+
+    def claim(
+        self: Store,
+        conn: psycopg.Connection,
+        *,
+        after_id: int | None,
+        limit: int,
+        max_chars: int,
+        id_min: int | None = None,
+        id_max: int | None = None,
+        mode: str = "normal",
+        max_attempts: int = 3,
+    ) -> Claim:
+        """Keyset-read the next missing chunks after `after_id` and lock them on `conn` (session advisory locks).
+
+        The locks live as long as `conn`'s session, so they die with the process; no transaction stays open
+        across the HTTP call. Text is read after locking, so a chunk another worker just wrote is not taken.
+        """
+        lower = after_id if after_id is not None else (id_min - 1 if id_min is not None else None)
+        key = _lock_key_sql(self.table.lock_namespace)
+        query = sql.SQL(
+            "WITH cand AS MATERIALIZED ("
+            " SELECT t.{id} AS id FROM {t} t WHERE t.{emb} IS NULL"
+            " AND (%(lower)s::bigint IS NULL OR t.{id} > %(lower)s)"
+            " AND (%(upper)s::bigint IS NULL OR t.{id} <= %(upper)s) {filter}"
+            " ORDER BY t.{id} LIMIT %(limit)s)"
+            " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
+        ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key)
+        params = {
+            "lower": lower,
+            "upper": id_max,
+            "limit": limit,
+            "table": self.failure_key,
+            "cap": max_attempts,
+        }
+        cand = conn.execute(query, params).fetchall()
+        if not cand:
+            return Claim([], None, 0)
+        locked = [cid for cid, ok in cand if ok]
+        rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, sql.SQL("AND {emb} IS NULL"), {})
+        busy = [int(cid) for cid, ok in cand if not ok]
+        return Claim(rows, int(cand[-1][0]), len(busy), invalid, md5s, busy_ids=busy)
+
+    def claim_ids(
+        self: Store,
+        conn: psycopg.Connection,
+        ids: Sequence[int],
+        *,
+        max_chars: int,
+        mode: str = "normal",
+        max_attempts: int = 3,
+    ) -> Claim:
+        """Claim these ids again (chunks that were busy earlier in the run), those still missing only."""
+        key = _lock_key_sql(self.table.lock_namespace)
+        cand = conn.execute(
+            sql.SQL(
+                "WITH cand AS MATERIALIZED (SELECT t.{id} AS id FROM {t} t WHERE t.{id} = ANY(%(ids)s)"
+                " AND t.{emb} IS NULL {filter})"
+                " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
+            ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key),
+            {"ids": list(ids), "table": self.failure_key, "cap": max_attempts},
+        ).fetchall()
+        locked = [int(cid) for cid, ok in cand if ok]
+        rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, sql.SQL("AND {emb} IS NULL"), {})
+        busy = [int(cid) for cid, ok in cand if not ok]
+        last = int(cand[-1][0]) if cand else None
+        return Claim(rows, last, len(busy), invalid, md5s, busy_ids=busy)
+
+    def _read_claimed(
+        self: Store,
+        conn: psycopg.Connection,
+        locked: list[int],
+        max_chars: int,
+        condition: sql.Composable,
+        expected_md5: dict[int, str],
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str, int]], dict[int, str]]:
+        """Read the cut text and md5(whole text) of locked chunks still matching `condition`; release the rest.
+
+        With `expected_md5`, a chunk whose text changed again since it was found is released, not taken.
+        """
+        rows: list[tuple[int, str]] = []
+        invalid: list[tuple[int, str, int]] = []
+        md5s: dict[int, str] = {}
+        if not locked:
+            return rows, invalid, md5s
+        condition = condition.format(emb=self._emb) if isinstance(condition, sql.SQL) else condition
+        if _is_sql_ascii(conn):
+            rows, invalid, md5s = self._read_undeclared_bytes(conn, locked, max_chars, condition)
+        else:
+            for r in conn.execute(
+                sql.SQL(
+                    "SELECT {id}, left({text}, %s), md5({text}) FROM {t} WHERE {id} = ANY(%s) {cond} ORDER BY {id}"
+                ).format(id=self._id, text=self._text, t=self._t, cond=condition),
+                (max_chars, locked),
+            ).fetchall():
+                rows.append((int(r[0]), r[1]))
+                md5s[int(r[0])] = r[2]
+        if expected_md5:
+            moved = {cid for cid, m in md5s.items() if expected_md5.get(cid) != m}
+            rows = [r for r in rows if r[0] not in moved]
+            invalid = [r for r in invalid if r[0] not in moved]
+        taken = {r[0] for r in rows} | {r[0] for r in invalid}
+        stale = [cid for cid in locked if cid not in taken]
+        if stale:
+            self.release(conn, stale)
+        return rows, invalid, {cid: m for cid, m in md5s.items() if cid in taken}
+
+    def _read_undeclared_bytes(
+        self: Store, conn: psycopg.Connection, ids: list[int], max_chars: int, condition: sql.Composable
+    ) -> tuple[list[tuple[int, str]], list[tuple[int, str, int]], dict[int, str]]:
+        """Claimed texts from a `SQL_ASCII` database: raw bytes, decoded as UTF-8 here, chunk by chunk.
+
+        There `left()` counts bytes, so enough bytes for `max_chars` characters are read and cut after
+        decoding; `convert_to(..., 'SQL_ASCII')` hands the stored bytes over unchecked.
+        """
+        limit = min(max_chars * UTF8_MAX_BYTES_PER_CHAR, 2**31 - 1)
+        fetched = conn.execute(
+            sql.SQL(
+                "SELECT {id}, convert_to(left({text}, %s), 'SQL_ASCII'), octet_length({text}), md5({text}) FROM {t}"
+                " WHERE {id} = ANY(%s) {cond} ORDER BY {id}"
+            ).format(id=self._id, text=self._text, t=self._t, cond=condition),
+            (limit, ids),
+        ).fetchall()
+        rows: list[tuple[int, str]] = []
+        invalid: list[tuple[int, str, int]] = []
+        md5s: dict[int, str] = {}
+        for cid, raw, size, digest in fetched:
+            md5s[int(cid)] = digest
+            try:
+                rows.append((int(cid), decode_utf8_prefix(bytes(raw), max_chars, complete=size <= limit)))
+            except InvalidText as exc:
+                invalid.append((int(cid), exc.reason, int(size)))
+        return rows, invalid, md5s
+
+    def held_claims(self: Store) -> list[int]:
+        """Ids of this table whose claim lock some session holds (a full scan: for tests and diagnosis)."""
+        key = _lock_key_sql(self.table.lock_namespace)
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT c.id FROM (SELECT {id} AS id FROM {t}) c JOIN pg_locks l ON l.locktype = 'advisory'"
+                " AND l.objsubid = 1 AND l.granted"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND ((l.classid::bigint << 32) | l.objid::bigint) = {key} ORDER BY 1"
+            ).format(id=self._id, t=self._t, key=key)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def release(self: Store, conn: psycopg.Connection, ids: Sequence[int]) -> None:
+        """Give back claims (after their vectors are committed, or when they are skipped)."""
+        if not ids:
+            return
+        key = _lock_key_sql(self.table.lock_namespace)
+        conn.execute(
+            sql.SQL("SELECT count(pg_advisory_unlock({key})) FROM unnest(%s::bigint[]) AS c(id)").format(key=key),
+            (list(ids),),
+        )
+
+    def relock(self: Store, conn: psycopg.Connection, ids: Sequence[int]) -> list[int]:
+        """Re-take claims after a reconnect; returns the ids this session holds again."""
+        if not ids:
+            return []
+        key = _lock_key_sql(self.table.lock_namespace)
+        rows = conn.execute(
+            sql.SQL("SELECT c.id FROM unnest(%s::bigint[]) AS c(id) WHERE pg_try_advisory_lock({key})").format(key=key),
+            (list(ids),),
+        ).fetchall()
+        return [int(r[0]) for r in rows]

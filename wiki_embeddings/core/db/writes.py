@@ -1,0 +1,192 @@
+"""The batch write (one statement: vectors, provenance, failures cleared, column and model guards), reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from wiki_embeddings.core.db.connection import StoreBase
+from wiki_embeddings.core.db.errors import ModelMismatch, StoreError
+from wiki_embeddings.core.db.records import Provenance, VectorNotes, WriteResult, _same_model
+
+if TYPE_CHECKING:
+    from wiki_embeddings.core.db import Store
+
+
+class WritesMixin(StoreBase):
+    """The batch write (one statement: vectors, provenance, failures cleared, column and model guards), reads."""
+
+    def write_vectors(
+        self: Store,
+        conn: psycopg.Connection,
+        ids: Sequence[int],
+        vectors: Sequence[np.ndarray],
+        md5s: Sequence[str] | None = None,
+        provenance: Provenance | None = None,
+        replace: bool = False,
+        notes: VectorNotes | None = None,
+    ) -> WriteResult:
+        """Write one batch of vectors in one short transaction, with their provenance.
+
+        Default: only rows still missing are touched. `replace=True` (content refresh) overwrites a vector in
+        place (never a NULL in between). With `md5s`, a row is written only if its text is still the one
+        claimed (`md5(text) = claimed md5`). One statement does it all: an `UPDATE … FROM unnest(…)` over
+        binary arrays (ids, vectors, md5s) joined on the primary key, whose RETURNING feeds the provenance
+        insert and the clearing of failure records - one round trip per batch, the least client CPU measured
+        (benchmarks/RESULTS.md).
+        """
+        if not ids:
+            return WriteResult(0)
+        guard = sql.SQL("") if replace else sql.SQL(" AND t.{emb} IS NULL").format(emb=self._emb)
+        if md5s is not None:
+            guard = sql.Composed([guard, sql.SQL(" AND md5(t.{text}) = u.md5").format(text=self._text)])
+        params: dict[str, Any] = {
+            "ids": list(ids),
+            "vectors": list(vectors),
+            "md5s": list(md5s) if md5s is not None else [None] * len(ids),
+            "chars": notes.chars_sent if notes is not None else [None] * len(ids),
+            "cut": notes.context_cut if notes is not None else [False] * len(ids),
+            "trunc": notes.server_truncated if notes is not None else [False] * len(ids),
+            "failure_key": self.failure_key,
+        }
+        record: sql.Composable = sql.SQL("")
+        column_check: sql.Composable = sql.SQL("")
+        attnum_out: sql.Composable = sql.SQL("NULL::smallint, NULL::text")
+        model_cte: sql.Composable = sql.SQL("")
+        if provenance is not None:
+            # The column's attnum is read in the same statement, after the UPDATE has locked the table: a swap
+            # (ACCESS EXCLUSIVE) cannot commit in between. A batch whose column was swapped since this run's
+            # first batch writes nothing (old-model vectors never land in the new column) and is refused below.
+            params.update(
+                expected=self._attnum,
+                table=self.table.qualified,
+                model=provenance.model,
+                dim=provenance.dimensions,
+                max_chars=provenance.max_chars,
+                prefix=provenance.text_prefix,
+            )
+            # The model the column takes now (the live model, or a migration's target for its shadow column) is
+            # read in the same statement too: a run started before a swap never writes its model's vectors into
+            # a column that now belongs to another model.
+            column_check = sql.SQL(
+                " AND (%(expected)s::smallint IS NULL OR (SELECT attnum FROM a) = %(expected)s)"
+                " AND ((SELECT m FROM cm) IS NULL OR regexp_replace((SELECT m FROM cm), ':latest$', '')"
+                " = regexp_replace(%(model)s, ':latest$', ''))"
+            )
+            attnum_out = sql.SQL("(SELECT attnum FROM a), (SELECT m FROM cm)")
+            model_cte = sql.SQL(
+                " cm AS (SELECT CASE WHEN ts.migration_column = %(column)s THEN ts.migration_model ELSE ts.model END"
+                " AS m FROM {s}.table_state ts WHERE ts.table_name = %(table)s),"
+            ).format(s=self._s)
+            record = sql.SQL(
+                ", p AS (INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
+                " dimensions, text_md5, max_chars, text_prefix, embedded_at, chars_sent, context_cut,"
+                " server_truncated)"
+                " SELECT %(table)s, (SELECT attnum FROM a), w.id, %(model)s, %(dim)s, w.md5, %(max_chars)s, %(prefix)s,"
+                " now(), w.chars, w.cut, w.trunc FROM w"
+                " ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
+                " dimensions = EXCLUDED.dimensions, text_md5 = EXCLUDED.text_md5,"
+                " max_chars = EXCLUDED.max_chars, text_prefix = EXCLUDED.text_prefix,"
+                " embedded_at = EXCLUDED.embedded_at, chars_sent = EXCLUDED.chars_sent,"
+                " context_cut = EXCLUDED.context_cut, server_truncated = EXCLUDED.server_truncated)"
+            ).format(s=self._s)
+        stmt = sql.SQL(
+            "WITH a AS (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%(rel)s) AND attname = %(column)s"
+            " AND NOT attisdropped),{model_cte}"
+            " lk AS (SELECT t.{id} AS id FROM {t} AS t WHERE t.{id} = ANY(%(ids)b::bigint[]) FOR UPDATE SKIP LOCKED),"
+            " w AS (UPDATE {t} AS t SET {emb} = u.e"
+            " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)s::text[], %(chars)s::int[],"
+            " %(cut)s::bool[], %(trunc)s::bool[]) AS u(id, e, md5, chars, cut, trunc)"
+            " WHERE t.{id} = u.id AND t.{id} IN (SELECT id FROM lk){guard}{column_check}"
+            " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5, u.chars, u.cut, u.trunc){record},"
+            " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
+            " SELECT (SELECT count(*) FROM w), {attnum_out},"
+            " (SELECT array_agg(x) FROM unnest(%(ids)b::bigint[]) AS x WHERE x NOT IN (SELECT id FROM lk))"
+        ).format(
+            t=self._t,
+            emb=self._emb,
+            id=self._id,
+            text=self._text,
+            guard=guard,
+            column_check=column_check,
+            record=record,
+            s=self._s,
+            attnum_out=attnum_out,
+            model_cte=model_cte,
+        )
+        params.update(
+            rel=sql.Identifier(self.table.schema, self.table.name).as_string(conn), column=self.table.embedding_column
+        )
+        with conn.transaction():
+            row = conn.execute(stmt, params, binary=True).fetchone()
+            if provenance is not None:
+                attnum = row[1] if row else None
+                if attnum is None:
+                    raise StoreError(f"column {self.table.embedding_column!r} not found in {self.table.qualified}")
+                if self._attnum is not None and attnum != self._attnum:
+                    raise StoreError(
+                        f"column {self.table.embedding_column!r} was swapped during this run; nothing written "
+                        "in this batch (start the run again)"
+                    )
+                self._attnum = int(attnum)
+                column_model = row[2] if row else None
+                if column_model is not None and not _same_model(column_model, provenance.model):
+                    raise ModelMismatch(
+                        f"{self.table.qualified}.{self.table.embedding_column} now takes model {column_model!r} "
+                        f"(a swap or another run changed it); nothing of model {provenance.model!r} was written in "
+                        "this batch: start the run again"
+                    )
+        return WriteResult(int(row[0]) if row else 0, tuple(row[-1] or ()) if row else ())
+
+    def _current_attnum(self: Store, conn: psycopg.Connection | None = None) -> int:
+        c = conn or self.conn
+        row = c.execute(
+            "SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped",
+            (sql.Identifier(self.table.schema, self.table.name).as_string(c), self.table.embedding_column),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"column {self.table.embedding_column!r} not found in {self.table.qualified}")
+        return int(row[0])
+
+    @property
+    def failure_key(self: Store) -> str:
+        """Failure records of the live column are keyed by the table; those of a migration's shadow column by
+        table#column, so a shadow fill never mixes its failures with the live column's."""
+        if self._failure_key is None:
+            _, column = self.migration_target()
+            shadow = column is not None and column == self.table.embedding_column
+            self._failure_key = f"{self.table.qualified}#{column}" if shadow else self.table.qualified
+        return self._failure_key
+
+    def provenance(self: Store, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Provenance rows of this column for `ids`."""
+        rows = self.conn.cursor(row_factory=dict_row).execute(
+            sql.SQL(
+                "SELECT chunk_id, model, dimensions, text_md5, max_chars, text_prefix, embedded_at, chars_sent,"
+                " context_cut, server_truncated"
+                " FROM {s}.embedding_provenance WHERE table_name = %s AND column_attnum = %s AND chunk_id = ANY(%s)"
+            ).format(s=self._s),
+            (self.table.qualified, self._current_attnum(), list(ids)),
+        )
+        return {int(r["chunk_id"]): dict(r) for r in rows.fetchall()}
+
+    def read_vectors(self: Store, ids: Sequence[int]) -> dict[int, np.ndarray | None]:
+        rows = self.conn.execute(
+            sql.SQL("SELECT {id}, {emb} FROM {t} WHERE {id} = ANY(%s)").format(id=self._id, emb=self._emb, t=self._t),
+            (list(ids),),
+        ).fetchall()
+        return {int(r[0]): (None if r[1] is None else np.asarray(r[1].to_numpy(), dtype=np.float32)) for r in rows}
+
+    def read_texts(self: Store, ids: Sequence[int], max_chars: int | None = None) -> dict[int, str]:
+        expr = sql.SQL("left({}, %s)").format(self._text) if max_chars else self._text
+        params: tuple[Any, ...] = (max_chars, list(ids)) if max_chars else (list(ids),)
+        rows = self.conn.execute(
+            sql.SQL("SELECT {id}, {e} FROM {t} WHERE {id} = ANY(%s)").format(id=self._id, e=expr, t=self._t),
+            params,
+        ).fetchall()
+        return {int(r[0]): r[1] for r in rows}
