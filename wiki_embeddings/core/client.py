@@ -259,6 +259,14 @@ class OllamaClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def expect_dimensions(self, dimensions: int) -> None:
+        """From now on every vector must have this length (the column's), or the answer is invalid."""
+        self.dimensions = dimensions
+
+    def ask_dimensions(self, dimensions: int) -> None:
+        """Send `dimensions: D` with every request (a Matryoshka model cuts its vectors to the column's length)."""
+        self.request_dimensions = dimensions
+
     @property
     def where(self) -> str:
         return ", ".join(mask_url(u) for u in self._urls)

@@ -36,6 +36,7 @@ from wiki_embeddings.core.client import (
     ServerUnavailable,
 )
 from wiki_embeddings.core.context import (
+    MAX_TOKENS_PER_CHAR,
     PREFLIGHT_SAMPLE,
     SAFETY,
     ContextRefused,
@@ -214,6 +215,43 @@ class _Fatal(RuntimeError):
         self.state = state
 
 
+@dataclass
+class RunState:
+    """The mutable state of one run, shared by its stages (claim, embed, write, bookkeeping)."""
+
+    stop_event: asyncio.Event = field(
+        default_factory=asyncio.Event
+    )  # set by the stop file, a database stop request, SIGTERM or the run window
+    stop_reason: str = ""
+    deadline: tuple[float, str] | None = None  # --until / --max-minutes (core/window.py)
+    fatal: _Fatal | None = None  # the first error that ends the run
+    last_db_stop_check: float = 0.0
+    known_good: str | None = None  # a text the server embedded: the canary that tells a sick server from a bad chunk
+    report: RunReport | None = None
+    batches_written: int = 0
+    claimed: int = 0
+    total: int = 0
+    started: float = 0.0
+    conns: dict[str, Any] = field(default_factory=dict)  # the pipeline's connections by role: run, claim, write
+    retired: list[Any] = field(
+        default_factory=list
+    )  # lost connections, closed when no stage can be using them any more
+    abandoned: set[Any] = field(default_factory=set)  # connections whose call never answered: never touched again
+    db_silent: bool = False  # a call went unanswered after a stop request: later calls get no grace
+    reconnecting: dict[str, asyncio.Lock] = field(default_factory=dict)
+    held: set[int] = field(default_factory=set)  # chunk ids this run has claimed and not yet released
+    md5: dict[int, str] = field(default_factory=dict)  # md5 of the whole text of each held chunk, as claimed
+    phase: str = "missing"  # then "busy" (chunks held elsewhere, retried), "refresh" (text changed)
+    busy: set[int] = field(
+        default_factory=set
+    )  # chunks another session held (claim key or row lock): retried at the end
+    shadow: bool = False  # filling a model migration's shadow column
+    provenance: Provenance | None = None
+    scan_complete: bool = False
+    window: Window = field(default_factory=Window)  # the model's context as this run understands it
+    estimator: TokenEstimator = field(default_factory=TokenEstimator)  # tokens per text, learned from the server
+
+
 class Backfill:
     """One run of the loop over a store and a client, configured by one Settings object."""
 
@@ -238,33 +276,9 @@ class Backfill:
         self.failure_log = FailureLog(settings.failure_log)
         self.stop_file = Path(settings.stop_file) if settings.stop_file else None
         self._secrets: list[str | None] = list(url_secrets(settings.database_url))
-        # run state
-        self._stop_event = asyncio.Event()
-        self._stop_reason = ""
-        self._deadline: tuple[float, str] | None = None  # --until / --max-minutes (core/window.py)
-        self._fatal: _Fatal | None = None
-        self._last_db_stop_check = 0.0
-        self._known_good: str | None = None
-        self._report: RunReport | None = None
-        self._batches_written = 0
-        self._claimed = 0
-        self._total = 0
-        self._started = 0.0
-        self._conns: dict[str, Any] = {}
-        self._retired: list[Any] = []  # lost connections, closed when no stage can be using them any more
-        self._abandoned: set[Any] = set()  # connections whose call never answered: never touched again
-        self._db_silent = False  # a call went unanswered after a stop request: later calls get no grace
+        # Everything one run changes, in one place (stages read and update it; nothing else does).
+        self.state = RunState(window=Window(num_ctx=settings.num_ctx))
         self._call_deadline = settings.db_statement_timeout_sec + DB_CLIENT_MARGIN_SEC
-        self._reconnecting: dict[str, asyncio.Lock] = {}
-        self._held: set[int] = set()  # chunk ids this run has claimed and not yet released
-        self._md5: dict[int, str] = {}  # md5 of the whole text of each held chunk, as claimed
-        self._phase = "missing"  # then "busy" (chunks held elsewhere, retried), "refresh" (text changed)
-        self._busy: set[int] = set()  # chunks another session held (claim key or row lock): retried at the end
-        self._shadow = False  # filling a model migration's shadow column
-        self._provenance: Provenance | None = None
-        self._scan_complete = False
-        self._window = Window(num_ctx=settings.num_ctx)
-        self._estimator = TokenEstimator()
 
     # ------------------------------------------------------------ public
     def run(self) -> RunReport:
@@ -272,9 +286,9 @@ class Backfill:
 
     def request_stop(self, reason: str = "signal") -> None:
         """Graceful stop from inside the process (SIGTERM, Ctrl-C): same path as the stop file."""
-        if not self._stop_event.is_set():
-            self._stop_reason = reason
-            self._stop_event.set()
+        if not self.state.stop_event.is_set():
+            self.state.stop_reason = reason
+            self.state.stop_event.set()
 
     async def arun(self) -> RunReport:
         """One run; the client's HTTP pool is closed at the end (it belongs to this event loop)."""
@@ -285,13 +299,13 @@ class Backfill:
 
     async def _arun(self) -> RunReport:
         s = self.s
-        self._stop_event = asyncio.Event()
-        self._deadline = s.run_deadline()
+        self.state.stop_event = asyncio.Event()
+        self.state.deadline = s.run_deadline()
         dimensions = await asyncio.to_thread(self._prepare_database)
-        await asyncio.to_thread(self._check_recorded_model)
+        self.state.shadow = await asyncio.to_thread(self._check_recorded_model)
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=self.client.model, dimensions=dimensions)
-        self._report = report
+        self.state.report = report
         idle = not self._refresh_wanted() and await asyncio.to_thread(self._count_remaining) == 0
         try:
             if not idle:  # nothing missing and no refresh pass: the model server is not contacted at all
@@ -307,26 +321,26 @@ class Backfill:
                 )
             report.remaining = await asyncio.to_thread(self._count_remaining)
             return report
-        if not self._shadow and not idle:  # a shadow fill leaves the live model as it is until the swap
+        if not self.state.shadow and not idle:  # a shadow fill leaves the live model as it is until the swap
             await asyncio.to_thread(self.store.record_model, self.client.model, dimensions)
         digest, model = None, self.client.model
         if not idle:  # the column's identity (core/identity.py) and the model's digest (`verify` shows it)
             await asyncio.to_thread(identity.record, self.store, model, dimensions, s.text_prefix, s.query_prefix)
             digest = await self.client.model_digest()
-        self._provenance = Provenance(self.client.model, dimensions, s.max_chars, s.text_prefix)
+        self.state.provenance = Provenance(self.client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence)
         # and asks for database stop requests.
-        self._conns = {"run": await asyncio.to_thread(self._connect)}
+        self.state.conns = {"run": await asyncio.to_thread(self._connect)}
         try:
             report.run_id = await asyncio.to_thread(
-                self.store.start_run, self.mode, s.options_for_resume(), self.client.model, self._conns["run"]
+                self.store.start_run, self.mode, s.options_for_resume(), self.client.model, self.state.conns["run"]
             )
             if digest:
                 record = self.store.record_trust
                 await asyncio.to_thread(record, "model_digest", {"digest": digest}, run_id=report.run_id, model=model)
             return await self._run_started(report, dimensions)
         finally:
-            await self._close_connections(list(self._conns))
+            await self._close_connections(list(self.state.conns))
 
     def _connect(self) -> Any:
         """A pipeline connection: statement_timeout and lock_timeout set, keepalives on (core/db/connection.py)."""
@@ -335,36 +349,36 @@ class Backfill:
     async def _close_connections(self, roles: list[str]) -> None:
         """Close the roles' connections and every retired one (closing a session releases its claims).
         Abandoned ones (a call never answered) are left to the process's exit."""
-        conns = [self._conns.pop(role) for role in roles if role in self._conns] + self._retired
-        self._retired = []
+        conns = [self.state.conns.pop(role) for role in roles if role in self.state.conns] + self.state.retired
+        self.state.retired = []
         for conn in conns:
-            if conn in self._abandoned:
+            if conn in self.state.abandoned:
                 continue
             with contextlib.suppress(Exception):
                 await self._answer(in_daemon_thread(conn.close))
 
     async def _run_started(self, report: RunReport, dimensions: int) -> RunReport:
         s = self.s
-        self._total = await asyncio.to_thread(self._count_remaining)
+        self.state.total = await asyncio.to_thread(self._count_remaining)
         if s.max_chunks is not None:
-            self._total = min(self._total, s.max_chunks)
+            self.state.total = min(self.state.total, s.max_chunks)
         self._log(
-            f"{self.mode}: {self._total} chunks to embed in {self.store.table.qualified} with model "
+            f"{self.mode}: {self.state.total} chunks to embed in {self.store.table.qualified} with model "
             f"{self.client.model!r} ({dimensions}-d) at {self.client.where}; {describe_tuning(self.client.tuning)}"
         )
         dropped = await asyncio.to_thread(self._drop_vector_indexes, report)
-        self._started = time.perf_counter()
+        self.state.started = time.perf_counter()
         removers = self._install_signal_handlers()
         heartbeats = asyncio.create_task(self._heartbeats(report))
         try:
             await self._pipeline(report)
             await self._retry_busy(report)
             if self._may_refresh():
-                self._phase = "refresh"
-                self._scan_complete = False
+                self.state.phase = "refresh"
+                self.state.scan_complete = False
                 report.changed_found = 0
                 await self._pipeline(report)
-                if self._scan_complete and self._fatal is None:
+                if self.state.scan_complete and self.state.fatal is None:
                     stale = max(report.changed_found - report.refreshed, 0)
                     await self._db(
                         "store", lambda _c: self.store.record_stale_text(stale, self.store.count_unverified())
@@ -375,7 +389,7 @@ class Backfill:
             heartbeats.cancel()
             for remove in removers:
                 remove()
-            report.seconds = time.perf_counter() - self._started
+            report.seconds = time.perf_counter() - self.state.started
             if dropped:
                 await asyncio.to_thread(self._rebuild_vector_indexes, dropped, report)
         report.requests = self.client.stats.requests
@@ -383,22 +397,24 @@ class Backfill:
         try:
             report.remaining = await self._db("store", lambda _c: self._count_remaining())
         except (_Fatal, DatabaseError) as exc:  # the database (or the table) is gone: report what is known
-            self._fatal = self._fatal or (exc if isinstance(exc, _Fatal) else _Fatal("error", self._clean(str(exc))))
-            report.remaining = max(self._total - report.embedded - report.failed, 0)
-        if self._fatal is not None:
-            report.state, report.message = self._fatal.state, self._clean(str(self._fatal))
-        elif self._stop_event.is_set():
-            report.state, report.stop_reason = "stopped", self._stop_reason
-            report.message = f"stopped on request ({self._stop_reason}); {report.remaining} chunks remain"
-        elif self._busy:
+            self.state.fatal = self.state.fatal or (
+                exc if isinstance(exc, _Fatal) else _Fatal("error", self._clean(str(exc)))
+            )
+            report.remaining = max(self.state.total - report.embedded - report.failed, 0)
+        if self.state.fatal is not None:
+            report.state, report.message = self.state.fatal.state, self._clean(str(self.state.fatal))
+        elif self.state.stop_event.is_set():
+            report.state, report.stop_reason = "stopped", self.state.stop_reason
+            report.message = f"stopped on request ({self.state.stop_reason}); {report.remaining} chunks remain"
+        elif self.state.busy:
             report.state = "locked"
-            report.locked = len(self._busy)
+            report.locked = len(self.state.busy)
             report.message = (
                 f"{report.locked} chunks locked by another session (a concurrent run holds their claim, or a "
                 f"transaction holds their row) for over {s.busy_wait_sec:g} s; run again later; "
                 f"{report.remaining} chunks remain"
             )
-        elif s.max_chunks is not None and self._claimed >= s.max_chunks and report.remaining > 0:
+        elif s.max_chunks is not None and self.state.claimed >= s.max_chunks and report.remaining > 0:
             report.state = "max_chunks"
             report.message = f"--max-chunks {s.max_chunks} reached; {report.remaining} chunks remain"
         else:
@@ -442,17 +458,18 @@ class Backfill:
         _ = self.store.failure_key  # decided once, before the stages share the store
         return self.store.column_dimensions()
 
-    def _check_recorded_model(self) -> None:
+    def _check_recorded_model(self) -> bool:
         """The column's model is recorded in the database: another model is refused before anything is written.
 
         The live column takes only the live model (a change of model goes through `migrate-model`); a
-        migration's shadow column takes only the migration's target model.
+        migration's shadow column takes only the migration's target model. Returns whether the column is a
+        migration's shadow column.
         """
         live, _ = self.store.recorded_model()
         target, shadow = self.store.migration_target()
         column = f"{self.store.table.qualified}.{self.store.table.embedding_column}"
-        self._shadow = shadow is not None and shadow == self.store.table.embedding_column
-        if self._shadow:
+        is_shadow = shadow is not None and shadow == self.store.table.embedding_column
+        if is_shadow:
             if not same_model(target, self.client.model):
                 raise ModelChanged(
                     f"{column} is the shadow column of the migration to model {target!r}; model "
@@ -464,9 +481,10 @@ class Backfill:
                 f"and nothing was written. To change the model without downtime use "
                 f"`wiki-embeddings migrate-model --to {self.client.model}` (then --swap)"
             )
-        prefix = identity.prefix_problem(self.store, self.client.model, self.client.text_prefix, shadow=self._shadow)
+        prefix = identity.prefix_problem(self.store, self.client.model, self.client.text_prefix, shadow=is_shadow)
         if prefix:  # identity is model + dimensions + text prefix
             raise ModelChanged(prefix)
+        return is_shadow
 
     def _refresh_wanted(self) -> bool:
         """Does this run include the pass over embedded chunks (changed text; with --reembed-cut, cut ones)?"""
@@ -480,9 +498,9 @@ class Backfill:
     def _may_refresh(self) -> bool:
         """Maintenance re-embeds changed chunks after the missing ones, unless stopped, failed or capped."""
         s = self.s
-        if not self._refresh_wanted() or self._fatal is not None or self._stop_event.is_set():
+        if not self._refresh_wanted() or self.state.fatal is not None or self.state.stop_event.is_set():
             return False
-        return s.max_chunks is None or self._claimed < s.max_chunks
+        return s.max_chunks is None or self.state.claimed < s.max_chunks
 
     async def _check_model(self, dimensions: int) -> None:
         """Refuse a model whose vectors have another length than the column, before anything is written."""
@@ -491,7 +509,7 @@ class Backfill:
         if got != dimensions and self.s.request_dimensions and dimensions < got:
             # A Matryoshka model (nomic-embed-text v1.5, ...) can answer shorter vectors when asked: opt-in,
             # because not every model is trained for it (the server would just cut an ordinary model's vectors).
-            self.client.request_dimensions = dimensions
+            self.client.ask_dimensions(dimensions)
             try:
                 got = await self.client.probe_dimensions(CANARY_TEXT)
             except InputRejected as exc:
@@ -509,19 +527,21 @@ class Backfill:
                 f"model {self.client.model!r} returns {got}-dimensional vectors but {column} is vector({dimensions});"
                 f" nothing was written. Use the model the column was built for, or migrate the column{hint}."
             )
-        self.client.dimensions = dimensions
-        self._known_good = CANARY_TEXT
+        self.client.expect_dimensions(dimensions)
+        self.state.known_good = CANARY_TEXT
 
     async def _learn_context(self, report: RunReport) -> None:
         """Ask the server for the model's context (`/api/show`) and print the pre-flight estimate."""
-        self._window = window_from_show(await self.client.show(), self.s.num_ctx)
-        report.context_tokens = self._window.tokens
+        self.state.window = window_from_show(await self.client.show(), self.s.num_ctx)
+        report.context_tokens = self.state.window.tokens
         try:
             sample = await asyncio.to_thread(self.store.sample_texts, PREFLIGHT_SAMPLE, self.s.max_chars)
         except DatabaseError as exc:  # an estimate only: it never stops a run
-            self._log(f"pre-flight: no sample ({type(exc).__name__}); model context {self._window.describe()}")
+            self._log(f"pre-flight: no sample ({type(exc).__name__}); model context {self.state.window.describe()}")
             return
-        report.preflight = preflight(sample, self._window, self._estimator, self.s.max_chars, self.client.text_prefix)
+        report.preflight = preflight(
+            sample, self.state.window, self.state.estimator, self.s.max_chars, self.client.text_prefix
+        )
         self._log(format_preflight(report.preflight))
 
     def _drop_vector_indexes(self, report: RunReport) -> list[dict[str, str]]:
@@ -583,21 +603,21 @@ class Backfill:
 
     def _window_over(self) -> bool:
         """Past the run window's end (--until / --max-minutes): stop as on the stop file."""
-        if self._deadline is not None and time.time() >= self._deadline[0]:
-            self.request_stop(self._deadline[1])
+        if self.state.deadline is not None and time.time() >= self.state.deadline[0]:
+            self.request_stop(self.state.deadline[1])
             return True
         return False
 
     async def _should_stop(self) -> bool:
-        if self._stop_event.is_set() or self._fatal is not None:
+        if self.state.stop_event.is_set() or self.state.fatal is not None:
             return True
         if self._stop_file_present() or self._window_over():
-            if not self._stop_event.is_set():
+            if not self.state.stop_event.is_set():
                 self.request_stop(f"stop file {self.stop_file}")
             return True
         now = time.monotonic()
-        if now - self._last_db_stop_check >= DB_STOP_CHECK_EVERY_SEC:
-            self._last_db_stop_check = now
+        if now - self.state.last_db_stop_check >= DB_STOP_CHECK_EVERY_SEC:
+            self.state.last_db_stop_check = now
             if await self._db("run", self.store.stop_requested):
                 self.request_stop("stop request in the database")
                 return True
@@ -605,10 +625,10 @@ class Backfill:
 
     def _stopping(self) -> bool:
         """Cheap check for workers before each new request (no database round trip)."""
-        if self._stop_event.is_set() or self._fatal is not None:
+        if self.state.stop_event.is_set() or self.state.fatal is not None:
             return True
         if self._stop_file_present() or self._window_over():
-            if not self._stop_event.is_set():
+            if not self.state.stop_event.is_set():
                 self.request_stop(f"stop file {self.stop_file}")
             return True
         return False
@@ -630,7 +650,7 @@ class Backfill:
         delay = self.s.backoff_base_sec
         deadline = time.monotonic() + self.s.db_reconnect_sec
         while True:
-            conn = self._conns.get(role) if role != "store" else None
+            conn = self.state.conns.get(role) if role != "store" else None
             try:
                 return await self._answer(in_daemon_thread(fn, conn, *args, **kwargs))
             except (DatabaseUnavailable, _NoAnswer) as exc:  # (the store's own connection reopens itself)
@@ -646,24 +666,24 @@ class Backfill:
                 self._log(f"database connection lost ({type(exc).__name__}); reconnecting in {delay:.1f} s")
                 await self._sleep_unless_stopped(delay)
                 delay = min(delay * 2, DB_RECONNECT_MAX_DELAY_SEC)
-                if conn is not None and (conn.closed or conn.broken or conn in self._abandoned):
+                if conn is not None and (conn.closed or conn.broken or conn in self.state.abandoned):
                     await self._reconnect(role, conn)
 
     async def _answer(self, call: asyncio.Future) -> Any:
         """The call's result within its deadline; a stop request cuts the wait to a short grace."""
-        stop = asyncio.ensure_future(self._stop_event.wait())
+        stop = asyncio.ensure_future(self.state.stop_event.wait())
         try:
             done, _ = await asyncio.wait({call, stop}, timeout=self._call_deadline, return_when="FIRST_COMPLETED")
             if call not in done and stop in done:
                 # Once one call went unanswered after a stop, the database is taken as silent: no more graces.
-                grace = 0.2 if self._db_silent else DB_STOP_GRACE_SEC
+                grace = 0.2 if self.state.db_silent else DB_STOP_GRACE_SEC
                 done, _ = await asyncio.wait({call}, timeout=grace)
                 if call not in done:
                     call.cancel()
-                    self._db_silent = True
+                    self.state.db_silent = True
                     raise _Fatal(
                         "stopped",
-                        f"stopped on request ({self._stop_reason}) while the database did not answer for "
+                        f"stopped on request ({self.state.stop_reason}) while the database did not answer for "
                         f"{DB_STOP_GRACE_SEC:g} s; the chunks in flight stay missing and a re-run takes them",
                     )
             if call not in done:
@@ -675,12 +695,12 @@ class Backfill:
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_event.wait(), seconds)
+            await asyncio.wait_for(self.state.stop_event.wait(), seconds)
 
     def _abandon(self, role: str, conn: Any) -> None:
         """A connection whose call never answered is dropped, never closed (its thread may be inside it)."""
         if conn is not None:
-            self._abandoned.add(conn)
+            self.state.abandoned.add(conn)
         else:
             self.store.forget_connection()
 
@@ -690,36 +710,36 @@ class Backfill:
         The lost connection is retired, not closed: another stage's thread may still be inside a call on it,
         and closing a socket under a thread that polls it can block that thread for good.
         """
-        async with self._reconnecting.setdefault(role, asyncio.Lock()):
-            if self._conns.get(role) is not lost:
+        async with self.state.reconnecting.setdefault(role, asyncio.Lock()):
+            if self.state.conns.get(role) is not lost:
                 return  # another stage reconnected this role already
             try:
                 fresh = await self._answer(in_daemon_thread(self._connect))
             except (DatabaseUnavailable, _NoAnswer):
                 return  # still down: the caller's loop waits and tries again
-            if lost not in self._abandoned:
-                self._retired.append(lost)
-            self._conns[role] = fresh
+            if lost not in self.state.abandoned:
+                self.state.retired.append(lost)
+            self.state.conns[role] = fresh
             try:
-                if role == "run" and self._report is not None and self._report.run_id is not None:
-                    await self._answer(in_daemon_thread(self.store.hold_run_lock, fresh, self._report.run_id))
-                if role == "claim" and self._held:
-                    wanted = sorted(self._held)
+                if role == "run" and self.state.report is not None and self.state.report.run_id is not None:
+                    await self._answer(in_daemon_thread(self.store.hold_run_lock, fresh, self.state.report.run_id))
+                if role == "claim" and self.state.held:
+                    wanted = sorted(self.state.held)
                     held = await self._answer(in_daemon_thread(self.store.relock, fresh, wanted))
                     gone = set(wanted) - set(held)
                     if gone:
                         self._log(
                             f"{len(gone)} claimed chunks were taken by another run while reconnecting; skipping them"
                         )
-                    self._held -= gone
+                    self.state.held -= gone
             except (DatabaseUnavailable, _NoAnswer):
                 return  # lost again at once: the next call sees a broken connection and comes back here
 
     async def _release(self, ids: list[int]) -> None:
-        mine = [i for i in ids if i in self._held]
-        self._held.difference_update(mine)
+        mine = [i for i in ids if i in self.state.held]
+        self.state.held.difference_update(mine)
         for i in mine:
-            self._md5.pop(i, None)
+            self.state.md5.pop(i, None)
         if mine:
             await self._db("claim", self.store.release, mine)
 
@@ -728,11 +748,11 @@ class Backfill:
         try:
             await self._release(ids)
         except _Fatal as exc:
-            self._fatal = self._fatal or exc
+            self.state.fatal = self.state.fatal or exc
 
     async def _pipeline(self, report: RunReport) -> None:
-        self._conns["claim"] = await asyncio.to_thread(self._connect)
-        self._conns["write"] = await asyncio.to_thread(self._connect)
+        self.state.conns["claim"] = await asyncio.to_thread(self._connect)
+        self.state.conns["write"] = await asyncio.to_thread(self._connect)
         tuning = self.client.tuning
         workers_n = tuning.max_workers  # self-tuning: at most total-depth of them hold a batch (client.turn)
         # Claimed batches waiting for a worker: enough that no server waits on a claim, few enough that this run
@@ -750,32 +770,32 @@ class Backfill:
             await writer
         finally:
             await self._close_connections(["claim", "write"])  # a closed session releases every claim it held
-            self._held.clear()
-            self._md5.clear()
+            self.state.held.clear()
+            self.state.md5.clear()
 
     def _unexpected(self, where: str, exc: BaseException) -> None:
         """A bug or an unforeseen error in one stage stops the run cleanly instead of hanging the others."""
-        if self._fatal is None:
+        if self.state.fatal is None:
             gone = self.store.vanished(exc)  # the table dropped or renamed under the run: state table_gone
             message = gone or f"unexpected error in the {where}: {type(exc).__name__}: {exc}"
-            self._fatal = _Fatal("table_gone" if gone else "error", self._clean(message))
+            self.state.fatal = _Fatal("table_gone" if gone else "error", self._clean(message))
 
     async def _produce(self, todo: asyncio.Queue, workers_n: int, report: RunReport) -> None:
         s = self.s
         after_id: int | None = None
         try:
             while not await self._should_stop():
-                if self._phase == "busy":
+                if self.state.phase == "busy":
                     await self._produce_busy(todo)
                     break
                 limit = min(s.batch_size, self.client.tuning.batch_size)  # trouble / polite mode shrink it
                 if s.max_chunks is not None:
-                    limit = min(limit, s.max_chunks - self._claimed)
+                    limit = min(limit, s.max_chunks - self.state.claimed)
                     if limit <= 0:
                         break
                 claim = await self._db(
                     "claim",
-                    self.store.claim_changed if self._phase == "refresh" else self.store.claim,
+                    self.store.claim_changed if self.state.phase == "refresh" else self.store.claim,
                     after_id=after_id,
                     limit=limit,
                     max_chars=s.max_chars,
@@ -783,25 +803,25 @@ class Backfill:
                     id_max=s.id_max,
                     mode=self._claim_mode(),
                     max_attempts=s.max_attempts,
-                    **({"include_cut": True} if self._phase == "refresh" and s.reembed_cut else {}),
+                    **({"include_cut": True} if self.state.phase == "refresh" and s.reembed_cut else {}),
                 )
                 if claim.last_scanned_id is None:
-                    self._scan_complete = True
+                    self.state.scan_complete = True
                     break
                 after_id = claim.last_scanned_id
                 report.skipped_busy += claim.busy
-                if self._phase == "missing":
-                    self._busy.update(claim.busy_ids)
-                if self._phase == "refresh" and report.changed_found is not None:
+                if self.state.phase == "missing":
+                    self.state.busy.update(claim.busy_ids)
+                if self.state.phase == "refresh" and report.changed_found is not None:
                     report.changed_found += claim.found
                 if claim.rows or claim.invalid:
                     batch = _Batch([(cid, clean_text(text)) for cid, text in claim.rows], claim.invalid)
-                    self._claimed += len(batch.ids)
-                    self._held.update(batch.ids)
-                    self._md5.update(claim.text_md5)
+                    self.state.claimed += len(batch.ids)
+                    self.state.held.update(batch.ids)
+                    self.state.md5.update(claim.text_md5)
                     await todo.put(batch)
         except _Fatal as exc:
-            self._fatal = self._fatal or exc
+            self.state.fatal = self.state.fatal or exc
         except Exception as exc:  # noqa: BLE001 - reported as the run's end state
             self._unexpected("claim loop", exc)
         finally:
@@ -811,13 +831,13 @@ class Backfill:
     async def _produce_busy(self, todo: asyncio.Queue) -> None:
         """Claim again the chunks that were busy; those still held stay in `_busy` for the next round."""
         s = self.s
-        pending = sorted(self._busy)
-        self._busy.clear()
+        pending = sorted(self.state.busy)
+        self.state.busy.clear()
         if s.max_chunks is not None:
-            pending = pending[: max(s.max_chunks - self._claimed, 0)]
+            pending = pending[: max(s.max_chunks - self.state.claimed, 0)]
         for start in range(0, len(pending), s.batch_size):
             if await self._should_stop():
-                self._busy.update(pending[start:])
+                self.state.busy.update(pending[start:])
                 return
             claim = await self._db(
                 "claim",
@@ -827,28 +847,28 @@ class Backfill:
                 mode=self._claim_mode(),
                 max_attempts=s.max_attempts,
             )
-            self._busy.update(claim.busy_ids)
+            self.state.busy.update(claim.busy_ids)
             if claim.rows or claim.invalid:
                 batch = _Batch([(cid, clean_text(text)) for cid, text in claim.rows], claim.invalid)
-                self._claimed += len(batch.ids)
-                self._held.update(batch.ids)
-                self._md5.update(claim.text_md5)
+                self.state.claimed += len(batch.ids)
+                self.state.held.update(batch.ids)
+                self.state.md5.update(claim.text_md5)
                 await todo.put(batch)
 
     async def _retry_busy(self, report: RunReport) -> None:
         """Chunks another session held (a concurrent run's claim, a colliding claim key, a row lock) are never
         skipped for good: they are retried until free or `busy_wait_sec` has passed (then the run ends `locked`)."""
-        if self.s.max_chunks is not None and self._claimed >= self.s.max_chunks:
-            self._busy.clear()  # a capped run (maintenance) took its share: the rest is another run's business
+        if self.s.max_chunks is not None and self.state.claimed >= self.s.max_chunks:
+            self.state.busy.clear()  # a capped run (maintenance) took its share: the rest is another run's business
             return
         deadline = time.monotonic() + self.s.busy_wait_sec
-        while self._busy and self._fatal is None and not self._stop_event.is_set():
-            self._phase = "busy"
+        while self.state.busy and self.state.fatal is None and not self.state.stop_event.is_set():
+            self.state.phase = "busy"
             await self._pipeline(report)
-            if not self._busy or time.monotonic() >= deadline:
+            if not self.state.busy or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
-        self._phase = "missing"
+        self.state.phase = "missing"
 
     async def _work(self, todo: asyncio.Queue, done: asyncio.Queue, report: RunReport) -> None:
         while True:
@@ -870,8 +890,8 @@ class Backfill:
                 await self._isolate((cid, ""), "invalid_utf8", reason, None, report, text_length=size)
             await self._embed_rows(batch.rows, done, report)
         except _Fatal as exc:
-            if self._fatal is None:
-                self._fatal = exc
+            if self.state.fatal is None:
+                self.state.fatal = exc
             await self._release_quietly(batch.ids)
         except Exception as exc:  # noqa: BLE001 - reported as the run's end state
             self._unexpected("embedding worker", exc)
@@ -886,7 +906,7 @@ class Backfill:
                 await asyncio.sleep(self.s.sleep_ms / 1000)
 
     def _fit(self, text: str) -> str:
-        return fit_text(text, self.client.text_prefix, self._window.tokens, self._estimator)
+        return fit_text(text, self.client.text_prefix, self.state.window.tokens, self.state.estimator)
 
     async def _embed_rows(self, rows: list[tuple[int, str]], done: asyncio.Queue, report: RunReport) -> None:
         """Embed rows; on an input-tied failure split the batch until the bad chunks stand alone.
@@ -915,8 +935,8 @@ class Backfill:
                 await self._fit_one(rows[0], len(sent[0]), done, report, exc)
                 return
             # The estimate was short for some text: the texts nearest the window go alone, the rest together.
-            budget = (self._window.tokens or 0) * SAFETY
-            risky = [k for k, t in enumerate(sent) if budget and self._estimator.estimate(t) >= 0.6 * budget]
+            budget = (self.state.window.tokens or 0) * SAFETY
+            risky = [k for k, t in enumerate(sent) if budget and self.state.estimator.estimate(t) >= 0.6 * budget]
             if not risky or len(risky) == len(rows):
                 half = len(rows) // 2
                 await self._embed_rows(rows[:half], done, report)
@@ -930,7 +950,7 @@ class Backfill:
             good = [k for k, v in enumerate(exc.vectors) if v is not None]
             if good:
                 await done.put(self._embedded(rows, sent, exc.vectors, good))
-                self._known_good = sent[good[0]]
+                self.state.known_good = sent[good[0]]
             bad = [rows[i] for i in sorted(exc.reasons)]
             if len(rows) == 1:
                 await self._isolate(bad[0], exc.kind, exc.reasons[0], exc.http_status, report)
@@ -951,7 +971,7 @@ class Backfill:
                 await self._embed_rows(rows[:half], done, report)
                 await self._embed_rows(rows[half:], done, report)
             return
-        self._known_good = sent[0]
+        self.state.known_good = sent[0]
         embedded = self._embedded(rows, sent, vectors, list(range(len(rows))))
         if count is not None:
             await self._check_truncation(embedded, sent, count, report)
@@ -975,9 +995,12 @@ class Backfill:
         its estimate was cut by the server (flagged, and the window learned); otherwise the counts teach the
         estimator. A batch that looks right teaches it directly."""
         prefix = self.client.text_prefix
-        estimates = [self._estimator.estimate(prefix + t) for t in sent]
+        window = self.state.window.tokens
+        if window and (len(prefix) + max(map(len, sent), default=0)) * MAX_TOKENS_PER_CHAR <= window * SAFETY:
+            return  # no text of this batch can reach the window: nothing to detect, nothing worth learning
+        estimates = [self.state.estimator.estimate(prefix + t) for t in sent]
         if count >= SILENT_TRUNCATION_SHARE * sum(estimates) or len(sent) == 0:
-            self._estimator.observe([prefix + t for t in sent], count)
+            self.state.estimator.observe([prefix + t for t in sent], count)
             return
         order = sorted(range(len(sent)), key=lambda k: estimates[k], reverse=True)[:RECHECK_MAX]
         for k in order:
@@ -990,13 +1013,13 @@ class Backfill:
             if own < SILENT_TRUNCATION_SHARE * estimates[k]:
                 embedded.truncated[k] = True
                 report.server_truncated += 1
-                self._window.learn(own)
+                self.state.window.learn(own)
             else:
-                self._estimator.observe([prefix + sent[k]], own)
+                self.state.estimator.observe([prefix + sent[k]], own)
         if any(embedded.truncated):
             self._log(
                 f"the server truncated {sum(embedded.truncated)} chunk(s) silently (it evaluated fewer tokens than "
-                f"they have); recorded as server_truncated; texts are now cut to {self._window.tokens} tokens"
+                f"they have); recorded as server_truncated; texts are now cut to {self.state.window.tokens} tokens"
             )
 
     async def _fit_one(
@@ -1015,8 +1038,8 @@ class Backfill:
             found = await fit_prefix(
                 row[1],
                 embed_one,
-                window_tokens=self._window.tokens,
-                estimator=self._estimator,
+                window_tokens=self.state.window.tokens,
+                estimator=self.state.estimator,
                 refused_at=refused_chars,
             )
         except ServerUnavailable as failure:
@@ -1034,16 +1057,16 @@ class Backfill:
             )
             return
         report.fit_requests += found.requests
-        believed = self._window.tokens
+        believed = self.state.window.tokens
         if found.tokens and (not believed or found.tokens < 0.9 * believed) and found.chars >= 0.9 * found.refused_at:
             # The server takes less than it said (or said nothing): its window is about what this prefix used.
-            self._window.learn(found.tokens)
-        self._known_good = row[1][: found.chars]
+            self.state.window.learn(found.tokens)
+        self.state.known_good = row[1][: found.chars]
         await done.put(_Embedded([row[0]], [found.vector], [found.chars], [found.chars < len(row[1])], [False]))
 
     async def _server_well(self) -> bool:
         try:
-            await self._call([self._known_good or CANARY_TEXT])
+            await self._call([self.state.known_good or CANARY_TEXT])
             return True
         except EmbedFailure:
             return False
@@ -1099,9 +1122,9 @@ class Backfill:
             item = await done.get()
             if item is None:
                 return
-            if self._fatal is not None and self._fatal.state == "database_unavailable":
+            if self.state.fatal is not None and self.state.fatal.state == "database_unavailable":
                 continue  # drain: nothing can be written, the claims die with the sessions
-            keep = [k for k, cid in enumerate(item.ids) if cid in self._held]
+            keep = [k for k, cid in enumerate(item.ids) if cid in self.state.held]
             if len(keep) < len(item.ids):  # claims lost in a reconnect: another run owns those chunks now
                 item = item.keep(keep)
             ids = item.ids
@@ -1109,26 +1132,26 @@ class Backfill:
                 written = await self._write_batch(item, report)
                 await self._release(ids)
             except ModelMismatch as exc:
-                self._fatal = self._fatal or _Fatal("model_changed", str(exc))
+                self.state.fatal = self.state.fatal or _Fatal("model_changed", str(exc))
                 continue
             except _Fatal as exc:
-                self._fatal = self._fatal or exc
+                self.state.fatal = self.state.fatal or exc
                 continue
             except Exception as exc:  # noqa: BLE001 - reported as the run's end state
                 self._unexpected("writer", exc)
                 continue
-            if self._phase == "refresh":
+            if self.state.phase == "refresh":
                 report.refreshed += written
             else:
                 report.embedded += written
-            self._batches_written += 1
+            self.state.batches_written += 1
             await self._progress(report)
 
     async def _write_batch(self, item: _Embedded, report: RunReport) -> int:
         """Write one batch; a row the database refuses (a trigger, a constraint) is isolated like a chunk that
         cannot be embedded: the batch is split until it stands alone, recorded `write_error`, the others written.
         Rows another transaction holds are not waited for: they are retried at the end of the run."""
-        md5s = [self._md5.get(i) for i in item.ids]
+        md5s = [self.state.md5.get(i) for i in item.ids]
         try:
             written = await self._db(
                 "write",
@@ -1136,8 +1159,8 @@ class Backfill:
                 item.ids,
                 item.vectors,
                 md5s if all(m is not None for m in md5s) else None,
-                self._provenance,
-                self._phase == "refresh",
+                self.state.provenance,
+                self.state.phase == "refresh",
                 VectorNotes(item.chars, item.cut, item.truncated),
             )
         except DataRefused as exc:  # not a lost connection (`_db` handles those): this data is refused
@@ -1156,20 +1179,20 @@ class Backfill:
             first = await self._write_batch(item.keep(list(range(half))), report)
             return first + await self._write_batch(item.keep(list(range(half, len(item.ids)))), report)
         locked = set(written.locked)
-        if locked and self._phase != "refresh":
-            self._busy.update(locked)
+        if locked and self.state.phase != "refresh":
+            self.state.busy.update(locked)
         report.context_cut += sum(c for cid, c in zip(item.ids, item.cut, strict=True) if cid not in locked)
         return int(written)
 
     # ------------------------------------------------------------ reporting
     async def _progress(self, report: RunReport) -> None:
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        elapsed = max(time.perf_counter() - self.state.started, 1e-9)
         rate = report.embedded / elapsed
-        total = max(self._total, report.embedded + report.failed)
+        total = max(self.state.total, report.embedded + report.failed)
         left = max(total - report.embedded - report.failed, 0)
         eta = left / rate if rate > 0 else float("inf")
         figures = Progress(report.embedded, report.failed, total, rate, eta)
-        self.reporter.progress(figures, self._batches_written % self.s.report_every == 0)
+        self.reporter.progress(figures, self.state.batches_written % self.s.report_every == 0)
 
     async def _heartbeats(self, report: RunReport) -> None:
         """Touch the run's row every HEARTBEAT_EVERY_SEC whatever the pipeline waits on: `status` tells a run that
@@ -1178,7 +1201,7 @@ class Backfill:
             await asyncio.sleep(HEARTBEAT_EVERY_SEC)
             if report.run_id is None:
                 continue
-            elapsed = max(time.perf_counter() - self._started, 1e-9)
+            elapsed = max(time.perf_counter() - self.state.started, 1e-9)
             try:  # off the event loop: the embed workers keep the server busy meanwhile
                 await self._answer(
                     in_daemon_thread(

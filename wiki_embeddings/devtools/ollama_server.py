@@ -601,6 +601,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if reply.chunks is not None:
             self.send_header("Transfer-Encoding", "chunked")
+            # The connection closes after a stream (_send_chunked): say so, or a keep-alive client reuses it and
+            # its next request meets a closed socket ("server disconnected without sending a response").
+            self.send_header("Connection", "close")
         else:
             self.send_header("Content-Length", str(len(reply.body)))
         self.end_headers()
