@@ -7,14 +7,7 @@ import os
 
 import dagster as dg
 
-from wiki_embeddings.defs.assets import ASSETS
-from wiki_embeddings.defs.checks import missing_is_zero
-from wiki_embeddings.defs.jobs import JOBS
-from wiki_embeddings.defs.migration import MIGRATION_JOBS, MIGRATION_SENSORS
 from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource
-from wiki_embeddings.defs.schedules import maintenance_schedule
-from wiki_embeddings.defs.sensors import SENSORS
-from wiki_embeddings.defs.trust import vectors_match_model
 
 
 def _env(var: str) -> dg.EnvVar | None:
@@ -42,7 +35,17 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    """Built when Dagster loads the code location (not at import): resources bind the environment of that moment."""
+    """Built when Dagster loads the code location, not when this module is imported: the declarations are
+    imported here, so the settings they read (ID ranges, cron strings, the auto-swap default) and the resources'
+    environment are those of the load."""
+    from wiki_embeddings.defs.assets import ASSETS
+    from wiki_embeddings.defs.checks import missing_is_zero
+    from wiki_embeddings.defs.jobs import JOBS
+    from wiki_embeddings.defs.migration import MIGRATION_JOBS, MIGRATION_SENSORS
+    from wiki_embeddings.defs.schedules import maintenance_schedule
+    from wiki_embeddings.defs.sensors import SENSORS
+    from wiki_embeddings.defs.trust import vectors_match_model
+
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=[missing_is_zero, vectors_match_model],

@@ -209,6 +209,8 @@ class OllamaClient:
                 limits=httpx.Limits(max_connections=slots + 4, max_keepalive_connections=slots + 4),
                 headers={"content-type": "application/json", "user-agent": "wiki-embeddings"},
                 trust_env=False,  # Ollama sits on the internal network: never route it through an HTTP proxy
+                # Plain-HTTP servers need no TLS context (building one loads the CA store: ~15 ms a run).
+                verify=any(u.startswith("https://") for u in self._urls),
             )
         return self._http
 

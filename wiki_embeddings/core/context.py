@@ -241,8 +241,11 @@ PREFLIGHT_SAMPLE = 300
 _KOREAN_SHARE = 0.3  # a text whose letters are at least this share Hangul counts as Korean
 
 
+_LETTER = re.compile(r"[^\W\d_]")
+
+
 def _is_korean(text: str) -> bool:
-    letters = sum(1 for ch in text if ch.isalpha())
+    letters = len(_LETTER.findall(text))
     return letters > 0 and len(_HANGUL.findall(text)) >= _KOREAN_SHARE * letters
 
 

@@ -21,6 +21,7 @@ from wiki_embeddings.core.db.errors import (
     translate_driver_errors,
 )
 from wiki_embeddings.core.db.failures import FailuresMixin
+from wiki_embeddings.core.db.indexes import IndexesMixin
 from wiki_embeddings.core.db.records import (
     Claim,
     Provenance,
@@ -66,6 +67,7 @@ class Store(
     FailuresMixin,
     StateMixin,
     ColumnsMixin,
+    IndexesMixin,
     RunsMixin,
     StatsMixin,
     TrustMixin,
