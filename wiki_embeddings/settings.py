@@ -315,8 +315,3 @@ def url_secrets(url: str | None) -> list[str]:
             if spelling and spelling not in out:
                 out.append(spelling)
     return out
-
-
-def url_password(url: str | None) -> str | None:
-    secrets = url_secrets(url)
-    return secrets[0] if secrets else None

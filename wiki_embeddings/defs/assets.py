@@ -15,9 +15,8 @@ Who keeps the picture current without a click (the database is the truth, whoeve
 """
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import unquote
 
 import dagster as dg
 from pydantic import Field
@@ -37,7 +36,7 @@ from wiki_embeddings.defs.partitions import (
     key_for_id,
 )
 from wiki_embeddings.defs.resources import OllamaResource, WikiDatabaseResource, run_engine
-from wiki_embeddings.settings import Settings, redact, url_password
+from wiki_embeddings.settings import Settings, redact, url_secrets
 
 GROUP = "wiki_embeddings"
 #: Concurrency pool of every step that calls Ollama; its limit (dagster.yaml `concurrency.pools`, or
@@ -272,7 +271,7 @@ def report_metadata(report: RunReport, settings: Settings) -> dict[str, Any]:
 def _run(context: dg.AssetExecutionContext, database, ollama, *, mode: str, **run: Any) -> tuple[RunReport, Settings]:
     """The engine run; errors it raises become one redacted line (`from None`: Dagster stores an exception's
     whole chain, and a libpq message can echo the connection URL)."""
-    secrets = _url_secrets(database.settings().database_url)
+    secrets = url_secrets(database.settings().database_url)
     try:
         return run_engine(database, ollama, mode=mode, log=context.log.info, **run)
     except DatabaseUnavailable as exc:  # the database is away: transient
@@ -283,12 +282,7 @@ def _run(context: dg.AssetExecutionContext, database, ollama, *, mode: str, **ru
         raise dg.Failure(description=redact(str(exc), secrets), allow_retries=False) from None
 
 
-def _url_secrets(url: str | None) -> list[str]:
-    password = url_password(url)
-    return [password, unquote(password)] if password else []
-
-
-def _first_line(exc: BaseException, secrets: list[str]) -> str:
+def _first_line(exc: BaseException, secrets: Sequence[str | None]) -> str:
     text = str(exc).strip()
     return redact(text.splitlines()[0] if text else type(exc).__name__, secrets)
 
