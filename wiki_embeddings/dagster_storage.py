@@ -56,7 +56,9 @@ def _from_config(cls: Any, inst_data: Any, config_value: dict[str, Any]) -> Any:
     )
 
 
-class ProjectRunStorage(PostgresRunStorage):
+class _ProjectStorage:
+    """The project's config for each dagster-postgres storage: the URL resolved by `instance_storage_url`."""
+
     @classmethod
     def config_type(cls) -> dict[str, Any]:
         return _CONFIG
@@ -66,21 +68,13 @@ class ProjectRunStorage(PostgresRunStorage):
         return _from_config(cls, inst_data, config_value)
 
 
-class ProjectEventLogStorage(PostgresEventLogStorage):
-    @classmethod
-    def config_type(cls) -> dict[str, Any]:
-        return _CONFIG
-
-    @classmethod
-    def from_config_value(cls, inst_data, config_value):
-        return _from_config(cls, inst_data, config_value)
+class ProjectRunStorage(_ProjectStorage, PostgresRunStorage):
+    pass
 
 
-class ProjectScheduleStorage(PostgresScheduleStorage):
-    @classmethod
-    def config_type(cls) -> dict[str, Any]:
-        return _CONFIG
+class ProjectEventLogStorage(_ProjectStorage, PostgresEventLogStorage):
+    pass
 
-    @classmethod
-    def from_config_value(cls, inst_data, config_value):
-        return _from_config(cls, inst_data, config_value)
+
+class ProjectScheduleStorage(_ProjectStorage, PostgresScheduleStorage):
+    pass

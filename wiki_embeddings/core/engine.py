@@ -944,7 +944,8 @@ class Backfill:
                 return
             for k in risky:
                 await self._embed_rows([rows[k]], done, report)
-            await self._embed_rows([r for k, r in enumerate(rows) if k not in set(risky)], done, report)
+            alone = set(risky)
+            await self._embed_rows([r for k, r in enumerate(rows) if k not in alone], done, report)
             return
         except InvalidVectors as exc:
             good = [k for k, v in enumerate(exc.vectors) if v is not None]

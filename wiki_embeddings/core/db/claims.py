@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -80,13 +80,7 @@ class ClaimsMixin(StoreBase):
             "table": self.failure_key,
             "cap": max_attempts,
         }
-        cand = conn.execute(query, params).fetchall()
-        if not cand:
-            return Claim([], None, 0)
-        locked = [cid for cid, ok in cand if ok]
-        rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, sql.SQL("AND {emb} IS NULL"), {})
-        busy = [int(cid) for cid, ok in cand if not ok]
-        return Claim(rows, int(cand[-1][0]), len(busy), invalid, md5s, busy_ids=busy)
+        return self._lock_and_read(conn, query, params, max_chars)
 
     def claim_ids(
         self: Store,
@@ -99,19 +93,26 @@ class ClaimsMixin(StoreBase):
     ) -> Claim:
         """Claim these ids again (chunks that were busy earlier in the run), those still missing only."""
         key = _lock_key_sql(self.table.lock_namespace)
-        cand = conn.execute(
-            sql.SQL(
-                "WITH cand AS MATERIALIZED (SELECT t.{id} AS id FROM {t} t WHERE t.{id} = ANY(%(ids)s)"
-                " AND t.{emb} IS NULL {filter})"
-                " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
-            ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key),
-            {"ids": list(ids), "table": self.failure_key, "cap": max_attempts},
-        ).fetchall()
+        query = sql.SQL(
+            "WITH cand AS MATERIALIZED (SELECT t.{id} AS id FROM {t} t WHERE t.{id} = ANY(%(ids)s)"
+            " AND t.{emb} IS NULL {filter})"
+            " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
+        ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key)
+        params = {"ids": list(ids), "table": self.failure_key, "cap": max_attempts}
+        return self._lock_and_read(conn, query, params, max_chars)
+
+    def _lock_and_read(
+        self: Store, conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any], max_chars: int
+    ) -> Claim:
+        """Run a candidate query that tries each candidate's claim lock; read the text of those locked. A candidate
+        whose key another session holds is `busy`: the run retries it at its end, it is never skipped for good."""
+        cand = conn.execute(query, params).fetchall()
+        if not cand:
+            return Claim([], None, 0)
         locked = [int(cid) for cid, ok in cand if ok]
         rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, sql.SQL("AND {emb} IS NULL"), {})
         busy = [int(cid) for cid, ok in cand if not ok]
-        last = int(cand[-1][0]) if cand else None
-        return Claim(rows, last, len(busy), invalid, md5s, busy_ids=busy)
+        return Claim(rows, int(cand[-1][0]), len(busy), invalid, md5s, busy_ids=busy)
 
     def _read_claimed(
         self: Store,

@@ -26,32 +26,12 @@ class TrustMixin(StoreBase):
     _trust_ready: bool = False
 
     def ensure_trust_schema(self: Store) -> None:
+        """The trust tables are migration 6: a writer brings an older bookkeeping schema up to date first (no DDL
+        when they exist, so a role without CREATE works once the schema is current)."""
         if self._trust_ready:
             return
-        if self._trust_table("column_identity") and self._trust_table("trust_log"):  # no DDL when present: a role
-            self._trust_ready = True  # without CREATE on the database or the schema must run (README, privileges)
-            return
-        with self.conn.transaction():
-            self.conn.execute("SELECT pg_advisory_xact_lock(hashtext('wiki_embeddings.trust_schema'))")
-            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._s))
-            self.conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {s}.column_identity ("
-                    " table_name text NOT NULL, column_attnum smallint NOT NULL, model text NOT NULL,"
-                    " dimensions integer NOT NULL, text_prefix text NOT NULL DEFAULT '',"
-                    " query_prefix text NOT NULL DEFAULT '', recorded_at timestamptz NOT NULL DEFAULT now(),"
-                    " PRIMARY KEY (table_name, column_attnum))"
-                ).format(s=self._s)
-            )
-            self.conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {s}.trust_log ("
-                    " id bigserial PRIMARY KEY, table_name text NOT NULL, kind text NOT NULL, run_id bigint,"
-                    " model text, recorded_at timestamptz NOT NULL DEFAULT now(),"
-                    " result jsonb NOT NULL DEFAULT '{{}}');"
-                    " CREATE INDEX IF NOT EXISTS trust_log_kind_idx ON {s}.trust_log (table_name, kind, id DESC)"
-                ).format(s=self._s)
-            )
+        if not (self._trust_table("column_identity") and self._trust_table("trust_log")):
+            self.migrate()
         self._trust_ready = True
 
     def _trust_table(self: Store, name: str) -> bool:
