@@ -102,13 +102,15 @@ def filled(table) -> int:
 
 
 def advisory_locks(table) -> list:
-    """Advisory locks held on this table's chunks (hashed bigint keys) or on its runs (two-int keys)."""
+    """Advisory locks held on this table's chunks (hashed bigint keys) or on its runs (two-int keys: the run
+    namespace and the run id; other tables' runs, e.g. another test's abandoned session, are not this table's)."""
     store = table.store
     runs = table.sql(
         "SELECT pid, classid, objid, objsubid FROM pg_locks WHERE locktype = 'advisory'"
         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND objsubid = 2 AND classid::bigint = %s",
-        (store.run_lock_namespace,),
+        " AND objsubid = 2 AND classid::bigint = %s"
+        f" AND objid::bigint IN (SELECT run_id FROM {store.state_schema}.runs WHERE table_name = %s)",
+        (store.run_lock_namespace, store.table.qualified),
     )
     return runs + [("claim", cid) for cid in store.held_claims()]
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import queue
 import signal
 import threading
 import time
@@ -182,6 +183,25 @@ class _NoAnswer(Exception):
     """A database call passed its client-side deadline."""
 
 
+def _run_and_deliver(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future, fn: Callable[..., Any], args: tuple, kwargs: dict
+) -> None:
+    """Run `fn(*args, **kwargs)` here (a worker thread) and hand its outcome to `future` on its loop."""
+
+    def deliver(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(deliver, future.set_exception, exc)
+    else:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(deliver, future.set_result, result)
+
+
 def in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future:
     """`fn(*args)` on a daemon thread, as a future of the running loop.
 
@@ -190,23 +210,36 @@ def in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> async
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
-
-    def deliver(setter: Callable[[Any], None], value: Any) -> None:
-        if not future.done():
-            setter(value)
-
-    def target() -> None:
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-                loop.call_soon_threadsafe(deliver, future.set_exception, exc)
-        else:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(deliver, future.set_result, result)
-
-    threading.Thread(target=target, name="wiki-embeddings-db", daemon=True).start()
+    work = (loop, future, fn, args, kwargs)
+    threading.Thread(target=_run_and_deliver, args=work, name="wiki-embeddings-db", daemon=True).start()
     return future
+
+
+class _Lane:
+    """One daemon thread that runs the calls on one connection in order, as futures of the running loop.
+
+    A thread per call (`in_daemon_thread`) costs a thread start on every database call of every batch; a lane is
+    started once per connection. A call that never answers leaves its lane stuck inside it: the lane is abandoned
+    with its connection (a daemon thread never holds the process) and the reconnected role gets a new one.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._calls.put((loop, future, fn, args, kwargs))
+        return future
+
+    def close(self) -> None:
+        """The thread ends once the calls already queued are done."""
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            _run_and_deliver(*call)
 
 
 class _Fatal(RuntimeError):
@@ -237,6 +270,8 @@ class RunState:
         default_factory=list
     )  # lost connections, closed when no stage can be using them any more
     abandoned: set[Any] = field(default_factory=set)  # connections whose call never answered: never touched again
+    lanes: dict[Any, _Lane] = field(default_factory=dict)  # each connection's worker thread (the store's: "store")
+    stop_waiter: tuple[asyncio.Event, asyncio.Future] | None = None  # (stop_event, the waiter every call shares)
     db_silent: bool = False  # a call went unanswered after a stop request: later calls get no grace
     reconnecting: dict[str, asyncio.Lock] = field(default_factory=dict)
     held: set[int] = field(default_factory=set)  # chunk ids this run has claimed and not yet released
@@ -295,6 +330,10 @@ class Backfill:
         try:
             return await self._arun()
         finally:
+            self._close_lanes()
+            if self.state.stop_waiter is not None:
+                self.state.stop_waiter[1].cancel()
+                self.state.stop_waiter = None
             await self.client.aclose()
 
     async def _arun(self) -> RunReport:
@@ -352,6 +391,9 @@ class Backfill:
         conns = [self.state.conns.pop(role) for role in roles if role in self.state.conns] + self.state.retired
         self.state.retired = []
         for conn in conns:
+            lane = self.state.lanes.pop(conn, None)
+            if lane is not None:
+                lane.close()
             if conn in self.state.abandoned:
                 continue
             with contextlib.suppress(Exception):
@@ -652,7 +694,7 @@ class Backfill:
         while True:
             conn = self.state.conns.get(role) if role != "store" else None
             try:
-                return await self._answer(in_daemon_thread(fn, conn, *args, **kwargs))
+                return await self._answer(self._lane(conn).submit(fn, conn, *args, **kwargs))
             except (DatabaseUnavailable, _NoAnswer) as exc:  # (the store's own connection reopens itself)
                 if isinstance(exc, _NoAnswer):
                     self._abandon(role, conn)
@@ -671,27 +713,36 @@ class Backfill:
 
     async def _answer(self, call: asyncio.Future) -> Any:
         """The call's result within its deadline; a stop request cuts the wait to a short grace."""
-        stop = asyncio.ensure_future(self.state.stop_event.wait())
-        try:
-            done, _ = await asyncio.wait({call, stop}, timeout=self._call_deadline, return_when="FIRST_COMPLETED")
-            if call not in done and stop in done:
-                # Once one call went unanswered after a stop, the database is taken as silent: no more graces.
-                grace = 0.2 if self.state.db_silent else DB_STOP_GRACE_SEC
-                done, _ = await asyncio.wait({call}, timeout=grace)
-                if call not in done:
-                    call.cancel()
-                    self.state.db_silent = True
-                    raise _Fatal(
-                        "stopped",
-                        f"stopped on request ({self.state.stop_reason}) while the database did not answer for "
-                        f"{DB_STOP_GRACE_SEC:g} s; the chunks in flight stay missing and a re-run takes them",
-                    )
+        stop = self._stop_waiter()
+        done, _ = await asyncio.wait({call, stop}, timeout=self._call_deadline, return_when="FIRST_COMPLETED")
+        if call not in done and stop in done:
+            # Once one call went unanswered after a stop, the database is taken as silent: no more graces.
+            grace = 0.2 if self.state.db_silent else DB_STOP_GRACE_SEC
+            done, _ = await asyncio.wait({call}, timeout=grace)
             if call not in done:
                 call.cancel()
-                raise _NoAnswer(f"no answer from the database within {self._call_deadline:g} s (client deadline)")
-            return call.result()
-        finally:
-            stop.cancel()
+                self.state.db_silent = True
+                raise _Fatal(
+                    "stopped",
+                    f"stopped on request ({self.state.stop_reason}) while the database did not answer for "
+                    f"{DB_STOP_GRACE_SEC:g} s; the chunks in flight stay missing and a re-run takes them",
+                )
+        if call not in done:
+            call.cancel()
+            raise _NoAnswer(f"no answer from the database within {self._call_deadline:g} s (client deadline)")
+        return call.result()
+
+    def _stop_waiter(self) -> asyncio.Future:
+        """One task waiting on the stop event, shared by every call's wait (a task per call costs CPU per batch)."""
+        event, loop = self.state.stop_event, asyncio.get_running_loop()
+        if self.state.stop_waiter is not None:
+            waited, waiter = self.state.stop_waiter
+            if waited is event and waiter.get_loop() is loop:
+                return waiter
+            waiter.cancel()
+        waiter = asyncio.ensure_future(event.wait())
+        self.state.stop_waiter = (event, waiter)
+        return waiter
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -699,10 +750,26 @@ class Backfill:
 
     def _abandon(self, role: str, conn: Any) -> None:
         """A connection whose call never answered is dropped, never closed (its thread may be inside it)."""
+        lane = self.state.lanes.pop(conn if conn is not None else "store", None)
+        if lane is not None:
+            lane.close()  # the thread ends if that call ever returns
         if conn is not None:
             self.state.abandoned.add(conn)
         else:
             self.store.forget_connection()
+
+    def _lane(self, conn: Any) -> _Lane:
+        """The worker thread of a pipeline connection (None: the store's own connection)."""
+        key = conn if conn is not None else "store"
+        lane = self.state.lanes.get(key)
+        if lane is None:
+            lane = self.state.lanes[key] = _Lane("wiki-embeddings-db")
+        return lane
+
+    def _close_lanes(self) -> None:
+        for lane in self.state.lanes.values():
+            lane.close()
+        self.state.lanes.clear()
 
     async def _reconnect(self, role: str, lost: Any) -> None:
         """Replace the role's lost connection once, however many stages noticed; re-take what its session held.

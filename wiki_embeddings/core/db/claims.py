@@ -64,15 +64,6 @@ class ClaimsMixin(StoreBase):
         across the HTTP call. Text is read after locking, so a chunk another worker just wrote is not taken.
         """
         lower = after_id if after_id is not None else (id_min - 1 if id_min is not None else None)
-        key = _lock_key_sql(self.table.lock_namespace)
-        query = sql.SQL(
-            "WITH cand AS MATERIALIZED ("
-            " SELECT t.{id} AS id FROM {t} t WHERE t.{emb} IS NULL"
-            " AND (%(lower)s::bigint IS NULL OR t.{id} > %(lower)s)"
-            " AND (%(upper)s::bigint IS NULL OR t.{id} <= %(upper)s) {filter}"
-            " ORDER BY t.{id} LIMIT %(limit)s)"
-            " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
-        ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key)
         params = {
             "lower": lower,
             "upper": id_max,
@@ -80,7 +71,33 @@ class ClaimsMixin(StoreBase):
             "table": self.failure_key,
             "cap": max_attempts,
         }
-        return self._lock_and_read(conn, query, params, max_chars)
+        return self._lock_and_read(conn, self._claim_statement(conn, "range", mode), params, max_chars)
+
+    def _claim_statement(self: Store, conn: psycopg.Connection, kind: str, mode: str) -> bytes:
+        """The candidate query of a claim (`range`: keyset after an id; `ids`: given ids), composed once per store:
+        composing on every batch costs client CPU, and an identical statement lets psycopg prepare it (bytes: see
+        `_write_statement`)."""
+        cached = self._claim_statements.get((kind, mode))
+        if cached is not None:
+            return cached
+        key = _lock_key_sql(self.table.lock_namespace)
+        if kind == "range":
+            query = sql.SQL(
+                "WITH cand AS MATERIALIZED ("
+                " SELECT t.{id} AS id FROM {t} t WHERE t.{emb} IS NULL"
+                " AND (%(lower)s::bigint IS NULL OR t.{id} > %(lower)s)"
+                " AND (%(upper)s::bigint IS NULL OR t.{id} <= %(upper)s) {filter}"
+                " ORDER BY t.{id} LIMIT %(limit)s)"
+                " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
+            ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key)
+        else:
+            query = sql.SQL(
+                "WITH cand AS MATERIALIZED (SELECT t.{id} AS id FROM {t} t WHERE t.{id} = ANY(%(ids)s)"
+                " AND t.{emb} IS NULL {filter})"
+                " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
+            ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key)
+        self._claim_statements[(kind, mode)] = query.as_bytes(conn)
+        return self._claim_statements[(kind, mode)]
 
     def claim_ids(
         self: Store,
@@ -92,17 +109,11 @@ class ClaimsMixin(StoreBase):
         max_attempts: int = 3,
     ) -> Claim:
         """Claim these ids again (chunks that were busy earlier in the run), those still missing only."""
-        key = _lock_key_sql(self.table.lock_namespace)
-        query = sql.SQL(
-            "WITH cand AS MATERIALIZED (SELECT t.{id} AS id FROM {t} t WHERE t.{id} = ANY(%(ids)s)"
-            " AND t.{emb} IS NULL {filter})"
-            " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
-        ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key)
         params = {"ids": list(ids), "table": self.failure_key, "cap": max_attempts}
-        return self._lock_and_read(conn, query, params, max_chars)
+        return self._lock_and_read(conn, self._claim_statement(conn, "ids", mode), params, max_chars)
 
     def _lock_and_read(
-        self: Store, conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any], max_chars: int
+        self: Store, conn: psycopg.Connection, query: bytes, params: dict[str, Any], max_chars: int
     ) -> Claim:
         """Run a candidate query that tries each candidate's claim lock; read the text of those locked. A candidate
         whose key another session holds is `busy`: the run retries it at its end, it is never skipped for good."""
@@ -110,7 +121,7 @@ class ClaimsMixin(StoreBase):
         if not cand:
             return Claim([], None, 0)
         locked = [int(cid) for cid, ok in cand if ok]
-        rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, sql.SQL("AND {emb} IS NULL"), {})
+        rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, True, {})
         busy = [int(cid) for cid, ok in cand if not ok]
         return Claim(rows, int(cand[-1][0]), len(busy), invalid, md5s, busy_ids=busy)
 
@@ -119,10 +130,11 @@ class ClaimsMixin(StoreBase):
         conn: psycopg.Connection,
         locked: list[int],
         max_chars: int,
-        condition: sql.Composable,
+        missing: bool,
         expected_md5: dict[int, str],
     ) -> tuple[list[tuple[int, str]], list[tuple[int, str, int]], dict[int, str]]:
-        """Read the cut text and md5(whole text) of locked chunks still matching `condition`; release the rest.
+        """Read the cut text and md5(whole text) of locked chunks still missing (`missing`), else still embedded;
+        release the rest.
 
         With `expected_md5`, a chunk whose text changed again since it was found is released, not taken.
         """
@@ -131,16 +143,22 @@ class ClaimsMixin(StoreBase):
         md5s: dict[int, str] = {}
         if not locked:
             return rows, invalid, md5s
-        condition = condition.format(emb=self._emb) if isinstance(condition, sql.SQL) else condition
         if _is_sql_ascii(conn):
+            condition = sql.SQL("AND {emb} IS NULL" if missing else "AND {emb} IS NOT NULL").format(emb=self._emb)
             rows, invalid, md5s = self._read_undeclared_bytes(conn, locked, max_chars, condition)
         else:
-            for r in conn.execute(
-                sql.SQL(
-                    "SELECT {id}, left({text}, %s), md5({text}) FROM {t} WHERE {id} = ANY(%s) {cond} ORDER BY {id}"
-                ).format(id=self._id, text=self._text, t=self._t, cond=condition),
-                (max_chars, locked),
-            ).fetchall():
+            read = self._read_statements.get(missing)
+            if read is None:
+                condition = sql.SQL("AND {emb} IS NULL" if missing else "AND {emb} IS NOT NULL").format(emb=self._emb)
+                read = (
+                    sql.SQL(
+                        "SELECT {id}, left({text}, %s), md5({text}) FROM {t} WHERE {id} = ANY(%s) {cond} ORDER BY {id}"
+                    )
+                    .format(id=self._id, text=self._text, t=self._t, cond=condition)
+                    .as_bytes(conn)
+                )
+                self._read_statements[missing] = read
+            for r in conn.execute(read, (max_chars, locked)).fetchall():
                 rows.append((int(r[0]), r[1]))
                 md5s[int(r[0])] = r[2]
         if expected_md5:
@@ -197,11 +215,14 @@ class ClaimsMixin(StoreBase):
         """Give back claims (after their vectors are committed, or when they are skipped)."""
         if not ids:
             return
-        key = _lock_key_sql(self.table.lock_namespace)
-        conn.execute(
-            sql.SQL("SELECT count(pg_advisory_unlock({key})) FROM unnest(%s::bigint[]) AS c(id)").format(key=key),
-            (list(ids),),
-        )
+        if self._release_statement is None:
+            key = _lock_key_sql(self.table.lock_namespace)
+            self._release_statement = (
+                sql.SQL("SELECT count(pg_advisory_unlock({key})) FROM unnest(%s::bigint[]) AS c(id)")
+                .format(key=key)
+                .as_bytes(conn)
+            )
+        conn.execute(self._release_statement, (list(ids),))
 
     def relock(self: Store, conn: psycopg.Connection, ids: Sequence[int]) -> list[int]:
         """Re-take claims after a reconnect; returns the ids this session holds again."""

@@ -52,6 +52,11 @@ class StoreBase:
         self._s = sql.Identifier(self.state_schema)
         self._failure_key: str | None = None
         self._attnum: int | None = None
+        # Statements of every batch, composed once (core/db/writes.py, claims.py).
+        self._write_statements: dict[tuple[bool, bool, bool], bytes] = {}
+        self._claim_statements: dict[tuple[str, str], bytes] = {}
+        self._read_statements: dict[bool, bytes] = {}
+        self._release_statement: bytes | None = None
 
     def connect(self, register: bool = True, statement_timeout_sec: float | None = None) -> psycopg.Connection:
         """A new autocommit connection (vector type registered when the extension exists).

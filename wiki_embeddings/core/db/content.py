@@ -83,9 +83,7 @@ class ContentMixin(StoreBase):
             ).fetchall()
         ]
         expected = {int(r[0]): r[1] for r in found}
-        rows, invalid, md5s = self._read_claimed(
-            conn, locked, max_chars, sql.SQL("AND {emb} IS NOT NULL"), {c: expected[c] for c in locked}
-        )
+        rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, False, {c: expected[c] for c in locked})
         return Claim(rows, last, len(found) - len(locked), invalid, md5s, len(found))
 
     def scan_changed(self: Store, record: bool = True) -> int:

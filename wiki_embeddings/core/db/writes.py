@@ -42,9 +42,6 @@ class WritesMixin(StoreBase):
         """
         if not ids:
             return WriteResult(0)
-        guard = sql.SQL("") if replace else sql.SQL(" AND t.{emb} IS NULL").format(emb=self._emb)
-        if md5s is not None:
-            guard = sql.Composed([guard, sql.SQL(" AND md5(t.{text}) = u.md5").format(text=self._text)])
         params: dict[str, Any] = {
             "ids": list(ids),
             "vectors": list(vectors),
@@ -53,15 +50,10 @@ class WritesMixin(StoreBase):
             "cut": notes.context_cut if notes is not None else [False] * len(ids),
             "trunc": notes.server_truncated if notes is not None else [False] * len(ids),
             "failure_key": self.failure_key,
+            "rel": self._rel,
+            "column": self.table.embedding_column,
         }
-        record: sql.Composable = sql.SQL("")
-        column_check: sql.Composable = sql.SQL("")
-        attnum_out: sql.Composable = sql.SQL("NULL::smallint, NULL::text")
-        model_cte: sql.Composable = sql.SQL("")
         if provenance is not None:
-            # The column's attnum is read in the same statement, after the UPDATE has locked the table: a swap
-            # (ACCESS EXCLUSIVE) cannot commit in between. A batch whose column was swapped since this run's
-            # first batch writes nothing (old-model vectors never land in the new column) and is refused below.
             params.update(
                 expected=self._attnum,
                 table=self.table.qualified,
@@ -70,9 +62,58 @@ class WritesMixin(StoreBase):
                 max_chars=provenance.max_chars,
                 prefix=provenance.text_prefix,
             )
-            # The model the column takes now (the live model, or a migration's target for its shadow column) is
-            # read in the same statement too: a run started before a swap never writes its model's vectors into
-            # a column that now belongs to another model.
+        stmt = self._write_statement(conn, replace, md5s is not None, provenance is not None)
+        # One statement on an autocommit connection is its own transaction: no BEGIN/COMMIT round trips.
+        row = conn.execute(stmt, params, binary=True).fetchone()
+        if provenance is not None:
+            attnum = row[1] if row else None
+            if attnum is None:
+                raise StoreError(f"column {self.table.embedding_column!r} not found in {self.table.qualified}")
+            if self._attnum is not None and attnum != self._attnum:
+                raise StoreError(
+                    f"column {self.table.embedding_column!r} was swapped during this run; nothing written "
+                    "in this batch (start the run again)"
+                )
+            self._attnum = int(attnum)
+            column_model = row[2] if row else None
+            if column_model is not None and not _same_model(column_model, provenance.model):
+                raise ModelMismatch(
+                    f"{self.table.qualified}.{self.table.embedding_column} now takes model {column_model!r} "
+                    f"(a swap or another run changed it); nothing of model {provenance.model!r} was written in "
+                    "this batch: start the run again"
+                )
+        return WriteResult(int(row[0]) if row else 0, tuple(row[-1] or ()) if row else ())
+
+    @property
+    def _rel(self: Store) -> str:
+        """The table's quoted name for `to_regclass` (quoting needs no connection for plain identifiers)."""
+        return sql.Identifier(self.table.schema, self.table.name).as_string(None)
+
+    def _write_statement(
+        self: Store, conn: psycopg.Connection, replace: bool, with_md5: bool, with_provenance: bool
+    ) -> bytes:
+        """The batch write statement for these options, composed into bytes once per store: composing (and even
+        turning a composed statement into bytes) costs client CPU on every batch otherwise, and an identical
+        statement lets psycopg prepare it. Every connection of a store speaks UTF-8 (connect), so the bytes fit
+        them all."""
+        key = (replace, with_md5, with_provenance)
+        cached = self._write_statements.get(key)
+        if cached is not None:
+            return cached
+        guard = sql.SQL("") if replace else sql.SQL(" AND t.{emb} IS NULL").format(emb=self._emb)
+        if with_md5:
+            guard = sql.Composed([guard, sql.SQL(" AND md5(t.{text}) = u.md5").format(text=self._text)])
+        record: sql.Composable = sql.SQL("")
+        column_check: sql.Composable = sql.SQL("")
+        attnum_out: sql.Composable = sql.SQL("NULL::smallint, NULL::text")
+        model_cte: sql.Composable = sql.SQL("")
+        if with_provenance:
+            # The column's attnum is read in the same statement, after the UPDATE has locked the table: a swap
+            # (ACCESS EXCLUSIVE) cannot commit in between. A batch whose column was swapped since this run's
+            # first batch writes nothing (old-model vectors never land in the new column) and is refused by
+            # write_vectors. The model the column takes now (the live model, or a migration's target for its
+            # shadow column) is read in the same statement too: a run started before a swap never writes its
+            # model's vectors into a column that now belongs to another model.
             column_check = sql.SQL(
                 " AND (%(expected)s::smallint IS NULL OR (SELECT attnum FROM a) = %(expected)s)"
                 " AND ((SELECT m FROM cm) IS NULL OR regexp_replace((SELECT m FROM cm), ':latest$', '')"
@@ -95,13 +136,14 @@ class WritesMixin(StoreBase):
                 " embedded_at = EXCLUDED.embedded_at, chars_sent = EXCLUDED.chars_sent,"
                 " context_cut = EXCLUDED.context_cut, server_truncated = EXCLUDED.server_truncated)"
             ).format(s=self._s)
+        # Every array travels in binary (text-format array dumping is the costliest client work of a batch).
         stmt = sql.SQL(
             "WITH a AS (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%(rel)s) AND attname = %(column)s"
             " AND NOT attisdropped),{model_cte}"
             " lk AS (SELECT t.{id} AS id FROM {t} AS t WHERE t.{id} = ANY(%(ids)b::bigint[]) FOR UPDATE SKIP LOCKED),"
             " w AS (UPDATE {t} AS t SET {emb} = u.e"
-            " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)s::text[], %(chars)s::int[],"
-            " %(cut)s::bool[], %(trunc)s::bool[]) AS u(id, e, md5, chars, cut, trunc)"
+            " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)b::text[], %(chars)b::int[],"
+            " %(cut)b::bool[], %(trunc)b::bool[]) AS u(id, e, md5, chars, cut, trunc)"
             " WHERE t.{id} = u.id AND t.{id} IN (SELECT id FROM lk){guard}{column_check}"
             " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5, u.chars, u.cut, u.trunc){record},"
             " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
@@ -119,29 +161,8 @@ class WritesMixin(StoreBase):
             attnum_out=attnum_out,
             model_cte=model_cte,
         )
-        params.update(
-            rel=sql.Identifier(self.table.schema, self.table.name).as_string(conn), column=self.table.embedding_column
-        )
-        with conn.transaction():
-            row = conn.execute(stmt, params, binary=True).fetchone()
-            if provenance is not None:
-                attnum = row[1] if row else None
-                if attnum is None:
-                    raise StoreError(f"column {self.table.embedding_column!r} not found in {self.table.qualified}")
-                if self._attnum is not None and attnum != self._attnum:
-                    raise StoreError(
-                        f"column {self.table.embedding_column!r} was swapped during this run; nothing written "
-                        "in this batch (start the run again)"
-                    )
-                self._attnum = int(attnum)
-                column_model = row[2] if row else None
-                if column_model is not None and not _same_model(column_model, provenance.model):
-                    raise ModelMismatch(
-                        f"{self.table.qualified}.{self.table.embedding_column} now takes model {column_model!r} "
-                        f"(a swap or another run changed it); nothing of model {provenance.model!r} was written in "
-                        "this batch: start the run again"
-                    )
-        return WriteResult(int(row[0]) if row else 0, tuple(row[-1] or ()) if row else ())
+        self._write_statements[key] = stmt.as_bytes(conn)
+        return self._write_statements[key]
 
     def _current_attnum(self: Store, conn: psycopg.Connection | None = None) -> int:
         c = conn or self.conn
