@@ -40,6 +40,7 @@ def child(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--concurrency", type=int, required=True)
     p.add_argument("--base", required=True)
+    p.add_argument("--max-chunks", type=int, default=None)
     a = p.parse_args(argv)
     settings = from_env(
         {},
@@ -49,6 +50,7 @@ def child(argv: list[str]) -> int:
         table=a.table,
         batch_size=a.batch,
         concurrency=a.concurrency,
+        max_chunks=a.max_chunks,
         report_every=10,
         stop_file=os.path.join(a.base, "wiki-embed.stop"),
         failure_log=os.path.join(a.base, "failures.jsonl"),
@@ -65,9 +67,13 @@ def child(argv: list[str]) -> int:
     return 0
 
 
-def backfill_in_child(bench: Bench, url: str, table: str, batch: int, concurrency: int) -> dict[str, float]:
+def backfill_in_child(
+    bench: Bench, url: str, table: str, batch: int, concurrency: int, max_chunks: int | None = None
+) -> dict[str, float]:
     cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--child", "--url", bench.url, "--ollama", url]
     cmd += ["--table", table, "--batch", str(batch), "--concurrency", str(concurrency), "--base", str(bench.base)]
+    if max_chunks is not None:
+        cmd += ["--max-chunks", str(max_chunks)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)

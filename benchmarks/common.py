@@ -142,9 +142,11 @@ class Bench:
             return len(chunks)
 
     def texts(self, n: int) -> list[str]:
-        """The first n template texts in id order, as the pipeline claims them (max-chars 2000 cuts nothing)."""
+        """The first n texts of a `new_table(rows=n)` in id order, as the pipeline claims them (max-chars 2000 cuts
+        nothing): the template's, over again from its start when n is larger than the template."""
         rows = self.sql("SELECT left(content, 2000) FROM bench_src.wiki_template ORDER BY id LIMIT %s", (n,))
-        return [r[0] for r in rows]
+        texts = [r[0] for r in rows]
+        return [texts[i % len(texts)] for i in range(n)] if texts else []
 
     def new_table(self, dim: int = DIM, rows: int = 0, source: str = "wiki") -> str:
         """A fresh chunk table (the project's own DDL: ensure_table) in its own schema; returns 'schema.table'.
@@ -164,13 +166,16 @@ class Bench:
             store.ensure_table(dim)
         with self.connect() as conn:
             t = sql.Identifier(schema, "wiki_chunks")
-            if rows and source == "wiki":
+            if rows and source == "wiki":  # the template's rows in id order, over again (new ids) if rows > them
                 conn.execute(
                     sql.SQL(
-                        "INSERT INTO {} (id, title, chunk_index, content) SELECT id, title, chunk_index, content "
-                        "FROM bench_src.wiki_template ORDER BY id LIMIT %s"
+                        "INSERT INTO {} (id, title, chunk_index, content)"
+                        " SELECT c.k * m.top + w.id, w.title, w.chunk_index, w.content"
+                        " FROM (SELECT max(id) AS top, count(*) AS n FROM bench_src.wiki_template) m,"
+                        " generate_series(0, (%s - 1) / greatest(m.n, 1)) AS c(k), bench_src.wiki_template w"
+                        " ORDER BY 1 LIMIT %s"
                     ).format(t),
-                    (rows,),
+                    (rows, rows),
                 )
             elif rows:
                 conn.execute(
@@ -235,7 +240,7 @@ def run_backfill(
     finally:
         store.close()
     cpu = time.process_time() - cpu0
-    if report.state != "completed":
+    if report.state not in ("completed", "max_chunks"):  # max_chunks: a capped run (--max-chunks) took its share
         raise RuntimeError(f"backfill ended {report.state}: {report.message}")
     return report, cpu
 

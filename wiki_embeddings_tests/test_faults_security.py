@@ -60,8 +60,8 @@ def _module_string_constants(tree: ast.Module) -> set[str]:
 ALLOWED_SQL_NAMES = {
     "statement": "a migration from the module constant MIGRATIONS, composed with .format(s=Identifier)",
     "definition": "pg_get_indexdef() text produced by PostgreSQL itself for an index it had",
-    "stmt": "a psycopg.sql.Composed built above from sql.SQL(literal).format(...)",
-    "query": "a psycopg.sql.Composed built above from sql.SQL(literal).format(...)",
+    "stmt": "a psycopg.sql.Composed built from sql.SQL(literal).format(...) (or its as_bytes(), composed once)",
+    "query": "a psycopg.sql.Composed built from sql.SQL(literal).format(...) (or its as_bytes(), composed once)",
 }
 
 

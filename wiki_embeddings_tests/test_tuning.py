@@ -150,6 +150,37 @@ def test_depth_one_leaves_the_server_idle_between_requests_which_is_why_it_grows
     assert rate_auto >= 0.99 * 64 / service
 
 
+@dataclass
+class SharedCoresServer(ScriptedServer):
+    """A CPU model on the client's own cores: while a second request of ours overlaps the one it computes (parsed,
+    queued, sent), it runs `penalty` slower."""
+
+    penalty: float = 0.15
+    sim: Sim | None = None
+
+    def service(self, texts: int) -> float:
+        overlap = self.sim is not None and self.sim.active[0] > 1
+        return super().service(texts) * (1 + self.penalty if overlap else 1.0)
+
+
+def test_a_queued_request_that_slows_a_cpu_model_is_taken_back_and_tried_again_only_much_later():
+    clock = FakeClock()
+    server = SharedCoresServer(1, fixed=0.005, per_text=0.042)  # ~2.7 s for 64 texts
+    sim = Sim(tune.Tuning(1, clock=clock), [server], clock)
+    server.sim = sim
+    sim.run(12)
+    depth = sim.tuning.depths[0]
+    undone = [c for c in depth.changes if c[2].startswith("no gain")]
+    assert [d for _, d, _ in undone] == [1], depth.changes
+    held_from = undone[0][0]
+    rate = sim.run(40)  # ~110 s, within the hold: one request in flight all along
+    assert set(sim.depth_log[-40:]) == {(1,)}
+    assert rate == pytest.approx(64 / (server.service(64) + sim.gap), rel=0.01), "the model runs at its full speed"
+    sim.run(int(tune.NO_GAIN_HOLD_SEC / 2.7) + 20)  # past the hold: tried once more, undone once more
+    again = [c for c in depth.changes if c[2].startswith("no gain")]
+    assert len(again) == 2 and again[1][0] - held_from >= tune.NO_GAIN_HOLD_SEC, depth.changes
+
+
 def test_each_server_of_a_list_gets_its_own_depth():
     sim = make([1, 3])
     sim.run(400)

@@ -79,6 +79,9 @@ EXIT_CODES = {
 DB_STOP_CHECK_EVERY_SEC = 1.0
 DB_RECONNECT_MAX_DELAY_SEC = 5.0
 DB_CLIENT_MARGIN_SEC = 5.0  # the client-side deadline of a database call: statement_timeout + this
+BUSY_RETRY_SEC = 0.05  # pause before chunks held elsewhere are claimed again, for the first BUSY_RETRY_FAST_SEC
+BUSY_RETRY_FAST_SEC = 2.0
+BUSY_RETRY_MAX_SEC = 1.0  # the longest pause after that
 DB_STOP_GRACE_SEC = 3.0  # after a stop request, how long a database call may still take before it is abandoned
 HEARTBEAT_EVERY_SEC = 10.0  # the run's row is touched this often; `status` calls a run stalled past its lease
 # A batch whose `prompt_eval_count` is below this share of its estimated tokens is re-checked text by text.
@@ -818,8 +821,14 @@ class Backfill:
             self.state.fatal = self.state.fatal or exc
 
     async def _pipeline(self, report: RunReport) -> None:
-        self.state.conns["claim"] = await asyncio.to_thread(self._connect)
-        self.state.conns["write"] = await asyncio.to_thread(self._connect)
+        # Both at once: a connection takes a few milliseconds that the first batch would otherwise wait for.
+        opened = await asyncio.gather(*(asyncio.to_thread(self._connect) for _ in range(2)), return_exceptions=True)
+        for role, conn in zip(("claim", "write"), opened, strict=True):
+            if not isinstance(conn, BaseException):
+                self.state.conns[role] = conn  # closed with the run's other connections if the other failed
+        for conn in opened:
+            if isinstance(conn, BaseException):
+                raise conn
         tuning = self.client.tuning
         workers_n = tuning.max_workers  # self-tuning: at most total-depth of them hold a batch (client.turn)
         # Claimed batches waiting for a worker: enough that no server waits on a claim, few enough that this run
@@ -896,24 +905,31 @@ class Backfill:
                 await todo.put(None)
 
     async def _produce_busy(self, todo: asyncio.Queue) -> None:
-        """Claim again the chunks that were busy; those still held stay in `_busy` for the next round."""
+        """Claim again the chunks that were busy; those still held stay in `busy` for the next round.
+
+        Each claim looks at every pending id and takes the first batch of those still missing, so ids that other
+        runs embedded meanwhile (most of them, at the end of a shared bootstrap) cost no round trip of their own.
+        """
         s = self.s
         pending = sorted(self.state.busy)
         self.state.busy.clear()
         if s.max_chunks is not None:
             pending = pending[: max(s.max_chunks - self.state.claimed, 0)]
-        for start in range(0, len(pending), s.batch_size):
+        while pending:
             if await self._should_stop():
-                self.state.busy.update(pending[start:])
+                self.state.busy.update(pending)
                 return
             claim = await self._db(
                 "claim",
                 self.store.claim_ids,
-                pending[start : start + s.batch_size],
+                pending,
                 max_chars=s.max_chars,
                 mode=self._claim_mode(),
                 max_attempts=s.max_attempts,
+                limit=s.batch_size,
             )
+            if claim.last_scanned_id is None:
+                return  # none of them is missing any more
             self.state.busy.update(claim.busy_ids)
             if claim.rows or claim.invalid:
                 batch = _Batch([(cid, clean_text(text)) for cid, text in claim.rows], claim.invalid)
@@ -921,6 +937,8 @@ class Backfill:
                 self.state.held.update(batch.ids)
                 self.state.md5.update(claim.text_md5)
                 await todo.put(batch)
+            last = claim.last_scanned_id
+            pending = [cid for cid in pending if cid > last]
 
     async def _retry_busy(self, report: RunReport) -> None:
         """Chunks another session held (a concurrent run's claim, a colliding claim key, a row lock) are never
@@ -928,13 +946,19 @@ class Backfill:
         if self.s.max_chunks is not None and self.state.claimed >= self.s.max_chunks:
             self.state.busy.clear()  # a capped run (maintenance) took its share: the rest is another run's business
             return
-        deadline = time.monotonic() + self.s.busy_wait_sec
+        began = time.monotonic()
+        deadline = began + self.s.busy_wait_sec
         while self.state.busy and self.state.fatal is None and not self.state.stop_event.is_set():
             self.state.phase = "busy"
             await self._pipeline(report)
-            if not self.state.busy or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if not self.state.busy or now >= deadline:
                 break
-            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+            # Most are another run's batch in flight, free within a request's time: asked again soon at first;
+            # chunks held longer (a colliding claim key, a long transaction) are asked about less and less often.
+            waited = now - began
+            pause = BUSY_RETRY_SEC if waited < BUSY_RETRY_FAST_SEC else min(waited / 2, BUSY_RETRY_MAX_SEC)
+            await asyncio.sleep(min(pause, max(deadline - now, 0)))
         self.state.phase = "missing"
 
     async def _work(self, todo: asyncio.Queue, done: asyncio.Queue, report: RunReport) -> None:

@@ -11,9 +11,11 @@ Depth (per server, unless pinned by `--concurrency N`; `--sleep-ms > 0` and poli
   the current depth, and `queued = depth * (1 - base / R)` estimates how many of our requests wait in the
   server's queue. queued < GROW_BELOW (nothing waits: a slot idles between requests) -> depth + 1;
   queued > SHRINK_ABOVE (latency grew with no slot to show for it) -> depth - 1. Against a one-slot server
-  this settles at 2 (one running, one queued), against K slots at K + 1. A 429/503/502/504, a transport
-  error or a timeout halves the depth and holds it for TROUBLE_HOLD clean answers. Every RELEARN_SEC the
-  base is measured again at depth 1 for RELEARN_SAMPLES requests (~0.2 % of the time at 4 slots), so a server
+  this settles at 2 (one running, one queued), against K slots at K + 1. An added request must raise the
+  server's answered texts/s (goodput) by MIN_GAIN, else it is taken back and depth holds for NO_GAIN_HOLD_SEC: a
+  CPU model sharing the client's cores can lose more to the overlap than the idle gap it fills. A 429/503/502/504,
+  a transport error or a timeout halves the depth and holds it for TROUBLE_HOLD clean answers. Every RELEARN_SEC the
+  base is measured again at depth 1 for BASE_SAMPLES requests (~0.2 % of the time at 4 slots), so a server
   that got faster is seen as it is now (one that got slower shows as latency growth and is re-measured anyway).
 
 Batch size (all modes): the configured `--batch-size` is the maximum. Trouble (429/503/timeouts) halves a cap;
@@ -33,11 +35,13 @@ from typing import Any
 MAX_DEPTH = 8  # requests in flight per server that auto-tuning may reach
 GROW_BELOW = 0.5  # estimated requests of ours queued at the server below which depth grows
 SHRINK_ABOVE = 1.5  # ... above which it shrinks
-MIN_SAMPLES = 4  # answers at one depth (and batch size) before a decision
+MIN_SAMPLES = 3  # answers at one depth (and batch size) before a decision (at least one per request in flight)
+BASE_SAMPLES = 2  # answers at depth 1 that measure the base latency (their fastest counts)
 TROUBLE_HOLD = 16  # clean answers after a trouble before depth may grow again
 RELEARN_SEC = 60.0  # seconds between two re-measurements of the base latency at depth 1
-RELEARN_SAMPLES = 3  # answers at depth 1 per re-measurement
 GROW_AFTER = 8  # clean answers in a row before a batch cap lowered by trouble doubles again
+MIN_GAIN = 0.02  # a request added to the queue must raise the server's answered texts/s by this share, else undone
+NO_GAIN_HOLD_SEC = 300.0  # after an added request gained nothing: seconds before depth may grow again
 POLITE_START = 1  # polite mode's first batch: nothing is known about the model's speed yet
 PER_CHUNK_WEIGHT = 0.5  # weight of the newest measurement in the seconds-per-chunk average
 
@@ -74,20 +78,38 @@ class ServerDepth:
         self.troubles = 0
         self.changes: list[tuple[float, int, str]] = []  # (time, new depth, why): for reports and tests
         self.last_estimate: float | None = None
+        # Goodput of the current window: texts answered after its first answer, over the time since that answer.
+        self.first_answer: float | None = None
+        self.last_answer = 0.0
+        self.texts_after_first = 0
+        self.trial: tuple[int, float | None] | None = None  # just grown: (the depth before, its goodput)
+        self.no_grow_until = float("-inf")
 
     def _set(self, depth: int, why: str) -> None:
         depth = max(1, min(self.max_depth, depth))
         self.epoch += 1
-        self.window = []
+        self._new_window()
         if depth != self.depth:
             self.depth = depth
             self.changes.append((self.clock(), depth, why))
+
+    def _new_window(self) -> None:
+        self.window = []
+        self.first_answer = None
+        self.texts_after_first = 0
+
+    def goodput(self) -> float | None:
+        """Texts per second this server answered over the current window (None before two answers)."""
+        if self.first_answer is None or self.last_answer <= self.first_answer:
+            return None
+        return self.texts_after_first / (self.last_answer - self.first_answer)
 
     def trouble(self) -> None:
         self.troubles += 1
         if self.pinned is not None:
             return
         self.resume = None
+        self.trial = None
         self.hold = TROUBLE_HOLD
         self._set(max(1, self.depth // 2), "trouble")
 
@@ -102,9 +124,16 @@ class ServerDepth:
         if ticket.epoch != self.epoch or n != nominal:
             return  # sent before the last change, or a partial / bisected batch: not this depth's evidence
         if n != self.window_texts:  # the batch size changed: a window holds answers of one size only
-            self.window, self.window_texts = [], n
+            self._new_window()
+            self.window_texts = n
         self.window.append(seconds)
-        if len(self.window) < max(MIN_SAMPLES if self.resume is None else RELEARN_SAMPLES, self.depth):
+        now = self.clock()
+        if self.first_answer is None:
+            self.first_answer = now
+        else:
+            self.texts_after_first += n
+        self.last_answer = now
+        if len(self.window) < (BASE_SAMPLES if self.depth == 1 else max(MIN_SAMPLES, self.depth)):
             return
         self._decide(n)
 
@@ -122,10 +151,21 @@ class ServerDepth:
             self.resume = self.depth
             self._set(1, "measure base")
             return
+        rate = self.goodput()
+        if self.trial is not None:
+            # The request just added must pay: on a server that computes on the same cores as this client (a CPU
+            # model) a queued request can slow the model more than the idle gap it fills.
+            before, before_rate, self.trial = self.trial[0], self.trial[1], None
+            if rate is not None and before_rate is not None and rate < before_rate * (1 + MIN_GAIN):
+                self.no_grow_until = self.clock() + NO_GAIN_HOLD_SEC
+                self._set(before, f"no gain ({rate:.1f} vs {before_rate:.1f} texts/s)")
+                return
         latency = statistics.fmean(window)  # the average (Little's law): a median misses the one queued in N
         queued = self.depth * max(0.0, 1.0 - base / latency) if latency > 0 else 0.0
         self.last_estimate = queued
-        if queued < GROW_BELOW and self.depth < self.max_depth and self.hold == 0:
+        growable = self.depth < self.max_depth and self.hold == 0 and self.clock() >= self.no_grow_until
+        if queued < GROW_BELOW and growable:
+            self.trial = (self.depth, rate)
             self._set(self.depth + 1, f"idle slot (queued {queued:.2f})")
         elif queued > SHRINK_ABOVE and self.depth > 1:
             self._set(self.depth - 1, f"latency grew (queued {queued:.2f})")
@@ -133,7 +173,7 @@ class ServerDepth:
             self.resume = self.depth
             self._set(1, "re-measure base")
         else:
-            self.window = []
+            self._new_window()
 
 
 class BatchSizer:

@@ -92,8 +92,8 @@ class ClaimsMixin(StoreBase):
             ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key)
         else:
             query = sql.SQL(
-                "WITH cand AS MATERIALIZED (SELECT t.{id} AS id FROM {t} t WHERE t.{id} = ANY(%(ids)s)"
-                " AND t.{emb} IS NULL {filter})"
+                "WITH cand AS MATERIALIZED (SELECT t.{id} AS id FROM {t} t WHERE t.{id} = ANY(%(ids)b::bigint[])"
+                " AND t.{emb} IS NULL {filter} ORDER BY t.{id} LIMIT %(limit)s)"
                 " SELECT c.id, pg_try_advisory_lock({key}) AS locked FROM cand c ORDER BY c.id"
             ).format(id=self._id, t=self._t, emb=self._emb, filter=self._candidate_filter(mode), key=key)
         self._claim_statements[(kind, mode)] = query.as_bytes(conn)
@@ -107,9 +107,11 @@ class ClaimsMixin(StoreBase):
         max_chars: int,
         mode: str = "normal",
         max_attempts: int = 3,
+        limit: int | None = None,
     ) -> Claim:
-        """Claim these ids again (chunks that were busy earlier in the run), those still missing only."""
-        params = {"ids": list(ids), "table": self.failure_key, "cap": max_attempts}
+        """Claim again the first `limit` of these ids that are still missing (chunks that were busy earlier in the
+        run), in id order: every id up to `last_scanned_id` not returned is no longer missing."""
+        params = {"ids": list(ids), "table": self.failure_key, "cap": max_attempts, "limit": limit}
         return self._lock_and_read(conn, self._claim_statement(conn, "ids", mode), params, max_chars)
 
     def _lock_and_read(
@@ -147,18 +149,19 @@ class ClaimsMixin(StoreBase):
             condition = sql.SQL("AND {emb} IS NULL" if missing else "AND {emb} IS NOT NULL").format(emb=self._emb)
             rows, invalid, md5s = self._read_undeclared_bytes(conn, locked, max_chars, condition)
         else:
-            read = self._read_statements.get(missing)
-            if read is None:
+            query = self._read_statements.get(missing)
+            if query is None:
                 condition = sql.SQL("AND {emb} IS NULL" if missing else "AND {emb} IS NOT NULL").format(emb=self._emb)
-                read = (
+                query = (
                     sql.SQL(
-                        "SELECT {id}, left({text}, %s), md5({text}) FROM {t} WHERE {id} = ANY(%s) {cond} ORDER BY {id}"
+                        "SELECT {id}, left({text}, %s), md5({text}) FROM {t} WHERE {id} = ANY(%b::bigint[]) {cond}"
+                        " ORDER BY {id}"
                     )
                     .format(id=self._id, text=self._text, t=self._t, cond=condition)
                     .as_bytes(conn)
                 )
-                self._read_statements[missing] = read
-            for r in conn.execute(read, (max_chars, locked)).fetchall():
+                self._read_statements[missing] = query
+            for r in conn.execute(query, (max_chars, locked)).fetchall():
                 rows.append((int(r[0]), r[1]))
                 md5s[int(r[0])] = r[2]
         if expected_md5:
@@ -218,7 +221,7 @@ class ClaimsMixin(StoreBase):
         if self._release_statement is None:
             key = _lock_key_sql(self.table.lock_namespace)
             self._release_statement = (
-                sql.SQL("SELECT count(pg_advisory_unlock({key})) FROM unnest(%s::bigint[]) AS c(id)")
+                sql.SQL("SELECT count(pg_advisory_unlock({key})) FROM unnest(%b::bigint[]) AS c(id)")
                 .format(key=key)
                 .as_bytes(conn)
             )
