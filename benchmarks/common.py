@@ -188,6 +188,31 @@ class Bench:
             conn.execute(sql.SQL("VACUUM ANALYZE {}").format(t))
         return table
 
+    def fitting_texts(self, n: int, window_tokens: int, share: float = 0.7) -> list[str]:
+        """The first n template texts (id order) that a model with a `window_tokens` context takes whole: estimated
+        (core/context.py's estimator) at most `share` of the window, so the pipeline cuts none of them and a bare
+        client can send the very same texts (the strict dev server refuses a text over the window)."""
+        from wiki_embeddings.core.context import TokenEstimator
+
+        estimator = TokenEstimator()
+        rows = self.sql("SELECT left(content, 2000) FROM bench_src.wiki_template ORDER BY id")
+        fitting = [r[0] for r in rows if estimator.estimate(r[0]) <= share * window_tokens]
+        return fitting[:n]
+
+    def table_of_texts(self, texts: Sequence[str], dim: int = DIM) -> str:
+        """A fresh chunk table (the project's DDL) holding exactly these texts, ids 1..n in this order."""
+        table = self.new_table(dim=dim)
+        schema, name = table.split(".")
+        with self.connect() as conn, conn.cursor() as cur:
+            copy_sql = sql.SQL("COPY {} (id, title, chunk_index, content) FROM STDIN").format(
+                sql.Identifier(schema, name)
+            )
+            with cur.copy(copy_sql) as copy:
+                for i, text in enumerate(texts, start=1):
+                    copy.write_row((i, f"text {i}", 0, text))
+            conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(schema, name)))
+        return table
+
     def drop_schema_of(self, table: str) -> None:
         schema = table.split(".")[0]
         with self.connect() as conn:
