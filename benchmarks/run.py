@@ -58,17 +58,22 @@ METHOD = """\
   (2 with --quick). Servers: the hash server (own process, cache warmed), 40 ms per request, K slots.
   *2 servers*: two such processes (1 slot each) in `OLLAMA_URL`; the joint ceiling drives both at once.
   *4 workers*: four `Backfill` processes (`python -m benchmarks.bench_tuning --child`) started together on one
-  table over both servers; chunks/s over the wall time from the common start to the last end (their start-up
-  included); double work = texts the servers embedded − chunks − one start-up probe per worker.
+  table of twice the rows (the template's paragraphs over again) over both servers; chunks/s over the wall time
+  from the common start to the last end (each worker's start-up included: probe, pre-flight, connections);
+  its joint ceiling is measured on the same texts; double work = texts the servers embedded − chunks − one
+  start-up probe per worker.
   *Client CPU*: `process_time` of a default-flags run vs a minimal script doing only the unavoidable work on
   the same chunks (keyset `SELECT … WHERE embedding IS NULL AND id > last LIMIT 64`, httpx POST, orjson parse +
-  float32 matrix + finiteness/length check, binary `UPDATE … FROM unnest(%b, %b)`), zero-latency server.
+  float32 matrix + finiteness/length check, binary `UPDATE … FROM unnest(%b, %b)`), zero-latency server; five
+  interleaved rounds, medians. The same script with `httpx.AsyncClient` is a second, informative baseline: it
+  shows what the async HTTP stack alone costs (the pipeline needs it to keep several requests in flight).
   *Politeness*: the server made CPU-model-like (5 ms + 42 ms per text, 1 slot: ~2.7 s per 64); a "user"
   thread sends one single-text embed a second while a capped run (`--max-minutes`) embeds; p95 of the user's
   request latency (its own ~47 ms service included) per mode, and each mode's chunks/s.
   *Growth*: median time of one `Store.claim` + `write_vectors` + `release` of 64 rows (vector(8), short texts)
-  at the start and near the end of a 100,000-row and a 5,000,000-row table (500,000 with --quick), and
-  `Store.status()` on the large one.
+  at the start and near the end of a 100,000-row and a 5,000,000-row table (500,000 with --quick),
+  `Store.status()` on the large one, and the peak RSS (child process VmHWM) of a default-flags run capped at
+  50,000 chunks (`--max-chunks`) on each table: memory must not grow with the table.
 - **client CPU**: `time.process_time()` of the benchmark process around `Backfill.run()` (all its
   threads), server in another process with 0 ms latency; baseline = the runbook loop (sleep 0) in this
   process on the same server.
@@ -83,9 +88,10 @@ METHOD = """\
   says); peak RSS = the child's `VmHWM`.
   `Store.status()` timed on the 1,000,000-row table before and after the backfill (the slower counts).
 - **real model**: the real all-MiniLM-L6-v2 (`--backend minilm`, vector cache off, own process) on
-  320 real wiki paragraphs (fewer than 1,000: the model does 10-25 paragraphs/s on 2 cores, so 5 runs
-  of 1,000 would take 4-8 minutes); backfill K=1 / a bare client with 1 request in flight on the same
-  texts, best of 2 each.
+  320 real wiki paragraphs that it takes whole (estimated at most 70 % of its 256-token window: the dev server,
+  like Ollama, refuses a longer text, and the bare client must send what the pipeline sends); backfill with
+  default flags / a bare client with 1 request in flight on the same texts, best of 2 each (fewer than 1,000
+  paragraphs: the model does 10-40 paragraphs/s on 2 cores).
 - **index**: first one 384-d cosine distance is computed in its own connection (if that crashes the
   backend, the section is reported as not measurable); then the write rate of `Store.write_vectors`
   (batch 64) into a table with an HNSW index (`vector_cosine_ops`, defaults m=16, ef_construction=64)

@@ -370,7 +370,8 @@ class OllamaClient:
             outcome = tune.ERROR
             try:
                 try:
-                    vectors, count = await asyncio.wait_for(self._request(endpoint, payload_texts), self.timeout_sec)
+                    async with asyncio.timeout(self.timeout_sec):  # no extra task per request (wait_for makes one)
+                        vectors, count = await self._request(endpoint, payload_texts)
                     outcome = tune.IGNORE if probing else tune.OK
                 except TimeoutError:
                     outcome = tune.IGNORE if probing else tune.TROUBLE
