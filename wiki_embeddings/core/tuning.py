@@ -11,12 +11,13 @@ Depth (per server, unless pinned by `--concurrency N`; `--sleep-ms > 0` and poli
   the current depth, and `queued = depth * (1 - base / R)` estimates how many of our requests wait in the
   server's queue. queued < GROW_BELOW (nothing waits: a slot idles between requests) -> depth + 1;
   queued > SHRINK_ABOVE (latency grew with no slot to show for it) -> depth - 1. Against a one-slot server
-  this settles at 2 (one running, one queued), against K slots at K + 1. An added request must raise the
-  server's answered texts/s (goodput) by MIN_GAIN, else it is taken back and depth holds for NO_GAIN_HOLD_SEC: a
-  CPU model sharing the client's cores can lose more to the overlap than the idle gap it fills. A 429/503/502/504,
-  a transport error or a timeout halves the depth and holds it for TROUBLE_HOLD clean answers. Every RELEARN_SEC the
-  base is measured again at depth 1 for BASE_SAMPLES requests (~0.2 % of the time at 4 slots), so a server
-  that got faster is seen as it is now (one that got slower shows as latency growth and is re-measured anyway).
+  this settles at 2 (one running, one queued), against K slots at K + 1. The first added request (depth 1 -> 2)
+  must raise the server's answered texts/s (goodput) by MIN_GAIN, else it is taken back and depth holds for
+  NO_GAIN_HOLD_SEC: a CPU model sharing the client's cores can lose more to the overlap than the idle gap it
+  fills. A 429/503/502/504, a transport error or a timeout halves the depth and holds it for TROUBLE_HOLD clean
+  answers. Every RELEARN_SEC the base is measured again at depth 1 for BASE_SAMPLES requests (~0.2 % of the
+  time at 4 slots), so a server that got faster is seen as it is now (one that got slower shows as latency growth
+  and is re-measured anyway).
 
 Batch size (all modes): the configured `--batch-size` is the maximum. Trouble (429/503/timeouts) halves a cap;
 GROW_AFTER clean answers in a row double it back (what the runbook asked operators to do by hand).
@@ -78,10 +79,7 @@ class ServerDepth:
         self.troubles = 0
         self.changes: list[tuple[float, int, str]] = []  # (time, new depth, why): for reports and tests
         self.last_estimate: float | None = None
-        # Goodput of the current window: texts answered after its first answer, over the time since that answer.
-        self.first_answer: float | None = None
-        self.last_answer = 0.0
-        self.texts_after_first = 0
+        self.answer_times: list[float] = []  # when each answer of the current window came (for its goodput)
         self.trial: tuple[int, float | None] | None = None  # just grown: (the depth before, its goodput)
         self.no_grow_until = float("-inf")
 
@@ -95,14 +93,17 @@ class ServerDepth:
 
     def _new_window(self) -> None:
         self.window = []
-        self.first_answer = None
-        self.texts_after_first = 0
+        self.answer_times = []
 
     def goodput(self) -> float | None:
-        """Texts per second this server answered over the current window (None before two answers)."""
-        if self.first_answer is None or self.last_answer <= self.first_answer:
+        """Texts per second this server answered over the current window: the last `depth` answers over the time
+        since the answer before them. With `depth` requests kept in flight, an answer comes back exactly one cycle
+        after the answer `depth` places earlier (its request went out again), so that span holds whole cycles
+        however bunched the answers are within one (None before depth + 1 answers)."""
+        times, depth = self.answer_times, self.depth
+        if len(times) <= depth or times[-1] <= times[-1 - depth]:
             return None
-        return self.texts_after_first / (self.last_answer - self.first_answer)
+        return self.window_texts * depth / (times[-1] - times[-1 - depth])
 
     def trouble(self) -> None:
         self.troubles += 1
@@ -127,12 +128,7 @@ class ServerDepth:
             self._new_window()
             self.window_texts = n
         self.window.append(seconds)
-        now = self.clock()
-        if self.first_answer is None:
-            self.first_answer = now
-        else:
-            self.texts_after_first += n
-        self.last_answer = now
+        self.answer_times.append(self.clock())
         if len(self.window) < (BASE_SAMPLES if self.depth == 1 else max(MIN_SAMPLES, self.depth)):
             return
         self._decide(n)
@@ -153,8 +149,8 @@ class ServerDepth:
             return
         rate = self.goodput()
         if self.trial is not None:
-            # The request just added must pay: on a server that computes on the same cores as this client (a CPU
-            # model) a queued request can slow the model more than the idle gap it fills.
+            # The request just added must pay: on a one-slot server that computes on the same cores as this client
+            # (a CPU model) a queued request can slow the model more than the idle gap it fills.
             before, before_rate, self.trial = self.trial[0], self.trial[1], None
             if rate is not None and before_rate is not None and rate < before_rate * (1 + MIN_GAIN):
                 self.no_grow_until = self.clock() + NO_GAIN_HOLD_SEC
@@ -165,7 +161,10 @@ class ServerDepth:
         self.last_estimate = queued
         growable = self.depth < self.max_depth and self.hold == 0 and self.clock() >= self.no_grow_until
         if queued < GROW_BELOW and growable:
-            self.trial = (self.depth, rate)
+            # The first queued request is a trial: one slot shared with the model's cores may not pay for it.
+            # Deeper requests fill slots the latency shows idle (they are no trial: a few answers at depth > 2
+            # come too bunched to compare goodputs reliably).
+            self.trial = (self.depth, rate) if self.depth == 1 else None
             self._set(self.depth + 1, f"idle slot (queued {queued:.2f})")
         elif queued > SHRINK_ABOVE and self.depth > 1:
             self._set(self.depth - 1, f"latency grew (queued {queued:.2f})")
