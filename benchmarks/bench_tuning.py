@@ -276,39 +276,53 @@ def with_user(bench: Bench, url: str, rows: int, seconds: float, **flags: Any) -
 
 
 # ------------------------------------------------------------------------------------------ growth
-def growth(bench: Bench, rows: int, url: str, batches: int = 60) -> tuple[float, float, dict[str, float]]:
-    """Median seconds of one claim + write of 64 rows (vector(8)) at the start and near the end of a table of
-    `rows` rows, Store.status() seconds on it, and a capped default-flags backfill of RSS_CHUNKS of its chunks in a
-    child process (its peak RSS: memory must not grow with the table). Returns (per-batch s, status s, child)."""
+def growth(bench: Bench, sizes: tuple[int, int], url: str, rounds: int = 3, batches: int = 10) -> list[dict[str, Any]]:
+    """Per table size: the median seconds of one claim + write + release of 64 rows (vector(8)) at the start and
+    near the end of the table, Store.status() seconds, and a capped default-flags backfill of RSS_CHUNKS chunks in a
+    child process (its peak RSS: memory must not grow with the table).
+
+    Both tables exist before anything is timed, and the two are measured in alternation (`rounds` x `batches`
+    batches at each end of each table): a machine that drifts (a checkpoint after loading 5M rows, the VM's own
+    speed) then weighs on both sides alike instead of on whichever was measured second."""
     from wiki_embeddings.core.db import Provenance
 
-    table = bench.new_table(dim=8, rows=rows, source="series")
-    store = bench.store(table)
+    prov = Provenance("tiny", 8, 2000, "")
+    vec = [np.ones(8, dtype=np.float32)] * 64
+    tables = [bench.new_table(dim=8, rows=rows, source="series") for rows in sizes]
+    stores = [bench.store(t) for t in tables]
     try:
-        store.migrate()
-        conn = store.connect()
-        prov = Provenance("tiny", 8, 2000, "")
-        times = []
-        vec = [np.ones(8, dtype=np.float32)] * 64
-        for start in (0, rows - batches * 64 - 1):
-            after = start
-            for _ in range(batches // 2):
-                t0 = time.perf_counter()
-                claim = store.claim(conn, after_id=after, limit=64, max_chars=2000)
-                ids = [r[0] for r in claim.rows]
-                store.write_vectors(conn, ids, vec[: len(ids)], None, prov)
-                store.release(conn, ids)
-                times.append(time.perf_counter() - t0)
-                after = claim.last_scanned_id
-        conn.close()
-        t0 = time.perf_counter()
-        store.status()
-        status_s = time.perf_counter() - t0
-        run = backfill_in_child(bench, url, table, 64, 0, max_chunks=bench.n(RSS_CHUNKS, minimum=20_000))
-        return statistics.median(times), status_s, run
+        bench.sql("CHECKPOINT")
+        conns = []
+        for store in stores:
+            store.migrate()
+            conns.append(store.connect())
+        times: list[list[float]] = [[] for _ in sizes]
+        cursors = [[0, rows - rounds * batches * 64 - 1] for rows in sizes]  # keyset positions: start, near end
+        for _ in range(rounds):
+            for k, store in enumerate(stores):
+                for region in (0, 1):
+                    for _ in range(batches):
+                        t0 = time.perf_counter()
+                        claim = store.claim(conns[k], after_id=cursors[k][region], limit=64, max_chars=2000)
+                        ids = [r[0] for r in claim.rows]
+                        store.write_vectors(conns[k], ids, vec[: len(ids)], None, prov)
+                        store.release(conns[k], ids)
+                        times[k].append(time.perf_counter() - t0)
+                        cursors[k][region] = claim.last_scanned_id
+        for conn in conns:
+            conn.close()
+        out = []
+        for k, store in enumerate(stores):
+            t0 = time.perf_counter()
+            store.status()
+            status_s = time.perf_counter() - t0
+            run = backfill_in_child(bench, url, tables[k], 64, 0, max_chunks=bench.n(RSS_CHUNKS, minimum=20_000))
+            out.append({"per_batch": statistics.median(times[k]), "status": status_s, "run": run})
+        return out
     finally:
-        store.close()
-        bench.drop_schema_of(table)
+        for store, table in zip(stores, tables, strict=True):
+            store.close()
+            bench.drop_schema_of(table)
 
 
 # ------------------------------------------------------------------------------------------ the section
@@ -527,8 +541,9 @@ def run(bench: Bench) -> None:
     with ollama_server("hash", models=["tiny:8"], extra_args=["--cache-entries", "20000"]) as url:
         set_faults(url, latency_ms=0.0, slots=1)
         warm_cache(url, "tiny", [f"chunk {i}" for i in range(5000)])
-        per_small, status_small, run_small = growth(bench, small, url)
-        per_large, status_large, run_large = growth(bench, large, url)
+        at_small, at_large = growth(bench, (small, large), url)
+    per_small, status_small, run_small = at_small["per_batch"], at_small["status"], at_small["run"]
+    per_large, status_large, run_large = at_large["per_batch"], at_large["status"], at_large["run"]
     log(
         f"  growth: claim+write per batch {per_small * 1000:.2f} ms at {small:,} rows, {per_large * 1000:.2f} ms at "
         f"{large:,}; status {status_small:.2f} s / {status_large:.2f} s; capped run peak RSS "
