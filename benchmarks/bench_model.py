@@ -13,7 +13,9 @@ from benchmarks.common import MODEL, Bench, Result, bare_client, log, ollama_ser
 
 
 def run(bench: Bench) -> None:
-    n = bench.n(320, minimum=128)  # ~10 paragraphs/s on 2 cores: 1,000 would take ~8 min for 5 runs
+    # ~40 fitting paragraphs/s on 2 cores: 960 make 15 requests of 64 (~25 s) per run, five runs in ~2 minutes; 320
+    # were 5 requests, too few for the self-tuning's first decision (2 answers at depth 1, 3 at depth 2) to settle.
+    n = bench.n(960, minimum=128)
     texts = bench.fitting_texts(n, window_tokens=256)
     n = len(texts)
     rounds = 2

@@ -88,10 +88,10 @@ METHOD = """\
   says); peak RSS = the child's `VmHWM`.
   `Store.status()` timed on the 1,000,000-row table before and after the backfill (the slower counts).
 - **real model**: the real all-MiniLM-L6-v2 (`--backend minilm`, vector cache off, own process) on
-  320 real wiki paragraphs that it takes whole (estimated at most 70 % of its 256-token window: the dev server,
+  960 real wiki paragraphs that it takes whole (estimated at most 70 % of its 256-token window: the dev server,
   like Ollama, refuses a longer text, and the bare client must send what the pipeline sends); backfill with
-  default flags / a bare client with 1 request in flight on the same texts, best of 2 each (fewer than 1,000
-  paragraphs: the model does 10-40 paragraphs/s on 2 cores).
+  default flags / a bare client with 1 request in flight on the same texts, best of 2 each (15 requests of 64 a
+  run: the model does ~40 such paragraphs/s on 2 cores).
 - **index**: first one 384-d cosine distance is computed in its own connection (if that crashes the
   backend, the section is reported as not measurable); then the write rate of `Store.write_vectors`
   (batch 64) into a table with an HNSW index (`vector_cosine_ops`, defaults m=16, ef_construction=64)
