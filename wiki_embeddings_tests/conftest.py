@@ -41,6 +41,7 @@ SESSION_DEFAULTS = Path(tempfile.mkdtemp(prefix="we-defaults-"))
 DEFAULT_PATHS_ENV = {
     "EMBED_STOP_FILE": str(SESSION_DEFAULTS / "wiki-embed.stop"),
     "WIKI_EMBED_FAILURE_LOG": str(SESSION_DEFAULTS / "wiki-embed-failures.jsonl"),
+    "WIKI_EMBED_FAILURE_LOG_DIR": str(SESSION_DEFAULTS),  # the Dagster run configs' failure logs (defs/assets.py)
     READINESS_ENV_VARS["env_file"]: str(SESSION_DEFAULTS / DEFAULT_ENV_FILE),
     embedded_postgres.PGDATA_ENV: str(SESSION_DEFAULTS / "pgdata"),
 }
@@ -52,7 +53,7 @@ OPERATORS_FILES = [
     REPO_ROOT / DEFAULT_ENV_FILE,
     Path.cwd() / DEFAULT_ENV_FILE,
 ]
-OPERATORS_FAILURE_LOGS = "/tmp/wiki-embed-failures-*.jsonl"  # the Dagster configs' defaults (defs/assets.py)
+OPERATORS_FAILURE_LOGS = "/tmp/wiki-embed-failures-*.jsonl"  # the runbook's logs, the Dagster configs' defaults
 
 
 def _operators_files_state() -> dict[str, tuple[int, int, int, int] | None]:

@@ -212,7 +212,7 @@ def test_an_unwritable_env_file_directory_is_one_clear_readiness_error(tmp_path)
 def test_every_default_path_points_into_the_sessions_temp_dir():
     """The suite's guard (conftest) covers every default a run, a stop, the sensor or the embedded server uses."""
     from wiki_embeddings.core.readiness import ReadinessSettings
-    from wiki_embeddings.defs.assets import BOOTSTRAP_FAILURE_LOG, MAINTENANCE_FAILURE_LOG
+    from wiki_embeddings.defs.assets import BOOTSTRAP_FAILURE_LOG, MAINTENANCE_FAILURE_LOG, default_failure_log
     from wiki_embeddings.devtools import embedded_postgres
     from wiki_embeddings.settings import DEFAULT_STOP_FILE, from_env
     from wiki_embeddings_tests import conftest
@@ -225,8 +225,13 @@ def test_every_default_path_points_into_the_sessions_temp_dir():
     guarded = {str(p) for p in conftest.OPERATORS_FILES}
     assert {DEFAULT_STOP_FILE, str(conftest.REPO_ROOT / ".pgdata")} <= guarded
     assert str(Path.cwd() / ReadinessSettings().env_file) in guarded
-    for log in (BOOTSTRAP_FAILURE_LOG, MAINTENANCE_FAILURE_LOG):  # no variable redirects these: they are watched
-        assert fnmatch.fnmatch(log, conftest.OPERATORS_FAILURE_LOGS), log
+    for log in (BOOTSTRAP_FAILURE_LOG, MAINTENANCE_FAILURE_LOG):  # WIKI_EMBED_FAILURE_LOG_DIR points them here
+        assert Path(log).parent == session, log
+    for kind in ("bootstrap", "maintenance"):  # without it, the runbook's paths, which the guard watches
+        assert fnmatch.fnmatch(default_failure_log(kind, {}), conftest.OPERATORS_FAILURE_LOGS)
+        assert default_failure_log(kind, {"WIKI_EMBED_FAILURE_LOG_DIR": "/srv/logs"}) == (
+            f"/srv/logs/wiki-embed-failures-{kind}.jsonl"
+        )
 
 
 def test_the_guard_sees_a_file_created_changed_or_removed(tmp_path, monkeypatch):

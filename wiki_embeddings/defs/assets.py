@@ -15,7 +15,7 @@ Who keeps the picture current without a click (the database is the truth, whoeve
 """
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -42,8 +42,18 @@ GROUP = "wiki_embeddings"
 #: Concurrency pool of every step that calls Ollama; its limit (dagster.yaml `concurrency.pools`, or
 #: `dagster instance concurrency set ollama N`) is how many ranges embed at once.
 OLLAMA_POOL = "ollama"
-BOOTSTRAP_FAILURE_LOG = "/tmp/wiki-embed-failures-bootstrap.jsonl"
-MAINTENANCE_FAILURE_LOG = "/tmp/wiki-embed-failures-maintenance.jsonl"
+FAILURE_LOG_DIR_ENV = "WIKI_EMBED_FAILURE_LOG_DIR"
+
+
+def default_failure_log(kind: str, env: Mapping[str, str] = os.environ) -> str:
+    """The run config's failure-log default: the runbook's `/tmp/wiki-embed-failures-<kind>.jsonl`, or the same
+    name in `WIKI_EMBED_FAILURE_LOG_DIR` (read when the definitions load)."""
+    directory = env.get(FAILURE_LOG_DIR_ENV, "").strip() or "/tmp"
+    return os.path.join(directory, f"wiki-embed-failures-{kind}.jsonl")
+
+
+BOOTSTRAP_FAILURE_LOG = default_failure_log("bootstrap")
+MAINTENANCE_FAILURE_LOG = default_failure_log("maintenance")
 MAX_TABLE_ROWS = 100
 
 #: Transient trouble only (server unavailable, database connection lost): a chunk-level failure or a stop
