@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 
 from wiki_embeddings.core.readiness import read_flag
-from wiki_embeddings.defs.assets import embedding_coverage
+from wiki_embeddings.defs.assets import default_failure_log, embedding_coverage
 from wiki_embeddings.defs.checks import missing_is_zero
 from wiki_embeddings.defs.jobs import MODE_TAG
 from wiki_embeddings.defs.resources import ReadinessResource, WikiDatabaseResource
@@ -34,7 +34,7 @@ def test_the_schedule_asks_for_maintenance_with_the_runbook_settings(instance):
         "timeout_sec": 120.0,
         "sleep_ms": 0,
         "max_chars": 2000,
-        "failure_log": "/tmp/wiki-embed-failures-maintenance.jsonl",
+        "failure_log": default_failure_log("maintenance"),  # /tmp/…, here the session's WIKI_EMBED_FAILURE_LOG_DIR
         "retry_quarantined": False,
         "max_chunks": 20000,
     }
