@@ -32,7 +32,7 @@ from benchmarks.common import (
     REPO_ROOT,
     Bench,
     Result,
-    batches_of,
+    bare_client,
     log,
     ollama_server,
     run_backfill,
@@ -51,36 +51,9 @@ CPU_PER_TEXT_MS = 42.0  # all-minilm on 2 CPU cores: ~2.7 s for a batch of 64 (R
 
 
 # ------------------------------------------------------------------------------------------ ceilings
-def bare_many(urls: list[str], texts: list[str], per_url: int, batch: int = 64) -> float:
-    """A bare client driving every server at once, `per_url` requests in flight on each; chunks/s."""
-    bodies = [orjson.dumps({"model": MODEL, "input": b, "truncate": False}) for b in batches_of(texts, batch)]
-    total = sum(len(b) for b in batches_of(texts, batch))
-
-    async def go() -> float:
-        n = per_url * len(urls) + 2
-        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-        async with httpx.AsyncClient(timeout=300, limits=limits, trust_env=False) as http:
-            headers = {"content-type": "application/json"}
-            await asyncio.gather(*(http.post(f"{u}/api/embed", content=bodies[0], headers=headers) for u in urls))
-            todo = iter(range(len(bodies)))
-
-            async def worker(url: str) -> None:
-                for i in todo:
-                    r = await http.post(f"{url}/api/embed", content=bodies[i], headers=headers)
-                    if r.status_code != 200:
-                        raise RuntimeError(f"bare client: HTTP {r.status_code}: {r.text[:200]}")
-                    _ = r.content
-
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker(u) for u in urls for _ in range(per_url)))
-            return time.perf_counter() - t0
-
-    return total / asyncio.run(go())
-
-
 def ceiling(urls: list[str], texts: list[str], slots: int) -> tuple[float, int]:
     """(chunks/s, depth) of the bare client at the depth (slots or slots + 1 per server) that does best."""
-    best = max(((bare_many(urls, texts, d), d) for d in (slots, slots + 1)), key=lambda x: x[0])
+    best = max(((bare_client(urls, MODEL, texts, d), d) for d in (slots, slots + 1)), key=lambda x: x[0])
     return best
 
 
@@ -374,7 +347,7 @@ def run(bench: Bench) -> None:
         rows = min(n1 * 2, len(texts))
         caps, pipes = [], []
         for _ in range(rounds):
-            caps.append(max(bare_many([a, b], texts[:rows], d) for d in (1, 2)))
+            caps.append(max(bare_client([a, b], MODEL, texts[:rows], d) for d in (1, 2)))
             rate, tuning = default_run(bench, [a, b], rows)
             pipes.append(rate)
         log(f"  two servers: ceiling {[round(c) for c in caps]}, default flags {[round(p) for p in pipes]}")
@@ -395,7 +368,7 @@ def run(bench: Bench) -> None:
         # is part of the figure, and a bootstrap worker runs for hours, not for the few seconds of n1 * 4 chunks.
         rows_w = n1 * 8
         workers_texts = bench.texts(rows_w)
-        joint_w = median_of([max(bare_many([a, b], workers_texts, d) for d in (1, 2)) for _ in range(rounds)])
+        joint_w = median_of([max(bare_client([a, b], MODEL, workers_texts, d) for d in (1, 2)) for _ in range(rounds)])
         rate, texts_sent, outs = workers_run(bench, [a, b], rows_w, 4)
         probes = len(outs)  # each worker's dimension probe is one text
         log(f"  4 workers over 2 servers: {rate:.0f} chunks/s, texts sent {texts_sent} for {rows_w} chunks")

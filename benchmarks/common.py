@@ -306,25 +306,30 @@ def batches_of(texts: Sequence[str], size: int) -> list[list[str]]:
     return [list(texts[i : i + size]) for i in range(0, len(texts), size)]
 
 
-def bare_client(url: str, model: str, texts: Sequence[str], in_flight: int, batch: int = 64) -> float:
-    """The server driven alone: `in_flight` requests outstanding, prebuilt bodies, answers read but not parsed.
-
-    Returns chunks/s. This is the server's capacity as the pipeline could see it at best.
-    """
-    bodies = [orjson.dumps({"model": model, "input": b, "truncate": True}) for b in batches_of(texts, batch)]
-    sizes = [len(b) for b in batches_of(texts, batch)]
+def bare_client(urls: str | Sequence[str], model: str, texts: Sequence[str], in_flight: int, batch: int = 64) -> float:
+    """The server(s) driven alone: `in_flight` requests outstanding on each, prebuilt bodies (sent as the pipeline
+    sends them, `truncate: false`), answers read but not parsed. Returns chunks/s: the capacity as the pipeline
+    could see it at best."""
+    targets = [urls] if isinstance(urls, str) else list(urls)
+    bodies = [orjson.dumps({"model": model, "input": b, "truncate": False}) for b in batches_of(texts, batch)]
+    total = sum(len(b) for b in batches_of(texts, batch))
 
     async def go() -> float:
-        limits = httpx.Limits(max_connections=in_flight + 2, max_keepalive_connections=in_flight + 2)
+        n = in_flight * len(targets) + 2
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with httpx.AsyncClient(timeout=300, limits=limits, trust_env=False) as http:
             headers = {"content-type": "application/json"}
             # one request per connection first, so connection set-up is not timed
             await asyncio.gather(
-                *(http.post(f"{url}/api/embed", content=bodies[0], headers=headers) for _ in range(in_flight))
+                *(
+                    http.post(f"{u}/api/embed", content=bodies[0], headers=headers)
+                    for u in targets
+                    for _ in range(in_flight)
+                )
             )
             todo = iter(range(len(bodies)))
 
-            async def worker() -> None:
+            async def worker(url: str) -> None:
                 for i in todo:
                     r = await http.post(f"{url}/api/embed", content=bodies[i], headers=headers)
                     if r.status_code != 200:
@@ -332,11 +337,10 @@ def bare_client(url: str, model: str, texts: Sequence[str], in_flight: int, batc
                     _ = r.content
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(in_flight)))
+            await asyncio.gather(*(worker(u) for u in targets for _ in range(in_flight)))
             return time.perf_counter() - t0
 
-    seconds = asyncio.run(go())
-    return sum(sizes) / seconds
+    return total / asyncio.run(go())
 
 
 def warm_cache(url: str, model: str, texts: Sequence[str], batch: int = 256) -> None:

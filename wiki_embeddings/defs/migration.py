@@ -30,6 +30,7 @@ from wiki_embeddings.defs.assets import (
     _run,
     embedding_coverage,
     report_metadata,
+    status_metadata,
     window_ended,
 )
 from wiki_embeddings.defs.jobs import MODE_TAG, coverage_job
@@ -240,31 +241,14 @@ def swap_model(
                 margin=config.quality_margin,
                 log=context.log.info,
             )
-            context.log_event(migration_observation(store, **quality_metadata(report.figures())))
+            context.log_event(migration_observation(store, **status_metadata(report.figures())))
             message = migration.swap(store, log=context.log.info)
         except quality.QualityRefused as exc:  # the figures ride on the failure (the step's events end here)
-            figures = quality_metadata(quality.latest_figures(store))
+            figures = status_metadata(quality.latest_figures(store))
             raise dg.Failure(description=str(exc), metadata=figures, allow_retries=False) from None
         except (migration.MigrationError, StoreError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
     context.log.info(message)
-
-
-def quality_metadata(figures: dict[str, Any]) -> dict[str, Any]:
-    """The self-test's figures as metadata of the shadow's observation (empty values left out)."""
-    out: dict[str, Any] = {}
-    for key, value in figures.items():
-        if value is None or value == "":
-            continue
-        if isinstance(value, bool):
-            out[key] = dg.MetadataValue.bool(value)
-        elif isinstance(value, float):
-            out[key] = dg.MetadataValue.float(value)
-        elif isinstance(value, int):
-            out[key] = dg.MetadataValue.int(value)
-        else:
-            out[key] = dg.MetadataValue.text(str(value))
-    return out
 
 
 @dg.job(

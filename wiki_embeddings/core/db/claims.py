@@ -228,7 +228,8 @@ class ClaimsMixin(StoreBase):
         conn.execute(self._release_statement, (list(ids),))
 
     def relock(self: Store, conn: psycopg.Connection, ids: Sequence[int]) -> list[int]:
-        """Re-take claims after a reconnect; returns the ids this session holds again."""
+        """Take the claim locks of these ids (again after a reconnect, or for changed chunks a scan found); returns
+        the ids this session now holds."""
         if not ids:
             return []
         key = _lock_key_sql(self.table.lock_namespace)

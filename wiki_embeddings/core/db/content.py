@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from wiki_embeddings.core.db.claims import _lock_key_sql
 from wiki_embeddings.core.db.connection import StoreBase
 from wiki_embeddings.core.db.records import Claim
 
@@ -72,16 +71,7 @@ class ContentMixin(StoreBase):
             return Claim([], None if last is None else int(last), 0)
         found = found[:limit]
         last = int(found[-1][0]) if len(found) == limit else int(found[0][2])
-        key = _lock_key_sql(self.table.lock_namespace)
-        locked = [
-            int(r[0])
-            for r in conn.execute(
-                sql.SQL("SELECT c.id FROM unnest(%s::bigint[]) AS c(id) WHERE pg_try_advisory_lock({key})").format(
-                    key=key
-                ),
-                ([int(r[0]) for r in found],),
-            ).fetchall()
-        ]
+        locked = self.relock(conn, [int(r[0]) for r in found])
         expected = {int(r[0]): r[1] for r in found}
         rows, invalid, md5s = self._read_claimed(conn, locked, max_chars, False, {c: expected[c] for c in locked})
         return Claim(rows, last, len(found) - len(locked), invalid, md5s, len(found))
