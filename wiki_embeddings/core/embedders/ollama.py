@@ -39,6 +39,7 @@ from wiki_embeddings.core.embedders.http import (
     post_bounded,
 )
 from wiki_embeddings.core.embedders.servers import Server, ServerPool, Turns
+from wiki_embeddings.core.modelname import same_model
 from wiki_embeddings.settings import mask_url
 
 TRANSIENT_STATUSES = {408, 429, 502, 503, 504}
@@ -197,13 +198,10 @@ class OllamaClient:
         except (httpx.HTTPError, TimeoutError, ValueError):
             return None
 
-        def norm(name: object) -> str:
-            text = str(name or "").strip().lower()
-            return text[: -len(":latest")] if text.endswith(":latest") else text
-
         models = data.get("models") if isinstance(data, dict) else None
         for entry in models if isinstance(models, list) else []:
-            if isinstance(entry, dict) and norm(self.model) in (norm(entry.get("name")), norm(entry.get("model"))):
+            names = (entry.get("name"), entry.get("model")) if isinstance(entry, dict) else ()
+            if any(same_model(self.model, str(name or "")) for name in names):
                 digest = entry.get("digest")
                 return str(digest) if digest else None
         return None
