@@ -25,6 +25,7 @@ from wiki_embeddings.core import operations
 from wiki_embeddings.core.backfill import CLEAN_STATES as ENGINE_CLEAN_STATES
 from wiki_embeddings.core.backfill import DimensionMismatch, RunReport
 from wiki_embeddings.core.db import DatabaseUnavailable, DataRefused, Store, StoreError
+from wiki_embeddings.core.errors import first_line
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.core.window import WINDOW_REASON
 from wiki_embeddings.defs.partitions import (
@@ -293,8 +294,7 @@ def _run(context: dg.AssetExecutionContext, database, ollama, *, mode: str, **ru
 
 
 def _first_line(exc: BaseException, secrets: Sequence[str | None]) -> str:
-    text = str(exc).strip()
-    return redact(text.splitlines()[0] if text else type(exc).__name__, secrets)
+    return redact(first_line(exc), secrets)
 
 
 def _raise_on_trouble(report: RunReport, metadata: dict[str, Any], what: str) -> None:
