@@ -9,10 +9,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from wiki_embeddings.core import migration
 from wiki_embeddings.core.db import ModelMismatch, StoreError
-from wiki_embeddings.core.modelname import canonical, canonical_sql, same_model, same_prefix
+from wiki_embeddings.core.db.modelnames import canonical_sql
+from wiki_embeddings.core.modelname import canonical, same_model, same_prefix
 
 NAMES = [
     "all-minilm",
@@ -51,10 +53,11 @@ def test_ollamas_spellings_of_one_model_are_one_model():
 
 def test_the_sql_form_of_the_rule_agrees_with_the_python_one(pg_url):
     with psycopg.connect(pg_url, autocommit=True) as conn:
+        query = sql.SQL("SELECT {}").format(canonical_sql(sql.SQL("%s::text")))
         for name in NAMES:
-            got = conn.execute(f"SELECT {canonical_sql('%s')}", (name,)).fetchone()
+            got = conn.execute(query, (name,)).fetchone()
             assert got is not None and got[0] == canonical(name), name
-        assert conn.execute(f"SELECT {canonical_sql('NULL::text')}").fetchone() == (None,)
+        assert conn.execute(query, (None,)).fetchone() == (None,)
 
 
 def test_the_rule_lives_in_a_leaf_module():

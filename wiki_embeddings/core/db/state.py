@@ -10,7 +10,8 @@ from psycopg.rows import dict_row
 
 from wiki_embeddings.core.db.connection import StoreBase
 from wiki_embeddings.core.db.errors import ModelMismatch
-from wiki_embeddings.core.modelname import canonical, canonical_sql, same_model
+from wiki_embeddings.core.db.modelnames import canonical_sql
+from wiki_embeddings.core.modelname import canonical, same_model
 
 if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
@@ -75,8 +76,8 @@ class StateMixin(StoreBase):
         self.conn.execute(
             sql.SQL(
                 "UPDATE {s}.table_state SET model = %s, dimensions = %s, updated_at = now() WHERE table_name = %s"
-                f" AND (model IS NULL OR {canonical_sql('model')} = %s)"
-            ).format(s=self._s),
+                " AND (model IS NULL OR {model} = %s)"
+            ).format(s=self._s, model=canonical_sql(sql.Identifier("model"))),
             (model, dimensions, self.table.qualified, canonical(model)),
         )
         recorded, _ = self.recorded_model()

@@ -11,7 +11,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from wiki_embeddings.core.db.connection import StoreBase
-from wiki_embeddings.core.modelname import canonical, canonical_sql
+from wiki_embeddings.core.db.modelnames import canonical_sql
+from wiki_embeddings.core.modelname import canonical
 
 if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
@@ -113,8 +114,8 @@ class TrustMixin(StoreBase):
             .execute(
                 sql.SQL(
                     "SELECT run_id, model, recorded_at, result FROM {s}.trust_log WHERE table_name = %s AND kind = %s"
-                    f" AND (%s::text IS NULL OR {canonical_sql('model')} = %s) ORDER BY id DESC LIMIT 1"
-                ).format(s=self._s),
+                    " AND (%s::text IS NULL OR {model} = %s) ORDER BY id DESC LIMIT 1"
+                ).format(s=self._s, model=canonical_sql(sql.Identifier("model"))),
                 (self.table.qualified, kind, model, None if model is None else canonical(model)),
             )
             .fetchone()

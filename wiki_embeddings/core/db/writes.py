@@ -12,8 +12,9 @@ from psycopg.rows import dict_row
 
 from wiki_embeddings.core.db.connection import StoreBase
 from wiki_embeddings.core.db.errors import ModelMismatch, StoreError
+from wiki_embeddings.core.db.modelnames import canonical_sql
 from wiki_embeddings.core.db.records import Provenance, VectorNotes, WriteResult
-from wiki_embeddings.core.modelname import canonical, canonical_sql, same_model
+from wiki_embeddings.core.modelname import canonical, same_model
 
 if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
@@ -118,8 +119,8 @@ class WritesMixin(StoreBase):
             # model's vectors into a column that now belongs to another model.
             column_check = sql.SQL(
                 " AND (%(expected)s::smallint IS NULL OR (SELECT attnum FROM a) = %(expected)s)"
-                f" AND ((SELECT m FROM cm) IS NULL OR {canonical_sql('(SELECT m FROM cm)')} = %(model_key)s)"
-            )
+                " AND ((SELECT m FROM cm) IS NULL OR {column_model} = %(model_key)s)"
+            ).format(column_model=canonical_sql(sql.SQL("(SELECT m FROM cm)")))
             attnum_out = sql.SQL("(SELECT attnum FROM a), (SELECT m FROM cm)")
             model_cte = sql.SQL(
                 " cm AS (SELECT CASE WHEN ts.migration_column = %(column)s THEN ts.migration_model ELSE ts.model END"
