@@ -5,8 +5,9 @@ from typing import Any
 
 import dagster as dg
 
-from wiki_embeddings.defs.assets import ASSETS, MaintenanceConfig, RangeRunConfig
+from wiki_embeddings.defs.assets import ASSETS
 from wiki_embeddings.defs.checks import missing_is_zero
+from wiki_embeddings.defs.config import MaintenanceConfig, RangeRunConfig
 from wiki_embeddings.defs.jobs import JOBS
 from wiki_embeddings.defs.migration import MIGRATION_JOBS, MIGRATION_SENSORS
 from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource

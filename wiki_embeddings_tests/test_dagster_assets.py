@@ -10,14 +10,10 @@ import dagster as dg
 import pytest
 
 from wiki_embeddings.core.failure_log import read_entries
-from wiki_embeddings.defs.assets import (
-    EmbeddingServiceUnavailable,
-    RangeRunConfig,
-    embedding_coverage,
-    missing_wiki_chunks,
-    wiki_chunk_embeddings,
-)
+from wiki_embeddings.defs.assets import embedding_coverage, missing_wiki_chunks, wiki_chunk_embeddings
 from wiki_embeddings.defs.checks import missing_is_zero
+from wiki_embeddings.defs.config import RangeRunConfig
+from wiki_embeddings.defs.outcomes import EmbeddingServiceUnavailable
 from wiki_embeddings.defs.partitions import LAST_RANGE_ID, key_bounds, key_for_id, range_key
 from wiki_embeddings.defs.resources import WikiDatabaseResource
 from wiki_embeddings_tests.dagster_support import (

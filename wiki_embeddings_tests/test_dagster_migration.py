@@ -10,7 +10,7 @@ import pytest
 
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.defs import migration as migration_defs
-from wiki_embeddings.defs.assets import RangeRunConfig
+from wiki_embeddings.defs.config import RangeRunConfig
 from wiki_embeddings.defs.migration import (
     StartMigrationConfig,
     after_swap_sensor,

@@ -7,8 +7,9 @@ import dagster as dg
 import pytest
 
 from wiki_embeddings.core.readiness import read_flag
-from wiki_embeddings.defs.assets import default_failure_log, embedding_coverage
+from wiki_embeddings.defs.assets import embedding_coverage
 from wiki_embeddings.defs.checks import missing_is_zero
+from wiki_embeddings.defs.config import default_failure_log
 from wiki_embeddings.defs.jobs import MODE_TAG
 from wiki_embeddings.defs.resources import ReadinessResource, WikiDatabaseResource
 from wiki_embeddings.defs.schedules import maintenance_schedule

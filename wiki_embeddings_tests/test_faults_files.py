@@ -212,7 +212,7 @@ def test_an_unwritable_env_file_directory_is_one_clear_readiness_error(tmp_path)
 def test_every_default_path_points_into_the_sessions_temp_dir():
     """The suite's guard (conftest) covers every default a run, a stop, the sensor or the embedded server uses."""
     from wiki_embeddings.core.readiness import ReadinessSettings
-    from wiki_embeddings.defs.assets import BOOTSTRAP_FAILURE_LOG, MAINTENANCE_FAILURE_LOG, default_failure_log
+    from wiki_embeddings.defs.config import BOOTSTRAP_FAILURE_LOG, MAINTENANCE_FAILURE_LOG, default_failure_log
     from wiki_embeddings.devtools import embedded_postgres
     from wiki_embeddings.settings import DEFAULT_STOP_FILE, from_env
     from wiki_embeddings_tests import conftest

@@ -336,7 +336,7 @@ def test_the_readiness_check_fails_while_vectors_of_another_model_are_live(make_
 def test_the_dagster_migration_job_fills_the_shadow_per_range_and_the_swap_job_swaps(make_table, ollama):
     import dagster as dg
 
-    from wiki_embeddings.defs.assets import RangeRunConfig
+    from wiki_embeddings.defs.config import RangeRunConfig
     from wiki_embeddings_tests.dagster_support import FIRST, definitions_for, resources_for
 
     table = make_table()
