@@ -47,8 +47,8 @@ def run_backfill(
     mode: str,
     log: Log,
     client: ClientFactory = default_client,
-    handle_signals: bool = False,
     reporter: Reporter | None = None,
+    handle_signals: bool = False,
 ) -> RunReport:
     """One engine run on its own store (connections) and client; `settings.database_url` must be resolved."""
     with _store(settings) as store:
