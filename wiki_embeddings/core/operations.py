@@ -184,10 +184,18 @@ def start_migration(
     settings: Settings, target: str, *, log: Log, probe: Callable[[Settings, str], int] = probe_model_dimensions
 ) -> migration.Started:
     """Ask `target` for its vector length, add the shadow column and record the migration (with the settings'
-    text prefix: the same model with a new prefix is a migration of its own). Run `migration_settings` first."""
+    text prefix: the same model with a new prefix is a migration of its own). Run `migration_settings` first.
+
+    The shadow column's identity (model, prefixes) is recorded now, before any vector: every fill of the migration
+    (`shadow_overrides`: a Dagster range, maintenance, `migrate-model --to` again) then embeds with the prefixes it
+    was started with, whatever prefix the live column's settings carry."""
     dimensions = probe(settings, target)
     with _store(settings) as store:
-        return migration.start(store, target, dimensions, log=log, text_prefix=settings.text_prefix)
+        started = migration.start(store, target, dimensions, log=log, text_prefix=settings.text_prefix)
+        with store.for_column(started.shadow_column) as shadow:
+            if identity.recorded(shadow) is None:  # a continued migration keeps what it was started with
+                identity.record(shadow, target, dimensions, settings.text_prefix, settings.query_prefix)
+    return started
 
 
 def swap(

@@ -68,6 +68,16 @@ class StartMigrationConfig(dg.Config):
     """What to migrate to; the shadow column is `<embedding column>_next`."""
 
     to_model: str = Field(description="the Ollama model to migrate to, e.g. nomic-embed-text (must be pulled)")
+    text_prefix: str | None = Field(
+        default=None,
+        description="prepended to every text the new model embeds, e.g. 'search_document: ' (the same model with "
+        "a new prefix is a migration too); null: the ollama resource's (`migrate-model --text-prefix`)",
+    )
+    query_prefix: str | None = Field(
+        default=None,
+        description="the new model's query prefix, e.g. 'search_query: ' (the swap's self-test); null: the ollama "
+        "resource's (`migrate-model --query-prefix`)",
+    )
     fill_all_ranges: bool = Field(
         default=True,
         description="then queue model_migration_job for every ID range holding chunks "
@@ -83,7 +93,7 @@ def start_model_migration(
     ollama: OllamaResource,
 ) -> None:
     to_model = config.to_model.strip()
-    settings = run_settings(database, ollama)  # the ollama resource's text prefix included
+    settings = run_settings(database, ollama, text_prefix=config.text_prefix, query_prefix=config.query_prefix)
     with run_failures("migration start", settings):
         settings = operations.migration_settings(settings, to_model)
         started = operations.start_migration(settings, to_model, log=context.log.info, probe=ollama.probe_dimensions)
