@@ -1,7 +1,8 @@
 """The assets: the chunk table, what is missing, the embeddings (per ID range, and maintenance), coverage.
 
-Asset bodies call the core (engine, store via the resources) and turn its answers into metadata and
-outcomes; they hold no SQL and no HTTP.
+Asset bodies call the core (core/operations.py for the runs, which the CLI runs too; the store via the
+resources) and turn its answers into metadata (defs/metadata.py) and outcomes (defs/outcomes.py); they hold no
+SQL and no HTTP.
 
   wiki_chunks (observed) -> missing_wiki_chunks -> wiki_chunk_embeddings [ID ranges] -> embedding_coverage -> readiness
                                                -> wiki_chunk_embeddings_maintenance -> + missing_is_zero  (env file)
