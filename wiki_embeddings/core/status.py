@@ -8,6 +8,7 @@ from typing import Any
 
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.migration import shadow_status
+from wiki_embeddings.core.progress import describe_servers
 from wiki_embeddings.core.verify import STATUS_KEYS as VERIFY_STATUS_KEYS
 from wiki_embeddings.core.verify import status_figures as verify_figures
 from wiki_embeddings.settings import Settings
@@ -36,6 +37,7 @@ STATUS_KEYS = [
     "last_run_embedded",
     "last_run_chunks_per_s",
     "last_run_heartbeat",
+    "last_run_servers",
     "migration_model",
     "migration_embedded",
     "migration_missing",
@@ -72,6 +74,8 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     rate = last["chunks_per_s"] if last else None
     status["last_run_chunks_per_s"] = f"{rate:.1f}" if rate is not None else ""
     status["last_run_heartbeat"] = last["heartbeat_at"].isoformat(timespec="seconds") if last else ""
+    # The model servers as the last run's heartbeat saw them (in the rotation or out, and why): no HTTP here.
+    status["last_run_servers"] = describe_servers(last.get("servers")) if last else ""
     status.update(migration_figures(store))
     invalid = store.invalid_indexes()  # left by an interrupted CREATE INDEX CONCURRENTLY; dropped by the next swap
     status["invalid_indexes"] = len(invalid)
