@@ -4,20 +4,151 @@ code before its fix."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 
+from wiki_embeddings.core.factories import build_store
 from wiki_embeddings.core.window import next_occurrence, run_deadline
 from wiki_embeddings.defs.assets import RangeRunConfig
 from wiki_embeddings.settings import Settings
+from wiki_embeddings_tests.test_faults_privileges import _state_schema, grant_as_documented, make_role  # noqa: F401
+from wiki_embeddings_tests.test_faults_support import cli_env, run_cli, start_cli, wait_until
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
+# ------------------------------------------------------------------------------ 1. a frozen swap or rollback
+def _cli_ok(table, *args: str) -> str:
+    done = run_cli(table, *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _dropped_provenance(table) -> int:
+    """Provenance rows of the table's dropped columns (an attnum PostgreSQL never gives out again)."""
+    return table.sql(
+        f"SELECT count(*) FROM {table.settings.state_schema}.embedding_provenance p JOIN pg_attribute a"
+        " ON a.attrelid = %s::regclass AND a.attnum = p.column_attnum WHERE p.table_name = %s AND a.attisdropped",
+        (table.settings.table, table.store.table.qualified),
+    )[0][0]
+
+
+def _waiting_behind(table, holder_pid: int) -> bool:
+    """A wiki-embeddings session waits for a row lock the holder's transaction has."""
+    return bool(
+        table.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'wiki-embeddings'"
+            " AND wait_event_type = 'Lock' AND %s = ANY(pg_blocking_pids(pid))",
+            (holder_pid,),
+        )[0][0]
+    )
+
+
+@pytest.mark.parametrize("step", ["swap", "rollback"])
+def test_a_client_frozen_inside_a_swap_or_rollback_never_locks_readers_out(make_table, step, tmp_path):
+    """SIGSTOP of `migrate-model --swap/--rollback` at the last write of its locked step: the server finishes the
+    step alone, so a reader of the live table answers at once. Before: ~10 client round trips inside one
+    transaction holding ACCESS EXCLUSIVE; the frozen client sat `idle in transaction` and readers waited forever."""
+    table = make_table()
+    name, state = table.settings.table, table.settings.state_schema
+    table.load([(i, f"section {i} of the article") for i in range(1, 41)])
+    assert table.backfill().state == "completed"
+    _cli_ok(table, "migrate-model", "--to", "tiny")
+    _cli_ok(table, "migrate-model", "--swap", "--force")  # live: tiny; previous: all-minilm in embedding_prev
+    if step == "swap":
+        _cli_ok(table, "migrate-model", "--to", "nomic-embed-text")  # this swap drops embedding_prev (all-minilm)
+        args, live_model, live_type = ["--swap", "--force"], "nomic-embed-text", "vector(768)"
+    else:
+        args, live_model, live_type = ["--rollback"], "all-minilm", "vector(384)"
+    assert _dropped_provenance(table) == 0
+
+    # The locked step's last statement records the model in table_state: holding that row holds the step there.
+    holder = psycopg.connect(table.url)
+    holder.execute(
+        f"SELECT 1 FROM {state}.table_state WHERE table_name = %s FOR UPDATE", (table.store.table.qualified,)
+    )
+    proc = start_cli(table, "migrate-model", *args, log=tmp_path / f"{step}.log")
+    try:
+        wait_until(lambda: _waiting_behind(table, holder.info.backend_pid), 60, f"the {step} to reach table_state")
+        os.kill(proc.pid, signal.SIGSTOP)  # a paused VM, a partition, a debugger: the client says nothing more
+        holder.rollback()
+        started = time.monotonic()
+        with psycopg.connect(table.url, options="-c statement_timeout=20000") as reader:
+            total, filled = reader.execute(f"SELECT count(*), count(embedding) FROM {name}").fetchone()
+        assert time.monotonic() - started < 20, "a reader of the live table gets its answer"
+        assert (total, filled) == (40, 40), "the live column is complete, old or new, never a gap"
+        live = table.sql(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass"
+            " AND attname = 'embedding' AND NOT attisdropped",
+            (name,),
+        )
+        assert live == [(live_type,)] and table.store.recorded_model()[0] == live_model, "the step committed whole"
+        assert not table.sql("SELECT 1 FROM pg_stat_activity WHERE state = 'idle in transaction'")
+    finally:
+        holder.close()
+        os.kill(proc.pid, signal.SIGKILL)  # it dies before its clean-up
+        proc.wait(10)
+    if step == "swap":
+        assert _dropped_provenance(table) == 40, "the dropped column's provenance is removed after the lock"
+    status = json.loads(_cli_ok(table, "status", "--json"))  # the next command cleans what the dead one left
+    assert _dropped_provenance(table) == 0
+    assert status["model"] == live_model and status["missing"] == 0 and status["stale_model"] == 0
+
+
+def test_provenance_left_by_a_dead_swap_is_tolerated_by_a_read_only_status_and_purged_in_batches(make_table, request):
+    new_role = request.getfixturevalue("make_role")  # test_faults_privileges' roles, dropped at the end
+    state = _state_schema()
+    table = make_table(state_schema=state)
+    name, qualified = table.settings.table, table.store.table.qualified
+    table.load([(i, f"paragraph {i}") for i in range(1, 31)])
+    assert table.backfill().state == "completed"
+    # What a swap whose process died after its locked step leaves: provenance of a column that is gone.
+    table.sql(f"ALTER TABLE {name} ADD COLUMN embedding_prev vector(8)")
+    attnum = table.sql(
+        "SELECT attnum FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s", (name, "embedding_prev")
+    )[0][0]
+    table.sql(
+        f"INSERT INTO {state}.embedding_provenance (table_name, column_attnum, chunk_id, model, dimensions, text_md5,"
+        " max_chars) SELECT %s, %s, g, 'tiny', 8, 'x', 2000 FROM generate_series(1, 25) g",
+        (qualified, attnum),
+    )
+    table.sql(f"ALTER TABLE {name} DROP COLUMN embedding_prev")
+    assert _dropped_provenance(table) == 25
+    (embedder, _), (monitor, url) = new_role("fill"), new_role("mon")
+    grant_as_documented(table, state, embedder, monitor)
+
+    shown = run_cli(table, "status", "--json", env=cli_env(table, DATABASE_URL=url, WIKI_EMBED_STATE_SCHEMA=state))
+    assert shown.returncode == 0, shown.stderr  # may not delete: leaves them, says nothing, fails nothing
+    assert json.loads(shown.stdout)["missing"] == 0 and _dropped_provenance(table) == 25
+
+    with build_store(table.settings, table.url) as store:
+        assert store.purge_dropped_provenance(batch=10) == 25  # three statements of at most 10 rows
+        assert store.dropped_provenance_columns() == []
+    assert table.status()["missing"] == 0 and table.store.model_status()["stale_model"] == 0
+
+
 def _at(zone: ZoneInfo, *fields: int) -> float:
     return datetime(*fields, tzinfo=zone).timestamp()  # type: ignore[misc]
+
+
+def test_an_aborted_migration_drops_its_shadow_in_one_step_and_its_provenance_after(make_table):
+    table = make_table()
+    table.load([(i, f"part {i}") for i in range(1, 21)])
+    assert table.backfill().state == "completed"
+    _cli_ok(table, "migrate-model", "--to", "tiny")
+    assert table.store.column_exists("embedding_next")
+    out = _cli_ok(table, "migrate-model", "--abort")
+    assert "shadow column embedding_next dropped" in out
+    assert not table.store.column_exists("embedding_next") and table.store.migration_target() == (None, None)
+    assert _dropped_provenance(table) == 0 and table.store.dropped_provenance_columns() == []
+    assert table.status()["missing"] == 0
 
 
 # ------------------------------------------------------------------------------ 6. --until on transition days
