@@ -51,15 +51,16 @@ class ColumnsMixin(StoreBase):
                     f"vector({dimensions}); drop it (`migrate-model --abort`) first"
                 )
         else:
-            # A brief ACCESS EXCLUSIVE lock (no rewrite: the column is NULL). lock_timeout, so a long query on the
-            # table makes this fail plainly instead of queueing every reader behind it (search down).
-            with self.conn.transaction():
-                self.conn.execute("SET LOCAL lock_timeout = '10s'")
-                self.conn.execute(
+            # A brief ACCESS EXCLUSIVE lock (no rewrite: the column is NULL), one server-side statement like the swap.
+            # lock_timeout, so a long query on the table makes this fail plainly instead of queueing every reader
+            # behind it (search down).
+            self._locked_step(
+                [
                     sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {c} vector({d})").format(
                         t=self._t, c=sql.Identifier(shadow), d=sql.Literal(int(dimensions))
                     )
-                )
+                ]
+            )
             added = True
         self.for_column(shadow).ensure_missing_index()
         self._ensure_state_row()
