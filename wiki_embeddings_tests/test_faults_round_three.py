@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -17,6 +18,7 @@ import pytest
 from wiki_embeddings.core.factories import build_store
 from wiki_embeddings.core.window import next_occurrence, run_deadline
 from wiki_embeddings.defs.assets import RangeRunConfig
+from wiki_embeddings.devtools.ollama_server import OllamaServer
 from wiki_embeddings.settings import Settings
 from wiki_embeddings_tests.test_faults_privileges import _state_schema, grant_as_documented, make_role  # noqa: F401
 from wiki_embeddings_tests.test_faults_support import cli_env, run_cli, start_cli, wait_until
@@ -198,3 +200,50 @@ def test_dagster_until_and_the_cli_share_the_local_zone_rule(monkeypatch):
     assert deadline is not None
     assert deadline[0] == datetime(2026, 3, 29, 4, 0, tzinfo=UTC).timestamp()
     assert "2026-03-29T06:00+02:00" in deadline[1]
+
+
+# ------------------------------------------------------------------------------ 8. verify: another length, nothing
+def test_verify_against_a_server_whose_vectors_have_another_length_names_both_lengths(make_table):
+    table = make_table()
+    table.load([(i, f"chunk {i} about something") for i in range(1, 21)])
+    assert table.backfill().state == "completed"  # all-minilm, 384-d
+    with OllamaServer(backend="hash", models=["all-minilm:16"]) as other:  # another model answers under the name
+        done = run_cli(table, "verify", env=cli_env(table, OLLAMA_URL=other.url))
+        as_json = run_cli(table, "verify", "--json", env=cli_env(table, OLLAMA_URL=other.url))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "verify: model_changed" in done.stdout
+    assert "vectors of length 16, the stored vectors have length 384" in done.stdout, done.stdout
+    assert "min_cosine= " in done.stdout, "no cosine is invented across lengths"
+    report = json.loads(as_json.stdout)
+    assert (report["stored_length"], report["server_length"], report["other_length"]) == (384, 16, 20)
+    assert report["min_cosine"] is None and report["compared"] == 0
+
+
+@pytest.mark.parametrize("rows", [0, 12], ids=["empty-table", "no-vector-yet"])
+def test_verify_with_no_vector_to_compare_exits_0_says_so_and_blocks_nothing(make_table, ollama, rows):
+    table = make_table()
+    table.load([(i, f"paragraph {i}") for i in range(1, rows + 1)])
+    ollama.set_faults(down=True)  # nothing is asked of the server
+    done = run_cli(table, "verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verify: nothing_to_verify (exit 0)" in done.stdout and "holds no vector yet" in done.stdout
+    assert "server did not" not in done.stdout
+    assert table.store.latest_trust("verify")["verdict"] == "nothing_to_verify"
+
+
+def test_reliability_md_says_ollama_url_credentials_are_never_stored_as_the_runs_table_shows(make_table, ollama):
+    """The doc claimed the runs table keeps OLLAMA_URL credentials for `resume`; it never did."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "RELIABILITY.md").read_text()
+    start = doc.index("- **Credentials in `OLLAMA_URL`**")
+    bullet = doc[start : doc.index("\n- ", start + 1)]
+    assert "stored as written" not in bullet and "never written to the bookkeeping" in bullet, bullet
+    table = make_table()
+    table.load([(1, "one"), (2, "two")])
+    secret_url = ollama.url.replace("http://", "http://operator:s3cr3t-pw@")
+    done = run_cli(table, "backfill", env=cli_env(table, OLLAMA_URL=secret_url))
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = table.sql(
+        f"SELECT options->>'ollama_url', options::text FROM {table.settings.state_schema}.runs WHERE table_name = %s",
+        (table.store.table.qualified,),
+    )
+    assert saved and all(url is None and "s3cr3t-pw" not in text for url, text in saved)

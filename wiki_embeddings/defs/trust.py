@@ -43,7 +43,7 @@ def vectors_match_model(
     context.log.info(report.message)
     severity = dg.AssetCheckSeverity.WARN if report.verdict == "not_evaluated" else dg.AssetCheckSeverity.ERROR
     return dg.AssetCheckResult(
-        passed=report.verdict == "match",
+        passed=report.verdict in ("match", "nothing_to_verify"),  # no vector yet: nothing to distrust
         severity=severity,
         description=report.message,
         metadata=verify_metadata(report),
