@@ -202,6 +202,116 @@ def test_dagster_until_and_the_cli_share_the_local_zone_rule(monkeypatch):
     assert "2026-03-29T06:00+02:00" in deadline[1]
 
 
+# ------------------------------------------------------------------------------ 7. one readiness decision
+def _check(table, env: dict[str, str] | None = None) -> tuple[int, str]:
+    done = run_cli(table, "status", "--check", env=env)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("check: ")]
+    assert len(lines) == 1, done.stdout  # --check prints its reason
+    return done.returncode, lines[0]
+
+
+def test_status_check_fails_on_a_standing_drift_verdict_says_why_and_a_later_match_clears_it(make_table, ollama):
+    table = make_table()
+    table.load([(i, f"chunk {i} about something") for i in range(1, 31)])
+    assert table.backfill().state == "completed"
+    assert _check(table) == (
+        0,
+        "check: ready: missing=0, coverage_pct=100.00, stale_model=0, no blocking drift verdict",
+    )
+
+    ollama.set_faults(model_salt="pulled")  # an `ollama pull` replaced the weights behind the name
+    assert run_cli(table, "verify").returncode == 1
+    code, line = _check(table)
+    assert code == 1, "the runbook's operators decide readiness by this command"
+    assert line.startswith("check: not ready: drift:") and "said model_changed" in line, line
+    assert "the model answering as 'all-minilm' changed" in line
+
+    ollama.set_faults(down=True)  # not_evaluated says nothing about the vectors: the verdict stands
+    assert run_cli(table, "verify").returncode == 3
+    assert _check(table)[0] == 1
+
+    ollama.reset_faults()  # the original weights are back: a later match clears it
+    assert run_cli(table, "verify").returncode == 0
+    assert _check(table)[0] == 0
+
+
+def test_a_mismatch_is_cleared_by_a_re_embed_and_model_changed_by_the_swap(make_table, ollama):
+    table = make_table()
+    name = table.settings.table
+    table.load([(i, f"paragraph {i} of the page") for i in range(1, 21)])
+    assert table.backfill().state == "completed"
+    table.sql(f"UPDATE {name} SET embedding = array_fill(0, ARRAY[384])::vector WHERE id = 7")  # a garbled write
+    assert run_cli(table, "verify", "--full").returncode == 1
+    code, line = _check(table)
+    assert code == 1 and "said mismatch" in line, line
+    table.sql(f"UPDATE {name} SET embedding = NULL WHERE id = 7")  # the verdict's remedy: re-embed that chunk
+    assert _check(table)[1].startswith("check: not ready: missing=1")
+    assert table.backfill().state == "completed"
+    assert _check(table)[0] == 0, "the re-embed cleared the mismatch"
+
+    ollama.set_faults(model_salt="pulled")
+    assert run_cli(table, "verify").returncode == 1
+    assert _check(table)[0] == 1
+    _cli_ok(table, "migrate-model", "--to", "all-minilm")  # allowed after model_changed: re-embeds with the new weights
+    assert _check(table)[0] == 1, "the shadow does not count until the swap"
+    _cli_ok(table, "migrate-model", "--swap", "--force")
+    assert _check(table)[0] == 0, "the swap cleared model_changed"
+
+
+def test_the_dagster_check_and_the_readiness_sensor_make_the_same_decision_as_status_check(make_table, ollama, request):
+    import dagster as dg
+
+    from wiki_embeddings.core.readiness import read_flag
+    from wiki_embeddings.defs.assets import embedding_coverage
+    from wiki_embeddings.defs.checks import missing_is_zero
+    from wiki_embeddings.defs.resources import ReadinessResource, WikiDatabaseResource
+    from wiki_embeddings_tests.dagster_support import resources_for
+    from wiki_embeddings_tests.test_dagster_schedule_sensor import Sensor
+
+    state = _state_schema()
+    table = make_table(state_schema=state)
+    table.load([(i, f"chunk {i}") for i in range(1, 21)])
+    assert table.backfill().state == "completed"
+    ollama.set_faults(model_salt="pulled")
+    assert run_cli(table, "verify", env=cli_env(table, WIKI_EMBED_STATE_SCHEMA=state)).returncode == 1
+    env_file = table.tmp / ".env.beta"
+    resources = resources_for(table, ollama, env_file=env_file)
+    s = table.settings
+    resources["database"] = WikiDatabaseResource(
+        database_url=s.database_url, table=s.table, stop_file=s.stop_file, state_schema=state
+    )
+
+    with dg.instance_for_test() as instance:
+        sensor = Sensor(instance, ReadinessResource(env_file=str(env_file)))
+
+        def refresh():
+            result = dg.materialize([embedding_coverage, missing_is_zero], resources=resources, instance=instance)
+            [evaluation] = result.get_asset_check_evaluations()
+            return evaluation
+
+        evaluation = refresh()  # no drift check in this run: the CLI's verdict is in the database
+        assert not evaluation.passed and evaluation.metadata["drift_verdict"].value == "model_changed"
+        assert evaluation.description.startswith("drift: ") and "said model_changed" in evaluation.description
+        tick = sensor.tick()
+        assert read_flag(env_file) is None and "said model_changed" in tick.skip_reason.skip_message
+
+        # A read-only monitoring role gets the same answer from `status --check`.
+        new_role = request.getfixturevalue("make_role")
+        (embedder, _), (monitor, url) = new_role("fill"), new_role("mon")
+        grant_as_documented(table, state, embedder, monitor)
+        monitor_env = cli_env(table, DATABASE_URL=url, WIKI_EMBED_STATE_SCHEMA=state)
+        code, line = _check(table, monitor_env)
+        assert code == 1 and line == f"check: not ready: {evaluation.description}"
+
+        ollama.reset_faults()
+        assert run_cli(table, "verify", env=cli_env(table, WIKI_EMBED_STATE_SCHEMA=state)).returncode == 0
+        assert refresh().passed
+        sensor.tick()
+        assert read_flag(env_file) is True
+        assert _check(table, monitor_env)[0] == 0
+
+
 # ------------------------------------------------------------------------------ 8. verify: another length, nothing
 def test_verify_against_a_server_whose_vectors_have_another_length_names_both_lengths(make_table):
     table = make_table()

@@ -43,6 +43,7 @@ from wiki_embeddings.core.client import EmbedFailure, InputRejected, InvalidVect
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.engine import same_model
 from wiki_embeddings.core.factories import build_client
+from wiki_embeddings.core.readiness import BLOCKING_DRIFT
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings
 
@@ -335,6 +336,27 @@ def status_figures(store: Store) -> dict[str, Any]:
         "verify_zero_norm": (last or {}).get("zero_norm", ""),
         "model_digest": (digest or {}).get("digest") or "",
     }
+
+
+def drift_figures(store: Store) -> dict[str, Any]:
+    """The drift verdict that stands for readiness (core/readiness.py `assess`), from the database alone: the last
+    decisive `verify` / drift-check verdict of the table, unless a later swap or rollback replaced the column, or -
+    for `mismatch`, whose remedy is re-embedding those chunks - a run of the column that started after it wrote
+    vectors. A later `match` replaces it; `not_evaluated` and `nothing_to_verify` say nothing and change nothing.
+    `model_changed` is cleared by `migrate-model` (its swap) or a `match`."""
+    last = store.latest_trust("verify", verdicts=DECISIVE)
+    verdict = str((last or {}).get("verdict") or "")
+    out: dict[str, Any] = {"drift_verdict": "", "drift_at": "", "drift_detail": ""}
+    if not last or verdict not in BLOCKING_DRIFT:
+        return out
+    at = last["recorded_at"]
+    swapped = store.table_state().get("swapped_at")
+    if swapped is not None and swapped > at:
+        return out
+    if verdict == "mismatch" and store.embedded_since(at):
+        return out
+    detail = str(last.get("message") or "").split(". ")[0]
+    return {"drift_verdict": verdict, "drift_at": at.isoformat(timespec="seconds"), "drift_detail": detail}
 
 
 def format_report(report: VerifyReport) -> str:
