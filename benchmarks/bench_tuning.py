@@ -229,7 +229,7 @@ def with_user(bench: Bench, url: str, rows: int, seconds: float, **flags: Any) -
         settings = settings.replace(**flags)
         user.start()
         time.sleep(1.5)  # the user's first query alone: its own service time
-        from wiki_embeddings.core.engine import Backfill
+        from wiki_embeddings.core.backfill import Backfill
         from wiki_embeddings.core.factories import build_client, build_store
 
         store = build_store(settings, bench.url)

@@ -23,8 +23,8 @@ import psycopg
 from psycopg import sql
 
 from wiki_embeddings.core import importer
+from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.engine import Backfill, RunReport
 from wiki_embeddings.core.factories import build_client, build_store
 from wiki_embeddings.devtools import embedded_postgres
 from wiki_embeddings.devtools.ollama_server import start_subprocess, stop_subprocess

@@ -12,9 +12,9 @@ from typing import Any
 
 from wiki_embeddings import __version__
 from wiki_embeddings.core import control, identity, importer, migration, operations, quality, verify
+from wiki_embeddings.core.backfill import DimensionMismatch
 from wiki_embeddings.core.context import format_preflight
 from wiki_embeddings.core.db import DatabaseError, StoreError
-from wiki_embeddings.core.engine import DimensionMismatch
 from wiki_embeddings.core.factories import (
     build_client,
     build_store,

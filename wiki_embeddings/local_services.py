@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from wiki_embeddings.core.client import OllamaClient, ServerUnavailable
+from wiki_embeddings.core.embedders import OllamaClient, ServerUnavailable
 from wiki_embeddings.settings import LOCAL_SERVER_MODEL, Settings, mask_url
 
 #: `local` (default) or `production`. In production every connection comes from the environment: the embedded

@@ -17,8 +17,8 @@ import psycopg
 import pytest
 
 from wiki_embeddings.core import importer
+from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.engine import Backfill, RunReport
 from wiki_embeddings.core.factories import build_client, build_store
 from wiki_embeddings.core.readiness import DEFAULT_ENV_FILE
 from wiki_embeddings.core.readiness import ENV_VARS as READINESS_ENV_VARS

@@ -210,7 +210,7 @@ def test_retry_failed_runs_only_the_recorded_failures_quarantined_included(make_
 
 
 def test_a_model_whose_vectors_do_not_fit_the_column_is_refused_with_nothing_written(make_table):
-    from wiki_embeddings.core.engine import DimensionMismatch
+    from wiki_embeddings.core.backfill import DimensionMismatch
 
     table = make_table()
     table.load([(1, "text")])

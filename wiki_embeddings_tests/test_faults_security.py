@@ -16,8 +16,8 @@ import pytest
 from psycopg import sql
 
 from wiki_embeddings.core import db as db_package
+from wiki_embeddings.core.backfill import Backfill
 from wiki_embeddings.core.db import StoreError, TableRef
-from wiki_embeddings.core.engine import Backfill
 from wiki_embeddings.core.factories import build_client, build_store
 from wiki_embeddings.core.failure_log import read_entries
 from wiki_embeddings.settings import from_env

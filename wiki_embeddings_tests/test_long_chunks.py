@@ -40,7 +40,7 @@ def test_korean_and_english_wiki_chunks_are_never_failed_for_being_long(make_tab
     table = make_table(ollama_url=small_context.url, batch_size=64, max_chars=2000)
     chunks = table.load_wiki(400)
     s = table.settings
-    from wiki_embeddings.core.engine import Backfill
+    from wiki_embeddings.core.backfill import Backfill
     from wiki_embeddings.core.factories import build_client, build_store
 
     with build_store(s, table.url) as store:
@@ -133,7 +133,7 @@ def test_a_cold_model_load_is_not_counted_as_a_timeout(make_table, ollama):
 def test_a_narrower_column_is_filled_with_dimensions_only_when_asked(make_table, ollama):
     table = make_table(dim=8, ollama_model="nomic-embed-text")
     table.load([(1, "matryoshka"), (2, "doll")])
-    from wiki_embeddings.core.engine import DimensionMismatch
+    from wiki_embeddings.core.backfill import DimensionMismatch
 
     with pytest.raises(DimensionMismatch, match=r"768-dimensional vectors but .* vector\(8\).*--request-dimensions"):
         table.backfill()

@@ -13,7 +13,7 @@ import pytest
 
 from wiki_embeddings import cli
 from wiki_embeddings.core import migration, quality, verify
-from wiki_embeddings.core.engine import ModelChanged
+from wiki_embeddings.core.backfill import ModelChanged
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.core.window import WINDOW_REASON, next_occurrence, parse_until, run_deadline
 from wiki_embeddings.devtools.ollama_server import OllamaServer

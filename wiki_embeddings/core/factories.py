@@ -1,6 +1,6 @@
 """Building a run's parts from one Settings object: the store, the client with its tuning, the model to use.
 
-Kept out of the loop's module (core/engine.py) so the CLI, the Dagster resources, verification and the
+Kept out of the run's package (core/backfill/) so the CLI, the Dagster resources, verification and the
 benchmarks build their parts the same way without importing the loop.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from wiki_embeddings.core.client import OllamaClient
 from wiki_embeddings.core.context import PREFLIGHT_SAMPLE, TokenEstimator, preflight, window_from_show
 from wiki_embeddings.core.db import Store, TableRef
+from wiki_embeddings.core.embedders import OllamaClient
 from wiki_embeddings.core.tuning import Tuning
 from wiki_embeddings.settings import DEFAULT_MODEL, DEFAULT_TARGET_REQUEST_SEC, LOCAL_SERVER_MODEL, Settings
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.modelname import same_model
 
 
 def recorded(store: Store) -> dict[str, Any] | None:
@@ -33,8 +34,6 @@ def recorded(store: Store) -> dict[str, Any] | None:
 def prefix_problem(store: Store, model: str, text_prefix: str, *, shadow: bool) -> str | None:
     """Why a run of `model` with `text_prefix` may not write this column, or None. The model itself is checked by
     the engine (`_check_recorded_model`); this is the prefix part of the identity."""
-    from wiki_embeddings.core.engine import same_model
-
     identity = recorded(store)
     if identity is None or not same_model(identity["model"], model):
         return None  # nothing recorded yet, or another model (the engine decides about that)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wiki_embeddings.core.db import Store, StoreError
-from wiki_embeddings.core.engine import same_model
+from wiki_embeddings.core.modelname import same_model
 
 
 class MigrationError(RuntimeError):

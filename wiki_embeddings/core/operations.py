@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from wiki_embeddings.core import identity, migration
-from wiki_embeddings.core.client import OllamaClient
+from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.engine import Backfill, RunReport
+from wiki_embeddings.core.embedders import OllamaClient
 from wiki_embeddings.core.factories import build_client, build_store, resolve_model
 from wiki_embeddings.core.progress import Reporter
 from wiki_embeddings.settings import Settings

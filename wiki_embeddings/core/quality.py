@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from wiki_embeddings.core import identity, migration
-from wiki_embeddings.core.client import EmbedFailure
 from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.embedders import EmbedFailure
 from wiki_embeddings.core.factories import build_client
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings

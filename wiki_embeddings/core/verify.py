@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from wiki_embeddings.core.client import EmbedFailure, InputRejected, InvalidVectors
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.engine import same_model
+from wiki_embeddings.core.embedders import EmbedFailure, InputRejected, InvalidVectors
 from wiki_embeddings.core.factories import build_client
+from wiki_embeddings.core.modelname import same_model
 from wiki_embeddings.core.readiness import BLOCKING_DRIFT
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings

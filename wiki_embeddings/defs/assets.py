@@ -22,9 +22,9 @@ import dagster as dg
 from pydantic import Field
 
 from wiki_embeddings.core import operations
+from wiki_embeddings.core.backfill import CLEAN_STATES as ENGINE_CLEAN_STATES
+from wiki_embeddings.core.backfill import DimensionMismatch, RunReport
 from wiki_embeddings.core.db import DatabaseUnavailable, DataRefused, Store, StoreError
-from wiki_embeddings.core.engine import CLEAN_STATES as ENGINE_CLEAN_STATES
-from wiki_embeddings.core.engine import DimensionMismatch, RunReport
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.core.window import WINDOW_REASON
 from wiki_embeddings.defs.partitions import (

@@ -17,9 +17,9 @@ import dagster as dg
 from pydantic import Field
 
 from wiki_embeddings.core import control, operations
-from wiki_embeddings.core.client import OllamaClient
+from wiki_embeddings.core.backfill import RunReport
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.engine import RunReport
+from wiki_embeddings.core.embedders import OllamaClient
 from wiki_embeddings.core.factories import build_client, build_store, probe_model_dimensions, resolve_model
 from wiki_embeddings.core.readiness import ReadinessSettings
 from wiki_embeddings.local_services import database_url

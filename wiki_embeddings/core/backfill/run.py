@@ -1,0 +1,416 @@
+"""One backfill run: the stages wired together.
+
+  claimer (keyset claims) -> N embed workers (HTTP, bisection, context fit) -> writer (bulk write)
+
+Queues between them are bounded, so memory depends on batch size and concurrency, never on table size; the
+embedding server never waits on PostgreSQL or on bookkeeping. A stop (stop file, database request, signal, run
+window) lets what is in flight be written; the run then ends `stopped`. The end state is endstate.end_state of
+what the stages counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from wiki_embeddings.core import identity
+from wiki_embeddings.core.backfill import prepare
+from wiki_embeddings.core.backfill.claimer import Claimer
+from wiki_embeddings.core.backfill.dbcalls import DbCalls, in_daemon_thread
+from wiki_embeddings.core.backfill.endstate import RunCounts, end_state
+from wiki_embeddings.core.backfill.errors import Fatal, NoAnswer
+from wiki_embeddings.core.backfill.failures import FailureRecorder
+from wiki_embeddings.core.backfill.halt import Halt
+from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
+from wiki_embeddings.core.backfill.report import RunReport
+from wiki_embeddings.core.backfill.worker import CANARY_TEXT, EmbedWorker
+from wiki_embeddings.core.backfill.writer import Writer
+from wiki_embeddings.core.db import DatabaseError, ModelMismatch, Provenance, Store
+from wiki_embeddings.core.embedders import Embedder, EmbedFailure, ModelNotFound, ServerUnavailable
+from wiki_embeddings.core.failure_log import FailureLog
+from wiki_embeddings.core.progress import LineReporter, Progress, Reporter
+from wiki_embeddings.core.tuning import Tuning
+from wiki_embeddings.settings import Settings, redact, url_secrets
+
+HEARTBEAT_EVERY_SEC = 10.0  # the run's row is touched this often; `status` calls a run stalled past its lease
+
+
+class Backfill:
+    """One run of the pipeline over a store and an embedder, configured by one Settings object."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        client: Embedder,
+        *,
+        mode: str = "backfill",
+        log: Callable[[str], None] | None = None,
+        handle_signals: bool = False,
+        reporter: Reporter | None = None,
+    ):
+        self.s = settings.validate()
+        self.store = store
+        self.client = client
+        self.mode = mode
+        self._log = log or (lambda line: print(line, flush=True))
+        self.handle_signals = handle_signals
+        self.reporter: Reporter = reporter or LineReporter(self._log)
+        self.failure_log = FailureLog(settings.failure_log)
+        self.stop_file = Path(settings.stop_file) if settings.stop_file else None
+        self._secrets: list[str | None] = list(url_secrets(settings.database_url))
+        self._build_stages()
+
+    def _build_stages(self) -> None:
+        s = self.s
+        self.halt = Halt(self.stop_file, s.run_deadline())
+        self.db = DbCalls(
+            self.store,
+            self.halt,
+            statement_timeout_sec=s.db_statement_timeout_sec,
+            reconnect_sec=s.db_reconnect_sec,
+            backoff_base_sec=s.backoff_base_sec,
+            log=self._log,
+        )
+        self.claimer = Claimer(self.store, self.db.call, s, lambda: self.client.tuning.batch_size, log=self._log)
+        self.worker = EmbedWorker(self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log)
+        self.writer = Writer(self.store, self.db.call, None)
+        self.recorder = FailureRecorder(
+            self.store,
+            self.db.call,
+            self.failure_log,
+            self.claimer.release,
+            model=self.client.model,
+            max_attempts=s.max_attempts,
+            clean=self._clean,
+            log=self._log,
+        )
+        self.db.on_reconnect["claim"] = functools.partial(self.claimer.retake, self.db.thread)
+        self.total = 0
+        self.started = 0.0
+
+    # ------------------------------------------------------------ public
+    def run(self) -> RunReport:
+        return asyncio.run(self.arun())
+
+    def request_stop(self, reason: str = "signal") -> None:
+        """Graceful stop from inside the process (SIGTERM, Ctrl-C): same path as the stop file."""
+        self.halt.request_stop(reason)
+
+    async def arun(self) -> RunReport:
+        """One run; the client's HTTP pool is closed at the end (it belongs to this event loop)."""
+        try:
+            return await self._arun()
+        finally:
+            self.db.shut()
+            await self.client.aclose()
+
+    # ------------------------------------------------------------ before the pipeline
+    async def _arun(self) -> RunReport:
+        s, store, client = self.s, self.store, self.client
+        self._build_stages()  # a fresh run: its stop event belongs to this event loop
+        dimensions = await asyncio.to_thread(prepare.prepare_database, store)
+        shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix)
+        self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
+        report = RunReport(state="running", mode=self.mode, model=client.model, dimensions=dimensions)
+        idle = not prepare.refresh_wanted(s) and await asyncio.to_thread(prepare.count_remaining, store, s) == 0
+        try:
+            if not idle:  # nothing missing and no refresh pass: the model server is not contacted at all
+                column = f"{store.table.qualified}.{store.table.embedding_column}"
+                await prepare.check_dimensions(client, dimensions, column, s.request_dimensions)
+                self.worker.known_good = CANARY_TEXT
+                report.preflight = await prepare.learn_context(self.worker, store, s, self._log)
+                report.context_tokens = self.worker.window.tokens
+        except EmbedFailure as exc:
+            report.state = "model_not_found" if isinstance(exc, ModelNotFound) else "server_unavailable"
+            report.message = self._clean(exc.message)
+            if not isinstance(exc, (ServerUnavailable, ModelNotFound)):  # a hung, trickling or garbling server
+                report.message = (
+                    f"the embedding server at {client.where} (OLLAMA_URL) did not embed a known-good probe "
+                    f"text: {report.message}"
+                )
+            report.remaining = await asyncio.to_thread(prepare.count_remaining, store, s)
+            return report
+        if not shadow and not idle:  # a shadow fill leaves the live model as it is until the swap
+            await asyncio.to_thread(store.record_model, client.model, dimensions)
+        digest = None
+        if not idle:  # the column's identity (core/identity.py) and the model's digest (`verify` shows it)
+            await asyncio.to_thread(identity.record, store, client.model, dimensions, s.text_prefix, s.query_prefix)
+            digest = await client.model_digest()
+        self.writer.provenance = Provenance(client.model, dimensions, s.max_chars, s.text_prefix)
+        # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence) and
+        # asks for database stop requests.
+        await self.db.open("run")
+        try:
+            report.run_id = run_id = await asyncio.to_thread(
+                store.start_run, self.mode, s.options_for_resume(), client.model, self.db.conns["run"]
+            )
+            self.db.on_reconnect["run"] = lambda fresh: self.db.thread(store.hold_run_lock, fresh, run_id)
+            if digest:
+                record = store.record_trust
+                await asyncio.to_thread(record, "model_digest", {"digest": digest}, run_id=run_id, model=client.model)
+            return await self._run_started(report, dimensions)
+        finally:
+            await self.db.close(*list(self.db.conns))
+
+    # ------------------------------------------------------------ the run
+    async def _run_started(self, report: RunReport, dimensions: int) -> RunReport:
+        s, store = self.s, self.store
+        self.total = await asyncio.to_thread(prepare.count_remaining, store, s)
+        if s.max_chunks is not None:
+            self.total = min(self.total, s.max_chunks)
+        self._log(
+            f"{self.mode}: {self.total} chunks to embed in {store.table.qualified} with model "
+            f"{self.client.model!r} ({dimensions}-d) at {self.client.where}; {describe_tuning(self.client.tuning)}"
+        )
+        dropped = await asyncio.to_thread(prepare.drop_vector_indexes, store, s, self._log)
+        if dropped:
+            report.index_seconds["dropped"] = [i["name"] for i in dropped]
+        self.started = time.perf_counter()
+        removers = self._install_signal_handlers()
+        heartbeats = asyncio.create_task(self._heartbeats(report))
+        try:
+            await self._pipeline(report)
+            await self.claimer.wait_busy(lambda: self._pipeline(report), lambda: self.halt.halted)
+            if self._may_refresh():
+                self.claimer.begin("refresh")
+                await self._pipeline(report)
+                if self.claimer.scan_complete and self.halt.fatal is None:
+                    report.changed_found = self.claimer.changed_found
+                    stale = max(report.changed_found - report.refreshed, 0)
+                    await self.db.call("store", lambda _c: store.record_stale_text(stale, store.count_unverified()))
+        finally:
+            heartbeats.cancel()
+            for remove in removers:
+                remove()
+            report.seconds = time.perf_counter() - self.started
+            if dropped:
+                rebuild = prepare.rebuild_vector_indexes
+                report.index_seconds["rebuild_seconds"] = await asyncio.to_thread(rebuild, store, dropped, s, self._log)
+        await self._finish(report)
+        return report
+
+    def _may_refresh(self) -> bool:
+        """Maintenance re-embeds changed chunks after the missing ones, unless stopped, failed or capped."""
+        return prepare.refresh_wanted(self.s) and not self.halt.halted and not self.claimer.capped
+
+    async def _finish(self, report: RunReport) -> None:
+        """Counts into the report, the end state decided, the run's row closed, the summary line."""
+        store = self.store
+        report.requests = self.client.stats.requests
+        report.tuning = self.client.tuning.snapshot()
+        report.failed, report.failed_ids = self.recorder.failed, self.recorder.failed_ids
+        report.skipped_busy = self.claimer.skipped_busy
+        report.server_truncated = self.worker.server_truncated
+        report.fit_searches, report.fit_requests = self.worker.fit_searches, self.worker.fit_requests
+        try:
+            report.remaining = await self.db.call("store", lambda _c: prepare.count_remaining(store, self.s))
+        except (Fatal, DatabaseError) as exc:  # the database (or the table) is gone: report what is known
+            self.halt.fail(exc if isinstance(exc, Fatal) else Fatal("error", self._clean(str(exc))))
+            report.remaining = max(self.total - report.embedded - report.failed, 0)
+        fatal = self.halt.fatal
+        end = end_state(
+            RunCounts(
+                remaining=report.remaining,
+                failed=report.failed,
+                claimed=self.claimer.claimed,
+                busy=len(self.claimer.busy),
+                max_chunks=self.s.max_chunks,
+                busy_wait_sec=self.s.busy_wait_sec,
+                fatal_state=fatal.state if fatal else None,
+                fatal_message=self._clean(str(fatal)) if fatal else "",
+                stopped=self.halt.stop_requested,
+                stop_reason=self.halt.reason,
+            )
+        )
+        report.state, report.message, report.locked, report.stop_reason = (
+            end.state,
+            end.message,
+            end.locked,
+            end.stop_reason,
+        )
+        run_id = report.run_id
+        assert run_id is not None  # recorded before the pipeline started
+        try:
+            await self.db.call(
+                "store",
+                lambda _c: store.finish_run(
+                    run_id,
+                    report.state,
+                    report.embedded,
+                    report.failed,
+                    report.chunks_per_s,
+                    report.message,
+                    report.locked,
+                ),
+            )
+        except Fatal:
+            self._log(
+                "could not record the end of the run (database gone); status will show it as abandoned, or as "
+                "stalled while the server keeps its session"
+            )
+        self.reporter.finish()
+        self._log(report.summary())
+
+    # ------------------------------------------------------------ the pipeline
+    async def _pipeline(self, report: RunReport) -> None:
+        await self.db.open("claim", "write")
+        tuning = self.client.tuning
+        workers_n = tuning.max_workers  # self-tuning: at most total-depth of them hold a batch (client.turn)
+        # Claimed batches waiting for a worker: enough that no server waits on a claim, few enough that this run
+        # holds no more chunks than it is about to send (other runs on the same table claim the rest).
+        prefetch = workers_n if not tuning.auto else tuning.servers + 1
+        todo: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=prefetch)
+        done: asyncio.Queue[Embedded | None] = asyncio.Queue(maxsize=workers_n * 2)
+        try:
+            producer = asyncio.create_task(self._produce(todo, workers_n))
+            workers = [asyncio.create_task(self._work(todo, done, report)) for _ in range(workers_n)]
+            writer = asyncio.create_task(self._write(done, report))
+            await producer
+            await asyncio.gather(*workers)
+            await done.put(None)
+            await writer
+        finally:
+            await self.db.close("claim", "write")  # a closed session releases every claim it held
+            self.claimer.forget_all()
+
+    async def _should_stop(self) -> bool:
+        return await self.halt.should_stop(lambda: self.db.call("run", self.store.stop_requested))
+
+    async def _produce(self, todo: asyncio.Queue[Batch | None], workers_n: int) -> None:
+        try:
+            await self.claimer.produce(todo.put, self._should_stop)
+        except Fatal as exc:
+            self.halt.fail(exc)
+        except Exception as exc:  # noqa: BLE001 - reported as the run's end state
+            self._unexpected("claim loop", exc)
+        finally:
+            for _ in range(workers_n):
+                await todo.put(None)
+
+    async def _work(
+        self, todo: asyncio.Queue[Batch | None], done: asyncio.Queue[Embedded | None], report: RunReport
+    ) -> None:
+        async def emit(outcome: Embedded | Isolated) -> None:
+            if isinstance(outcome, Isolated):
+                await self.recorder.record(outcome, report.run_id)
+            else:
+                await done.put(outcome)
+
+        while True:
+            async with self.client.turn():  # no more workers hold a batch than the servers' depths take
+                batch = await todo.get()
+                if batch is None:
+                    return
+                if self.halt.stopping():  # not sent: the claims go back untouched for the next run
+                    await self._release_quietly(batch.ids)
+                    continue
+                try:
+                    await self.worker.embed(batch, emit)
+                except Fatal as exc:
+                    self.halt.fail(exc)
+                    await self._release_quietly(batch.ids)
+                except Exception as exc:  # noqa: BLE001 - reported as the run's end state
+                    self._unexpected("embedding worker", exc)
+                    await self._release_quietly(batch.ids)
+
+    async def _write(self, done: asyncio.Queue[Embedded | None], report: RunReport) -> None:
+        claimer = self.claimer
+        while (item := await done.get()) is not None:
+            if self.halt.fatal is not None and self.halt.fatal.state == "database_unavailable":
+                continue  # drain: nothing can be written, the claims die with the sessions
+            keep = [k for k, cid in enumerate(item.ids) if cid in claimer.held]
+            if len(keep) < len(item.ids):  # claims lost in a reconnect: another run owns those chunks now
+                item = item.keep(keep)
+            refresh = claimer.phase == "refresh"
+            try:
+                written = await self.writer.write(item, claimer.md5s(item.ids), refresh)
+                for chunk in written.refused:
+                    await self.recorder.record(chunk, report.run_id)
+                await claimer.release(item.ids)
+            except ModelMismatch as exc:
+                self.halt.fail(Fatal("model_changed", str(exc)))
+                continue
+            except Fatal as exc:
+                self.halt.fail(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported as the run's end state
+                self._unexpected("writer", exc)
+                continue
+            if written.locked and not refresh:
+                claimer.busy.update(written.locked)
+            report.context_cut += written.cut
+            if refresh:
+                report.refreshed += written.written
+            else:
+                report.embedded += written.written
+            self._progress(report)
+
+    async def _release_quietly(self, ids: list[int]) -> None:
+        """Release on the way out of a failing run: a dead database must not hide the first error."""
+        try:
+            await self.claimer.release(ids)
+        except Fatal as exc:
+            self.halt.fail(exc)
+
+    def _unexpected(self, where: str, exc: BaseException) -> None:
+        """A bug or an unforeseen error in one stage stops the run cleanly instead of hanging the others."""
+        if self.halt.fatal is None:
+            gone = self.store.vanished(exc)  # the table dropped or renamed under the run: state table_gone
+            message = gone or f"unexpected error in the {where}: {type(exc).__name__}: {exc}"
+            self.halt.fail(Fatal("table_gone" if gone else "error", self._clean(message)))
+
+    # ------------------------------------------------------------ reporting
+    def _progress(self, report: RunReport) -> None:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        rate = report.embedded / elapsed
+        failed = self.recorder.failed
+        total = max(self.total, report.embedded + failed)
+        left = max(total - report.embedded - failed, 0)
+        eta = left / rate if rate > 0 else float("inf")
+        self.reporter.progress(
+            Progress(report.embedded, failed, total, rate, eta), self.writer.batches % self.s.report_every == 0
+        )
+
+    async def _heartbeats(self, report: RunReport) -> None:
+        """Touch the run's row every HEARTBEAT_EVERY_SEC whatever the pipeline waits on: `status` tells a run that
+        stopped doing so (a frozen process, a black-holed database) by its heartbeat, not by hope."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_EVERY_SEC)
+            if report.run_id is None:
+                continue
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            beat = (report.run_id, report.embedded, self.recorder.failed, report.embedded / elapsed)
+            try:  # off the event loop: the embed workers keep the server busy meanwhile
+                await self.db.answer(in_daemon_thread(self.store.heartbeat_run, *beat))
+            except NoAnswer:
+                self.store.forget_connection()
+            except (DatabaseError, Fatal):
+                self.store.close()  # the next bookkeeping call reconnects
+
+    def _install_signal_handlers(self) -> list[Callable[[], object]]:
+        if not self.handle_signals:
+            return []
+        loop = asyncio.get_running_loop()
+        removers: list[Callable[[], object]] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+                removers.append(functools.partial(loop.remove_signal_handler, sig))
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        return removers
+
+    def _clean(self, message: str) -> str:
+        return redact(message, self._secrets)
+
+
+def describe_tuning(tuning: Tuning) -> str:
+    depth = "self-tuning depth per server (from 1)" if tuning.auto else f"{tuning.pinned_depth} in flight per server"
+    if tuning.target_sec is not None:
+        return f"polite: batch {tuning.max_batch} at most, sized to {tuning.target_sec:g} s per request, {depth}"
+    return f"batch {tuning.max_batch} at most (halved on trouble, grown back on success), {depth}"
