@@ -52,7 +52,8 @@ STATUS_KEYS = [
 def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     """Counts from the database, the stop file, the recorded model and the last run, in one place.
 
-    Read-only once the bookkeeping schema is at its version, so a monitoring role with SELECT only can run it.
+    Read-only once the bookkeeping schema is at its version, so a monitoring role with SELECT only can run it
+    (the one write it tries, clearing the provenance a dead swap left, is skipped without the privilege).
     """
     store.migrate(record=False)
     dimensions = store.column_dimensions()  # first: a missing table or a non-integer id column is one clear line
