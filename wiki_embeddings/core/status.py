@@ -9,7 +9,9 @@ from typing import Any
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.migration import shadow_status
 from wiki_embeddings.core.progress import describe_servers
+from wiki_embeddings.core.readiness import Readiness, assess
 from wiki_embeddings.core.verify import STATUS_KEYS as VERIFY_STATUS_KEYS
+from wiki_embeddings.core.verify import drift_figures
 from wiki_embeddings.core.verify import status_figures as verify_figures
 from wiki_embeddings.settings import Settings
 
@@ -52,7 +54,8 @@ STATUS_KEYS = [
 def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     """Counts from the database, the stop file, the recorded model and the last run, in one place.
 
-    Read-only once the bookkeeping schema is at its version, so a monitoring role with SELECT only can run it.
+    Read-only once the bookkeeping schema is at its version, so a monitoring role with SELECT only can run it
+    (the one write it tries, clearing the provenance a dead swap left, is skipped without the privilege).
     """
     store.migrate(record=False)
     dimensions = store.column_dimensions()  # first: a missing table or a non-integer id column is one clear line
@@ -82,6 +85,13 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     status["invalid_index_names"] = ",".join(ix["name"] for ix in invalid)
     status.update(verify_figures(store))
     return {k: status[k] for k in STATUS_KEYS}
+
+
+def readiness_of(store: Store, status: dict[str, Any]) -> Readiness:
+    """The readiness decision (core/readiness.py `assess`) for a table whose `status` figures were just read: those
+    figures plus the standing drift verdict (core/verify.py `drift_figures`). Reads only."""
+    figures = {k: status[k] for k in ("total", "missing", "coverage_pct", "stale_model")}
+    return assess({**figures, **drift_figures(store)})
 
 
 def migration_figures(store: Store) -> dict[str, Any]:

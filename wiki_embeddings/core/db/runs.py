@@ -149,6 +149,17 @@ class RunsMixin(StoreBase):
         ).fetchone()
         return dict(row) if row else None
 
+    def embedded_since(self: Store, since: Any) -> bool:
+        """Whether a run of this store's column that started after `since` wrote vectors (a re-embed)."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT EXISTS (SELECT 1 FROM {s}.runs WHERE table_name = %(t)s AND started_at > %(since)s"
+                " AND embedded > 0 AND coalesce(options->>'embedding_column', %(c)s) = %(c)s)"
+            ).format(s=self._s),
+            {"t": self.table.qualified, "since": since, "c": self.table.embedding_column},
+        ).fetchone()
+        return bool(row and row[0])
+
     def live_runs(self: Store) -> int:
         """Runs of this table that are running and alive (their session holds the liveness lock)."""
         self.abandon_dead_runs()
