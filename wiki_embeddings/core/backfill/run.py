@@ -207,6 +207,7 @@ class Backfill:
         report.skipped_busy = self.claimer.skipped_busy
         report.server_truncated = self.worker.server_truncated
         report.fit_searches, report.fit_requests = self.worker.fit_searches, self.worker.fit_requests
+        report.fit_found = self.worker.fit_found
         try:
             report.remaining = await self.db.call("store", lambda _c: prepare.count_remaining(store, self.s))
         except (Fatal, DatabaseError) as exc:  # the database (or the table) is gone: report what is known

@@ -79,7 +79,8 @@ class EmbedWorker:
         self._log = log
         self._sleep = sleep
         self.fit_searches = 0  # refused chunks whose longest fitting prefix was searched
-        self.fit_requests = 0  # requests those searches sent
+        self.fit_requests = 0  # requests the successful searches sent
+        self.fit_found = 0  # searches that found a prefix the server takes
         self.server_truncated = 0  # chunks the server was caught truncating silently
         self.silent_cut = False  # the server cuts over-long input silently (learned): long texts are counted alone
 
@@ -323,6 +324,7 @@ class EmbedWorker:
             await self._isolate(row, exc.kind, message, 400, exc.server, emit)
             return
         self.fit_requests += found.requests
+        self.fit_found += 1
         believed = self.window.tokens
         if found.tokens and (not believed or found.tokens < 0.9 * believed) and found.chars >= 0.9 * found.refused_at:
             # The server takes less than it said (or said nothing): its window is about what this prefix used.
