@@ -247,6 +247,8 @@ class Settings:
     busy_wait_sec: float = _setting(30.0, env="WIKI_EMBED_BUSY_WAIT_SEC")
     # server-side bound of a pipeline statement; the client adds 5 s
     db_statement_timeout_sec: float = _setting(60.0, env="WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC")
+    # How long a run waits while every model server is out of the rotation (core/health.py) before exit 3.
+    server_wait_sec: float = _setting(300.0, env="WIKI_EMBED_SERVER_WAIT_SEC")
     # The model server (real Ollama's knobs).
     # sent with every request so the model stays loaded between batches ("-1": forever)
     keep_alive: str = _setting(

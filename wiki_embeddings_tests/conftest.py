@@ -46,6 +46,9 @@ DEFAULT_PATHS_ENV = {
     embedded_postgres.PGDATA_ENV: str(SESSION_DEFAULTS / "pgdata"),
 }
 os.environ.update(DEFAULT_PATHS_ENV)
+# A run whose every model server is out waits WIKI_EMBED_SERVER_WAIT_SEC (300 s) for one to come back: the tests of
+# a dead or sick server wait a few seconds instead (CLI subprocesses inherit it).
+os.environ.setdefault("WIKI_EMBED_SERVER_WAIT_SEC", "3")
 #: The operators' files (the defaults of settings.py, defs/assets.py, readiness.py, embedded_postgres.py).
 OPERATORS_FILES = [
     Path(DEFAULT_STOP_FILE),
@@ -183,6 +186,7 @@ def make_table(pg_url: str, ollama: OllamaServer, tmp_path: Path) -> Iterator[Ca
             backoff_base_sec=0.01,
             backoff_max_sec=0.05,
             timeout_sec=10.0,
+            server_wait_sec=3.0,
         ).replace(**overrides)
         store = build_store(settings, pg_url)
         store.migrate()

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="key=value status: total, embedded, missing, coverage_pct, ...")
     _common(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--check", action="store_true", help="exit 0 only when missing=0 and stale_model=0")
+    p.add_argument("--check", action="store_true", help="exit 0 only when ready (missing=0, ..., no drift); say why")
     p.add_argument(
         "--scan-changed",
         action="store_true",
