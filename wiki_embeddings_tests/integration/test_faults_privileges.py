@@ -18,9 +18,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from wiki_embeddings_tests.test_faults_support import cli_env, filled, run_cli
+from wiki_embeddings_tests.integration.test_faults_support import cli_env, filled, run_cli
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 _names = itertools.count()
 
 

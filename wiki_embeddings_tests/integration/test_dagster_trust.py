@@ -12,8 +12,14 @@ from wiki_embeddings.defs.checks import missing_is_zero
 from wiki_embeddings.defs.migration import SwapConfig
 from wiki_embeddings.defs.resources import ReadinessResource
 from wiki_embeddings.defs.trust import VECTORS_MATCH, vectors_match_model
-from wiki_embeddings_tests.dagster_support import FIRST, definitions_for, failure_of, range_config, resources_for
-from wiki_embeddings_tests.test_dagster_schedule_sensor import Sensor
+from wiki_embeddings_tests.integration.dagster_support import (
+    FIRST,
+    definitions_for,
+    failure_of,
+    range_config,
+    resources_for,
+)
+from wiki_embeddings_tests.integration.test_dagster_schedule_sensor import Sensor
 
 
 @pytest.fixture

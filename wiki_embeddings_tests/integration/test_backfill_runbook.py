@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from wiki_embeddings.core.failure_log import read_entries
-from wiki_embeddings_tests.conftest import TEST_DIM, expected_vector
+from wiki_embeddings_tests.integration.conftest import TEST_DIM, expected_vector
 
 
 def stored_vectors_match(table, ids, max_chars: int) -> int:

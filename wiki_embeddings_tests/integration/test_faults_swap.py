@@ -13,8 +13,8 @@ import threading
 import psycopg
 import pytest
 
-from wiki_embeddings_tests.test_cli import run_cli
-from wiki_embeddings_tests.test_faults_support import start_cli, wait_until
+from wiki_embeddings_tests.integration.test_cli import run_cli
+from wiki_embeddings_tests.integration.test_faults_support import start_cli, wait_until
 
 
 def _migrated(make_table):

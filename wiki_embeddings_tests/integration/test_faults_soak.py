@@ -14,7 +14,7 @@ import pytest
 
 from wiki_embeddings.core.failure_log import read_entries
 from wiki_embeddings.core.status import collect_status
-from wiki_embeddings_tests.test_faults_support import (
+from wiki_embeddings_tests.integration.test_faults_support import (
     advisory_locks,
     cli_env,
     filled,

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from wiki_embeddings.core.failure_log import read_entries
-from wiki_embeddings_tests.test_faults_support import filled, wait_until, wrong_vectors
+from wiki_embeddings_tests.integration.test_faults_support import filled, wait_until, wrong_vectors
 
 CASES = {
     "nan_json_marker": ("invalid_vector", "NaN or infinity"),  # a NaN literal inside a 200 answer

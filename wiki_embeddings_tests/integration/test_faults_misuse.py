@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from wiki_embeddings.settings import MAX_BATCH_SIZE, Settings
-from wiki_embeddings_tests.test_faults_support import cli_env, filled, run_cli, start_cli, wait_until
+from wiki_embeddings_tests.integration.test_faults_support import cli_env, filled, run_cli, start_cli, wait_until
 
 
 def test_dropping_the_table_mid_run_ends_the_run_table_gone_and_finishes_its_row(make_table, ollama, tmp_path):

@@ -21,8 +21,8 @@ from wiki_embeddings.core.db import StoreError, TableRef
 from wiki_embeddings.core.factories import build_client, build_store
 from wiki_embeddings.core.failure_log import read_entries
 from wiki_embeddings.settings import from_env
-from wiki_embeddings_tests.conftest import TEST_DIM, TEST_MODEL
-from wiki_embeddings_tests.test_faults_support import (
+from wiki_embeddings_tests.integration.conftest import TEST_DIM, TEST_MODEL
+from wiki_embeddings_tests.integration.test_faults_support import (
     cli_env,
     dagster_materialize,
     filled,

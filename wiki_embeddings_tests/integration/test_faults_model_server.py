@@ -15,8 +15,8 @@ import pytest
 
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.devtools.ollama_server import start_subprocess, stop_subprocess
-from wiki_embeddings_tests.conftest import TEST_DIM, TEST_MODEL
-from wiki_embeddings_tests.test_faults_support import (
+from wiki_embeddings_tests.integration.conftest import TEST_DIM, TEST_MODEL
+from wiki_embeddings_tests.integration.test_faults_support import (
     cli_env,
     filled,
     kill9,

@@ -20,7 +20,7 @@ from wiki_embeddings.defs.assets import (
 from wiki_embeddings.defs.checks import missing_is_zero
 from wiki_embeddings.defs.partitions import LAST_RANGE_ID, key_bounds, key_for_id, range_key
 from wiki_embeddings.defs.resources import WikiDatabaseResource
-from wiki_embeddings_tests.dagster_support import (
+from wiki_embeddings_tests.integration.dagster_support import (
     FIRST,
     SECOND,
     definitions_for,

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from wiki_embeddings.core.status import collect_status
-from wiki_embeddings_tests.test_faults_support import (
+from wiki_embeddings_tests.integration.test_faults_support import (
     FilledWatcher,
     advisory_locks,
     cli_env,

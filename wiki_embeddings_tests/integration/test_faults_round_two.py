@@ -12,8 +12,8 @@ import pytest
 
 from wiki_embeddings.core.db import ModelMismatch, Provenance
 from wiki_embeddings.core.factories import build_store
-from wiki_embeddings_tests.test_cli import run_cli
-from wiki_embeddings_tests.test_faults_support import wrong_vectors
+from wiki_embeddings_tests.integration.test_cli import run_cli
+from wiki_embeddings_tests.integration.test_faults_support import wrong_vectors
 
 
 def swap_to(table, model: str) -> None:
@@ -201,7 +201,7 @@ def test_a_busy_claim_key_delays_a_chunk_and_never_ends_the_run_completed(make_t
 
 @pytest.fixture
 def proxy(pg_url):
-    from wiki_embeddings_tests.test_faults_support import SilentableProxy
+    from wiki_embeddings_tests.integration.test_faults_support import SilentableProxy
 
     p = SilentableProxy(pg_url)
     yield p
@@ -209,7 +209,7 @@ def proxy(pg_url):
 
 
 def _start_through(table, proxy, tmp_path, **env):
-    from wiki_embeddings_tests.test_faults_support import cli_env, start_cli
+    from wiki_embeddings_tests.integration.test_faults_support import cli_env, start_cli
 
     extra = {
         "DATABASE_URL": proxy.url,
@@ -222,7 +222,7 @@ def _start_through(table, proxy, tmp_path, **env):
 
 
 def _wait_filled(table, at_least: int) -> None:
-    from wiki_embeddings_tests.test_faults_support import filled, wait_until
+    from wiki_embeddings_tests.integration.test_faults_support import filled, wait_until
 
     wait_until(lambda: filled(table) >= at_least, 60, f"{at_least} chunks written")
 

@@ -19,8 +19,8 @@ from wiki_embeddings.core.failure_log import read_entries
 from wiki_embeddings.core.text import InvalidText, clean_text, decode_utf8_prefix
 from wiki_embeddings.devtools.ollama_server import hash_vector
 from wiki_embeddings.settings import from_env
-from wiki_embeddings_tests.conftest import TEST_DIM, TEST_MODEL, ChunkTable
-from wiki_embeddings_tests.test_faults_support import wrong_vectors
+from wiki_embeddings_tests.integration.conftest import TEST_DIM, TEST_MODEL, ChunkTable
+from wiki_embeddings_tests.integration.test_faults_support import wrong_vectors
 
 MAX_CHARS = 2000
 FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466"  # one grapheme, seven code points

@@ -12,7 +12,7 @@ import pytest
 
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.devtools import embedded_postgres
-from wiki_embeddings_tests.test_faults_support import (
+from wiki_embeddings_tests.integration.test_faults_support import (
     FilledWatcher,
     advisory_locks,
     cli_env,

@@ -14,8 +14,8 @@ import pytest
 from wiki_embeddings.cli import main
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.devtools.ollama_server import ModelSpec, OllamaServer, hash_vector
-from wiki_embeddings_tests.conftest import TEST_MODEL
-from wiki_embeddings_tests.test_faults_support import cli_env, wrong_vectors
+from wiki_embeddings_tests.integration.conftest import TEST_MODEL
+from wiki_embeddings_tests.integration.test_faults_support import cli_env, wrong_vectors
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import psycopg
 
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.devtools.ollama_server import hash_vector
-from wiki_embeddings_tests.conftest import TEST_DIM, TEST_MODEL
+from wiki_embeddings_tests.integration.conftest import TEST_DIM, TEST_MODEL
 
 # Test-only retry pacing: the fault suite proves behaviour, not patience.
 FAST_RETRIES = {

@@ -18,8 +18,14 @@ from wiki_embeddings.defs.migration import (
     model_swap_sensor,
 )
 from wiki_embeddings.defs.resources import ReadinessResource
-from wiki_embeddings_tests.dagster_support import FIRST, SECOND, definitions_for, maintenance_config, resources_for
-from wiki_embeddings_tests.test_model_change import NOMIC, assert_vectors_of
+from wiki_embeddings_tests.integration.dagster_support import (
+    FIRST,
+    SECOND,
+    definitions_for,
+    maintenance_config,
+    resources_for,
+)
+from wiki_embeddings_tests.integration.test_model_change import NOMIC, assert_vectors_of
 
 FILL = dg.RunConfig(ops={"fill_shadow_range": RangeRunConfig(sleep_ms=0, batch_size=8)})
 
@@ -185,7 +191,7 @@ def test_maintenance_during_a_migration_fills_both_columns_so_new_chunks_never_h
 
 
 def test_the_runbook_maintenance_command_also_fills_the_shadow(make_table, ollama):
-    from wiki_embeddings_tests.test_cli import run_cli, status_of
+    from wiki_embeddings_tests.integration.test_cli import run_cli, status_of
 
     table = make_table()
     table.load([(i, f"chunk {i}") for i in range(1, 6)])

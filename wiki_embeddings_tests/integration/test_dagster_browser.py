@@ -20,9 +20,9 @@ import pytest
 
 from wiki_embeddings.core.readiness import read_flag
 from wiki_embeddings.devtools import embedded_postgres
-from wiki_embeddings_tests.conftest import TEST_MODEL
+from wiki_embeddings_tests.integration.conftest import TEST_MODEL
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("WIKI_EMBED_CHROMIUM", "/usr/lib/chromium/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",

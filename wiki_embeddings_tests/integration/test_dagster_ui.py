@@ -15,7 +15,7 @@ import pytest
 
 from wiki_embeddings.devtools import embedded_postgres
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 QUERY = """

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from wiki_embeddings.core.status import collect_status
-from wiki_embeddings_tests.test_faults_support import (
+from wiki_embeddings_tests.integration.test_faults_support import (
     advisory_locks,
     cli_env,
     dagster_materialize,

@@ -13,9 +13,9 @@ from wiki_embeddings.defs.assets import embedding_coverage, wiki_chunk_embedding
 from wiki_embeddings.defs.checks import missing_is_zero
 from wiki_embeddings.defs.partitions import RANGES_PER_RUN, id_ranges, range_key
 from wiki_embeddings.defs.state import embedding_state_sensor
-from wiki_embeddings_tests.dagster_support import FIRST, SECOND, range_config, resources_for
+from wiki_embeddings_tests.integration.dagster_support import FIRST, SECOND, range_config, resources_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ALL = set(id_ranges.get_partition_keys())
 

@@ -15,7 +15,7 @@ from wiki_embeddings import __version__
 from wiki_embeddings.cli import main
 from wiki_embeddings.core.failure_log import read_entries
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(table, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:

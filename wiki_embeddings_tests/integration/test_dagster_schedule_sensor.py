@@ -13,7 +13,7 @@ from wiki_embeddings.defs.jobs import MODE_TAG
 from wiki_embeddings.defs.resources import ReadinessResource, WikiDatabaseResource
 from wiki_embeddings.defs.schedules import maintenance_schedule
 from wiki_embeddings.defs.sensors import readiness_sensor
-from wiki_embeddings_tests.dagster_support import resources_for
+from wiki_embeddings_tests.integration.dagster_support import resources_for
 
 ENV_TEXT = "# beta stack\nAPI_PORT=8080\nWIKI_EMBEDDINGS_READY=false\nexport OTHER='a b'  # kept\n"
 

@@ -10,7 +10,7 @@ from wiki_embeddings.defs.checks import missing_is_zero
 from wiki_embeddings.defs.jobs import JOBS
 from wiki_embeddings.defs.migration import MIGRATION_JOBS, MIGRATION_SENSORS
 from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource
-from wiki_embeddings_tests.conftest import TEST_MODEL
+from wiki_embeddings_tests.integration.conftest import TEST_MODEL
 
 FIRST = "00000000-00099999"
 SECOND = "00100000-00199999"

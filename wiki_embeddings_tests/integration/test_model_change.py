@@ -12,7 +12,7 @@ import pytest
 
 from wiki_embeddings.core.factories import build_store
 from wiki_embeddings.devtools.ollama_server import hash_vector
-from wiki_embeddings_tests.test_cli import run_cli, status_of
+from wiki_embeddings_tests.integration.test_cli import run_cli, status_of
 
 NOMIC = "nomic-embed-text"
 
@@ -310,7 +310,7 @@ def test_the_readiness_check_fails_while_vectors_of_another_model_are_live(make_
 
     from wiki_embeddings.defs.assets import embedding_coverage
     from wiki_embeddings.defs.checks import missing_is_zero
-    from wiki_embeddings_tests.dagster_support import resources_for
+    from wiki_embeddings_tests.integration.dagster_support import resources_for
 
     table = make_table()
     table.load([(i, f"t {i}") for i in range(1, 6)])
@@ -337,7 +337,7 @@ def test_the_dagster_migration_job_fills_the_shadow_per_range_and_the_swap_job_s
     import dagster as dg
 
     from wiki_embeddings.defs.assets import RangeRunConfig
-    from wiki_embeddings_tests.dagster_support import FIRST, definitions_for, resources_for
+    from wiki_embeddings_tests.integration.dagster_support import FIRST, definitions_for, resources_for
 
     table = make_table()
     table.load([(i, f"chunk {i}") for i in range(1, 21)])
@@ -366,7 +366,7 @@ def test_the_dagster_migration_job_fills_the_shadow_per_range_and_the_swap_job_s
 
 
 def test_vectors_written_before_this_tool_are_counted_unverified_by_the_scan(make_table, ollama):
-    from wiki_embeddings_tests.test_cli import run_cli, status_of
+    from wiki_embeddings_tests.integration.test_cli import run_cli, status_of
 
     table = make_table()
     name = table.settings.table
