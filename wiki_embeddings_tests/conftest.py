@@ -77,9 +77,13 @@ def _operators_files_untouched() -> Iterator[None]:
         for path in sorted(set(_OPERATORS_FILES_AT_START) | set(after))
         if _OPERATORS_FILES_AT_START.get(path) != after.get(path)
     ]
-    shutil.rmtree(SESSION_DEFAULTS, ignore_errors=True)
     if touched:
         pytest.fail("the test run touched the operators' files:\n  " + "\n  ".join(touched), pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The session's temp dir goes, whether tests ran or not (`--collect-only`, `-m` selecting none)."""
+    shutil.rmtree(SESSION_DEFAULTS, ignore_errors=True)
 
 
 def _show_state(state: tuple[int, int, int, int] | None) -> str:
