@@ -23,7 +23,7 @@ from wiki_embeddings.core.factories import (
     resolve_model,
 )
 from wiki_embeddings.core.progress import LineReporter, Progress
-from wiki_embeddings.core.status import collect_status, format_status
+from wiki_embeddings.core.status import collect_status, format_status, readiness_of
 from wiki_embeddings.local_services import answers, database_url, local_ollama
 from wiki_embeddings.settings import Settings, from_env, redact, url_secrets
 
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="key=value status: total, embedded, missing, coverage_pct, ...")
     _common(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--check", action="store_true", help="exit 0 only when missing=0 and stale_model=0")
+    p.add_argument("--check", action="store_true", help="exit 0 only when ready (missing=0, ..., no drift); say why")
     p.add_argument(
         "--scan-changed",
         action="store_true",
@@ -387,12 +387,16 @@ def cmd_status(s: Settings, args: argparse.Namespace, out: Any) -> int:
             store.migrate()
             store.scan_changed()
         status = collect_status(store, s)
+        ready = readiness_of(store, status) if args.check else None
     if args.json:
         print(json.dumps(status, default=str), file=out)
     else:
         print(format_status(status), file=out)
-    # Done means every chunk holds a vector of the live model: stale-model vectors fail the check as missing ones do.
-    return 0 if (not args.check or (status["missing"] == 0 and status["stale_model"] == 0)) else 1
+    if ready is None:
+        return 0
+    # The one readiness decision (core/readiness.py), as the Dagster check and the readiness sensor make it.
+    print(f"check: {'ready' if ready.ready else 'not ready'}: {ready.reason}", file=sys.stderr if args.json else out)
+    return 0 if ready.ready else 1
 
 
 def cmd_stop(s: Settings, args: argparse.Namespace, out: Any) -> int:

@@ -53,6 +53,7 @@ ENV_VARS: dict[str, str] = {
     "load_timeout_sec": "WIKI_EMBED_LOAD_TIMEOUT_SEC",
     "busy_wait_sec": "WIKI_EMBED_BUSY_WAIT_SEC",
     "db_statement_timeout_sec": "WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC",
+    "server_wait_sec": "WIKI_EMBED_SERVER_WAIT_SEC",
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -116,6 +117,8 @@ class Settings:
     reembed_cut: bool = False  # also re-embed chunks embedded from a cut (context) or truncated by the server
     busy_wait_sec: float = 30.0  # how long a run retries chunks another session holds before ending `locked`
     db_statement_timeout_sec: float = 60.0  # server-side bound of a pipeline statement; the client adds 5 s
+    # How long a run waits while every model server is out of the rotation (core/health.py) before exit 3.
+    server_wait_sec: float = 300.0
     # Run window (core/window.py): the run ends safely, as on the stop file, at `until` (HH:MM local time, or
     # HH:MM+09:00 / HH:MMZ with an explicit offset: its next occurrence) or after `max_minutes`.
     until: str | None = None

@@ -41,6 +41,9 @@ DEFAULT_PATHS_ENV = {
     PGDATA_ENV: str(SESSION_DEFAULTS / "pgdata"),
 }
 os.environ.update(DEFAULT_PATHS_ENV)
+# A run whose every model server is out waits WIKI_EMBED_SERVER_WAIT_SEC (300 s) for one to come back: the tests of
+# a dead or sick server wait a few seconds instead (CLI subprocesses inherit it).
+os.environ.setdefault("WIKI_EMBED_SERVER_WAIT_SEC", "3")
 #: The operators' files (the defaults of settings.py, defs/assets.py, readiness.py, embedded_postgres.py).
 OPERATORS_FILES = [
     Path(DEFAULT_STOP_FILE),

@@ -1,7 +1,10 @@
 """Model migration without downtime: a shadow column filled by the engine, then swapped in by one transaction.
 
 The live column name always holds a complete set of vectors of one model: `swap` refuses an incomplete
-shadow, and the renames happen in one transaction (`Store.swap_columns`). No SQL here: the store owns it.
+shadow, and the renames happen in one transaction (`Store.swap_columns`). That transaction is one server-side
+statement, so the ACCESS EXCLUSIVE lock never waits on this process: a client frozen inside a swap or rollback
+cannot lock readers out. The dropped column's provenance is deleted after it, in batches. No SQL here: the store
+owns it.
 """
 
 from __future__ import annotations

@@ -122,6 +122,7 @@ def make_table(pg_url: str, ollama: OllamaServer, tmp_path: Path) -> Iterator[Ca
             backoff_base_sec=0.01,
             backoff_max_sec=0.05,
             timeout_sec=10.0,
+            server_wait_sec=3.0,
         ).replace(**overrides)
         store = build_store(settings, pg_url)
         store.migrate()

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from wiki_embeddings.core.backfill import WINDOW_PROBE_TEXTS
 from wiki_embeddings.core.failure_log import read_entries
 from wiki_embeddings_tests.integration.conftest import TEST_DIM, expected_vector
 
@@ -232,8 +233,8 @@ def test_two_concurrent_backfills_embed_each_chunk_exactly_once(make_table, olla
         t.join()
     assert sum(r.embedded for r in reports) == 400
     assert all(r.embedded > 0 for r in reports), "both runs took part"
-    # Every text embedded once, plus one dimension probe per run.
-    assert ollama.stats()["texts_embedded"] - before == 400 + 2
+    # Every text embedded once, plus each run's start-up probes (the vector length, the window).
+    assert ollama.stats()["texts_embedded"] - before == 400 + 2 * (1 + WINDOW_PROBE_TEXTS)
     assert table.status()["missing"] == 0
 
 

@@ -14,8 +14,6 @@ import threading
 import pytest
 
 from wiki_embeddings.core.failure_log import read_entries
-from wiki_embeddings.devtools.ollama_server import OllamaServer
-from wiki_embeddings_tests.integration.conftest import TEST_DIM, TEST_MODEL
 from wiki_embeddings_tests.integration.test_faults_support import filled, wait_until, wrong_vectors
 
 CASES = {
@@ -68,17 +66,3 @@ def test_a_server_that_garbles_every_answer_is_the_servers_fault_not_the_chunks(
     assert report.state == "server_unavailable" and "known-good" in report.message
     assert report.failed == 0 and table.store.list_failures() == []
     assert 8 <= report.embedded < 200 and wrong_vectors(table) == []
-
-
-def test_the_canary_goes_to_the_server_that_failed_so_a_sick_server_gets_no_chunk_isolated(make_table, ollama):
-    """Two servers, the second answering 500 to every text: the canary is asked of the server that failed, not of
-    the next one round robin (which is well and would have a healthy chunk blamed and isolated)."""
-    with OllamaServer(backend="hash", models=[f"{TEST_MODEL}:{TEST_DIM}"]) as sick:
-        sick.set_faults(error_marker=" ")  # every text holds a space, the canary too
-        table = make_table(batch_size=8, concurrency=1, ollama_url=f"{ollama.url},{sick.url}")
-        table.load([(i, f"text {i}") for i in range(1, 101)])
-        report = table.backfill()
-        assert sick.stats()["status_counts"].get(500, 0) >= 2  # a batch, then the canary, both on the sick one
-    assert report.state == "server_unavailable" and "known-good" in report.message
-    assert report.failed == 0 and table.store.list_failures() == []
-    assert wrong_vectors(table) == []

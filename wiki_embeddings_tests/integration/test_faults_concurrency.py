@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from wiki_embeddings.core.backfill import WINDOW_PROBE_TEXTS
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings_tests.integration.test_faults_support import (
     advisory_locks,
@@ -83,8 +84,8 @@ def test_overlapping_runs_embed_and_write_each_chunk_exactly_once_without_deadlo
     assert len(runs) == len(procs) and {r[1] for r in runs} <= {"completed", "max_chunks"}, runs
     assert sum(r[2] for r in runs) == ROWS, f"the runs' counts add up exactly: {runs}"
     assert [r[2] <= 300 for r in runs if r[3] == "300"] == [True], "maintenance stays within --max-chunks"
-    # Each text reached the model once; the only extra texts are each run's start-up dimension probe.
-    assert ollama.stats()["texts_embedded"] == ROWS + len(runs)
+    # Each text reached the model once; the only extra texts are each run's start-up probes (length, window).
+    assert ollama.stats()["texts_embedded"] == ROWS + len(runs) * (1 + WINDOW_PROBE_TEXTS)
     wait_until(lambda: updates_counted(table) >= ROWS, 10, "the statistics of every run")
     assert updates_counted(table) == ROWS, "each row written once"
     assert wrong_vectors(table) == []

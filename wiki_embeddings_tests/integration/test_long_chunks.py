@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -84,17 +86,56 @@ def test_a_real_input_error_is_still_isolated_as_before(make_table, ollama):
     assert table.store.list_failures()[0]["error"] == "http_400"
 
 
-def test_silent_truncation_by_the_server_is_detected_and_counted(make_table, ollama):
-    """A server that cuts silently (older Ollama, or a front that ignores `truncate`) is caught by its counts."""
+def test_a_server_that_cuts_silently_below_the_window_it_describes_is_found_out_before_the_first_batch(
+    make_table, ollama
+):
+    """`/api/show` says 512 tokens, the server cuts everything past 60 silently (Ollama before 0.13.5 past num_ctx,
+    0.30+ past its physical batch): the run's window probe sees it, every text is cut by us to fit, and every stored
+    vector is of exactly the characters its provenance records (issue 20: 71 of 79 cut chunks went unrecorded)."""
+    lines: list[str] = []
     table = make_table(batch_size=16)
     chunks = table.load_wiki(60)
     ollama.set_faults(max_input_tokens=60, silent_truncate=True, ignore_truncate=True)
-    report = table.backfill()
+    s = table.settings
+    from wiki_embeddings.core.backfill import Backfill
+    from wiki_embeddings.core.factories import build_client, build_store
+
+    with build_store(s, table.url) as store:
+        report = Backfill(s, store, build_client(s, TEST_MODEL), log=lines.append).run()
     assert report.state == "completed" and report.failed == 0 and report.embedded == len(chunks)
-    status = collect_status(table.store, table.settings)
-    assert status["server_truncated"] == report.server_truncated > 0
+    assert report.context_tokens is not None and report.context_tokens <= 60
+    assert any("window probe" in line and "cuts silently" in line for line in lines), lines[:5]
+    assert wrong_vectors(table) == [], "no stored vector comes from less text than its provenance records"
+    status = collect_status(table.store, s)
+    assert status["server_truncated"] == report.server_truncated == 0, "the server cut nothing that was stored"
+    assert status["cut_for_context"] == report.context_cut > 0
+
+
+def test_a_server_that_starts_cutting_silently_mid_run_is_found_out_text_by_text(make_table, ollama):
+    """The probe at the start saw a whole window; then the server (replaced behind a proxy, say) cuts silently at 60
+    tokens. Suspect batches are counted text by text, with no cap: each cut chunk is found, the window learned, the
+    chunk embedded again from our own cut, recorded server_truncated; no vector of less text than recorded."""
+    table = make_table(batch_size=16)
+    chunks = table.load_wiki(160)
+    ollama.set_faults(latency_ms=20)
+    start = ollama.stats()["requests"]
+
+    def cut_after_a_while() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and ollama.stats()["requests"] < start + 6:
+            time.sleep(0.005)
+        ollama.set_faults(latency_ms=20, max_input_tokens=60, silent_truncate=True, ignore_truncate=True)
+
+    switch = threading.Thread(target=cut_after_a_while, daemon=True)
+    switch.start()
+    report = table.backfill()
+    switch.join()
+    assert report.state == "completed" and report.failed == 0 and report.embedded == len(chunks)
+    assert report.server_truncated > 0 and report.context_tokens is not None
+    assert wrong_vectors(table) == [], "every cut chunk was embedded again from the characters recorded"
     flagged = [r for r in provenance(table) if r[3]]
-    assert len(flagged) == status["server_truncated"]
+    assert len(flagged) == collect_status(table.store, table.settings)["server_truncated"] == report.server_truncated
+    assert all(r[2] for r in flagged), "a chunk the server cut is stored from our own cut"
 
 
 def test_maintenance_re_embeds_cut_chunks_on_request_after_num_ctx_was_raised(make_table):

@@ -120,7 +120,7 @@ def test_a_run_window_stops_safely_and_the_next_run_resumes(make_table, ollama):
     t.load(_rows(60))
     ollama.set_faults(latency_ms=150)
     started = time.monotonic()
-    report = t.backfill(batch_size=4, max_minutes=0.01)  # 0.6 s
+    report = t.backfill(batch_size=4, max_minutes=0.03)  # 1.8 s: the start-up probes take 0.6 s of it
     assert report.state == "stopped" and report.exit_code == 0
     assert report.stop_reason.startswith(WINDOW_REASON) and "--max-minutes" in report.message
     assert 0 < report.embedded < 60 and report.failed == 0 and time.monotonic() - started < 10

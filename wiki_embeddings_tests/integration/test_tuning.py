@@ -188,7 +188,7 @@ def test_each_server_of_a_list_gets_its_own_depth():
     assert sim.usual_depth(1000) == (2, 4)
 
 
-def test_a_503_halves_depth_and_batch_and_clean_answers_grow_both_back():
+def test_a_503_halves_depth_but_leaves_the_batch_and_the_depth_climbs_back():
     refuse = {401, 402}
     clock = FakeClock()
     server = ScriptedServer(4, script=lambda i: "503" if i in refuse else None)
@@ -196,15 +196,49 @@ def test_a_503_halves_depth_and_batch_and_clean_answers_grow_both_back():
     sim.run(400)
     assert sim.tuning.depth(0) == 5
     sim.run(3)
-    assert sim.tuning.depth(0) <= 2 and sim.tuning.batch_size <= 32
+    assert sim.tuning.depth(0) <= 2, "fewer in flight"
+    assert sim.tuning.batch_size == 64, "an overload answer says nothing about the batch's size"
     assert sim.tuning.depths[0].changes[-1][2] == "trouble"
-    sim.run(tune.GROW_AFTER * 2 + 4)
-    assert sim.tuning.batch_size == 64, "success doubles the batch back to its maximum"
     sim.run(600)
     assert sim.usual_depth(300) == (5,), "and the depth climbs back once the trouble is past"
 
 
-def test_a_timeout_is_trouble_too_and_an_input_error_is_not():
+def test_a_steady_503_rate_never_shrinks_the_batch():
+    """Issue 20's cliff: one 503 in five used to hold the batch at 1 (every 503 halved it, 8 clean answers were
+    needed to double it back)."""
+    clock = FakeClock()
+    server = ScriptedServer(1, script=lambda i: "503" if i % 5 == 0 else None)
+    sim = Sim(tune.Tuning(1, clock=clock), [server], clock)
+    sim.run(500)
+    assert sim.tuning.batch_size == 64
+    assert sim.tuning.sizers[0].changes == []
+
+
+def test_a_shrunk_batch_grows_back_only_while_goodput_rises():
+    clock = FakeClock()
+    sizer = tune.BatchSizer(64, clock=clock)
+    sizer.shrink("timeout")
+    sizer.shrink("timeout")
+    assert sizer.size == 16
+    for _ in range(tune.GROW_AFTER):  # 16 texts in 0.1 s: 160 texts/s
+        sizer.answered(16, 0.1, alone=True, depth=1)
+    assert sizer.size == 32 and sizer.trial == (16, 160.0), "a doubled batch is a trial"
+    for _ in range(tune.GROW_AFTER):  # 32 texts in 0.1 s: twice the goodput, kept, and the next trial starts
+        sizer.answered(32, 0.1, alone=True, depth=1)
+    assert sizer.size == 64 and sizer.trial is not None
+    for _ in range(tune.GROW_AFTER):  # 64 texts in 0.2 s: no more texts per second than at 32
+        sizer.answered(64, 0.2, alone=True, depth=1)
+    assert sizer.size == 32 and sizer.changes[-1][2].startswith("no gain"), "a trial that gains nothing is undone"
+    for _ in range(tune.GROW_AFTER * 3):
+        sizer.answered(32, 0.1, alone=True, depth=1)
+    assert sizer.size == 32, "and not tried again before NO_GAIN_HOLD_SEC"
+    clock.now += tune.NO_GAIN_HOLD_SEC
+    for _ in range(tune.GROW_AFTER):
+        sizer.answered(32, 0.1, alone=True, depth=1)
+    assert sizer.size == 64
+
+
+def test_a_timeout_halves_depth_and_batch_an_overload_only_depth_and_an_input_error_neither():
     clock = FakeClock()
     tuning = tune.Tuning(1, clock=clock)
     tuning.depths[0].depth = 4
@@ -212,10 +246,10 @@ def test_a_timeout_is_trouble_too_and_an_input_error_is_not():
     clock.now = 120.0
     tuning.done(ticket, tune.ERROR)  # a 400 / 500: the input's business, not the server's load
     assert tuning.depth(0) == 4 and tuning.batch_size == 64
-    tuning.done(tuning.sent(0, 64, 1), tune.TROUBLE)
-    assert tuning.depth(0) == 2 and tuning.batch_size == 32
-    tuning.done(tuning.sent(0, 32, 1), tune.TROUBLE)
-    assert tuning.depth(0) == 1 and tuning.batch_size == 16
+    tuning.done(tuning.sent(0, 64, 1), tune.TROUBLE)  # a 503: fewer in flight, the same batch
+    assert tuning.depth(0) == 2 and tuning.batch_size == 64
+    tuning.done(tuning.sent(0, 64, 1), tune.SLOW)  # a timeout: the batch's size may be the cause
+    assert tuning.depth(0) == 1 and tuning.batch_size == 32
 
 
 def test_latency_growth_without_throughput_backs_the_depth_off_and_the_base_is_measured_again():
@@ -247,7 +281,7 @@ def test_the_base_is_learned_at_depth_one_after_the_batch_size_changed():
     assert sim.tuning.depth(0) == 3
     depth = sim.tuning.depths[0]
     depth.trouble()  # batch halves (64 -> 32 via the sizer below) and depth halves
-    sim.tuning.sizer.trouble()
+    sim.tuning.sizers[0].shrink("timeout")
     sim.run(12)
     assert 32 in depth.base, "the base of the new size was measured (at depth 1)"
     assert any(why == "measure base" for _, _, why in depth.changes) or depth.depth == 1
@@ -284,13 +318,13 @@ def test_polite_mode_sizes_batches_to_the_target_duration_at_depth_one():
     assert set(sim.depth_log) == {(1,)}, "a live query waits behind one request of ours, never a queue"
 
 
-def test_polite_mode_never_exceeds_the_maximum_batch_and_shrinks_on_trouble():
+def test_polite_mode_never_exceeds_the_maximum_batch_and_shrinks_on_a_timeout():
     clock = FakeClock()
     server = ScriptedServer(1, fixed=0.001, per_text=0.0001)  # fast: the target would allow thousands
     sim = Sim(tune.Tuning(1, max_batch=64, target_sec=0.5, clock=clock), [server], clock)
     sim.run(20)
     assert sim.tuning.batch_size == 64
-    sim.tuning.done(sim.tuning.sent(0, 64, 1), tune.TROUBLE)
+    sim.tuning.done(sim.tuning.sent(0, 64, 1), tune.SLOW)
     assert sim.tuning.batch_size == 32
 
 
@@ -302,7 +336,7 @@ def test_settings_decide_the_mode(tmp_path, monkeypatch):
     assert build_tuning(Settings(concurrency=3), 1).pinned_depth == 3
     assert build_tuning(Settings(sleep_ms=150), 1).pinned_depth == 1, "asked-for idle time means one in flight"
     explicit = build_tuning(Settings(batch_size=16), 1)
-    assert explicit.batch_size == 16 and explicit.sizer.maximum == 16, "--batch-size is the maximum"
+    assert explicit.batch_size == 16 and explicit.sizers[0].maximum == 16, "--batch-size is the maximum"
     maintenance = Settings(max_chunks=20000)
     assert not polite_mode(maintenance), "no readiness flag: maintenance runs for throughput"
     flag.write_text("WIKI_EMBEDDINGS_READY=true\n")

@@ -113,7 +113,10 @@ class FakeEmbedder:
     - `nan(marker)`: the answer's vector of such a text holds NaN (InvalidVectors, the others valid);
     - `refuse_prefixes_of(text)`: every non-empty prefix of that text is refused as too long;
     - `sick(server)`: every request to that server answers 500; `down()` / `model_missing()`: every request fails.
-    Servers are taken round robin unless a request names one (`server=`: the canary's retry).
+    Servers are taken round robin unless a request names one (`server=`: the canary's retry). A server taken out of
+    the rotation (`take_out`: it failed a known-good text) gets no more round-robin requests; with none left, a
+    request fails ServerUnavailable at once, as the real pool does once WIKI_EMBED_SERVER_WAIT_SEC has passed with
+    no probe bringing one back.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class FakeEmbedder:
         self._unfit: list[str] = []
         self._sick: set[int] = set()
         self._down: EmbedFailure | None = None
+        self.out: dict[int, str] = {}  # servers out of the rotation, and why
         self.expected_dimensions: int | None = None
         self.asked_dimensions: int | None = None
 
@@ -183,6 +187,12 @@ class FakeEmbedder:
     async def embed_texts(self, texts: Sequence[str], *, server: int | None = None) -> Answer:
         await asyncio.sleep(0)
         chosen = server if server is not None else self._round_robin()
+        if chosen is None:
+            reasons = "; ".join(f"server {i}: {why}" for i, why in sorted(self.out.items()))
+            raise ServerUnavailable(
+                "the model server(s) at fake (OLLAMA_URL) are unreachable or overloaded: every one has been out of "
+                f"the rotation for 300 s (WIKI_EMBED_SERVER_WAIT_SEC): {reasons}"
+            )
         sent = [self.text_prefix + t for t in texts]
         self.requests.append(Request(list(texts), chosen, server is not None))
         self.stats.requests += 1
@@ -237,6 +247,12 @@ class FakeEmbedder:
     async def health(self) -> str:
         return "0.0-fake"
 
+    def server_states(self) -> list[dict[str, object]]:
+        return [{"server": i, "state": "out" if i in self.out else "in"} for i in range(self._servers)]
+
+    def take_out(self, server: int, why: str) -> None:
+        self.out[server] = why
+
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         yield
@@ -245,10 +261,14 @@ class FakeEmbedder:
         return None
 
     # ------------------------------------------------------------ internals
-    def _round_robin(self) -> int:
-        chosen = self._next
-        self._next = (self._next + 1) % self._servers
-        return chosen
+    def _round_robin(self) -> int | None:
+        """The next server in the rotation (None: every one is out)."""
+        for k in range(self._servers):
+            chosen = (self._next + k) % self._servers
+            if chosen not in self.out:
+                self._next = (chosen + 1) % self._servers
+                return chosen
+        return None
 
     def _silently_cut(self, text: str) -> str:
         """What a truncating server embeds of `text`: its longest prefix within `silent_window` tokens."""

@@ -35,12 +35,16 @@ URLS = ["http://gpu-a:11434", "http://gpu-b:11434", "http://gpu-c:11434"]
 # --------------------------------------------------------------------------------------------- the pool
 
 
+async def no_probe(_server: Server) -> None:
+    raise AssertionError("no server is out: nothing to probe")
+
+
 def pool(servers: int = 3, depth: int = 1) -> ServerPool:
-    return ServerPool(URLS[:servers], tune.Tuning(servers, pinned_depth=depth))
+    return ServerPool(URLS[:servers], tune.Tuning(servers, pinned_depth=depth), no_probe)
 
 
 def done(p: ServerPool, server: Server) -> None:
-    p.release(server, p.tuning.sent(server.index, 1, server.active), tune.OK)
+    p.release(server)
 
 
 def test_requests_go_round_robin_over_the_servers():
@@ -153,13 +157,13 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def client(handler: Handler, servers: int = 2, **kwargs: Any) -> OllamaClient:
+    """A client whose HTTP goes to `handler`; backoffs of milliseconds (core/health.py)."""
     return OllamaClient(
         URLS[:servers],
         "all-minilm",
         transport=httpx.MockTransport(handler),
         retries=2,
-        backoff_base_sec=0.001,
-        backoff_max_sec=0.002,
+        tuning=tune.Tuning(servers, pinned_depth=1, backoff_base_sec=0.001, backoff_max_sec=0.002),
         **kwargs,
     )
 
@@ -229,21 +233,31 @@ def test_another_400_is_the_inputs_fault():
     assert (refused.value.kind, refused.value.server) == ("http_400", 0)
 
 
-def test_a_404_naming_the_model_is_model_not_found_with_a_pull_hint():
-    calls = 0
+def test_a_404_naming_the_model_on_every_server_is_model_not_found_with_a_pull_hint():
+    hosts: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
+        hosts.append(request.url.host)
         return httpx.Response(404, json={"error": 'model "all-minilm" not found, try pulling it first'})
 
     with pytest.raises(ModelNotFound) as missing:
         embed(client(handler), ["x"])
-    assert "ollama pull all-minilm" in missing.value.message and missing.value.http_status == 404
-    assert calls == 1  # not retried: nothing can be embedded
+    assert "no server has the model" in missing.value.message and "ollama pull all-minilm" in missing.value.message
+    assert hosts == ["gpu-a", "gpu-b"]  # each server asked once: nothing can be embedded
 
 
-def test_a_503_is_retried_then_the_server_is_unavailable():
+def test_a_server_without_the_model_leaves_the_rotation_and_the_request_goes_to_one_that_has_it():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "gpu-a":
+            return httpx.Response(404, json={"error": 'model "all-minilm" not found, try pulling it first'})
+        return answer(1)
+
+    c = client(handler)
+    assert embed(c, ["x"]).server == 1
+    assert c.tuning.controls[0].health.state == "no_model"
+
+
+def test_a_server_answering_503_to_every_try_leaves_the_rotation_and_with_none_left_it_is_unavailable():
     calls = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -254,8 +268,19 @@ def test_a_503_is_retried_then_the_server_is_unavailable():
     c = client(handler, servers=1)
     with pytest.raises(ServerUnavailable) as down:
         embed(c, ["x"])
-    assert calls == 3 and c.stats.retries == 2  # retries=2: three attempts in all
-    assert down.value.http_status == 503 and "after 3 attempts" in down.value.message
+    assert calls == 3  # retries=2: three attempts, each after a backoff
+    assert "unreachable or overloaded" in down.value.message and "OLLAMA_URL" in down.value.message
+    assert c.tuning.controls[0].health.state == "out"
+
+
+def test_a_503_from_one_server_sends_the_request_to_another():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "gpu-a":
+            return httpx.Response(503, json={"error": "server busy, please try again"})
+        return answer(1)
+
+    c = client(handler)
+    assert embed(c, ["x"]).server == 1 and c.stats.retries == 1
 
 
 def test_a_503_absorbed_by_a_retry_is_an_answer():

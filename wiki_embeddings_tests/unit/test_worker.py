@@ -79,22 +79,32 @@ def test_the_canary_goes_to_the_server_that_failed():
     worker = EmbedWorker(fake)
     first = embed(worker, rows("healthy text"))  # round robin: server 0
     assert first.embedded_ids == [1]
-    out = Outcomes()
-    with pytest.raises(Fatal) as ended:
-        run(worker.embed(Batch(rows("x", "y", first_id=2)), out.emit))  # round robin: server 1
-    assert ended.value.state == "server_unavailable"
-    canary = fake.requests[2]
+    out = embed(worker, rows("x", "y", first_id=2))  # round robin: server 1
+    failed, canary = fake.requests[1:3]
+    assert failed.server == 1 and not failed.pinned
     assert (canary.texts, canary.server, canary.pinned) == (["healthy text"], 1, True)  # not the healthy server 0
-    assert out.all == []  # a sick server never gets a healthy chunk isolated
+    assert out.isolated == []  # a sick server never gets a healthy chunk isolated
 
 
-def test_when_the_canary_fails_too_the_run_ends_server_unavailable_and_nothing_is_isolated():
+def test_a_server_that_fails_the_canary_leaves_the_rotation_and_its_rows_go_to_another():
+    fake = FakeEmbedder(servers=2)
+    fake.sick(1)
+    worker = EmbedWorker(fake)
+    embed(worker, rows("healthy text"))
+    out = embed(worker, rows("x", "y", first_id=2))
+    assert list(fake.out) == [1] and fake.out[1].startswith("failed a known-good text after: HTTP 500")
+    assert out.embedded_ids == [2, 3] and out.isolated == []
+    assert fake.requests[-1].texts == ["x", "y"] and fake.requests[-1].server == 0  # sent again, elsewhere
+
+
+def test_when_the_canary_fails_and_no_server_is_left_the_run_ends_server_unavailable_and_nothing_is_isolated():
     fake = FakeEmbedder()
     fake.sick(0)
     out = Outcomes()
     with pytest.raises(Fatal) as ended:
         run(EmbedWorker(fake).embed(Batch(rows("a", "b", "c")), out.emit))
-    assert ended.value.state == "server_unavailable" and "known-good text" in str(ended.value)
+    assert ended.value.state == "server_unavailable"
+    assert "WIKI_EMBED_SERVER_WAIT_SEC" in str(ended.value) and "known-good text" in str(ended.value)
     assert out.all == [] and len(fake.requests) == 2  # the batch, then the canary: no bisection
 
 
@@ -203,17 +213,50 @@ def test_a_batch_refused_for_length_with_no_risky_text_is_halved():
     assert worker.split_after_refusal(["a", "b", "c", "d", "e"]) == [[0, 1], [2, 3, 4]]  # window unknown
 
 
-def test_silent_truncation_is_flagged_and_the_window_learned():
+def test_silent_truncation_is_caught_the_window_learned_and_the_text_embedded_again_cut_by_us():
     fake = FakeEmbedder(silent_window=50)  # an older server that cuts without saying
     worker = EmbedWorker(fake)
     lines: list[str] = []
     worker._log = lines.append
-    out = embed(worker, rows("short one", words(200), "short two", "short three"))
+    long = words(200)
+    out = embed(worker, rows("short one", long, "short two", "short three"))
     [done] = out.embedded
-    assert done.truncated == [False, True, False, False]
-    assert worker.server_truncated == 1 and worker.window.tokens == 50
-    assert sorted(len(r.texts) for r in fake.requests[1:]) == [1, 1, 1, 1]  # the suspects re-checked one by one
+    assert done.truncated == [False, True, False, False] and done.cut == [False, True, False, False]
+    assert worker.server_truncated == 1 and worker.silent_cut
+    assert 45 <= (worker.window.tokens or 0) <= 50  # what the server really takes, learned from its own counts
+    # The vector is the server's for exactly the characters recorded: our cut, under its window, not its cut.
+    assert np.array_equal(done.vectors[1], hash_vector(long[: done.chars[1]], fake.dim))
+    assert fake.tokens(long[: done.chars[1]]) < 48
+    assert [r.texts for r in fake.requests[1:4]] == [["short one"], [long], [long[: int(len(long) * 0.8)]]]
     assert "truncated 1 chunk(s) silently" in lines[0]
+
+
+def test_the_window_probe_catches_a_server_that_cuts_silently_before_any_chunk_is_sent():
+    fake = FakeEmbedder(silent_window=100)
+    worker = EmbedWorker(fake)
+    worker.window = Window(context_length=512)  # what /api/show says
+    run(worker.probe_window())
+    assert worker.silent_cut and worker.window.tokens == 100
+    assert len(fake.requests) == 3 and all(r.texts[0].startswith(CANARY_TEXT) for r in fake.requests)
+
+
+def test_the_window_probe_leaves_a_server_that_takes_its_whole_window_alone():
+    worker = EmbedWorker(FakeEmbedder(window=512))
+    worker.window = Window(context_length=512)
+    run(worker.probe_window())
+    assert not worker.silent_cut and worker.window.tokens == 512
+
+
+def test_a_known_silent_cutter_gets_the_texts_near_its_window_alone():
+    fake = FakeEmbedder(silent_window=100)
+    worker = EmbedWorker(fake)
+    worker.window = Window(context_length=512)
+    run(worker.probe_window())
+    fake.requests.clear()
+    long = words(100)  # about 80 tokens: fits, but its estimate may be 30 % short of a window of 100
+    out = embed(worker, rows("short one", long, "short two"))
+    assert [r.texts for r in fake.requests][:2] == [[long], ["short one", "short two"]]
+    assert out.embedded_ids == [1, 2, 3]
 
 
 def test_a_batch_whose_token_count_looks_right_is_not_rechecked():

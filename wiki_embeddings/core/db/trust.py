@@ -103,18 +103,22 @@ class TrustMixin(StoreBase):
             (self.table.qualified, kind, run_id, model, json.dumps(result, default=str)),
         )
 
-    def latest_trust(self: Store, kind: str, model: str | None = None) -> dict[str, Any] | None:
-        """The latest trust_log row of `kind` for the table (and `model`): result keys plus recorded_at, run_id."""
+    def latest_trust(
+        self: Store, kind: str, model: str | None = None, verdicts: Sequence[str] | None = None
+    ) -> dict[str, Any] | None:
+        """The latest trust_log row of `kind` for the table (and `model`; and with a `verdict` among `verdicts`):
+        result keys plus recorded_at, run_id."""
         if not self._trust_table("trust_log"):
             return None
         row = (
             self.conn.cursor(row_factory=dict_row)
             .execute(
                 sql.SQL(
-                    "SELECT run_id, model, recorded_at, result FROM {s}.trust_log WHERE table_name = %s AND kind = %s"
-                    " AND (%s::text IS NULL OR model = %s) ORDER BY id DESC LIMIT 1"
+                    "SELECT run_id, model, recorded_at, result FROM {s}.trust_log WHERE table_name = %(t)s"
+                    " AND kind = %(k)s AND (%(m)s::text IS NULL OR model = %(m)s)"
+                    " AND (%(v)s::text[] IS NULL OR result->>'verdict' = ANY(%(v)s::text[])) ORDER BY id DESC LIMIT 1"
                 ).format(s=self._s),
-                (self.table.qualified, kind, model, model),
+                {"t": self.table.qualified, "k": kind, "m": model, "v": list(verdicts) if verdicts else None},
             )
             .fetchone()
         )
