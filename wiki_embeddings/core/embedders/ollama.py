@@ -74,6 +74,7 @@ class OllamaClient:
         load_timeout_sec: float = 300.0,
         tuning: tune.Tuning | None = None,
         server_wait_sec: float = 300.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
         if not urls:
             raise ValueError("at least one Ollama URL is needed")
@@ -102,6 +103,7 @@ class OllamaClient:
         self._pool: ServerPool | None = None
         self._connect_timeout = min(connect_timeout_sec, timeout_sec)
         self._http: httpx.AsyncClient | None = None
+        self._transport = transport  # None: real HTTP (the unit tier passes an httpx.MockTransport)
         self.stats = ClientStats()
 
     # ------------------------------------------------------------ lifecycle
@@ -117,6 +119,7 @@ class OllamaClient:
                 trust_env=False,  # Ollama sits on the internal network: never route it through an HTTP proxy
                 # Plain-HTTP servers need no TLS context (building one loads the CA store: ~15 ms a run).
                 verify=any(u.startswith("https://") for u in self._urls),
+                transport=self._transport,
             )
         return self._http, self._pool
 
