@@ -11,6 +11,7 @@ what the stages counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -90,6 +91,7 @@ class Backfill:
         self.db.on_reconnect["claim"] = functools.partial(self.claimer.retake, self.db.thread)
         self.total = 0
         self.started = 0.0
+        self._recorded: float | None = None  # the silent window's finding already recorded
 
     # ------------------------------------------------------------ public
     def run(self) -> RunReport:
@@ -151,6 +153,7 @@ class Backfill:
             if digest:
                 record = store.record_trust
                 await asyncio.to_thread(record, "model_digest", {"digest": digest}, run_id=run_id, model=client.model)
+            await self._record_silent_window(run_id)  # found by the window probe: before any pass claims
             return await self._run_started(report, dimensions)
         finally:
             await self.db.close(*list(self.db.conns))
@@ -208,6 +211,7 @@ class Backfill:
         report.server_truncated = self.worker.server_truncated
         report.fit_searches, report.fit_requests = self.worker.fit_searches, self.worker.fit_requests
         report.fit_found = self.worker.fit_found
+        await self._record_silent_window(report.run_id)
         try:
             report.remaining = await self.db.call("store", lambda _c: prepare.count_remaining(store, self.s))
         except (Fatal, DatabaseError) as exc:  # the database (or the table) is gone: report what is known
@@ -257,6 +261,20 @@ class Backfill:
             )
         self.reporter.finish()
         self._log(report.summary())
+
+    async def _record_silent_window(self, run_id: int | None) -> None:
+        """The server was found cutting silently: vectors written before then from texts that long may be of less
+        text than recorded; status counts them (suspect_truncated) and --reembed-cut re-embeds them."""
+        worker = self.worker
+        if worker.silent_found_at is None or not worker.window.tokens or worker.silent_found_at == self._recorded:
+            return
+        found = {"tokens": worker.window.tokens, "found_at": worker.silent_found_at}
+        with contextlib.suppress(Fatal, DatabaseError):
+            await self.db.call(
+                "store",
+                lambda _c: self.store.record_trust("silent_window", found, run_id=run_id, model=self.client.model),
+            )
+            self._recorded = worker.silent_found_at
 
     # ------------------------------------------------------------ the pipeline
     async def _pipeline(self, report: RunReport) -> None:
