@@ -204,13 +204,7 @@ class Backfill:
     async def _finish(self, report: RunReport) -> None:
         """Counts into the report, the end state decided, the run's row closed, the summary line."""
         store = self.store
-        report.requests = self.client.stats.requests
-        report.tuning = self.client.tuning.snapshot()
-        report.failed, report.failed_ids = self.recorder.failed, self.recorder.failed_ids
-        report.skipped_busy = self.claimer.skipped_busy
-        report.server_truncated = self.worker.server_truncated
-        report.fit_searches, report.fit_requests = self.worker.fit_searches, self.worker.fit_requests
-        report.fit_found = self.worker.fit_found
+        counts_into(report, self.client, self.worker, self.claimer, self.recorder)
         await self._record_silent_window(report.run_id)
         try:
             report.remaining = await self.db.call("store", lambda _c: prepare.count_remaining(store, self.s))
@@ -386,19 +380,36 @@ class Backfill:
 
     # ------------------------------------------------------------ reporting
     def _progress(self, report: RunReport) -> None:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        rate = report.embedded / elapsed
-        failed = self.recorder.failed
-        total = max(self.total, report.embedded + failed)
-        left = max(total - report.embedded - failed, 0)
-        eta = left / rate if rate > 0 else float("inf")
-        note = servers_note(self.client.server_states())
-        self.reporter.progress(
-            Progress(report.embedded, failed, total, rate, eta, note), self.writer.batches % self.s.report_every == 0
-        )
+        failed, note = self.recorder.failed, servers_note(self.client.server_states())
+        figures = progress_figures(report.embedded, failed, self.total, time.perf_counter() - self.started, note)
+        self.reporter.progress(figures, self.writer.batches % self.s.report_every == 0)
 
     def _clean(self, message: str) -> str:
         return redact(message, self._secrets)
+
+
+def counts_into(
+    report: RunReport, client: Embedder, worker: EmbedWorker, claimer: Claimer, recorder: FailureRecorder
+) -> None:
+    """What the stages counted, into the run's report."""
+    report.requests = client.stats.requests
+    report.tuning = client.tuning.snapshot()
+    report.failed, report.failed_ids = recorder.failed, recorder.failed_ids
+    report.skipped_busy = claimer.skipped_busy
+    report.server_truncated = worker.server_truncated
+    report.fit_searches, report.fit_requests, report.fit_found = (
+        worker.fit_searches,
+        worker.fit_requests,
+        worker.fit_found,
+    )
+
+
+def progress_figures(embedded: int, failed: int, total: int, elapsed: float, note: str) -> Progress:
+    """Rate and ETA of a run so far (the total grows when more chunks came than were counted at the start)."""
+    rate = embedded / max(elapsed, 1e-9)
+    total = max(total, embedded + failed)
+    left = max(total - embedded - failed, 0)
+    return Progress(embedded, failed, total, rate, left / rate if rate > 0 else float("inf"), note)
 
 
 def describe_tuning(tuning: Tuning) -> str:
