@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 # Written before the server was found cutting silently at `silent_tokens`, from a text long enough to reach them
 # (no text under tokens / MAX_TOKENS_PER_CHAR characters can): its vector may be of less text than recorded.
-SUSPECT_CONDITION = " OR (p.embedded_at < %(silent_at)s AND p.chars_sent >= %(silent_chars)s)"
+SUSPECT_CONDITION = sql.SQL(" OR (p.embedded_at < %(silent_at)s AND p.chars_sent >= %(silent_chars)s)")
 
 
 class ContentMixin(StoreBase):
@@ -28,7 +28,7 @@ class ContentMixin(StoreBase):
         `include_cut`, those embedded from a text cut to fit the context or truncated by the server)."""
         also: sql.Composable = sql.SQL(" OR p.context_cut OR p.server_truncated") if include_cut else sql.SQL("")
         if include_cut and self.silent_window() is not None:
-            also = also + sql.SQL(SUSPECT_CONDITION)
+            also = sql.Composed([also, SUSPECT_CONDITION])
         return sql.SQL(
             "WITH win AS MATERIALIZED ("
             " SELECT t.{id} AS id, md5(t.{text}) AS md5 FROM {t} t WHERE t.{emb} IS NOT NULL"
@@ -55,8 +55,8 @@ class ContentMixin(StoreBase):
         row = self.conn.execute(
             sql.SQL(
                 "SELECT count(*) FROM {s}.embedding_provenance p WHERE p.table_name = %(ptable)s"
-                " AND p.column_attnum = %(attnum)s AND NOT p.context_cut AND (false" + SUSPECT_CONDITION + ")"
-            ).format(s=self._s),
+                " AND p.column_attnum = %(attnum)s AND NOT p.context_cut AND (false{suspect})"
+            ).format(s=self._s, suspect=SUSPECT_CONDITION),
             {"ptable": self.table.qualified, "attnum": self._current_attnum(), **params},
         ).fetchone()
         return int(row[0]) if row else 0
