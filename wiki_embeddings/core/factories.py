@@ -89,7 +89,14 @@ def build_tuning(settings: Settings, servers: int) -> Tuning:
     polite = polite_mode(settings)
     pinned = settings.concurrency or (1 if settings.sleep_ms > 0 or polite else None)
     target = (settings.target_request_sec or DEFAULT_TARGET_REQUEST_SEC) if polite else None
-    return Tuning(servers, pinned_depth=pinned, max_batch=settings.batch_size, target_sec=target)
+    return Tuning(
+        servers,
+        pinned_depth=pinned,
+        max_batch=settings.batch_size,
+        target_sec=target,
+        backoff_base_sec=settings.backoff_base_sec,
+        backoff_max_sec=settings.backoff_max_sec,
+    )
 
 
 def build_client(settings: Settings, model: str, urls: list[str] | None = None) -> OllamaClient:
@@ -106,6 +113,7 @@ def build_client(settings: Settings, model: str, urls: list[str] | None = None) 
         keep_alive=settings.keep_alive,
         num_ctx=settings.num_ctx,
         load_timeout_sec=settings.load_timeout_sec,
+        server_wait_sec=settings.server_wait_sec,
     )
 
 

@@ -18,6 +18,7 @@ class Progress:
     total: int
     chunks_per_s: float
     eta_sec: float  # inf when unknown
+    note: str = ""  # e.g. which model servers are out of the rotation
 
     @property
     def eta(self) -> str:
@@ -33,7 +34,7 @@ class Progress:
     def line(self) -> str:
         return (
             f"progress: {self.embedded}/{self.total} embedded, failed={self.failed}, "
-            f"{self.chunks_per_s:.1f} chunks/s, eta {self.eta}"
+            f"{self.chunks_per_s:.1f} chunks/s, eta {self.eta}" + (f"; {self.note}" if self.note else "")
         )
 
 
@@ -57,3 +58,25 @@ class LineReporter:
 
     def finish(self) -> None:
         pass
+
+
+def servers_note(servers: list[dict[str, object]]) -> str:
+    """A word on the model servers when not all are in the rotation ("" when all are): for progress lines."""
+    out = [s for s in servers if s.get("state") != "in"]
+    if not out:
+        return ""
+    named = ", ".join(f"{s.get('url')} {s.get('state')}" for s in out)
+    return f"servers {len(servers) - len(out)} of {len(servers)} in the rotation ({named})"
+
+
+def describe_servers(servers: object) -> str:
+    """A run's recorded server states on one line (status): `url state (why); …`, control characters removed."""
+    if not isinstance(servers, list):
+        return ""
+    parts = []
+    for s in servers:
+        if not isinstance(s, dict):
+            continue
+        why = f" ({s.get('reason')})" if s.get("reason") else ""
+        parts.append(f"{s.get('url')} {s.get('state')}{why}")
+    return "".join(ch if ch.isprintable() else " " for ch in "; ".join(parts))

@@ -2,6 +2,11 @@
 
 Plain Python (no Dagster import) so the rule is testable on its own and any front end can use it:
 
+- `assess(figures)`: THE readiness decision, from the database's figures alone (status runs under a read-only
+  role; no HTTP): missing=0, coverage_pct=100.00, stale_model=0, and no blocking drift verdict (`model_changed`
+  or `mismatch` from the last `verify` or drift check, cleared by a later `match`, a re-embed or a swap:
+  `core/verify.py`, `drift_figures`). `status --check`, the Dagster check `missing_is_zero` and the readiness
+  sensor all call it; the reason it gives is what they print.
 - `decide(...)`: given the latest *completed* evaluation of the coverage check, the latest coverage
   materialization, what was handled already and the flag's current value, say what to do. It never flips
   the flag on a failed, missing or stale evaluation (stale: older than the latest coverage materialization,
@@ -82,6 +87,52 @@ class ReadinessSettings:
     def env_path(self) -> Path:
         """Absolute path (a relative one is taken from the current directory: say which in every log line)."""
         return Path(os.path.abspath(os.path.expanduser(self.env_file)))
+
+
+# ---------------------------------------------------------------------------- readiness of the vectors
+#: Drift verdicts that keep the vectors from being called ready until cleared.
+BLOCKING_DRIFT = ("model_changed", "mismatch")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """`ready` and why (one line); `blocker` names the first condition that failed ("" when ready)."""
+
+    ready: bool
+    reason: str
+    blocker: str = ""  # empty_table | missing | coverage | stale_model | drift
+
+
+def assess(figures: Mapping[str, object]) -> Readiness:
+    """The one readiness rule. `figures`: total, missing, coverage_pct, stale_model (as `status` reports them) and
+    drift_verdict (the standing drift verdict, "" when none; drift_at and drift_detail say when and what)."""
+    total, missing, coverage = int(str(figures["total"])), int(str(figures["missing"])), figures["coverage_pct"]
+    coverage = f"{coverage:.2f}" if isinstance(coverage, float) else str(coverage)  # Dagster metadata: a float
+    stale = int(str(figures.get("stale_model") or 0))
+    drift = str(figures.get("drift_verdict") or "")
+    if total == 0:
+        return Readiness(False, "the chunk table is empty: nothing to call ready", "empty_table")
+    if missing:
+        return Readiness(False, f"missing={missing}: chunks without a vector (coverage_pct={coverage})", "missing")
+    if coverage != "100.00":
+        return Readiness(False, f"coverage_pct={coverage}, not 100.00", "coverage")
+    if stale:
+        return Readiness(
+            False,
+            f"stale_model={stale}: embeddings made by another model than the live one; re-embed them through "
+            "`wiki-embeddings migrate-model`",
+            "stale_model",
+        )
+    if drift in BLOCKING_DRIFT:
+        at = f" at {figures['drift_at']}" if figures.get("drift_at") else ""
+        detail = f": {figures['drift_detail']}" if figures.get("drift_detail") else ""
+        return Readiness(
+            False,
+            f"drift: the last `verify` or drift check (vectors_match_model){at} said {drift}{detail} (cleared by a "
+            "later match, a re-embed or a swap)",
+            "drift",
+        )
+    return Readiness(True, "missing=0, coverage_pct=100.00, stale_model=0, no blocking drift verdict")
 
 
 # ---------------------------------------------------------------------------- the decision

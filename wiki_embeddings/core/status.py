@@ -8,7 +8,10 @@ from typing import Any
 
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.migration import shadow_status
+from wiki_embeddings.core.progress import describe_servers
+from wiki_embeddings.core.readiness import Readiness, assess
 from wiki_embeddings.core.verify import STATUS_KEYS as VERIFY_STATUS_KEYS
+from wiki_embeddings.core.verify import drift_figures
 from wiki_embeddings.core.verify import status_figures as verify_figures
 from wiki_embeddings.settings import Settings
 
@@ -36,6 +39,7 @@ STATUS_KEYS = [
     "last_run_embedded",
     "last_run_chunks_per_s",
     "last_run_heartbeat",
+    "last_run_servers",
     "migration_model",
     "migration_embedded",
     "migration_missing",
@@ -50,7 +54,8 @@ STATUS_KEYS = [
 def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     """Counts from the database, the stop file, the recorded model and the last run, in one place.
 
-    Read-only once the bookkeeping schema is at its version, so a monitoring role with SELECT only can run it.
+    Read-only once the bookkeeping schema is at its version, so a monitoring role with SELECT only can run it
+    (the one write it tries, clearing the provenance a dead swap left, is skipped without the privilege).
     """
     store.migrate(record=False)
     dimensions = store.column_dimensions()  # first: a missing table or a non-integer id column is one clear line
@@ -72,12 +77,21 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     rate = last["chunks_per_s"] if last else None
     status["last_run_chunks_per_s"] = f"{rate:.1f}" if rate is not None else ""
     status["last_run_heartbeat"] = last["heartbeat_at"].isoformat(timespec="seconds") if last else ""
+    # The model servers as the last run's heartbeat saw them (in the rotation or out, and why): no HTTP here.
+    status["last_run_servers"] = describe_servers(last.get("servers")) if last else ""
     status.update(migration_figures(store))
     invalid = store.invalid_indexes()  # left by an interrupted CREATE INDEX CONCURRENTLY; dropped by the next swap
     status["invalid_indexes"] = len(invalid)
     status["invalid_index_names"] = ",".join(ix["name"] for ix in invalid)
     status.update(verify_figures(store))
     return {k: status[k] for k in STATUS_KEYS}
+
+
+def readiness_of(store: Store, status: dict[str, Any]) -> Readiness:
+    """The readiness decision (core/readiness.py `assess`) for a table whose `status` figures were just read: those
+    figures plus the standing drift verdict (core/verify.py `drift_figures`). Reads only."""
+    figures = {k: status[k] for k in ("total", "missing", "coverage_pct", "stale_model")}
+    return assess({**figures, **drift_figures(store)})
 
 
 def migration_figures(store: Store) -> dict[str, Any]:

@@ -19,10 +19,13 @@ Depth (per server, unless pinned by `--concurrency N`; `--sleep-ms > 0` and poli
   time at 4 slots), so a server that got faster is seen as it is now (one that got slower shows as latency growth
   and is re-measured anyway).
 
-Batch size (all modes): the configured `--batch-size` is the maximum. Trouble (429/503/timeouts) halves a cap;
-GROW_AFTER clean answers in a row double it back (what the runbook asked operators to do by hand).
-Polite mode adds a target request duration: size = target / (measured seconds per chunk at depth 1), so a
-live query arriving at the server waits behind at most about `target` seconds of ours.
+Batch size (per server, all modes): the configured `--batch-size` is the maximum. Only what a batch's size
+explains shrinks it (a timeout, a refusal as too large: the cap halves); an overload answer (429/503) leaves it
+alone and is met with backoff (core/health.py) and fewer in flight. It grows back by goodput: a doubled cap is a
+trial, kept only when the server's answered texts per second rise. The claimer takes the largest batch a server
+in the rotation takes; a server with a smaller one gets it in pieces. Polite mode adds a target request
+duration: size = target / (measured seconds per chunk at depth 1), so a live query arriving at the server waits
+behind at most about `target` seconds of ours.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from wiki_embeddings.core.health import ServerHealth
+
 MAX_DEPTH = 8  # requests in flight per server that auto-tuning may reach
 GROW_BELOW = 0.5  # estimated requests of ours queued at the server below which depth grows
 SHRINK_ABOVE = 1.5  # ... above which it shrinks
@@ -40,13 +45,13 @@ MIN_SAMPLES = 3  # answers at one depth (and batch size) before a decision (at l
 BASE_SAMPLES = 2  # answers at depth 1 that measure the base latency (their fastest counts)
 TROUBLE_HOLD = 16  # clean answers after a trouble before depth may grow again
 RELEARN_SEC = 60.0  # seconds between two re-measurements of the base latency at depth 1
-GROW_AFTER = 8  # clean answers in a row before a batch cap lowered by trouble doubles again
+GROW_AFTER = 8  # full answers at one batch size before it may double (a goodput trial)
 MIN_GAIN = 0.02  # a request added to the queue must raise the server's answered texts/s by this share, else undone
 NO_GAIN_HOLD_SEC = 300.0  # after an added request gained nothing: seconds before depth may grow again
 POLITE_START = 1  # polite mode's first batch: nothing is known about the model's speed yet
 PER_CHUNK_WEIGHT = 0.5  # weight of the newest measurement in the seconds-per-chunk average
 
-OK, TROUBLE, ERROR, IGNORE = "ok", "trouble", "error", "ignore"
+OK, TROUBLE, SLOW, ERROR, IGNORE = "ok", "trouble", "slow", "error", "ignore"
 
 
 @dataclass
@@ -176,16 +181,33 @@ class ServerDepth:
 
 
 class BatchSizer:
-    """Chunks per request: at most `maximum`; halved by trouble, grown back by success; polite: sized to a target."""
+    """Chunks per request to one server: at most `maximum`; polite mode sizes it to a target request duration.
 
-    def __init__(self, maximum: int, target_sec: float | None = None, minimum: int = 1):
+    Only causes a batch's size explains shrink it: a timeout or a request refused as too large halves the cap.
+    An overload answer (429/503) does not: a steady error rate would otherwise hold the batch at 1 (the cliff of
+    issue 20). It grows back by measured goodput: after GROW_AFTER full answers the cap doubles as a trial, kept
+    only when the answered texts per second rise by MIN_GAIN; else it goes back and holds NO_GAIN_HOLD_SEC.
+    """
+
+    def __init__(
+        self,
+        maximum: int,
+        target_sec: float | None = None,
+        minimum: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.maximum = max(1, maximum)
         self.minimum = max(1, min(minimum, self.maximum))
         self.target_sec = target_sec
+        self.clock = clock
         self.cap = self.maximum
         self.per_chunk: float | None = None  # seconds per chunk at depth 1 (polite mode)
-        self.successes = 0
         self.troubles = 0
+        self.rates: list[float] = []  # texts per second of full answers at the current cap and depth
+        self.rates_depth = 0
+        self.trial: tuple[int, float] | None = None  # just doubled: (the cap before, its rate)
+        self.no_grow_until = float("-inf")
+        self.changes: list[tuple[float, int, str]] = []
 
     @property
     def size(self) -> int:
@@ -195,25 +217,60 @@ class BatchSizer:
             size = min(size, max(1, fit))
         return max(self.minimum, min(size, self.maximum))
 
-    def trouble(self) -> None:
+    def shrink(self, why: str) -> None:
+        """A timeout or a refusal as too large: the batch's size is the likely cause."""
         self.troubles += 1
-        self.successes = 0
-        self.cap = max(self.minimum, self.size // 2)
+        self.trial = None
+        self._set(max(self.minimum, self.size // 2), why)
 
-    def answered(self, texts: int, seconds: float, alone: bool) -> None:
+    def _set(self, cap: int, why: str) -> None:
+        self.rates = []
+        if cap != self.cap:
+            self.cap = cap
+            self.changes.append((self.clock(), cap, why))
+
+    def answered(self, texts: int, seconds: float, alone: bool, depth: int) -> None:
         if self.target_sec is not None and alone and texts > 0 and seconds > 0:
             per = seconds / texts  # includes the request's fixed cost: errs on the short side of the target
             old = self.per_chunk
             self.per_chunk = per if old is None else old + PER_CHUNK_WEIGHT * (per - old)
-        self.successes += 1
-        if self.cap < self.maximum and self.successes >= GROW_AFTER:
-            self.cap = min(self.maximum, self.cap * 2)
-            self.successes = 0
+        if texts != self.size or seconds <= 0:
+            return  # a partial or bisected batch is no evidence about this size
+        if depth != self.rates_depth:  # goodputs compare only at one depth
+            self.rates, self.rates_depth, self.trial = [], depth, None
+        self.rates.append(texts / seconds)
+        if len(self.rates) < GROW_AFTER:
+            return
+        rate = statistics.median(self.rates)
+        if self.trial is not None:
+            before, before_rate = self.trial
+            self.trial = None
+            if rate < before_rate * (1 + MIN_GAIN):
+                self.no_grow_until = self.clock() + NO_GAIN_HOLD_SEC
+                self._set(before, f"no gain ({rate:.1f} vs {before_rate:.1f} texts/s)")
+                return
+        if self.cap < self.maximum and self.clock() >= self.no_grow_until:
+            self.trial = (self.cap, rate)
+            self._set(min(self.maximum, self.cap * 2), "trial")
+        else:
+            self.rates = []
+
+
+@dataclass
+class ServerControl:
+    """Everything the client controls about one server: requests in flight, batch size, health."""
+
+    depth: ServerDepth
+    sizer: BatchSizer
+    health: ServerHealth
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"depth": self.depth.depth, "batch_size": self.sizer.size, **self.health.snapshot()}
 
 
 @dataclass
 class Tuning:
-    """Depth per server and the batch size of one run. `pinned_depth` None: self-tuning depth."""
+    """Depth, batch size and health per server for one run. `pinned_depth` None: self-tuning depth."""
 
     servers: int
     pinned_depth: int | None = None
@@ -221,14 +278,33 @@ class Tuning:
     target_sec: float | None = None  # polite mode's target request duration (None: throughput mode)
     max_depth: int = MAX_DEPTH
     clock: Callable[[], float] = time.monotonic
-    depths: list[ServerDepth] = field(init=False)
-    sizer: BatchSizer = field(init=False)
+    backoff_base_sec: float = 0.5
+    backoff_max_sec: float = 30.0
+    controls: list[ServerControl] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.target_sec is not None and self.pinned_depth is None:
             self.pinned_depth = 1  # polite: a live query waits behind one request of ours, never a queue of them
-        self.depths = [ServerDepth(self.pinned_depth, self.max_depth, self.clock) for _ in range(self.servers)]
-        self.sizer = BatchSizer(self.max_batch, self.target_sec)
+        self.controls = [
+            ServerControl(
+                ServerDepth(self.pinned_depth, self.max_depth, self.clock),
+                BatchSizer(self.max_batch, self.target_sec, clock=self.clock),
+                ServerHealth(self.backoff_base_sec, self.backoff_max_sec, clock=self.clock),
+            )
+            for _ in range(self.servers)
+        ]
+
+    @property
+    def depths(self) -> list[ServerDepth]:
+        return [c.depth for c in self.controls]
+
+    @property
+    def sizers(self) -> list[BatchSizer]:
+        return [c.sizer for c in self.controls]
+
+    @property
+    def healths(self) -> list[ServerHealth]:
+        return [c.health for c in self.controls]
 
     @property
     def auto(self) -> bool:
@@ -236,46 +312,56 @@ class Tuning:
 
     @property
     def batch_size(self) -> int:
-        return self.sizer.size
+        """What the claimer takes per batch: the largest batch a server in the rotation takes (a server with a
+        smaller one gets the batch in pieces)."""
+        sizes = [c.sizer.size for c in self.controls if c.health.in_rotation] or [c.sizer.size for c in self.controls]
+        return max(sizes)
+
+    def size_for(self, server: int) -> int:
+        return self.controls[server].sizer.size
 
     def depth(self, server: int) -> int:
-        return self.depths[server].depth
+        return self.controls[server].depth.depth
 
     @property
     def total_depth(self) -> int:
-        return sum(d.depth for d in self.depths)
+        return sum(c.depth.depth for c in self.controls if c.health.in_rotation) or 1
 
     @property
     def max_workers(self) -> int:
         """Embed workers the engine runs: enough for every server at its largest depth."""
-        return sum(d.max_depth for d in self.depths)
+        return sum(c.depth.max_depth for c in self.controls)
 
     def sent(self, server: int, texts: int, active: int) -> Ticket:
-        d = self.depths[server]
+        d = self.controls[server].depth
         return Ticket(server, texts, d.depth, active, d.epoch, self.clock())
 
     def done(self, ticket: Ticket, outcome: str) -> float:
-        """Record how a request ended (OK, TROUBLE, ERROR or IGNORE); returns its duration."""
+        """Record how a request ended (OK, TROUBLE, SLOW, ERROR or IGNORE); returns its duration."""
         seconds = self.clock() - ticket.sent_at
-        d = self.depths[ticket.server]
-        if outcome == TROUBLE:
-            d.trouble()
-            self.sizer.trouble()
+        control = self.controls[ticket.server]
+        if outcome in (TROUBLE, SLOW):
+            control.depth.trouble()  # fewer in flight
+            if outcome == SLOW:
+                control.sizer.shrink("timeout or too large")
         elif outcome == OK:
-            self.sizer.answered(ticket.texts, seconds, alone=ticket.active == 1)
-            d.answered(ticket, seconds, self.sizer.size)
+            control.sizer.answered(ticket.texts, seconds, alone=ticket.active == 1, depth=ticket.depth)
+            control.depth.answered(ticket, seconds, control.sizer.size)
         return seconds
 
     def snapshot(self) -> dict[str, Any]:
         """The tuning's state for the run report."""
+        sizer = self.controls[0].sizer
         return {
             "mode": "polite" if self.target_sec is not None else "throughput",
             "depth": "auto" if self.auto else self.pinned_depth,
-            "depths": [d.depth for d in self.depths],
-            "depth_changes": [len(d.changes) for d in self.depths],
+            "depths": [c.depth.depth for c in self.controls],
+            "depth_changes": [len(c.depth.changes) for c in self.controls],
             "batch_size": self.batch_size,
+            "batch_sizes": [c.sizer.size for c in self.controls],
             "max_batch": self.max_batch,
             "target_request_sec": self.target_sec,
-            "seconds_per_chunk": round(self.sizer.per_chunk, 6) if self.sizer.per_chunk else None,
-            "troubles": sum(d.troubles for d in self.depths),
+            "seconds_per_chunk": round(sizer.per_chunk, 6) if sizer.per_chunk else None,
+            "troubles": sum(c.depth.troubles for c in self.controls),
+            "servers": [c.health.snapshot() for c in self.controls],
         }

@@ -9,7 +9,12 @@ recorded text prefix, by the live model. Then cosine(stored, fresh):
                    vectors (an `ollama pull` replaced its weights, another server answers under the name...);
 - `mismatch`       some are below, or stored vectors have norm 0 (a NaN/zero answer written by another writer,
                    a server that garbled a batch): those chunks need re-embedding;
-- `not_evaluated`  the server did not answer (or nothing could be compared): never read as "model changed".
+- `not_evaluated`  the server did not answer (or nothing could be compared): never read as "model changed";
+- `nothing_to_verify` the column holds no vector yet (an empty table, a fresh import): nothing is asked of the
+                   server, exit 0, and it blocks nothing.
+
+A server whose vectors have another length than the stored ones is `model_changed` too, saying both lengths
+(`stored_length`, `server_length`): no cosine is computed across lengths.
 
 MIN_COSINE is set from measurement: batch size changes vectors slightly (ollama#6262). The dev server's real
 all-MiniLM-L6-v2 (`--backend minilm`) re-embedding 256 wiki chunks alone and in batches of 2, 8, 16, 32, 64 and
@@ -19,14 +24,16 @@ against MiniLM: |cosine| < 0.25; different trained models: typically below 0.9).
 
 The sample is spread over the whole id range (`Store.sample_ids`: one primary-key probe per stratum), so it
 costs `sample` embeddings and reads whatever the table's size; `full=True` walks every embedded chunk instead.
-Exit codes: 0 match, 1 model_changed / mismatch, 3 not evaluated (`EXIT_CODES`).
+Exit codes: 0 match or nothing to verify, 1 model_changed / mismatch, 3 not evaluated (`EXIT_CODES`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,13 +43,17 @@ from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.embedders import EmbedFailure, InputRejected, InvalidVectors
 from wiki_embeddings.core.factories import build_client
 from wiki_embeddings.core.modelname import same_model
+from wiki_embeddings.core.readiness import BLOCKING_DRIFT
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings
 
 MIN_COSINE = 0.995
 DEFAULT_SAMPLE = 200
 FULL_PAGE = 1000
-EXIT_CODES = {"match": 0, "model_changed": 1, "mismatch": 1, "not_evaluated": 3}
+EXIT_CODES = {"match": 0, "nothing_to_verify": 0, "model_changed": 1, "mismatch": 1, "not_evaluated": 3}
+#: Verdicts that say something about the stored vectors (a later one replaces an earlier one); the others
+#: (`not_evaluated`, `nothing_to_verify`) say nothing and change nothing (core/readiness.py).
+DECISIVE = ("match", "model_changed", "mismatch")
 #: Status keys (core/status.py) filled from the last recorded result; `status` never re-embeds or scans.
 STATUS_KEYS = [
     "verify_result",
@@ -70,6 +81,9 @@ class VerifyReport:
     zero_norm: int = 0  # stored vectors of norm 0 (cosine search cannot rank them)
     skipped: dict[str, int] = field(default_factory=dict)  # no_provenance, other_model, text_changed, rejected
     worst: list[list[Any]] = field(default_factory=list)  # [[id, cosine], ...] lowest first, at most 5
+    other_length: int = 0  # re-embedded vectors whose length differs from the stored one (no cosine computed)
+    stored_length: int | None = None  # set when other_length > 0: the stored vectors' length ...
+    server_length: int | None = None  # ... and the length the server answers with now
     digest: str | None = None  # the model's digest as /api/tags reports it now
     recorded_digest: str | None = None  # the digest recorded by the last run of the model that reported one
     message: str = ""
@@ -102,18 +116,28 @@ def verify(
     """Re-embed a sample (or, with `full`, every vector) of the store's column with `model` and compare."""
     report = VerifyReport("not_evaluated", model, store.table.embedding_column, threshold=threshold, full=full)
     cosines: list[tuple[int, float]] = []
+    lengths: list[tuple[int, int]] = []  # (stored, fresh) of each vector answered with another length
     skipped: dict[str, int] = defaultdict(int)
+    batches = _pages(store, settings, sample, full, seed)
+    first = next(batches, None)
+    if first is None:  # no vector in the column: nothing is asked of the server
+        report.verdict = "nothing_to_verify"
+        report.message = (
+            f"nothing to verify: {store.table.qualified}.{store.table.embedding_column} holds no vector yet; "
+            "this blocks nothing"
+        )
+        _finish(store, report, record)
+        return report
     try:
         report.digest = asyncio.run(_digest(settings, model))
         last = store.latest_trust("model_digest", model)
         report.recorded_digest = (last or {}).get("digest")
-        batches = _pages(store, settings, sample, full, seed)
-        for ids in batches:
+        for ids in itertools.chain([first], batches):
             rows = store.read_for_verify(ids, settings.max_chars)
             report.sampled += len(rows)
             todo = _comparable(rows, model, skipped, report)
             if todo:
-                cosines += asyncio.run(_compare(settings, model, todo, skipped))
+                cosines += asyncio.run(_compare(settings, model, todo, skipped, lengths))
     except EmbedFailure as exc:
         report.message = (
             f"not evaluated: the model server did not re-embed the sample ({exc.message}); this says nothing about "
@@ -123,7 +147,7 @@ def verify(
         _finish(store, report, record)
         return report
     report.skipped = dict(skipped)
-    _judge(report, cosines)
+    _judge(report, cosines, lengths)
     _finish(store, report, record)
     return report
 
@@ -175,9 +199,14 @@ async def _digest(settings: Settings, model: str) -> str | None:
 
 
 async def _compare(
-    settings: Settings, model: str, todo: list[tuple[int, str, str, np.ndarray]], skipped: dict[str, int]
+    settings: Settings,
+    model: str,
+    todo: list[tuple[int, str, str, np.ndarray]],
+    skipped: dict[str, int],
+    lengths: list[tuple[int, int]],
 ) -> list[tuple[int, float]]:
-    """Cosine of each stored vector with the live model's vector of the same text (grouped by prefix)."""
+    """Cosine of each stored vector with the live model's vector of the same text (grouped by prefix); a fresh
+    vector of another length gets no cosine: its (stored, fresh) lengths go to `lengths`."""
     by_prefix: dict[str, list[tuple[int, str, np.ndarray]]] = defaultdict(list)
     for cid, prefix, text, stored in todo:
         by_prefix[prefix].append((cid, text, stored))
@@ -189,7 +218,9 @@ async def _compare(
                 batch = rows[k : k + settings.batch_size]
                 fresh = await _embed(client, [t for _, t, _ in batch], skipped)
                 for (cid, _, stored), vector in zip(batch, fresh, strict=True):
-                    if vector is not None:
+                    if vector is not None and vector.shape != stored.shape and vector.size > 1:
+                        lengths.append((int(stored.shape[0]), int(vector.shape[0])))
+                    elif vector is not None:
                         out.append((cid, cosine(stored, vector)))
         finally:
             await client.aclose()
@@ -221,7 +252,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def _judge(report: VerifyReport, cosines: list[tuple[int, float]]) -> None:
+def _judge(report: VerifyReport, cosines: list[tuple[int, float]], lengths: Sequence[tuple[int, int]] = ()) -> None:
+    if lengths:
+        _other_length(report, cosines, lengths)
+        return
     report.compared = len(cosines)
     values = [c for _, c in cosines]
     if values:
@@ -267,6 +301,21 @@ def _judge(report: VerifyReport, cosines: list[tuple[int, float]]) -> None:
         )
 
 
+def _other_length(report: VerifyReport, cosines: list[tuple[int, float]], lengths: Sequence[tuple[int, int]]) -> None:
+    """The server answers with vectors of another length than the stored ones: another model answers under the
+    name (or a `dimensions` option cuts them). Said with both lengths; no cosine across lengths is invented."""
+    (stored, fresh), _ = Counter(lengths).most_common(1)[0]
+    report.compared = len(cosines)
+    report.other_length, report.stored_length, report.server_length = len(lengths), stored, fresh
+    report.verdict = "model_changed"
+    report.message = (
+        f"the model answering as {report.model!r} changed: it now returns vectors of length {fresh}, the stored "
+        f"vectors have length {stored} ({len(lengths)} of {len(lengths) + len(cosines)} re-embedded vectors). "
+        f"Re-embed with `wiki-embeddings migrate-model --to {report.model}` (a new column of length {fresh}, then "
+        "--swap), or restore the model the vectors were made with."
+    )
+
+
 def _finish(store: Store, report: VerifyReport, record: bool) -> None:
     if record:
         store.record_trust("verify", report.as_dict(), model=report.model)
@@ -289,6 +338,27 @@ def status_figures(store: Store) -> dict[str, Any]:
     }
 
 
+def drift_figures(store: Store) -> dict[str, Any]:
+    """The drift verdict that stands for readiness (core/readiness.py `assess`), from the database alone: the last
+    decisive `verify` / drift-check verdict of the table, unless a later swap or rollback replaced the column, or -
+    for `mismatch`, whose remedy is re-embedding those chunks - a run of the column that started after it wrote
+    vectors. A later `match` replaces it; `not_evaluated` and `nothing_to_verify` say nothing and change nothing.
+    `model_changed` is cleared by `migrate-model` (its swap) or a `match`."""
+    last = store.latest_trust("verify", verdicts=DECISIVE)
+    verdict = str((last or {}).get("verdict") or "")
+    out: dict[str, Any] = {"drift_verdict": "", "drift_at": "", "drift_detail": ""}
+    if not last or verdict not in BLOCKING_DRIFT:
+        return out
+    at = last["recorded_at"]
+    swapped = store.table_state().get("swapped_at")
+    if swapped is not None and swapped > at:
+        return out
+    if verdict == "mismatch" and store.embedded_since(at):
+        return out
+    detail = str(last.get("message") or "").split(". ")[0]
+    return {"drift_verdict": verdict, "drift_at": at.isoformat(timespec="seconds"), "drift_detail": detail}
+
+
 def format_report(report: VerifyReport) -> str:
     lines = [
         f"verify: {report.verdict} (exit {report.exit_code})",
@@ -301,4 +371,10 @@ def format_report(report: VerifyReport) -> str:
         f"digest={report.digest or '-'} recorded_digest={report.recorded_digest or '-'}",
         report.message,
     ]
+    if report.other_length:
+        lines.insert(
+            3,
+            f"other_length={report.other_length} stored_length={report.stored_length} "
+            f"server_length={report.server_length}",
+        )
     return "\n".join(lines)

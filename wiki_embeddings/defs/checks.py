@@ -1,24 +1,21 @@
-"""The runbook's "Done when": missing=0 and coverage_pct=100.00, as a check on embedding_coverage.
+"""The runbook's "Done when": the readiness decision (core/readiness.py: missing=0, coverage_pct=100.00,
+stale_model=0, no standing drift verdict), as a check on embedding_coverage.
 
 Severity tells an expected state from a problem: while embedding runs are under way (CLI or Dagster: a live run
 in the database, a Dagster run or backfill of the embedding assets in flight) a failing result is a WARN that
 reports progress (missing, chunks/s, ETA); ERROR only when nothing is running and chunks are still missing
 (failed, quarantined, or never reached). The check is not blocking: a refresh run always succeeds when it could
-read the figures - nothing is computed downstream of coverage, and readiness has its own rule (the sensor).
+read the figures - nothing is computed downstream of coverage; the readiness sensor acts on its result.
 """
 
 from typing import Any
 
 import dagster as dg
 
-from wiki_embeddings.defs.assets import (
-    LIVE_AUTOMATION,
-    embedding_coverage,
-    missing_summary,
-    progress,
-    range_table,
-    worst_ranges,
-)
+from wiki_embeddings.core.readiness import assess
+from wiki_embeddings.core.verify import drift_figures
+from wiki_embeddings.defs.assets import LIVE_AUTOMATION, embedding_coverage
+from wiki_embeddings.defs.metadata import missing_summary, progress, range_table, worst_ranges
 from wiki_embeddings.defs.partitions import RANGE_WIDTH
 from wiki_embeddings.defs.resources import WikiDatabaseResource
 
@@ -63,8 +60,9 @@ def _own_run_id(context: dg.AssetCheckExecutionContext) -> str | None:
     blocking=False,
     # evaluated in the same run whenever coverage is refreshed (an asset condition, valid on a check)
     automation_condition=LIVE_AUTOMATION,  # type: ignore[arg-type]
-    description="Passes only when no chunk lacks an embedding (missing=0, coverage_pct=100.00) and every embedding "
-    "is of the live model (stale_model=0); the readiness sensor sets WIKI_EMBEDDINGS_READY=true after a pass. "
+    description="Passes only when no chunk lacks an embedding (missing=0, coverage_pct=100.00), every embedding "
+    "is of the live model (stale_model=0) and no drift verdict (model_changed, mismatch) stands: the readiness "
+    "decision of core/readiness.py; the readiness sensor sets WIKI_EMBEDDINGS_READY=true after a pass. "
     "While embedding runs are under way a miss is a WARN with progress (chunks/s, ETA); ERROR when nothing runs.",
 )
 def missing_is_zero(context: dg.AssetCheckExecutionContext, database: WikiDatabaseResource) -> dg.AssetCheckResult:
@@ -73,10 +71,13 @@ def missing_is_zero(context: dg.AssetCheckExecutionContext, database: WikiDataba
         store.migrate()
         status = store.status(settings.max_attempts)
         status.update(store.model_status())
+        status.update(drift_figures(store))
         summary = missing_summary(store.missing_by_range(RANGE_WIDTH), store.failed_by_range(RANGE_WIDTH))
         running, rate = store.running_rate()
-    # Only embeddings current for the live model count: vectors of another model (stale_model) fail the check.
-    passed = status["missing"] == 0 and status["coverage_pct"] == "100.00" and status["stale_model"] == 0
+    # The one readiness decision (core/readiness.py), as `status --check` and the readiness sensor make it: vectors
+    # of another model (stale_model) and a standing drift verdict fail the check as missing ones do.
+    readiness = assess(status)
+    passed = readiness.ready
     under_way = 0 if passed else running + dagster_work_under_way(context.instance, _own_run_id(context))
     worst = worst_ranges(summary)
     figures = progress(int(status["missing"]), running, rate)
@@ -90,6 +91,8 @@ def missing_is_zero(context: dg.AssetCheckExecutionContext, database: WikiDataba
             f"{status['stale_model']} embeddings were made by another model than the live one; "
             "re-embed them through `wiki-embeddings migrate-model`"
         )
+    elif readiness.blocker == "drift":
+        description = readiness.reason
     elif under_way:
         severity = dg.AssetCheckSeverity.WARN
         description = (
@@ -111,6 +114,8 @@ def missing_is_zero(context: dg.AssetCheckExecutionContext, database: WikiDataba
         "total": dg.MetadataValue.int(int(status["total"])),
         "coverage_pct": dg.MetadataValue.float(float(status["coverage_pct"])),
         "work_under_way": dg.MetadataValue.bool(bool(under_way)),
+        "drift_verdict": dg.MetadataValue.text(status["drift_verdict"]),  # the readiness sensor re-assesses
+        "ready_reason": dg.MetadataValue.text(readiness.reason),
         **figures,
         "worst_ranges": range_table(worst),
     }

@@ -1,6 +1,8 @@
 """Sensors: readiness (the runbook's last step) and the automation that keeps coverage fresh.
 
-`readiness_sensor` reads the latest completed evaluation of `missing_is_zero`; after a fresh pass it sets
+`readiness_sensor` reads the latest completed evaluation of `missing_is_zero` (the readiness decision of
+`core.readiness.assess`, made on the database's figures; a drift check evaluated after it is folded in by the same
+function, `reassess`); after a fresh pass it sets
 `WIKI_EMBEDDINGS_READY=true` in the env file and runs the optional backend-restart command. The rule itself
 (`decide`, the atomic env-file edit) lives in `wiki_embeddings.core.readiness`. The cursor is the id of the
 last evaluation handled, so one evaluation is acted on once. What it did is the tick's message and log; each
@@ -18,31 +20,35 @@ from wiki_embeddings.core.readiness import (
     READY_KEY,
     Evaluation,
     Materialization,
+    assess,
     decide,
     read_flag,
     restart_backend,
     set_flag,
 )
+from wiki_embeddings.core.verify import DECISIVE
 from wiki_embeddings.defs.assets import embedding_coverage, missing_wiki_chunks
 from wiki_embeddings.defs.assets import readiness as readiness_asset
 from wiki_embeddings.defs.checks import COVERAGE_KEY, MISSING_IS_ZERO, MISSING_IS_ZERO_KEY
 from wiki_embeddings.defs.resources import ReadinessResource
 from wiki_embeddings.defs.state import embedding_state_sensor, sensor_interval
-from wiki_embeddings.defs.trust import VECTORS_MATCH, latest_drift
+from wiki_embeddings.defs.trust import Drift, latest_drift
 
 COMPLETED = {"SUCCEEDED", "FAILED"}
 
 
-def latest_evaluation(instance: dg.DagsterInstance) -> tuple[Evaluation | None, str | None]:
-    """The latest evaluation of missing_is_zero, or (None, why) when there is none that completed."""
+def latest_evaluation(instance: dg.DagsterInstance) -> tuple[Evaluation | None, str | None, dict[str, Any]]:
+    """The latest evaluation of missing_is_zero and its figures (metadata: what `assess` decides on), or
+    (None, why, {}) when there is none that completed."""
     record = instance.get_latest_asset_check_evaluation_record(MISSING_IS_ZERO_KEY)
     if record is None:
-        return None, None
+        return None, None, {}
     if record.status.value not in COMPLETED or record.event is None:
-        return None, f"evaluation {record.id} of {MISSING_IS_ZERO} has not completed (in progress, or its run failed)"
+        why = f"evaluation {record.id} of {MISSING_IS_ZERO} has not completed (in progress, or its run failed)"
+        return None, why, {}
     evaluation = record.event.asset_check_evaluation
     if evaluation is None:
-        return None, f"evaluation {record.id} has no result"
+        return None, f"evaluation {record.id} has no result", {}
     missing = evaluation.metadata.get("missing")
     target = evaluation.target_materialization_data
     return (
@@ -54,6 +60,7 @@ def latest_evaluation(instance: dg.DagsterInstance) -> tuple[Evaluation | None, 
             missing=int(missing.value) if missing is not None else None,  # type: ignore[arg-type]
         ),
         None,
+        {k: v.value for k, v in evaluation.metadata.items()},
     )
 
 
@@ -76,20 +83,14 @@ def latest_coverage(instance: dg.DagsterInstance) -> Materialization | None:
 def readiness_sensor(context: dg.SensorEvaluationContext, readiness: ReadinessResource) -> dg.SensorResult:
     settings = readiness.settings()
     path = settings.env_path
-    evaluation, pending = latest_evaluation(context.instance)
+    evaluation, pending, figures = latest_evaluation(context.instance)
     if pending:
         context.log.info(f"readiness: {pending}; waiting")
         return dg.SensorResult(skip_reason=pending, cursor=context.cursor)
     handled = int(context.cursor) if context.cursor else None
     flag = read_flag(path)
-    drift = latest_drift(context.instance)  # vectors_match_model counts like missing_is_zero (defs/trust.py)
-    if evaluation is not None and drift is not None and (drift.blocks or drift.id > evaluation.id):
-        evaluation = dataclasses.replace(
-            evaluation,
-            id=max(evaluation.id, drift.id),
-            passed=evaluation.passed and not drift.blocks,
-            blocked_by=f"{VECTORS_MATCH}: {drift.description}" if drift.blocks else "",
-        )
+    if evaluation is not None:
+        evaluation = reassess(evaluation, figures, latest_drift(context.instance))
     decision = decide(evaluation, latest_coverage(context.instance), handled, flag, settings.on_regression)
     cursor = str(decision.handled) if decision.handled is not None else context.cursor
     metadata: dict[str, Any] = {
@@ -141,6 +142,23 @@ def readiness_sensor(context: dg.SensorEvaluationContext, readiness: ReadinessRe
         cursor=cursor,
         skip_reason=f"FLAG WRITTEN: {done}",
     )
+
+
+def reassess(evaluation: Evaluation, figures: dict[str, Any], drift: Drift | None) -> Evaluation:
+    """The readiness decision (core/readiness.py `assess`) on the check's figures, with the verdict of a drift
+    check evaluated after it (vectors_match_model: a `match` clears a standing verdict, `model_changed` or
+    `mismatch` blocks, `not_evaluated` changes nothing). An older drift verdict is in the check's own figures: it
+    read the database after it was recorded."""
+    if drift is not None and drift.id > evaluation.id:
+        evaluation = dataclasses.replace(evaluation, id=drift.id)
+        if drift.verdict in DECISIVE:
+            standing = "" if drift.verdict == "match" else drift.verdict
+            figures = {**figures, "drift_verdict": standing, "drift_at": "", "drift_detail": drift.description}
+    if not all(k in figures for k in ("total", "missing", "coverage_pct")):
+        return evaluation  # an evaluation without the figures (none recorded them): its own result stands
+    verdict = assess(figures)
+    blocked_by = "" if verdict.ready or verdict.blocker == "missing" else verdict.reason
+    return dataclasses.replace(evaluation, passed=verdict.ready, blocked_by=blocked_by)
 
 
 def _show(flag: bool | None) -> str:

@@ -4,8 +4,9 @@ Evaluated with `missing_is_zero` (same automation condition: after every write o
 runs, and on WIKI_EMBED_REFRESH_CRON) and cheap: `DRIFT_SAMPLE` vectors re-embedded by the live model and compared
 with what is stored (`wiki_embeddings.core.verify`, the logic of `wiki-embeddings verify`). It fails (ERROR) when
 the model answering under the live name no longer reproduces the stored vectors - "the model answering as `X`
-changed: re-embed with `migrate-model`" - or when some vectors differ or have norm 0. The readiness sensor treats a
-failure like one of `missing_is_zero`: the flag is not set (and, with the policy `unset`, is taken back). A server
+changed: re-embed with `migrate-model`" - or when some vectors differ or have norm 0. Its verdict is recorded like
+`verify`'s and is part of the readiness decision (core/readiness.py `assess`, core/verify.py `drift_figures`): the
+flag is not set (and, with the policy `unset`, is taken back) until a later match, a re-embed or a swap. A server
 that does not answer makes the result `not_evaluated` (a WARN): never "model changed", and it does not block.
 """
 
@@ -43,7 +44,7 @@ def vectors_match_model(
     context.log.info(report.message)
     severity = dg.AssetCheckSeverity.WARN if report.verdict == "not_evaluated" else dg.AssetCheckSeverity.ERROR
     return dg.AssetCheckResult(
-        passed=report.verdict == "match",
+        passed=report.verdict in ("match", "nothing_to_verify"),  # no vector yet: nothing to distrust
         severity=severity,
         description=report.message,
         metadata=verify_metadata(report),
@@ -73,11 +74,6 @@ class Drift:
     passed: bool
     verdict: str
     description: str
-
-    @property
-    def blocks(self) -> bool:
-        """A failed evaluation blocks readiness unless it could not evaluate (server away)."""
-        return not self.passed and self.verdict != "not_evaluated"
 
 
 def latest_drift(instance: dg.DagsterInstance) -> Drift | None:

@@ -14,7 +14,7 @@ report   - the run report and exit codes
 from wiki_embeddings.core.backfill.errors import DimensionMismatch, ModelChanged
 from wiki_embeddings.core.backfill.report import CLEAN_STATES, EXIT_CODES, RunReport
 from wiki_embeddings.core.backfill.run import Backfill, describe_tuning
-from wiki_embeddings.core.backfill.worker import CANARY_TEXT
+from wiki_embeddings.core.backfill.worker import CANARY_TEXT, WINDOW_PROBE_TEXTS
 
 __all__ = [
     "CANARY_TEXT",
@@ -23,6 +23,7 @@ __all__ = [
     "Backfill",
     "DimensionMismatch",
     "ModelChanged",
+    "WINDOW_PROBE_TEXTS",
     "RunReport",
     "describe_tuning",
 ]

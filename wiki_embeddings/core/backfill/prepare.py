@@ -92,6 +92,7 @@ async def learn_context(
 ) -> dict[str, Any]:
     """Ask the server for the model's window (the worker cuts to it) and print the pre-flight estimate."""
     worker.window = await worker.embedder.context_window(settings.num_ctx)
+    await worker.probe_window()
     try:
         sample = await asyncio.to_thread(store.sample_texts, PREFLIGHT_SAMPLE, settings.max_chars)
     except DatabaseError as exc:  # an estimate only: it never stops a run

@@ -41,7 +41,8 @@ class RunReport:
     context_cut: int = 0  # chunks embedded from a cut below --max-chars, to fit the context
     server_truncated: int = 0  # chunks the server was caught truncating silently
     fit_searches: int = 0  # refused chunks whose longest fitting prefix was searched
-    fit_requests: int = 0  # requests those searches sent (average = fit_requests / fit_searches)
+    fit_requests: int = 0  # requests the successful searches sent (average = fit_requests / fit_found)
+    fit_found: int = 0  # searches that found a prefix the server takes (the others are recorded failed)
     preflight: dict[str, Any] = field(default_factory=dict)
     stop_reason: str = ""  # why a `stopped` run stopped (stop file, signal, run window: core/window.py)
     tuning: dict[str, Any] = field(default_factory=dict)  # depth per server and batch size (core/tuning.py)
@@ -72,7 +73,16 @@ class RunReport:
     def _fit_summary(self) -> str:
         if not self.fit_searches:
             return ""
-        return (
-            f" refused_as_too_long={self.fit_searches} (longest fitting prefix found in "
-            f"{self.fit_requests / self.fit_searches:.1f} requests on average)"
+        missed = self.fit_searches - self.fit_found
+        if not self.fit_found:
+            return (
+                f" refused_as_too_long={self.fit_searches} (no prefix of any of them fit the model's context: "
+                f"all {missed} recorded failed)"
+            )
+        found = (
+            f"longest fitting prefix found for {self.fit_found} in "
+            f"{self.fit_requests / self.fit_found:.1f} requests on average"
+        )
+        return f" refused_as_too_long={self.fit_searches} ({found}" + (
+            f"; no prefix fit for {missed}, recorded failed)" if missed else ")"
         )

@@ -32,7 +32,7 @@ from wiki_embeddings.core.backfill.writer import Writer
 from wiki_embeddings.core.db import DatabaseError, ModelMismatch, Provenance, Store
 from wiki_embeddings.core.embedders import Embedder, EmbedFailure, ModelNotFound, ServerUnavailable
 from wiki_embeddings.core.failure_log import FailureLog
-from wiki_embeddings.core.progress import LineReporter, Progress, Reporter
+from wiki_embeddings.core.progress import LineReporter, Progress, Reporter, servers_note
 from wiki_embeddings.core.tuning import Tuning
 from wiki_embeddings.settings import Settings, redact, url_secrets
 
@@ -207,6 +207,7 @@ class Backfill:
         report.skipped_busy = self.claimer.skipped_busy
         report.server_truncated = self.worker.server_truncated
         report.fit_searches, report.fit_requests = self.worker.fit_searches, self.worker.fit_requests
+        report.fit_found = self.worker.fit_found
         try:
             report.remaining = await self.db.call("store", lambda _c: prepare.count_remaining(store, self.s))
         except (Fatal, DatabaseError) as exc:  # the database (or the table) is gone: report what is known
@@ -246,6 +247,7 @@ class Backfill:
                     report.chunks_per_s,
                     report.message,
                     report.locked,
+                    self.client.server_states(),
                 ),
             )
         except Fatal:
@@ -372,8 +374,9 @@ class Backfill:
         total = max(self.total, report.embedded + failed)
         left = max(total - report.embedded - failed, 0)
         eta = left / rate if rate > 0 else float("inf")
+        note = servers_note(self.client.server_states())
         self.reporter.progress(
-            Progress(report.embedded, failed, total, rate, eta), self.writer.batches % self.s.report_every == 0
+            Progress(report.embedded, failed, total, rate, eta, note), self.writer.batches % self.s.report_every == 0
         )
 
     async def _heartbeats(self, report: RunReport) -> None:
@@ -384,7 +387,8 @@ class Backfill:
             if report.run_id is None:
                 continue
             elapsed = max(time.perf_counter() - self.started, 1e-9)
-            beat = (report.run_id, report.embedded, self.recorder.failed, report.embedded / elapsed)
+            servers = self.client.server_states()
+            beat = (report.run_id, report.embedded, self.recorder.failed, report.embedded / elapsed, servers)
             try:  # off the event loop: the embed workers keep the server busy meanwhile
                 await self.db.answer(in_daemon_thread(self.store.heartbeat_run, *beat))
             except NoAnswer:

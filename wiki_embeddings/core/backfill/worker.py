@@ -44,9 +44,16 @@ from wiki_embeddings.core.embedders import (
 CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
 # Failures decided from the text alone: recorded without asking the server whether it is well.
 TEXT_ERRORS = {"empty_text", "invalid_utf8", "write_error"}
-# A batch whose `prompt_eval_count` is below this share of its estimated tokens is re-checked text by text.
-SILENT_TRUNCATION_SHARE = 0.6
-RECHECK_MAX = 8  # the longest texts of a suspect batch re-checked alone
+# A batch whose `prompt_eval_count` is below this share of its estimated tokens is checked text by text; a text
+# whose own count is below this share of its estimate is checked with a shorter prefix of it.
+BATCH_TRUST_SHARE = 0.85
+TEXT_TRUST_SHARE = 0.9
+PROBE_SHARE = 0.95  # the window probe's text: this share of the window the server describes
+WINDOW_PROBE_TEXTS = 3  # texts (one a request) the window probe sends at a run's start
+PROBE_SLACK = 2  # tokens of slack when comparing counts (special tokens, a word split differently)
+REFIT_TRIES = 4
+REFIT_SHRINK = 0.85  # a refit that still reaches the window is cut by this much more
+ESTIMATE_MARGIN = 1.5  # a text's estimate times this bounds its real count (for a silent cutter's window)
 RISKY_SHARE = 0.6  # after a refusal of length, texts estimated over this share of the window go alone
 
 Emit = Callable[[Embedded | Isolated], Awaitable[None]]
@@ -72,8 +79,10 @@ class EmbedWorker:
         self._log = log
         self._sleep = sleep
         self.fit_searches = 0  # refused chunks whose longest fitting prefix was searched
-        self.fit_requests = 0  # requests those searches sent
+        self.fit_requests = 0  # requests the successful searches sent
+        self.fit_found = 0  # searches that found a prefix the server takes
         self.server_truncated = 0  # chunks the server was caught truncating silently
+        self.silent_cut = False  # the server cuts over-long input silently (learned): long texts are counted alone
 
     async def embed(self, batch: Batch, emit: Emit) -> None:
         """Every chunk of the batch ends as one outcome handed to `emit` (or the run ends: errors.Fatal)."""
@@ -102,6 +111,14 @@ class EmbedWorker:
         if not rows:
             return
         sent = [self._fit(r[1]) for r in rows]
+        if self.silent_cut and len(rows) > 1:
+            risky = [k for k, text in enumerate(sent) if self._may_reach_window(text)]
+            if risky:  # a server known to cut silently: texts that may reach its window are counted alone
+                for k in risky:
+                    await self._embed_rows([rows[k]], emit)
+                alone = set(risky)
+                await self._embed_rows([r for k, r in enumerate(rows) if k not in alone], emit)
+                return
         try:
             answer = await self._call(sent)
         except ServerUnavailable as exc:
@@ -129,9 +146,8 @@ class EmbedWorker:
             return
         except (InputRejected, AmbiguousFailure) as exc:
             if isinstance(exc, AmbiguousFailure) and not await self._server_well(exc.server):
-                raise Fatal(
-                    "server_unavailable", f"the embedding server fails even on a known-good text after: {exc.message}"
-                ) from exc
+                await self._server_sick(exc.server, exc.message, rows, emit)
+                return
             if len(rows) == 1:
                 await self._isolate(rows[0], exc.kind, exc.message, exc.http_status, exc.server, emit)
             else:
@@ -142,7 +158,10 @@ class EmbedWorker:
         self.known_good = sent[0]
         embedded = _embedded(rows, sent, answer.vectors, list(range(len(rows))))
         if answer.tokens is not None:
-            await self._check_truncation(embedded, sent, answer.tokens)
+            if len(rows) == 1 and self.silent_cut and self._at_window(answer.tokens):
+                await self._refit_alone(rows[0], embedded)
+            else:
+                await self._check_truncation(embedded, sent, answer.tokens)
         await emit(embedded)
 
     def split_after_refusal(self, sent: list[str]) -> list[list[int]]:
@@ -157,38 +176,125 @@ class EmbedWorker:
         return [[k] for k in risky] + [[k for k in range(len(sent)) if k not in alone]]
 
     # ------------------------------------------------------------ truncation and context
+    async def probe_window(self) -> None:
+        """Does the server take the whole window it describes? One known text repeated to just under it: a server
+        that cuts silently (Ollama before 0.13.5 past num_ctx; 0.30+ past its physical batch, 2,048 tokens, whatever
+        num_ctx says) answers with fewer tokens than it was sent, and from then on every text is cut to what it
+        really takes, so each vector is of exactly the characters recorded. Three requests a run."""
+        believed = self.window.tokens
+        if not believed:
+            return
+        try:
+            one = (await self._call([CANARY_TEXT])).tokens
+            two = (await self._call([CANARY_TEXT + " " + CANARY_TEXT])).tokens
+            if one is None or two is None or two <= one:
+                return  # the server reports no counts: truncation is judged batch by batch
+            per, fixed = two - one, 2 * one - two
+            repeats = max(1, int((believed * PROBE_SHARE - fixed) / per))
+            expected = fixed + repeats * per
+            got = (await self._call([" ".join([CANARY_TEXT] * repeats)])).tokens
+        except ContextExceeded:
+            return  # refused rather than cut: the prefix search learns the real window when it matters
+        except EmbedFailure:
+            return
+        if got is not None and got < expected - PROBE_SLACK:
+            self.window.learn(got)
+            self.silent_cut = True
+            self._log(
+                f"the server evaluated {got} of the {expected} tokens of a window probe: it cuts silently; texts are "
+                f"cut to {self.window.tokens} tokens from now on"
+            )
+
     async def _check_truncation(self, embedded: Embedded, sent: list[str], count: int) -> None:
-        """A server that truncates silently evaluates fewer tokens than the texts have: `prompt_eval_count` well
-        below the estimate. Then the longer texts are re-checked one by one; a text whose own count is far below
-        its estimate was cut by the server (flagged, and the window learned); otherwise the counts teach the
-        estimator. A batch that looks right teaches it directly."""
+        """A server that cut a text silently evaluated fewer tokens than the batch has: when `prompt_eval_count` is
+        short of the estimate, every text of the batch is counted alone (no cap); a text whose count stays the same
+        for a shorter prefix of it was cut at that count (its window, learned); it is embedded again, cut by us to
+        fit, so its vector is of exactly the characters recorded. A batch that looks right teaches the estimator."""
         prefix = self.embedder.text_prefix
         window = self.window.tokens
         if window and (len(prefix) + max(map(len, sent), default=0)) * MAX_TOKENS_PER_CHAR <= window * SAFETY:
             return  # no text of this batch can reach the window: nothing to detect, nothing worth learning
         estimates = [self.estimator.estimate(prefix + t) for t in sent]
-        if count >= SILENT_TRUNCATION_SHARE * sum(estimates) or len(sent) == 0:
+        if count >= BATCH_TRUST_SHARE * sum(estimates) or len(sent) == 0:
             self.estimator.observe([prefix + t for t in sent], count)
             return
-        order = sorted(range(len(sent)), key=lambda k: estimates[k], reverse=True)[:RECHECK_MAX]
-        for k in order:
-            try:
-                own = (await self._call([sent[k]])).tokens
-            except EmbedFailure:
-                continue  # the batch's vector stands; only the flag is unknown
-            if own is None:
+        for k in range(len(sent)):
+            cut_at = await self._cut_by_server(sent[k], estimates[k])
+            if cut_at is None:
                 continue
-            if own < SILENT_TRUNCATION_SHARE * estimates[k]:
-                embedded.truncated[k] = True
-                self.server_truncated += 1
-                self.window.learn(own)
-            else:
-                self.estimator.observe([prefix + sent[k]], own)
+            self.window.learn(cut_at)
+            self.silent_cut = True
+            refit = await self._refit(sent[k])
+            if refit is None:
+                continue  # the batch's vector stands; only the flag is unknown (the run goes on)
+            embedded.vectors[k], embedded.chars[k] = refit
+            embedded.cut[k] = True
+            embedded.truncated[k] = True
+            self.server_truncated += 1
         if any(embedded.truncated):
             self._log(
                 f"the server truncated {sum(embedded.truncated)} chunk(s) silently (it evaluated fewer tokens than "
-                f"they have); recorded as server_truncated; texts are now cut to {self.window.tokens} tokens"
+                f"they have); embedded again cut to {self.window.tokens} tokens, recorded as server_truncated"
             )
+
+    async def _cut_by_server(self, text: str, estimate: float) -> int | None:
+        """The count at which the server cut `text`, or None when it took it whole (the estimator learns)."""
+        prefix = self.embedder.text_prefix
+        try:
+            own = (await self._call([text])).tokens
+            if own is None or own >= TEXT_TRUST_SHARE * estimate:
+                if own:
+                    self.estimator.observe([prefix + text], own)
+                return None
+            shorter = text[: max(1, int(len(text) * 0.8))]
+            again = (await self._call([shorter])).tokens
+        except EmbedFailure:
+            return None
+        if again is not None and again >= own - PROBE_SLACK:
+            return own  # a fifth less text, as many tokens: both stopped at the server's window
+        self.estimator.observe([prefix + text], own)  # the estimate was long for this text; it is whole
+        return None
+
+    def _may_reach_window(self, text: str) -> bool:
+        """Could the server's window cut this text? (its estimate errs by up to ~30 %: taken with a margin)"""
+        window = self.window.tokens
+        if not window:
+            return False
+        full = self.embedder.text_prefix + text
+        if len(full) * MAX_TOKENS_PER_CHAR < window - PROBE_SLACK:
+            return False
+        return self.estimator.estimate(full) * ESTIMATE_MARGIN >= window - PROBE_SLACK
+
+    def _at_window(self, tokens: int) -> bool:
+        """A count at the window: the text may have been cut there (a count below it was evaluated whole)."""
+        window = self.window.tokens
+        return window is not None and tokens >= window - PROBE_SLACK
+
+    async def _refit_alone(self, row: tuple[int, str], embedded: Embedded) -> None:
+        """A text counted alone reached a silent cutter's window: embedded again, cut by us until it is whole."""
+        refit = await self._refit(embedded_text(row, embedded))
+        if refit is None:
+            return
+        embedded.vectors[0], embedded.chars[0] = refit
+        embedded.cut[0] = embedded.chars[0] < len(row[1])
+
+    async def _refit(self, text: str) -> tuple[np.ndarray, int] | None:
+        """`text` cut by us to the learned window and embedded; (vector, characters sent) once its count is below
+        the window (a cut that still reaches it is cut further)."""
+        cut = self._fit(text)
+        if cut == text:  # the estimate says it fits, the count said it reached the window: cut a little
+            cut = text[: max(1, int(len(text) * REFIT_SHRINK))]
+        for _ in range(REFIT_TRIES):
+            try:
+                answer = await self._call([cut])
+            except EmbedFailure:
+                return None
+            if answer.tokens is None or not self._at_window(answer.tokens):
+                if answer.tokens:
+                    self.estimator.observe([self.embedder.text_prefix + cut], answer.tokens)
+                return answer.vectors[0], len(cut)
+            cut = cut[: max(1, int(len(cut) * REFIT_SHRINK))]
+        return None
 
     async def _fit_one(self, row: tuple[int, str], refused_chars: int, exc: ContextExceeded, emit: Emit) -> None:
         """One chunk refused as over the context: embed the longest prefix the server takes (>= 90 % of it)."""
@@ -218,6 +324,7 @@ class EmbedWorker:
             await self._isolate(row, exc.kind, message, 400, exc.server, emit)
             return
         self.fit_requests += found.requests
+        self.fit_found += 1
         believed = self.window.tokens
         if found.tokens and (not believed or found.tokens < 0.9 * believed) and found.chars >= 0.9 * found.refused_at:
             # The server takes less than it said (or said nothing): its window is about what this prefix used.
@@ -245,8 +352,23 @@ class EmbedWorker:
     ) -> None:
         """One chunk that cannot be embedded, once the server it failed on is proven well."""
         if error not in TEXT_ERRORS and not await self._server_well(server):
-            raise Fatal("server_unavailable", f"the embedding server fails even on a known-good text: {message}")
+            await self._server_sick(server, message, [row], emit)
+            return
         await emit(Isolated(row[0], error, message, http_status, len(row[1])))
+
+    async def _server_sick(self, server: int | None, message: str, rows: list[tuple[int, str]], emit: Emit) -> None:
+        """A known-good text failed too: the server, not the chunks. It leaves the rotation and the rows go again,
+        to another server or, with none left, to this one when a probe finds it well (the embedder waits for that
+        at most WIKI_EMBED_SERVER_WAIT_SEC, then the run ends `server_unavailable`, nothing marked failed)."""
+        if server is None:
+            raise Fatal("server_unavailable", f"the embedding server fails even on a known-good text: {message}")
+        self.embedder.take_out(server, f"failed a known-good text after: {message}")
+        await self._embed_rows(rows, emit)
+
+
+def embedded_text(row: tuple[int, str], embedded: Embedded) -> str:
+    """The characters sent for the one chunk of `embedded`."""
+    return row[1][: embedded.chars[0]]
 
 
 def _embedded(

@@ -121,4 +121,9 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX IF NOT EXISTS trust_log_kind_idx ON {s}.trust_log (table_name, kind, id DESC);
     """,
+    # 7: each run's model servers as its heartbeat last saw them (issue 20): in the rotation or out, and why;
+    #    URLs masked. `status` shows them without asking any server.
+    """
+    ALTER TABLE {s}.runs ADD COLUMN IF NOT EXISTS servers jsonb;
+    """,
 ]

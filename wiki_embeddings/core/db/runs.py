@@ -90,13 +90,21 @@ class RunsMixin(StoreBase):
         )
         return cur.rowcount
 
-    def heartbeat_run(self: Store, run_id: int, embedded: int, failed: int, chunks_per_s: float) -> None:
+    def heartbeat_run(
+        self: Store,
+        run_id: int,
+        embedded: int,
+        failed: int,
+        chunks_per_s: float,
+        servers: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """The run is alive: its counts so far and its model servers' states (URLs masked)."""
         self.conn.execute(
             sql.SQL(
-                "UPDATE {s}.runs SET heartbeat_at = now(), embedded = %s, failed = %s, chunks_per_s = %s"
-                " WHERE run_id = %s"
+                "UPDATE {s}.runs SET heartbeat_at = now(), embedded = %s, failed = %s, chunks_per_s = %s,"
+                " servers = coalesce(%s::jsonb, servers) WHERE run_id = %s"
             ).format(s=self._s),
-            (embedded, failed, chunks_per_s, run_id),
+            (embedded, failed, chunks_per_s, json.dumps(servers) if servers is not None else None, run_id),
         )
 
     def finish_run(
@@ -108,13 +116,24 @@ class RunsMixin(StoreBase):
         chunks_per_s: float,
         message: str,
         locked: int = 0,
+        servers: list[dict[str, Any]] | None = None,
     ) -> None:
         self.conn.execute(
             sql.SQL(
                 "UPDATE {s}.runs SET state = %s, finished_at = now(), heartbeat_at = now(), embedded = %s,"
-                " failed = %s, chunks_per_s = %s, message = %s, locked = %s WHERE run_id = %s"
+                " failed = %s, chunks_per_s = %s, message = %s, locked = %s,"
+                " servers = coalesce(%s::jsonb, servers) WHERE run_id = %s"
             ).format(s=self._s),
-            (state, embedded, failed, chunks_per_s, message, locked, run_id),
+            (
+                state,
+                embedded,
+                failed,
+                chunks_per_s,
+                message,
+                locked,
+                json.dumps(servers) if servers is not None else None,
+                run_id,
+            ),
         )
 
     def last_run(self: Store, mode: str | None = None) -> dict[str, Any] | None:
@@ -122,13 +141,24 @@ class RunsMixin(StoreBase):
         row = cur.execute(
             sql.SQL(
                 "SELECT run_id, mode, state, host, pid, model, options, started_at, heartbeat_at, finished_at,"
-                " embedded, failed, chunks_per_s, message, locked, {held} AS alive FROM {s}.runs r"
+                " embedded, failed, chunks_per_s, message, locked, servers, {held} AS alive FROM {s}.runs r"
                 " WHERE table_name = %(table)s AND (%(mode)s::text IS NULL OR mode = %(mode)s)"
                 " ORDER BY run_id DESC LIMIT 1"
             ).format(s=self._s, held=sql.SQL(_RUN_LOCK_HELD)),
             {"table": self.table.qualified, "mode": mode, "run_ns": self.run_lock_namespace},
         ).fetchone()
         return dict(row) if row else None
+
+    def embedded_since(self: Store, since: Any) -> bool:
+        """Whether a run of this store's column that started after `since` wrote vectors (a re-embed)."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT EXISTS (SELECT 1 FROM {s}.runs WHERE table_name = %(t)s AND started_at > %(since)s"
+                " AND embedded > 0 AND coalesce(options->>'embedding_column', %(c)s) = %(c)s)"
+            ).format(s=self._s),
+            {"t": self.table.qualified, "since": since, "c": self.table.embedding_column},
+        ).fetchone()
+        return bool(row and row[0])
 
     def live_runs(self: Store) -> int:
         """Runs of this table that are running and alive (their session holds the liveness lock)."""

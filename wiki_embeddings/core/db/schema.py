@@ -25,14 +25,21 @@ class SchemaMixin(StoreBase):
 
         At the current version (the steady state) it is one read of `schema_migrations`: no DDL, no lock, so a
         role without `CREATE` on the database (or a read-only monitoring role) runs every command. Only a
-        pending migration takes the advisory lock and the DDL path. `record=False` (status) writes nothing:
-        the chunk table's identity (`forget_if_recreated`) is then left to the next writing command.
+        pending migration takes the advisory lock and the DDL path. `record=False` (status) writes nothing but
+        the clean-up below: the chunk table's identity (`forget_if_recreated`) is left to the next writing command.
+
+        Both clean up after a swap, rollback or abort whose process died between its locked step and the
+        batched delete of the dropped column's provenance (`purge_dropped_provenance`); a role that may not
+        delete (status under a read-only role) leaves them to the next command that may.
         """
         if self._pending_migrations():
             self._apply_migrations()
         if record:
             with self.conn.transaction():
                 self.forget_if_recreated()
+            self.purge_dropped_provenance()
+        else:
+            self.purge_dropped_provenance_if_allowed()
         return len(MIGRATIONS)
 
     def _bookkeeping_schema_exists(self: Store) -> bool:

@@ -11,6 +11,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from wiki_embeddings.core.db.connection import StoreBase
+from wiki_embeddings.core.db.modelnames import canonical_sql
+from wiki_embeddings.core.modelname import canonical
 
 if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
@@ -103,18 +105,27 @@ class TrustMixin(StoreBase):
             (self.table.qualified, kind, run_id, model, json.dumps(result, default=str)),
         )
 
-    def latest_trust(self: Store, kind: str, model: str | None = None) -> dict[str, Any] | None:
-        """The latest trust_log row of `kind` for the table (and `model`): result keys plus recorded_at, run_id."""
+    def latest_trust(
+        self: Store, kind: str, model: str | None = None, verdicts: Sequence[str] | None = None
+    ) -> dict[str, Any] | None:
+        """The latest trust_log row of `kind` for the table (and `model`; and with a `verdict` among `verdicts`):
+        result keys plus recorded_at, run_id."""
         if not self._trust_table("trust_log"):
             return None
         row = (
             self.conn.cursor(row_factory=dict_row)
             .execute(
                 sql.SQL(
-                    "SELECT run_id, model, recorded_at, result FROM {s}.trust_log WHERE table_name = %s AND kind = %s"
-                    " AND (%s::text IS NULL OR model = %s) ORDER BY id DESC LIMIT 1"
-                ).format(s=self._s),
-                (self.table.qualified, kind, model, model),
+                    "SELECT run_id, model, recorded_at, result FROM {s}.trust_log WHERE table_name = %(t)s"
+                    " AND kind = %(k)s AND (%(m)s::text IS NULL OR {model} = %(m)s)"
+                    " AND (%(v)s::text[] IS NULL OR result->>'verdict' = ANY(%(v)s::text[])) ORDER BY id DESC LIMIT 1"
+                ).format(s=self._s, model=canonical_sql(sql.Identifier("model"))),
+                {
+                    "t": self.table.qualified,
+                    "k": kind,
+                    "m": None if model is None else canonical(model),
+                    "v": list(verdicts) if verdicts else None,
+                },
             )
             .fetchone()
         )

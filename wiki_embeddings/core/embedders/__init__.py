@@ -10,6 +10,7 @@ from wiki_embeddings.core.embedders.base import (
     InputRejected,
     InvalidVectors,
     ModelNotFound,
+    RunnerCrashed,
     ServerUnavailable,
 )
 from wiki_embeddings.core.embedders.ollama import OllamaClient
@@ -25,5 +26,6 @@ __all__ = [
     "InvalidVectors",
     "ModelNotFound",
     "OllamaClient",
+    "RunnerCrashed",
     "ServerUnavailable",
 ]

@@ -63,6 +63,13 @@ class ContextExceeded(InputRejected):
     kind = "context_exceeded"
 
 
+class RunnerCrashed(ContextExceeded):
+    """Ollama 0.31.x: the runner crashed on an input over its physical batch (HTTP 500 `… EOF`, then a reload):
+    handled as a refusal of length (cut to fit, the window learned), never as the chunk's or the server's fault."""
+
+    kind = "runner_crash"
+
+
 class AmbiguousFailure(EmbedFailure):
     kind = "server_error"
 
@@ -137,6 +144,15 @@ class Embedder(Protocol):
 
     async def health(self) -> str:
         """The server's version; ServerUnavailable with a one-line reason when it does not answer."""
+        ...
+
+    def server_states(self) -> list[dict[str, object]]:
+        """Each server's standing (URL masked, in the rotation or out and why, depth, batch size): the heartbeat
+        records it for `status`."""
+        ...
+
+    def take_out(self, server: int, why: str) -> None:
+        """Take a server out of the rotation (it failed a known-good text); probes bring it back."""
         ...
 
     def turn(self) -> AbstractAsyncContextManager[None]:

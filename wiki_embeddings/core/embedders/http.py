@@ -6,7 +6,10 @@ cut off and treated as a server fault (retried, then a clean stop): memory stays
 
 from __future__ import annotations
 
+import email.utils
 import json
+import math
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -23,9 +26,10 @@ RESPONSE_SLACK = 64 * 1024
 class Transient(Exception):
     """A failure worth retrying (transport error, overload status); never leaves the embedders package."""
 
-    def __init__(self, message: str, http_status: int | None = None):
+    def __init__(self, message: str, http_status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.http_status = http_status
+        self.retry_after = retry_after  # seconds the server asked us to wait (Retry-After), if it said
 
 
 @dataclass
@@ -40,6 +44,22 @@ class HttpAnswer:
     @property
     def text(self) -> str:
         return self.content.decode("utf-8", errors="replace")
+
+    def retry_after(self) -> float | None:
+        """`Retry-After` in seconds (a number or an HTTP date), None when absent or unreadable."""
+        raw = self.headers.get("retry-after")
+        if not raw:
+            return None
+        raw = raw.strip()
+        try:
+            seconds = float(raw)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(raw)
+            except (TypeError, ValueError):
+                return None
+            seconds = when.timestamp() - time.time()
+        return max(0.0, seconds) if math.isfinite(seconds) else None
 
     def error_text(self) -> str:
         """The server's error message (`{"error": …}`), else the start of the body, else the reason phrase."""

@@ -9,7 +9,6 @@ backoff, so the engine sees only what persisted.
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 from collections.abc import Sequence
 
@@ -26,6 +25,7 @@ from wiki_embeddings.core.embedders.base import (
     ContextExceeded,
     InputRejected,
     ModelNotFound,
+    RunnerCrashed,
     ServerUnavailable,
     validate_vectors,
 )
@@ -39,13 +39,18 @@ from wiki_embeddings.core.embedders.http import (
     post_bounded,
 )
 from wiki_embeddings.core.embedders.servers import Server, ServerPool, Turns
+from wiki_embeddings.core.modelname import same_model
 from wiki_embeddings.settings import mask_url
 
 TRANSIENT_STATUSES = {408, 429, 502, 503, 504}
 OVERLOAD_STATUSES = {429, 502, 503, 504}  # answers that shrink depth and batch size (core/tuning.py)
-MAX_BATCH_TEXTS = 4096  # settings.MAX_BATCH_SIZE: a client built without a tuning never limits the batch
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."  # what an out server is asked to embed
+MAX_BATCH_TEXTS = 4096
+OLLAMA_DEFAULT_NUM_BATCH = 2048  # settings.MAX_BATCH_SIZE: a client built without a tuning never limits the batch
 # Ollama's refusal of an over-long input (0.13.5+: "the input length exceeds the context length").
 _CONTEXT_REFUSAL = re.compile(r"context (length|window)|exceeds the context|too many tokens", re.IGNORECASE)
+# Ollama 0.31.x's runner crash on an input over its physical batch: `do embedding request: Post "…/embedding": EOF`.
+_RUNNER_CRASH = re.compile(r"embedding.*\bEOF\b", re.IGNORECASE)
 
 
 class OllamaClient:
@@ -68,6 +73,8 @@ class OllamaClient:
         num_ctx: int | None = None,
         load_timeout_sec: float = 300.0,
         tuning: tune.Tuning | None = None,
+        server_wait_sec: float = 300.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
         if not urls:
             raise ValueError("at least one Ollama URL is needed")
@@ -82,6 +89,7 @@ class OllamaClient:
         self.keep_alive = keep_alive
         self.num_ctx = num_ctx
         self.load_timeout_sec = max(load_timeout_sec, timeout_sec)
+        self.server_wait_sec = server_wait_sec  # how long a run waits while every server is out of the rotation
         self.last_prompt_eval_count: int | None = None
         self._probing = False  # the first request may load the model: its time is no evidence for tuning
         self._deadline_name = "--timeout-sec"
@@ -95,13 +103,14 @@ class OllamaClient:
         self._pool: ServerPool | None = None
         self._connect_timeout = min(connect_timeout_sec, timeout_sec)
         self._http: httpx.AsyncClient | None = None
+        self._transport = transport  # None: real HTTP (the unit tier passes an httpx.MockTransport)
         self.stats = ClientStats()
 
     # ------------------------------------------------------------ lifecycle
     def _ensure_open(self) -> tuple[httpx.AsyncClient, ServerPool]:
         """Create the pool lazily, inside the running event loop (its futures bind to it)."""
         if self._http is None or self._pool is None:
-            self._pool = ServerPool(self._urls, self.tuning)
+            self._pool = ServerPool(self._urls, self.tuning, self._probe, server_wait_sec=self.server_wait_sec)
             slots = self.tuning.max_workers
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.timeout_sec, connect=self._connect_timeout),
@@ -110,6 +119,7 @@ class OllamaClient:
                 trust_env=False,  # Ollama sits on the internal network: never route it through an HTTP proxy
                 # Plain-HTTP servers need no TLS context (building one loads the CA store: ~15 ms a run).
                 verify=any(u.startswith("https://") for u in self._urls),
+                transport=self._transport,
             )
         return self._http, self._pool
 
@@ -118,6 +128,8 @@ class OllamaClient:
         return self._ensure_open()[1].turns
 
     async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -129,6 +141,13 @@ class OllamaClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    def server_states(self) -> list[dict[str, object]]:
+        return [{"url": mask_url(u), **c.snapshot()} for u, c in zip(self._urls, self.tuning.controls, strict=True)]
+
+    def take_out(self, server: int, why: str) -> None:
+        _, pool = self._ensure_open()
+        pool.take_out(pool.servers[server], why)
 
     def expect_dimensions(self, dimensions: int) -> None:
         """From now on every vector must have this length (the column's), or the answer is invalid."""
@@ -197,13 +216,10 @@ class OllamaClient:
         except (httpx.HTTPError, TimeoutError, ValueError):
             return None
 
-        def norm(name: object) -> str:
-            text = str(name or "").strip().lower()
-            return text[: -len(":latest")] if text.endswith(":latest") else text
-
         models = data.get("models") if isinstance(data, dict) else None
         for entry in models if isinstance(models, list) else []:
-            if isinstance(entry, dict) and norm(self.model) in (norm(entry.get("name")), norm(entry.get("model"))):
+            names = (entry.get("name"), entry.get("model")) if isinstance(entry, dict) else ()
+            if any(same_model(self.model, str(name or "")) for name in names):
                 digest = entry.get("digest")
                 return str(digest) if digest else None
         return None
@@ -219,13 +235,25 @@ class OllamaClient:
         self._probing = True
         self._deadline_name = "--load-timeout-sec (the first request may load the model)"
         try:
-            vectors = await self.embed([text])
+            vectors = await self._first_answer(text)
         finally:
             self.dimensions = saved
             self.timeout_sec = saved_timeout
             self._probing = False
             self._deadline_name = "--timeout-sec"
         return int(vectors[0].shape[0])
+
+    async def _first_answer(self, text: str) -> list[np.ndarray]:
+        """The run's first request; a server that fails it with a server-side error leaves the rotation and the
+        next one is asked (one sick server of several must not stop the run before it starts)."""
+        for left in range(len(self._urls) - 1, -1, -1):
+            try:
+                return await self.embed([text])
+            except AmbiguousFailure as exc:
+                if exc.server is None or not left:
+                    raise
+                self.take_out(exc.server, f"failed the run's first request: {exc.message}")
+        raise AssertionError("unreachable")  # the last server's failure is raised above
 
     # ------------------------------------------------------------ embedding
     async def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -238,36 +266,29 @@ class OllamaClient:
         return answer.vectors, answer.tokens
 
     async def embed_texts(self, texts: Sequence[str], *, server: int | None = None) -> Answer:
-        """One validated batch with its token count and the server that answered; `server` pins the server."""
+        """One validated batch with its token count and the server that answered.
+
+        Transport errors and overload are retried, each time on whichever server is free (a failing server
+        backs off and, failing on, leaves the rotation: core/health.py); a request whose `--retries` attempts
+        all failed takes its server out and goes on with the others. It fails only when no server is left
+        (ServerUnavailable; ModelNotFound when no server has the model). `server` pins the request to one
+        server for one attempt: the canary's question "are you well now?" and the health probe.
+        """
         _, pool = self._ensure_open()
-        payload_texts = [self.text_prefix + t for t in texts] if self.text_prefix else list(texts)
-        probing = self._probing
-        attempt = timeouts = 0
+        payload = [self.text_prefix + t for t in texts] if self.text_prefix else list(texts)
+        attempts = timeouts = total = 0
+        limit = (self.retries + 1) * len(self._urls) * 3  # a server that flaps between probe and batch ends too
         while True:
             chosen = await pool.acquire(server)
-            ticket = self.tuning.sent(chosen.index, len(texts), chosen.active)
-            outcome = tune.ERROR
+            total += 1
             try:
-                try:
-                    async with asyncio.timeout(self.timeout_sec):  # no extra task per request (wait_for makes one)
-                        raw, count = await self._request(chosen, payload_texts)
-                    outcome = tune.IGNORE if probing else tune.OK
-                except TimeoutError:
-                    outcome = tune.IGNORE if probing else tune.TROUBLE
-                    raise
-                except Transient as exc:
-                    if exc.http_status is None or exc.http_status in OVERLOAD_STATUSES:
-                        outcome = tune.TROUBLE
-                    raise
-                finally:
-                    self.stats.seconds_waiting += pool.release(chosen, ticket, outcome)
+                raw, count = await self._exchange(chosen, payload)
                 self.stats.texts += len(texts)
                 self.last_prompt_eval_count = count
-                vectors = validate_vectors(raw, len(texts), self.dimensions, chosen.index)
-                return Answer(vectors, count, chosen.index)
+                return Answer(validate_vectors(raw, len(texts), self.dimensions, chosen.index), count, chosen.index)
             except TimeoutError as exc:
                 timeouts += 1
-                if timeouts > min(1, self.retries):
+                if server is not None or timeouts > min(1, self.retries) or total >= limit:
                     # A deadline hit twice: the engine asks a canary whether the server or the input is at fault.
                     raise AmbiguousFailure(
                         f"no complete answer from {chosen.masked} within {self._deadline_name} "
@@ -275,24 +296,62 @@ class OllamaClient:
                         kind="timeout",
                         server=chosen.index,
                     ) from exc
-                self.stats.retries += 1
-                await asyncio.sleep(self._backoff(timeouts))
             except Transient as exc:
-                attempt += 1
-                if attempt > self.retries:
-                    raise ServerUnavailable(
-                        f"the Ollama server at {self.where} (OLLAMA_URL) is unreachable or overloaded after "
-                        f"{attempt} attempts: {exc}",
-                        http_status=exc.http_status,
-                        server=chosen.index,
-                    ) from exc
-                self.stats.retries += 1
-                await asyncio.sleep(self._backoff(attempt))
+                attempts += 1
+                failure = f"the Ollama server at {chosen.masked} (OLLAMA_URL): {exc}"
+                if server is not None or total >= limit:
+                    raise ServerUnavailable(failure, http_status=exc.http_status, server=chosen.index) from exc
+                if attempts > self.retries:
+                    pool.take_out(chosen, f"{attempts} attempts of one request failed: {exc}")
+                    attempts = 0
+            except ModelNotFound as exc:
+                self.tuning.controls[chosen.index].health.no_model(exc.message)
+                if server is not None:
+                    raise
+            finally:
+                pool.release(chosen)
+            self.stats.retries += 1
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter in its upper half, so many workers do not retry in lockstep."""
-        ceiling = min(self.backoff_max_sec, self.backoff_base_sec * (2 ** (attempt - 1)))
-        return ceiling * (0.5 + random.random() / 2)
+    async def _exchange(self, server: Server, texts: list[str]) -> tuple[list[object], int | None]:
+        """Send `texts` to `server` in pieces of its batch size; every piece is one request the tuning and the
+        server's health hear about."""
+        size = max(1, self.tuning.size_for(server.index))
+        health = self.tuning.controls[server.index].health
+        raws: list[object] = []
+        counts: list[int | None] = []
+        for start in range(0, len(texts), size):
+            piece = texts[start : start + size]
+            ticket = self.tuning.sent(server.index, len(piece), server.active)
+            outcome = tune.ERROR
+            try:
+                async with asyncio.timeout(self.timeout_sec):  # no extra task per request (wait_for makes one)
+                    raw, count = await self._request(server, piece)
+                outcome = tune.IGNORE if self._probing else tune.OK
+            except TimeoutError:
+                outcome = tune.IGNORE if self._probing else tune.SLOW
+                if not self._probing:
+                    health.failure(f"no answer within {self._deadline_name} {self.timeout_sec:g}")
+                raise
+            except Transient as exc:
+                if exc.http_status == 413:
+                    outcome = tune.SLOW  # refused as too large: a smaller batch is the cure, the server is well
+                else:
+                    outcome = (
+                        tune.TROUBLE if exc.http_status is None or exc.http_status in OVERLOAD_STATUSES else outcome
+                    )
+                    health.failure(str(exc), exc.retry_after)
+                raise
+            finally:
+                seconds = self.tuning.done(ticket, outcome)
+                self.stats.seconds_waiting += seconds
+            health.success(seconds)
+            raws.extend(raw)
+            counts.append(count)
+        return raws, (None if any(c is None for c in counts) else sum(c for c in counts if c is not None))
+
+    async def _probe(self, server: Server) -> None:
+        """Is an out server well again? One known-good text, pinned to it (its answer puts it back)."""
+        await self.embed_texts([PROBE_TEXT], server=server.index)
 
     # ------------------------------------------------------------ one HTTP exchange
     def _common_fields(self) -> dict[str, object]:
@@ -300,7 +359,13 @@ class OllamaClient:
         if self.keep_alive is not None:
             fields["keep_alive"] = _keep_alive_value(self.keep_alive)
         if self.num_ctx:
-            fields["options"] = {"num_ctx": self.num_ctx}
+            # Ollama 0.30+ cuts an input silently at its physical batch (2048 tokens by default) whatever num_ctx
+            # says (ollama#14259): a larger window asks for a batch as large. The same options go with every
+            # request (Ollama reloads a model whose runner options change).
+            options: dict[str, int] = {"num_ctx": self.num_ctx}
+            if self.num_ctx > OLLAMA_DEFAULT_NUM_BATCH:
+                options["num_batch"] = self.num_ctx
+            fields["options"] = options
         return fields
 
     def _limit(self, texts: int) -> int:
@@ -341,8 +406,10 @@ class OllamaClient:
 
     def _json_or_raise(self, resp: HttpAnswer, server: Server) -> object:
         status, where, index = resp.status_code, server.masked, server.index
-        if status in TRANSIENT_STATUSES:
-            raise Transient(f"HTTP {status} from {where}: {resp.error_text()}", http_status=status)
+        if status in TRANSIENT_STATUSES or status == 413:
+            raise Transient(
+                f"HTTP {status} from {where}: {resp.error_text()}", http_status=status, retry_after=resp.retry_after()
+            )
         if status == 404:
             raise ModelNotFound(
                 f"model {self.model!r} is not available on {where}: {resp.error_text()}. "
@@ -356,6 +423,10 @@ class OllamaClient:
             raise InputRejected(
                 f"HTTP {status}: {resp.error_text()}", http_status=status, kind=f"http_{status}", server=index
             )
+        if status == 500 and _RUNNER_CRASH.search(resp.error_text()):
+            # Ollama 0.31.x: an input over its physical batch crashes the runner, which reloads: a length problem,
+            # never the chunk's fault, never counted against the server.
+            raise RunnerCrashed(f"HTTP 500: {resp.error_text()}", http_status=500, server=index)
         if status >= 500:
             raise AmbiguousFailure(
                 f"HTTP {status}: {resp.error_text()}", http_status=status, kind=f"http_{status}", server=index

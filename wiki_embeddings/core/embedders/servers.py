@@ -9,9 +9,13 @@ run holds no more chunks than the servers are about to take. No HTTP here: the e
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from wiki_embeddings.core import tuning as tune
+from wiki_embeddings.core.embedders.base import ModelNotFound, ServerUnavailable
+from wiki_embeddings.core.health import NO_MODEL, ServerHealth
 from wiki_embeddings.settings import mask_url
 
 
@@ -65,44 +69,146 @@ class Turns:
 
 
 class ServerPool:
-    """Which server takes the next request; created inside the running event loop (its futures bind to it)."""
+    """Which server takes the next request; created inside the running event loop (its futures bind to it).
 
-    def __init__(self, urls: list[str], tuning: tune.Tuning):
+    Round-robin among the servers in the rotation, past their backoff, with a free slot under their depth; or
+    one named server (a canary or a probe: asked whatever its standing). While no server is in the rotation, the
+    out ones are probed (core/health.py says when) and requests wait, for at most `server_wait_sec`; a run whose
+    servers never answered at all does not wait (a wrong URL fails at once).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        tuning: tune.Tuning,
+        probe: Callable[[Server], Awaitable[None]],
+        *,
+        server_wait_sec: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.servers = [Server(u, i) for i, u in enumerate(urls)]
         self.tuning = tuning
         self.turns = Turns(tuning.total_depth)
+        self.server_wait_sec = server_wait_sec
+        self._probe = probe
+        self._clock = clock
         self._next = 0  # where the round-robin starts looking for a server with a free slot
         self._waiters: list[asyncio.Future[None]] = []
+        self._probes: dict[int, asyncio.Task[None]] = {}
+
+    def health(self, server: Server) -> ServerHealth:
+        return self.tuning.controls[server.index].health
 
     async def acquire(self, only: int | None = None) -> Server:
-        """The next server (round-robin) with a free slot under its depth, or server `only`; waits while full."""
-        servers = self.servers
+        """The next server for a request (server `only` when given); waits while none can take it."""
         while True:
-            order = (
-                [servers[only]]
-                if only is not None
-                else [servers[(self._next + k) % len(servers)] for k in range(len(servers))]
-            )
-            for server in order:
-                if server.active < self.tuning.depth(server.index):
+            if only is not None:
+                server = self.servers[only]
+                if server.active < self.tuning.depth(only):
                     server.active += 1
-                    if only is None:
-                        self._next = (server.index + 1) % len(servers)
                     return server
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+                await self._wait(None)
+                continue
+            chosen = self._pick()
+            if chosen is not None:
+                return chosen
+            self._start_due_probes()
+            await self._wait(self._next_change())
 
-    def release(self, server: Server, ticket: tune.Ticket, outcome: str) -> float:
-        """The request ended with `outcome` (core/tuning.py); returns its seconds. Wakes whoever waits for a slot."""
+    def _pick(self) -> Server | None:
+        servers = self.servers
+        for k in range(len(servers)):
+            server = servers[(self._next + k) % len(servers)]
+            health = self.health(server)
+            if health.available() and server.active < self.tuning.depth(server.index):
+                server.active += 1
+                self._next = (server.index + 1) % len(servers)
+                return server
+        self._check_gone()
+        return None
+
+    def _check_gone(self) -> None:
+        """No server in the rotation: the model is nowhere, the servers never answered, or they have been out
+        longer than the wait. Each ends the run; otherwise the caller waits for a probe."""
+        healths = [self.health(s) for s in self.servers]
+        if any(h.in_rotation for h in healths):
+            return
+        reasons = "; ".join(f"{s.masked}: {self.health(s).reason}" for s in self.servers)
+        if all(h.state == NO_MODEL for h in healths):
+            raise ModelNotFound(f"no server has the model ({reasons})", http_status=404)
+        if not any(h.successes for h in healths):
+            raise ServerUnavailable(
+                f"the model server(s) at {self.where} (OLLAMA_URL) are unreachable or overloaded (none answered): "
+                f"{reasons}"
+            )
+        since = max(h.out_since or 0.0 for h in healths)
+        if self._clock() - since >= self.server_wait_sec:
+            raise ServerUnavailable(
+                f"the model server(s) at {self.where} (OLLAMA_URL) are unreachable or overloaded: every one has been "
+                f"out of the rotation for {self.server_wait_sec:g} s (WIKI_EMBED_SERVER_WAIT_SEC): {reasons}"
+            )
+
+    def _next_change(self) -> float | None:
+        """Seconds until something may change without a request ending: a backoff over, a probe due, the wait up."""
+        healths = [self.health(s) for s in self.servers]
+        others = any(h.in_rotation for h in healths)
+        times = [h.wait() for h in healths if h.in_rotation] + [h.probe_in(others) for h in healths]
+        if not others:
+            since = max(h.out_since or 0.0 for h in healths)
+            times.append(max(0.0, since + self.server_wait_sec - self._clock()))
+        finite = [t for t in times if t != float("inf")]
+        return max(min(finite), 0.005) if finite else None
+
+    def _start_due_probes(self) -> None:
+        others = any(self.health(s).in_rotation for s in self.servers)
+        for server in self.servers:
+            health = self.health(server)
+            if server.index not in self._probes and health.probe_in(others) == 0.0:
+                health.probing()
+                task = asyncio.ensure_future(self._probe_and_wake(server))
+                self._probes[server.index] = task
+
+    async def _probe_and_wake(self, server: Server) -> None:
+        try:
+            await self._probe(server)
+        except Exception:  # noqa: BLE001, S110 - a failed probe leaves the server out; its health says why
+            pass
+        finally:
+            self._probes.pop(server.index, None)
+            self._wake()
+
+    async def _wait(self, timeout: float | None) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def release(self, server: Server) -> None:
+        """The request on `server` ended: its slot is free; whoever waits for one looks again."""
         server.active -= 1
-        seconds = self.tuning.done(ticket, outcome)
         self.turns.set_limit(self.tuning.total_depth)
+        self._wake()
+
+    def take_out(self, server: Server, why: str) -> None:
+        self.health(server).take_out(why)
+        self.turns.set_limit(self.tuning.total_depth)
+        self._wake()
+
+    def _wake(self) -> None:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        return seconds
+
+    @property
+    def where(self) -> str:
+        return ", ".join(s.masked for s in self.servers)
+
+    def close(self) -> None:
+        for task in list(self._probes.values()):
+            task.cancel()
+        self._probes.clear()

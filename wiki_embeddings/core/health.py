@@ -1,0 +1,133 @@
+"""Whether a model server is in the rotation, and when it may be asked again. Pure logic: no HTTP, no SQL.
+
+The client reports every request's end (`success`, `failure`, `no_model`); the pool reads `available` before
+sending. A failure blocks the server for a backoff that starts near one request's time and doubles with each
+failure in a row (`Retry-After` when the server sends one), so one 503 in five costs a short pause, not a cliff;
+other servers take the work meanwhile. A server that fails every request for OUT_AFTER_SEC (or one request's
+every retry), refuses connections, or lacks the model leaves the rotation: it is probed every PROBE_SEC while
+others carry the work, every PROBE_ALONE_SEC while none is left, and comes back on its first good answer.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+IN, OUT, NO_MODEL = "in", "out", "no_model"
+OUT_AFTER_FAILURES = 3  # failures in a row ...
+OUT_AFTER_SEC = 1.0  # ... with no good answer for this long take a server out of the rotation
+PROBE_SEC = 30.0  # an out server is probed this often while others carry the work
+PROBE_ALONE_SEC = 5.0  # ... and this often while no server is left
+FIRST_BACKOFF_MIN_SEC = 0.02  # the shortest pause after a failure (a server that failed once is not hammered)
+
+
+@dataclass
+class ServerHealth:
+    """One server's standing; `clock` is injectable so every decision is tested with a fake clock."""
+
+    backoff_base_sec: float = 0.5
+    backoff_max_sec: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    jitter: Callable[[], float] = random.random
+    state: str = IN
+    reason: str = ""
+    failures_in_a_row: int = 0
+    failures: int = 0
+    successes: int = 0
+    last_success: float | None = None
+    streak_since: float = 0.0  # when the current streak of failures began
+    blocked_until: float = float("-inf")
+    out_since: float | None = None
+    last_probe: float = float("-inf")
+    latency: float | None = None  # a recent good answer's seconds (sizes the first backoff)
+    history: list[tuple[float, str, str]] = field(default_factory=list)  # (time, new state, why)
+
+    @property
+    def in_rotation(self) -> bool:
+        return self.state == IN
+
+    def available(self) -> bool:
+        """In the rotation and past its backoff."""
+        return self.state == IN and self.clock() >= self.blocked_until
+
+    def wait(self) -> float:
+        """Seconds until the backoff ends (0 when free)."""
+        return max(0.0, self.blocked_until - self.clock())
+
+    def success(self, seconds: float | None = None) -> None:
+        now = self.clock()
+        self.successes += 1
+        self.failures_in_a_row = 0
+        self.last_success = now
+        self.blocked_until = float("-inf")
+        if seconds is not None and seconds > 0:
+            self.latency = seconds if self.latency is None else 0.7 * self.latency + 0.3 * seconds
+        if self.state != IN:
+            self._move(IN, "answered again")
+
+    def failure(self, why: str, retry_after: float | None = None) -> None:
+        """A transport error, an overload answer or a timeout: back off; out when it keeps failing."""
+        now = self.clock()
+        self.failures += 1
+        self.failures_in_a_row += 1
+        if retry_after is not None and retry_after >= 0:
+            pause = min(retry_after, self.backoff_max_sec)
+        else:
+            # Near one request's time after a good answer (one 503 in five must not cost seconds); the configured
+            # base before any (a server starting up).
+            first = (
+                self.backoff_base_sec
+                if self.latency is None
+                else min(self.backoff_base_sec, max(FIRST_BACKOFF_MIN_SEC, 2 * self.latency))
+            )
+            ceiling = min(self.backoff_max_sec, first * 2 ** (self.failures_in_a_row - 1))
+            pause = ceiling * (0.5 + self.jitter() / 2)  # jitter: many workers do not retry in lockstep
+        self.blocked_until = max(self.blocked_until, now + pause)
+        if self.failures_in_a_row == 1:
+            self.streak_since = now
+        failing_for = now - self.streak_since
+        # Out after a few failures in a row if it never answered, else once they have lasted OUT_AFTER_SEC (a steady
+        # error rate makes short streaks that must not cost a server its place).
+        lasting = failing_for >= OUT_AFTER_SEC or not self.successes
+        if self.state == IN and self.failures_in_a_row >= OUT_AFTER_FAILURES and lasting:
+            self.take_out(f"{self.failures_in_a_row} failures in a row over {failing_for:.1f} s: {why}")
+
+    def take_out(self, why: str, state: str = OUT) -> None:
+        if self.state == IN or state != self.state:
+            self._move(state, why)
+        self.reason = why
+        if self.out_since is None:
+            self.out_since = self.clock()
+        self.last_probe = self.clock()  # it just failed: the first probe waits one interval
+
+    def no_model(self, why: str) -> None:
+        self.take_out(why, NO_MODEL)
+
+    def probe_in(self, others_in_rotation: bool) -> float:
+        """Seconds until this out server's next probe is due (0: now; inf: it is in the rotation)."""
+        if self.state == IN:
+            return float("inf")
+        interval = PROBE_SEC if others_in_rotation else PROBE_ALONE_SEC
+        return max(0.0, self.last_probe + interval - self.clock())
+
+    def probing(self) -> None:
+        """A probe goes now: the next one waits its interval."""
+        self.last_probe = self.clock()
+
+    def _move(self, state: str, why: str) -> None:
+        self.state = state
+        self.reason = why if state != IN else ""
+        if state == IN:
+            self.out_since = None
+        self.history.append((self.clock(), state, why))
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "failures": self.failures,
+            "successes": self.successes,
+            "out_for_sec": round(self.clock() - self.out_since, 1) if self.out_since is not None else None,
+        }
