@@ -141,7 +141,8 @@ def test_a_server_that_starts_cutting_silently_mid_run_is_found_out_text_by_text
 def test_vectors_written_before_a_silent_cutter_was_found_are_counted_and_re_embedded_by_reembed_cut(
     make_table, ollama, monkeypatch
 ):
-    """An older version of this tool (no window probe, no text-by-text counts) stored vectors of texts the server cut silently. Once a run finds the server cutting at 60 tokens, `status` counts the vectors written before that
+    """An older version of this tool (no window probe, no text-by-text counts) stored vectors of texts the server
+    cut silently. Once a run finds the server cutting at 60 tokens, `status` counts the vectors written before that
     from texts long enough to have been cut (`suspect_truncated`), and `--reembed-cut` re-embeds them from our own
     cut: afterwards every vector is of exactly its recorded characters."""
     table = make_table(batch_size=16)
