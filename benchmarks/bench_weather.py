@@ -28,6 +28,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from benchmarks.common import MODEL, Bench, Result, fmt, log, ollama_server, server_stats, set_faults, warm_cache
+from wiki_embeddings.core import importer
 from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.factories import build_client, build_store
 from wiki_embeddings.core.status import collect_status
@@ -128,9 +129,10 @@ class RunDidNotEnd(RuntimeError):
     pass
 
 
-def fresh_run(bench: Bench, rows: int, urls: Sequence[str], **overrides: Any) -> Run:
-    """A default-flags run on a fresh table of the first `rows` wiki chunks; every chunk embedded, none failed."""
-    table = bench.new_table(rows=rows)
+def fresh_run(bench: Bench, texts: Sequence[str], urls: Sequence[str], **overrides: Any) -> Run:
+    """A default-flags run on a fresh table of these texts; every chunk embedded, none failed."""
+    rows = len(texts)
+    table = bench.table_of_texts(texts)
     try:
         for u in urls:
             if u not in DEAD:
@@ -255,9 +257,11 @@ class Watcher:
         return None, 0.0
 
 
-def storm_rows(bench: Bench, rate: float) -> int:
-    """Enough chunks that the run outlives the storm by AFTER_STORM_SEC of full-rate work (at least 10,000)."""
-    return int(min(max(10_000, rate * AFTER_STORM_SEC + 1000), 80_000))
+def storm_texts(texts: Sequence[str], rate: float) -> list[str]:
+    """The texts over again, enough that the run outlives the storm by AFTER_STORM_SEC of full-rate work (at least
+    10,000 chunks)."""
+    rows = int(min(max(10_000, rate * AFTER_STORM_SEC + 1000), 80_000))
+    return [texts[i % len(texts)] for i in range(rows)]
 
 
 # ------------------------------------------------------------------------------------------ truncation
@@ -304,12 +308,13 @@ class LongRun:
     checked: int
 
 
-def long_run(bench: Bench, rows: int, url: str, ref_url: str) -> LongRun:
-    table = bench.new_table(rows=rows)
+def long_run(bench: Bench, texts: Sequence[str], url: str, ref_url: str) -> LongRun:
+    table = bench.table_of_texts(texts)
     try:
-        server_stats(url, reset=True)
+        crashes = server_stats(url, reset=True)["runner_crashes"]  # counted since the server started
         run = engine_run(bench, table, [url])
         stats = server_stats(url)
+        stats["runner_crashes"] -= crashes
         run.server = stats
         settings = bench.settings(table, url)
         store = build_store(settings, bench.url)
@@ -329,7 +334,9 @@ def run(bench: Bench) -> None:
     rounds = 5 if not bench.quick else 2  # the runs are short (~1 s): medians of 5
     long_rounds = 3 if not bench.quick else 2
     storm_s = STORM_SEC * (0.1 if bench.quick else 1.0)
-    texts = bench.texts(rows)
+    # What `wiki-embeddings import --limit N` loads: the sample's Korean and English chunks, 3 to 1 (the template's
+    # first ids are Korean only).
+    texts = [c.content for c in importer.iter_chunks(limit=rows)]
     with (
         ollama_server("hash", extra_args=SERVER_ARGS) as a,
         ollama_server("hash", extra_args=SERVER_ARGS) as b,
@@ -339,18 +346,18 @@ def run(bench: Bench) -> None:
             warm_cache(url, MODEL, texts)
             faults(url)
         conditions: dict[str, Callable[[int], Run]] = {
-            "fault-free": lambda r: fresh_run(bench, rows, [a]),
-            "503": lambda r: with_faults(a, lambda: fresh_run(bench, rows, [a]), **rate_faults(r)),
+            "fault-free": lambda r: fresh_run(bench, texts, [a]),
+            "503": lambda r: with_faults(a, lambda: fresh_run(bench, texts, [a]), **rate_faults(r)),
             # What explains the 503 figure: the same faults with depth pinned at 2, and with ~no backoff pause.
             "503 depth 2": lambda r: with_faults(
-                a, lambda: fresh_run(bench, rows, [a], concurrency=2), **rate_faults(r)
+                a, lambda: fresh_run(bench, texts, [a], concurrency=2), **rate_faults(r)
             ),
             "503 no backoff": lambda r: with_faults(
-                a, lambda: fresh_run(bench, rows, [a], backoff_base_sec=0.001), **rate_faults(r)
+                a, lambda: fresh_run(bench, texts, [a], backoff_base_sec=0.001), **rate_faults(r)
             ),
-            "sick": lambda r: with_faults(b, lambda: fresh_run(bench, rows, [a, b]), down=True),
-            "dead": lambda r: fresh_run(bench, rows, [a, dead_url()]),
-            "dead first": lambda r: fresh_run(bench, rows, [dead_url(), a]),
+            "sick": lambda r: with_faults(b, lambda: fresh_run(bench, texts, [a, b]), down=True),
+            "dead": lambda r: fresh_run(bench, texts, [a, dead_url()]),
+            "dead first": lambda r: fresh_run(bench, texts, [dead_url(), a]),
         }
         got: dict[str, list[Run]] = {k: [] for k in conditions}
         for r in range(rounds):  # interleaved: the machine's drift weighs on every condition alike
@@ -362,13 +369,8 @@ def run(bench: Bench) -> None:
         add_one_of_two(bench, base, got["sick"], "always answers 503 (fault `down`), healthy first", 1)
         add_one_of_two(bench, base, got["dead"], "is dead (connection refused), healthy first", 1)
         add_one_of_two(bench, base, got["dead first"], "is dead, dead first (OLLAMA_URL=dead,healthy)", 0)
-        # The storm: the same kind of texts, enough of them to measure the rate after the storm.
-        n_storm = storm_rows(bench, base)
-        storm_texts = bench.texts(n_storm)
-        set_faults(a, latency_ms=0.0, slots=0)
-        warm_cache(a, MODEL, storm_texts[: min(n_storm, 30_000)])
-        faults(a)
-        add_storm(bench, a, n_storm, storm_s)
+        # The storm: the same texts over again, enough of them to measure the rate after the storm.
+        add_storm(bench, a, storm_texts(texts, base), storm_s)
     long_args = ["--cache-entries", "200000", "--context-tokens", str(WINDOW)]
     gen_30 = [*long_args, "--ollama-version", "0.30", "--num-batch", str(NUM_BATCH)]
     gen_31 = [*long_args, "--ollama-version", "0.31-crash", "--num-batch", str(NUM_BATCH), "--reload-ms"]
@@ -384,9 +386,9 @@ def run(bench: Bench) -> None:
         cut_l: list[LongRun] = []
         crash_l: list[LongRun] = []
         for r in range(long_rounds):
-            free_l.append(long_run(bench, rows, ref, whole))
-            cut_l.append(long_run(bench, rows, cutter, whole))
-            crash_l.append(long_run(bench, rows, crasher, whole))
+            free_l.append(long_run(bench, texts, ref, whole))
+            cut_l.append(long_run(bench, texts, cutter, whole))
+            crash_l.append(long_run(bench, texts, crasher, whole))
             for label, done in (("window 2048", free_l), ("0.30 cut", cut_l), ("0.31 crash", crash_l)):
                 lr = done[-1]
                 log(
@@ -444,6 +446,8 @@ def add_one_of_two(bench: Bench, base: float, runs: list[Run], what: str, sick: 
     outs = [next((h for h in r.health[sick] if h[1] != "in"), None) for r in runs]
     to_sick = [r.by_url.get(r.urls[sick], 0) for r in runs]
     last = runs[-1].report
+    cuts = [r.report.context_cut for r in runs]
+    false_cuts = [r.window for r in runs if r.report.server_truncated]
     bench.add(
         Result(
             SECTION,
@@ -457,14 +461,15 @@ def add_one_of_two(bench: Bench, base: float, runs: list[Run], what: str, sick: 
             reason=f"out of the rotation in {sum(1 for o in outs if o)}/{len(runs)} runs"
             + (f" ({outs[-1][2][:70]})" if outs[-1] else "")
             + f"; requests to it {statistics.median(to_sick):.0f} of {med(runs, lambda r: r.requests):.0f}; "
-            f"window as the run understood it {last.context_tokens}; chunks cut for context {last.context_cut}, "
-            f"server_truncated {last.server_truncated}",
+            f"window from /api/show {last.context_tokens}; chunks cut for context per run {cuts}"
+            + (f"; server_truncated in {len(false_cuts)} runs, window learned {false_cuts}" if false_cuts else ""),
         )
     )
 
 
-def add_storm(bench: Bench, url: str, rows: int, storm_s: float) -> None:
-    table = bench.new_table(rows=rows)
+def add_storm(bench: Bench, url: str, texts: Sequence[str], storm_s: float) -> None:
+    rows = len(texts)
+    table = bench.table_of_texts(texts)
     try:
         with Watcher(url) as calm:
             free = engine_run(bench, table, [url])
@@ -472,7 +477,7 @@ def add_storm(bench: Bench, url: str, rows: int, storm_s: float) -> None:
         log(f"  weather storm, fault-free: {free.summary()}; steady windowed rate {full:,.0f} texts/s")
     finally:
         bench.drop_schema_of(table)
-    table = bench.new_table(rows=rows)
+    table = bench.table_of_texts(texts)
     try:
         with Watcher(url, storm_s=storm_s) as storm:
             run = engine_run(bench, table, [url], limit_s=storm_s + WAIT_SEC + 300)
@@ -593,19 +598,22 @@ METHOD = f"""\
 
 - Servers: the project's Ollama-protocol server (hash backend, own process, one slot, vector cache warmed), each
   embed request answered after {LATENCY_MS:g} ms (fault `latency_ms`; a 503 or a refused connection costs no such
-  time). Texts: the first 3,000 real wiki chunks (`core/importer.iter_chunks`; 2,000 with --quick), a fresh table per
-  run. Engine: `Backfill` in the benchmark process with the runbook's bootstrap flags and no `--sleep-ms` (batch 64
-  at most, self-tuning depth and batch per server), default retries, `WIKI_EMBED_SERVER_WAIT_SEC` {WAIT_SEC:g}.
+  time). Texts: `core/importer.iter_chunks(limit=3000)`, what `wiki-embeddings import --limit 3000` loads (2,250
+  Korean and 750 English real wiki chunks; 2,000 with --quick), a fresh table of them per run. Engine: `Backfill` in
+  the benchmark process with the runbook's bootstrap flags and no `--sleep-ms` (batch 64 at most, self-tuning depth
+  and batch per server), default retries, `WIKI_EMBED_SERVER_WAIT_SEC` {WAIT_SEC:g}.
   chunks/s = the run report's (from the first claim to the end; the probe and pre-flight before it are not timed).
   Fault-free and faulty runs alternate, 5 rounds (3 for the long-input servers; 2 each with --quick); medians.
-- *20 % random 503s*: fault `fail_rate 0.2` (seeded: round r uses seed r, so both runs of a round meet the same
-  request numbers failing), answered at once. Ratio to the fault-free run of the same texts.
+- *20 % random 503s*: fault `fail_rate 0.2`, answered at once (seeded: in round r the 503 run and its two variants
+  meet the same request numbers failing). Ratio to the fault-free run of the same texts. What explains the figure is
+  measured beside it: the same faults with the depth pinned at 2 (`--concurrency 2`) and with a 1 ms backoff
+  (`WIKI_EMBED_BACKOFF_BASE_SEC=0.001`).
 - *One of two servers sick / dead*: `OLLAMA_URL` = healthy, sick (fault `down`: every embed request 503) or
   healthy, dead (a port nobody listens on: connection refused), and dead, healthy: the first URL is the one the
   pre-flight asks to describe the model (`/api/show`). Ratio to the healthy server alone (the fault-free run); a run
   that does not end within 600 s is cancelled and reported as not ending.
-- *Storm*: a table of enough chunks for {AFTER_STORM_SEC:g} s of full-rate work beyond the storm's start (at least
-  10,000: the template's chunks over again). The storm begins once the run has sent {STORM_AFTER_REQUESTS} embed
+- *Storm*: a table of the same texts over again, enough chunks for {AFTER_STORM_SEC:g} s of full-rate work beyond
+  the storm's start (at least 10,000). The storm begins once the run has sent {STORM_AFTER_REQUESTS} embed
   requests: fault `down` for {STORM_SEC:g} s ({STORM_SEC / 10:g} s with --quick: the figure is the ramp after the
   storm, not its length, as long as the storm outlasts the out server's probe interval of 5 s), then the server is
   well. A thread samples the server's answered texts every 0.1 s; the run's rate = texts answered over the next
