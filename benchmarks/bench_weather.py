@@ -34,6 +34,7 @@ from wiki_embeddings.core.factories import build_client, build_store
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.devtools.ollama_dev.backends import approx_tokens
+from wiki_embeddings.devtools.ollama_dev.faults import draw
 from wiki_embeddings.settings import Settings
 
 SECTION = "weather"
@@ -163,8 +164,16 @@ def faults(url: str, **extra: Any) -> None:
     set_faults(url, latency_ms=LATENCY_MS, **extra)
 
 
-def rate_faults(r: int) -> dict[str, Any]:
-    return {"fail_rate": FAIL_RATE, "fail_seed": r + 1, "fail_status": 503}
+def rate_seeds(n: int, requests: int = 64) -> list[int]:
+    """The first n seeds under which FAIL_RATE of the first `requests` request numbers fail, to the request (a run
+    of 3,000 chunks sends ~64 requests; some seeds fail 10 %, others 30 %, of so few)."""
+    want = round(FAIL_RATE * requests)
+    seeds = (s for s in range(1, 10_000) if sum(draw(s, q) < FAIL_RATE for q in range(1, requests + 1)) == want)
+    return [next(seeds) for _ in range(n)]
+
+
+def rate_faults(seed: int) -> dict[str, Any]:
+    return {"fail_rate": FAIL_RATE, "fail_seed": seed, "fail_status": 503}
 
 
 def with_faults(url: str, go: Callable[[], Run], **extra: Any) -> Run:
@@ -270,11 +279,13 @@ def long_chunks(texts: Sequence[str], limit: int) -> int:
     return sum(1 for t in texts if approx_tokens(clean_text(t)) > limit)
 
 
-def wrong_vectors(bench: Bench, table: str, ref_url: str, max_chars: int) -> tuple[int, int]:
-    """(stored vectors that are not the model's vector of exactly their recorded characters, vectors checked).
+def check_vectors(bench: Bench, table: str, ref_url: str, max_chars: int, limit: int) -> tuple[int, int, list[int]]:
+    """(stored vectors that are not the model's vector of exactly their recorded characters, vectors checked, the
+    tokens each cut chunk kept, as the dev server counts them).
 
     Each row's text is cut to --max-chars, cleaned and cut to provenance's `chars_sent`, then embedded again on a
-    server that takes every text whole (`ref_url`, same model): the stored vector must be that one."""
+    server that takes every text whole (`ref_url`, same model): the stored vector must be that one. `limit`: the
+    tokens the faulty server really takes; a cut is reported for chunks longer than half of it."""
     schema, name = table.split(".")
     query = sql.SQL(
         "SELECT t.id, t.content, t.embedding, p.chars_sent FROM {t} t LEFT JOIN {s}.embedding_provenance p"
@@ -284,7 +295,8 @@ def wrong_vectors(bench: Bench, table: str, ref_url: str, max_chars: int) -> tup
     with psycopg.connect(bench.url, autocommit=True) as conn:
         register_vector(conn)
         rows = conn.execute(query, (table, f'"{schema}"."{name}"')).fetchall()
-    sent = [clean_text(r[1][:max_chars])[: r[3]] if r[3] is not None else clean_text(r[1][:max_chars]) for r in rows]
+    whole = [clean_text(r[1][:max_chars]) for r in rows]
+    sent = [w[: r[3]] if r[3] is not None else w for w, r in zip(whole, rows, strict=True)]
     want: list[list[float]] = []
     with httpx.Client(trust_env=False, timeout=300) as http:
         for i in range(0, len(sent), 256):
@@ -294,21 +306,39 @@ def wrong_vectors(bench: Bench, table: str, ref_url: str, max_chars: int) -> tup
             want.extend(r.json()["embeddings"])
     got = np.stack([np.asarray(r[2].to_numpy(), dtype=np.float32) for r in rows])
     bad = ~np.all(np.isclose(got, np.asarray(want, dtype=np.float32), atol=1e-5), axis=1)
-    return int(bad.sum()), len(rows)
+    kept = [approx_tokens(t) for t, w in zip(sent, whole, strict=True) if len(t) < len(w)]
+    return int(bad.sum()), len(rows), kept
 
 
 @dataclass
 class LongRun:
-    """A run against a truncating or crashing server, with what the database and the server say about it."""
+    """A run against a server that may cut or crash on long input, with what the database and the server say."""
 
     run: Run
     embed_requests: int
     status: dict[str, Any]
     wrong: int
     checked: int
+    kept: list[int]  # tokens each cut chunk kept (the dev server's count)
+    limit: int  # the tokens the server really takes
+
+    @property
+    def over_cut(self) -> int:
+        """Chunks cut to under half of what the server takes: a window learned far too small."""
+        return sum(1 for k in self.kept if k < self.limit / 2)
+
+    def describe(self) -> str:
+        kept = sorted(self.kept)
+        spread = f"{kept[0]}/{kept[len(kept) // 2]}" if kept else "-"
+        return (
+            f"{self.run.summary()}; {self.embed_requests} embed requests, cut {self.status['cut_for_context']} "
+            f"(tokens kept min/median {spread}; under half of {self.limit}: {self.over_cut}), server_truncated "
+            f"{self.status['server_truncated']}, wrong vectors {self.wrong}/{self.checked}, window at the end "
+            f"{self.run.window}, runner crashes {self.run.server.get('runner_crashes')}"
+        )
 
 
-def long_run(bench: Bench, texts: Sequence[str], url: str, ref_url: str) -> LongRun:
+def long_run(bench: Bench, texts: Sequence[str], url: str, ref_url: str, limit: int) -> LongRun:
     table = bench.table_of_texts(texts)
     try:
         crashes = server_stats(url, reset=True)["runner_crashes"]  # counted since the server started
@@ -322,8 +352,8 @@ def long_run(bench: Bench, texts: Sequence[str], url: str, ref_url: str) -> Long
             status = collect_status(store, settings)
         finally:
             store.close()
-        wrong, checked = wrong_vectors(bench, table, ref_url, settings.max_chars)
-        return LongRun(run, int(stats["embed_requests"]), status, wrong, checked)
+        wrong, checked, kept = check_vectors(bench, table, ref_url, settings.max_chars, limit)
+        return LongRun(run, int(stats["embed_requests"]), status, wrong, checked, kept, limit)
     finally:
         bench.drop_schema_of(table)
 
@@ -345,15 +375,19 @@ def run(bench: Bench) -> None:
             set_faults(url, latency_ms=0.0, slots=0)
             warm_cache(url, MODEL, texts)
             faults(url)
+        seeds = rate_seeds(rounds)
         conditions: dict[str, Callable[[int], Run]] = {
             "fault-free": lambda r: fresh_run(bench, texts, [a]),
-            "503": lambda r: with_faults(a, lambda: fresh_run(bench, texts, [a]), **rate_faults(r)),
-            # What explains the 503 figure: the same faults with depth pinned at 2, and with ~no backoff pause.
+            "503": lambda r: with_faults(a, lambda: fresh_run(bench, texts, [a]), **rate_faults(seeds[r])),
+            # What explains the 503 figure: the same faults with depth pinned at 2, with ~no backoff pause, with both.
             "503 depth 2": lambda r: with_faults(
-                a, lambda: fresh_run(bench, texts, [a], concurrency=2), **rate_faults(r)
+                a, lambda: fresh_run(bench, texts, [a], concurrency=2), **rate_faults(seeds[r])
             ),
             "503 no backoff": lambda r: with_faults(
-                a, lambda: fresh_run(bench, texts, [a], backoff_base_sec=0.001), **rate_faults(r)
+                a, lambda: fresh_run(bench, texts, [a], backoff_base_sec=0.001), **rate_faults(seeds[r])
+            ),
+            "503 both": lambda r: with_faults(
+                a, lambda: fresh_run(bench, texts, [a], concurrency=2, backoff_base_sec=0.001), **rate_faults(seeds[r])
             ),
             "sick": lambda r: with_faults(b, lambda: fresh_run(bench, texts, [a, b]), down=True),
             "dead": lambda r: fresh_run(bench, texts, [a, dead_url()]),
@@ -375,31 +409,30 @@ def run(bench: Bench) -> None:
     gen_30 = [*long_args, "--ollama-version", "0.30", "--num-batch", str(NUM_BATCH)]
     gen_31 = [*long_args, "--ollama-version", "0.31-crash", "--num-batch", str(NUM_BATCH), "--reload-ms"]
     with (
-        ollama_server("hash", extra_args=long_args) as ref,
+        ollama_server("hash", extra_args=SERVER_ARGS) as whole,
+        ollama_server("hash", extra_args=long_args) as healthy,
         ollama_server("hash", extra_args=gen_30) as cutter,
         ollama_server("hash", extra_args=[*gen_31, f"{RELOAD_MS:g}"]) as crasher,
-        ollama_server("hash", extra_args=SERVER_ARGS) as whole,
     ):
-        for url in (ref, cutter, crasher, whole):
+        for url in (whole, healthy, cutter, crasher):
             faults(url)
-        free_l: list[LongRun] = []
-        cut_l: list[LongRun] = []
-        crash_l: list[LongRun] = []
+        servers = {  # label: (url, the tokens it really takes)
+            "fault-free": (whole, 4096),
+            "window 2048": (healthy, WINDOW),
+            "0.30 cut": (cutter, NUM_BATCH),
+            "0.31 crash": (crasher, NUM_BATCH),
+        }
+        done: dict[str, list[LongRun]] = {k: [] for k in servers}
         for r in range(long_rounds):
-            free_l.append(long_run(bench, texts, ref, whole))
-            cut_l.append(long_run(bench, texts, cutter, whole))
-            crash_l.append(long_run(bench, texts, crasher, whole))
-            for label, done in (("window 2048", free_l), ("0.30 cut", cut_l), ("0.31 crash", crash_l)):
-                lr = done[-1]
-                log(
-                    f"  weather round {r + 1} {label}: {lr.run.summary()}; {lr.embed_requests} embed requests, "
-                    f"cut {lr.status['cut_for_context']}, server_truncated {lr.status['server_truncated']}, "
-                    f"wrong vectors {lr.wrong}/{lr.checked}, window at the end {lr.run.window}, runner crashes "
-                    f"{lr.run.server.get('runner_crashes')}; {[x[:160] for x in lr.run.lines if 'window' in x][:2]}"
-                )
-        n_long = long_chunks(texts, NUM_BATCH)
-        add_long(bench, free_l, cut_l, n_long, "0.30 (silent cut at num_batch)")
-        add_long(bench, free_l, crash_l, n_long, f"0.31-crash (runner crash, reload {RELOAD_MS:g} ms)")
+            for label, (url, limit) in servers.items():
+                done[label].append(long_run(bench, texts, url, whole, limit))
+                log(f"  weather round {r + 1} {label}: {done[label][-1].describe()}")
+        free = done["fault-free"]
+        add_long(bench, free, done["window 2048"], texts, "0.20 (no fault)", WINDOW)
+        add_long(bench, free, done["0.30 cut"], texts, "0.30 (silent cut at num_batch)", NUM_BATCH)
+        add_long(
+            bench, free, done["0.31 crash"], texts, f"0.31-crash (runner crash, reload {RELOAD_MS:g} ms)", NUM_BATCH
+        )
 
 
 def add_steady_rate(bench: Bench, base: float, got: dict[str, list[Run]], rows: int) -> None:
@@ -409,7 +442,7 @@ def add_steady_rate(bench: Bench, base: float, got: dict[str, list[Run]], rows: 
     reqs = statistics.median(sum(a.values()) for a in answers)
     troubles = statistics.median(r.report.tuning.get("troubles", 0) for r in runs)
     grew = sum(1 for r in runs for _, d, _ in r.depth_changes[0] if d > 1)
-    pinned, no_pause = med(got["503 depth 2"]) / base, med(got["503 no backoff"]) / base
+    pinned, no_pause, both = (med(got[k]) / base for k in ("503 depth 2", "503 no backoff", "503 both"))
     bench.add(
         Result(
             SECTION,
@@ -423,10 +456,14 @@ def add_steady_rate(bench: Bench, base: float, got: dict[str, list[Run]], rows: 
             reason=f"{n503:.0f} of {reqs:.0f} requests answered 503; depth halved {troubles:.0f} times, grew above 1 "
             f"{grew} times in {len(runs)} runs (final {runs[-1].report.tuning.get('depths')}); batch stays "
             f"{runs[-1].report.tuning.get('batch_sizes')}; the same faults with depth pinned at 2: {pinned:.2f}, with "
-            f"a 1 ms backoff: {no_pause:.2f}",
+            f"a 1 ms backoff: {no_pause:.2f}, with both: {both:.2f}",
         )
     )
-    for label, what in (("503 depth 2", "--concurrency 2 (depth pinned)"), ("503 no backoff", "backoff 1 ms")):
+    for label, what in (
+        ("503 depth 2", "--concurrency 2 (depth pinned)"),
+        ("503 no backoff", "backoff 1 ms"),
+        ("503 both", "--concurrency 2 and backoff 1 ms"),
+    ):
         bench.add(
             Result(
                 SECTION,
@@ -507,7 +544,9 @@ def add_storm(bench: Bench, url: str, texts: Sequence[str], storm_s: float) -> N
                 target_on="measured",
                 note=f"fault-free rate {full:,.0f}/s (1 s windows), {after:,.0f}/s from then to the end",
                 reason=(f"out of the rotation {out_at - storm.began:.1f} s into the storm, " if out_at else "")
-                + f"back in {back}; depth after it {[c[1] for c in after_storm]}"
+                + f"back in {back}; depth after it: {len(after_storm)} changes, "
+                + f"{[c[1] for c in after_storm][:4]}{' …' if len(after_storm) > 4 else ''} "
+                + f"(final {run.report.tuning.get('depths')})"
                 + (f" (a depth trial found no gain: depth 1 held for 300 s: {holds[0][2]})" if holds else "")
                 + f"; the run ended {run.report.state} by itself after {run.wall:.0f} s",
             )
@@ -516,53 +555,73 @@ def add_storm(bench: Bench, url: str, texts: Sequence[str], storm_s: float) -> N
         bench.drop_schema_of(table)
 
 
-def add_long(bench: Bench, free: list[LongRun], faulty: list[LongRun], n_long: int, what: str) -> None:
-    got = med([lr.run for lr in faulty])
-    base = med([lr.run for lr in free])
+def add_long(
+    bench: Bench, free: list[LongRun], faulty: list[LongRun], texts: Sequence[str], what: str, limit: int
+) -> None:
+    """A server that describes a 2048-token window and takes `limit` tokens, against the fault-free server (a 4096
+    window: every text whole, nothing to check) on the same texts."""
+    n_long = long_chunks(texts, limit)
     extra = statistics.median(f.embed_requests - b.embed_requests for f, b in zip(faulty, free, strict=True))
-    last, last_free = faulty[-1], free[-1]
+    last = faulty[-1]
     failed = max(lr.status["failed"] + lr.status["quarantined"] + lr.status["missing"] for lr in faulty)
     crashes = statistics.median(lr.run.server.get("runner_crashes", 0) for lr in faulty)
     depth = last.run.report.tuning.get("depths")
     grew = any(d > 1 for lr in faulty for _, d, _ in lr.run.depth_changes[0])
+    windows = [lr.run.window for lr in faulty]
+    server = f"Ollama {what}, /api/show: window {WINDOW}" + (f", num_batch {limit}" if limit < WINDOW else "")
     bench.add(
         Result(
             SECTION,
-            f"Ollama {what}, window {WINDOW} / num_batch {NUM_BATCH} / the same texts on a server that takes them "
-            "(window 2048, no physical batch)",
-            got,
-            base,
+            f"{server} / the same texts on a server that takes them all whole (window 4096)",
+            med([lr.run for lr in faulty]),
+            med([lr.run for lr in free]),
             "chunks/s",
             "",
             baseline_name="fault-free",
-            note=f"median of {len(faulty)}; {n_long} of the chunks are over {NUM_BATCH} tokens",
-            reason=f"{last.embed_requests} requests against {last_free.embed_requests} fault-free ({LATENCY_MS:g} ms "
+            note=f"median of {len(faulty)}; {n_long} of the chunks are over {limit} tokens",
+            reason=f"{last.embed_requests} requests against {free[-1].embed_requests} fault-free ({LATENCY_MS:g} ms "
             f"each at the server, one slot)"
             + (f", {crashes:.0f} runner crashes ({RELOAD_MS:g} ms reload each)" if crashes else "")
-            + f"; depth {depth}{'' if grew else ' throughout'}; window learned {last.run.window} tokens; chunks "
-            f"cut {last.status['cut_for_context']}, server_truncated {last.status['server_truncated']}; failed + "
+            + f"; depth {depth}{'' if grew else ' throughout'}; window at the end of each run {windows}; chunks cut "
+            f"{last.status['cut_for_context']}, server_truncated {last.status['server_truncated']}; failed + "
             f"quarantined + missing {failed}",
         )
     )
+    if n_long:
+        bench.add(
+            Result(
+                SECTION,
+                f"{server}: requests per long chunk (embed requests beyond the fault-free run's / chunks over {limit} "
+                "tokens)",
+                extra / n_long,
+                None,
+                "requests",
+                "<= 4" if limit < WINDOW else "",  # issue 20's target for the cutting and crashing generations
+                target_on="measured",
+                note=f"{extra:.0f} extra requests for {n_long} long chunks",
+            )
+        )
+    over = [lr.over_cut for lr in faulty]
     bench.add(
         Result(
             SECTION,
-            f"Ollama {what}: requests per long chunk (embed requests beyond the fault-free run's / chunks over "
-            f"{NUM_BATCH} tokens)",
-            extra / max(n_long, 1),
+            f"{server}: chunks cut to under half of the {limit} tokens the server takes (a window learned far too "
+            "small), worst run",
+            float(max(over)),
             None,
-            "requests",
-            "<= 4",
+            "chunks",
+            "<= 0",
             target_on="measured",
-            note=f"{extra:.0f} extra requests for {n_long} long chunks",
+            note=f"per run {over}",
+            reason=f"window at the end of each run {windows}" if max(over) else "",
         )
     )
     wrong = max(lr.wrong for lr in faulty)
     bench.add(
         Result(
             SECTION,
-            f"Ollama {what}: stored vectors not of exactly their recorded characters (each recomputed from its "
-            "recorded cut on a server that takes it whole)",
+            f"{server}: stored vectors not of exactly their recorded characters (each recomputed from its recorded "
+            "cut on a server that takes it whole), worst run",
             float(wrong),
             None,
             "vectors",
@@ -604,10 +663,11 @@ METHOD = f"""\
   and batch per server), default retries, `WIKI_EMBED_SERVER_WAIT_SEC` {WAIT_SEC:g}.
   chunks/s = the run report's (from the first claim to the end; the probe and pre-flight before it are not timed).
   Fault-free and faulty runs alternate, 5 rounds (3 for the long-input servers; 2 each with --quick); medians.
-- *20 % random 503s*: fault `fail_rate 0.2`, answered at once (seeded: in round r the 503 run and its two variants
-  meet the same request numbers failing). Ratio to the fault-free run of the same texts. What explains the figure is
-  measured beside it: the same faults with the depth pinned at 2 (`--concurrency 2`) and with a 1 ms backoff
-  (`WIKI_EMBED_BACKOFF_BASE_SEC=0.001`).
+- *20 % random 503s*: fault `fail_rate 0.2`, answered at once, seeded: round r's seed is the r-th under which
+  exactly 13 of the first 64 request numbers fail (a run sends ~64 requests; over so few, a random seed fails
+  anywhere from 10 to 30 %), and the 503 run and its variants of a round meet the same request numbers failing. Ratio
+  to the fault-free run of the same texts. What explains the figure is measured beside it: the same faults with the
+  depth pinned at 2 (`--concurrency 2`), with a 1 ms backoff (`WIKI_EMBED_BACKOFF_BASE_SEC=0.001`), with both.
 - *One of two servers sick / dead*: `OLLAMA_URL` = healthy, sick (fault `down`: every embed request 503) or
   healthy, dead (a port nobody listens on: connection refused), and dead, healthy: the first URL is the one the
   pre-flight asks to describe the model (`/api/show`). Ratio to the healthy server alone (the fault-free run); a run
@@ -624,11 +684,14 @@ METHOD = f"""\
   client sends no `num_batch`, which it does only over 2048) with `--num-batch {NUM_BATCH}`: generation 0.30 cuts an
   input over {NUM_BATCH} tokens silently (the window probe at the run's start finds it; the risky texts are then
   counted alone), 0.31-crash aborts the runner on it (400 `… EOF`, then a {RELOAD_MS:g} ms reload that every
-  request waits for). The baseline: the same texts on a 0.20 server with the same window (it takes every text
-  whole). Long chunks: those over {NUM_BATCH} tokens as the dev server counts them; requests per long chunk = the
-  embed requests the server received beyond the baseline run's, over the long chunks. Every stored vector is
-  recomputed: the chunk cut to --max-chars, cleaned, cut to provenance's `chars_sent`, embedded on a server that
-  takes it whole; it must equal the stored vector (atol 1e-5).
+  request waits for); and, with no fault, a 0.20 server with the same {WINDOW}-token window (nomic-embed-text's
+  default num_ctx), which takes all but the few chunks over 2048 tokens (the client cuts those). The baseline: the
+  same texts on a server with a 4096-token window (every text whole, and no text can reach the window, so none is
+  checked). Long chunks: those over the server's real limit as the dev server counts them; requests per long chunk =
+  the embed requests the server received beyond the baseline run's, over the long chunks. Every stored vector is
+  recomputed: the chunk cut to --max-chars, cleaned, cut to provenance's `chars_sent`, embedded on the 4096-token
+  server; it must equal the stored vector (atol 1e-5). A cut chunk that kept under half of the tokens the server takes
+  (the dev server's count) was cut by a window learned far too small.
 """
 
 
