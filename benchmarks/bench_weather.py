@@ -31,6 +31,7 @@ from benchmarks.common import MODEL, Bench, Result, fmt, log, ollama_server, ser
 from wiki_embeddings.core import importer
 from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.factories import build_client, build_store
+from wiki_embeddings.core.health import PROBE_ALONE_SEC
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.devtools.ollama_dev.backends import approx_tokens
@@ -530,7 +531,10 @@ def add_storm(bench: Bench, url: str, texts: Sequence[str], storm_s: float) -> N
             f"{seconds} s, {after:,.0f}/s from then; health {moves}"
             f" (s from the storm's start); depth changes after the storm {after_storm}"
         )
-        back = f"{back_at - storm.ended:.1f} s after its end (a probe every 5 s)" if back_at else "never"
+        back = f"{back_at - storm.ended:.1f} s after its end" if back_at else "never"
+        if back_at and seconds is not None:  # the probe's phase decides the first part; the ramp after it is ours
+            ramp = max(0.0, seconds - (back_at - storm.ended))
+            back += f" (probed every {PROBE_ALONE_SEC:g} s: up to {PROBE_ALONE_SEC + ramp:.1f} s with another phase)"
         holds = [c for c in after_storm if c[2].startswith("no gain")]
         bench.add(
             Result(
