@@ -70,4 +70,6 @@ def server_share(
             log(f"this run uses model server(s) {', '.join(mask_url(urls[i]) for i in sorted(held))}")
         yield sorted(held)
     finally:
-        conn.close()  # the leases end with the session
+        with contextlib.suppress(Exception):  # the database gone: the leases went with its session
+            store.release_leases(conn)
+        conn.close()

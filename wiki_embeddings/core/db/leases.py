@@ -32,6 +32,10 @@ class LeasesMixin(StoreBase):
         row = conn.execute("SELECT pg_try_advisory_lock(%s::int, %s::int)", lease_key(url)).fetchone()
         return bool(row and row[0])
 
+    def release_leases(self, conn: psycopg.Connection) -> None:
+        """Give back every lease `conn` holds now (closing it would too, but only once its backend has exited)."""
+        conn.execute("SELECT pg_advisory_unlock_all()")
+
     def leased(self, urls: list[str]) -> list[bool]:
         """Whether some session holds each server's lease (what a status or a test reads)."""
         rows = self.conn.execute(
