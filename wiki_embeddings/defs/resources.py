@@ -97,7 +97,8 @@ class OllamaResource(dg.ConfigurableResource):
 
     url: str | None = Field(
         default=None,
-        description="[OLLAMA_URL] (http://ollama:11434); comma-separated for several servers, used round-robin",
+        description="[OLLAMA_URL] (http://ollama:11434); comma-separated for several servers, used round-robin (pool "
+        "`ollama` above 1: each run leases its share of them, docs/dagster.md)",
     )
     model: str | None = Field(
         default=None, description="[OLLAMA_MODEL]; unset: the model recorded for the table by its last run"
