@@ -27,6 +27,7 @@ STATUS_KEYS = [
     "stale_text_scanned_at",
     "unverified",
     "cut_for_context",
+    "pooled",
     "server_truncated",
     "suspect_truncated",
     "locked",

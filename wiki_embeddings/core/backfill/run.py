@@ -76,7 +76,9 @@ class Backfill:
             log=self._log,
         )
         self.claimer = Claimer(self.store, self.db.call, s, lambda: self.client.tuning.batch_size, log=self._log)
-        self.worker = EmbedWorker(self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log)
+        self.worker = EmbedWorker(
+            self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log, long_text=s.long_text
+        )
         self.writer = Writer(self.store, self.db.call, None)
         self.recorder = FailureRecorder(
             self.store,
@@ -115,6 +117,7 @@ class Backfill:
         self._build_stages()  # a fresh run: its stop event belongs to this event loop
         dimensions = await asyncio.to_thread(prepare.prepare_database, store)
         shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix)
+        await asyncio.to_thread(prepare.check_long_text, store, s)
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=client.model, dimensions=dimensions)
         idle = not prepare.refresh_wanted(s) and await asyncio.to_thread(prepare.count_remaining, store, s) == 0
@@ -397,6 +400,8 @@ def counts_into(
     report.servers = client.server_states()
     report.failed, report.failed_ids = recorder.failed, recorder.failed_ids
     report.skipped_busy = claimer.skipped_busy
+    if worker.pooler is not None:
+        report.pooled, report.pieces = worker.pooler.pooled, worker.pooler.pieces
     report.server_truncated = worker.server_truncated
     report.fit_searches, report.fit_requests, report.fit_found = (
         worker.fit_searches,

@@ -21,6 +21,7 @@ import numpy as np
 
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
+from wiki_embeddings.core.backfill.pooler import Pooler
 from wiki_embeddings.core.context import (
     MAX_TOKENS_PER_CHAR,
     SAFETY,
@@ -71,10 +72,14 @@ class EmbedWorker:
         sleep_ms: int = 0,
         log: Callable[[str], None] = lambda _line: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        long_text: str = "cut",
     ):
         self.embedder = embedder
         self.window = Window(num_ctx=num_ctx)  # the model's context as this run understands it
         self.estimator = TokenEstimator()  # tokens per text, learned from the server's counts
+        # --long-text pool: chunks longer than the window go out as pieces and come back as one pooled vector.
+        self.pooler = Pooler(self.estimator) if long_text == "pool" else None
+        self._learned_from_refusal = False
         self.known_good: str | None = None  # a text the server embedded: tells a sick server from a bad chunk
         self.sleep_ms = sleep_ms
         self._log = log
@@ -90,7 +95,59 @@ class EmbedWorker:
         """Every chunk of the batch ends as one outcome handed to `emit` (or the run ends: errors.Fatal)."""
         for cid, reason, size in batch.invalid:
             await emit(Isolated(cid, "invalid_utf8", reason, None, size))
-        await self._embed_rows(batch.rows, emit)
+        rows = batch.rows
+        if self.pooler is not None:
+            emit = self._pooled(emit)
+            if self.window.tokens:
+                rows = [piece for row in rows for piece in self._pieces_of(row)]
+        await self._embed_rows(rows, emit)
+
+    # ------------------------------------------------------------ long texts, pooled
+    def _pooled(self, emit: Emit) -> Emit:
+        """`emit` behind the pooler: pieces' outcomes become their chunk's; pieces the server cut go again, split."""
+        assert self.pooler is not None
+        pooler = self.pooler
+
+        async def through_pooler(outcome: Embedded | Isolated) -> None:
+            again = await pooler.take(outcome, emit)
+            if again:
+                await self._embed_rows(again, through_pooler)
+
+        return through_pooler
+
+    def _pieces_of(self, row: tuple[int, str]) -> list[tuple[int, str]]:
+        """A chunk that does not fit the window (or may reach a silent cutter's) as its pieces; else itself."""
+        assert self.pooler is not None and self.window.tokens
+        text = row[1]
+        if not text.strip() or (self._fit(text) == text and not (self.silent_cut and self._may_reach_window(text))):
+            return [row]
+        return self.pooler.expand(row, self.embedder.text_prefix, self.window.tokens)
+
+    async def _split_refused(self, row: tuple[int, str], exc: ContextExceeded, emit: Emit) -> None:
+        """Pool mode never cuts: a piece (or a chunk estimated to fit) the server refused as too long is split in
+        two, each embedded (and split again if need be); a piece of one character fails its chunk."""
+        assert self.pooler is not None
+        if not self._learned_from_refusal:  # once a run: the server's real window, as cut mode learns it
+            self._learned_from_refusal = True
+            await self._learn_window(row[1], exc)
+            if not self.pooler.is_piece(row[0]) and self.window.tokens:
+                pieces = self.pooler.expand(row, self.embedder.text_prefix, self.window.tokens)
+                if pieces != [row]:
+                    await self._embed_rows(pieces, emit)
+                    return
+        halves = self.pooler.split(row[0]) if self.pooler.is_piece(row[0]) else self.pooler.halves(row)
+        if halves:
+            await self._embed_rows(halves, emit)
+        else:
+            await emit(
+                Isolated(
+                    row[0],
+                    exc.kind,
+                    f"no piece of this chunk fits the model's context: {exc.message}",
+                    400,
+                    len(row[1]),
+                )
+            )
 
     # ------------------------------------------------------------ requests
     async def _call(self, texts: list[str], server: int | None = None) -> Answer:
@@ -112,7 +169,8 @@ class EmbedWorker:
         rows = [r for r in rows if r[1].strip()]
         if not rows:
             return
-        sent = [self._fit(r[1]) for r in rows]
+        # Pool mode never cuts: what was judged to fit (or made a piece) goes whole; a refusal splits it.
+        sent = [r[1] for r in rows] if self.pooler is not None else [self._fit(r[1]) for r in rows]
         if self.silent_cut and len(rows) > 1:
             risky = [k for k, text in enumerate(sent) if self._may_reach_window(text)]
             if risky:  # a server known to cut silently: texts that may reach its window are counted alone
@@ -128,7 +186,9 @@ class EmbedWorker:
         except ModelNotFound as exc:
             raise Fatal("model_not_found", exc.message) from exc
         except ContextExceeded as exc:
-            if len(rows) == 1:
+            if len(rows) == 1 and self.pooler is not None:
+                await self._split_refused(rows[0], exc, emit)
+            elif len(rows) == 1:
                 await self._fit_one(rows[0], len(sent[0]), exc, emit)
             else:
                 for part in self.split_after_refusal(sent):
@@ -301,6 +361,30 @@ class EmbedWorker:
                 return answer.vectors[0], len(cut)
             cut = cut[: max(1, int(len(cut) * REFIT_SHRINK))]
         return None
+
+    async def _learn_window(self, text: str, exc: ContextExceeded) -> None:
+        """The longest prefix of a refused text the server takes, searched only to learn its real window."""
+
+        async def embed_one(prefix: str) -> tuple[np.ndarray, int | None]:
+            try:
+                answer = await self._call([prefix])
+            except ContextExceeded as refused:
+                raise ContextRefused(refused.message) from refused
+            return answer.vectors[0], answer.tokens
+
+        try:
+            found = await fit_prefix(text, embed_one, window_tokens=self.window.tokens, estimator=self.estimator)
+        except ServerUnavailable as failure:
+            raise Fatal("server_unavailable", failure.message) from failure
+        except ModelNotFound as failure:
+            raise Fatal("model_not_found", failure.message) from failure
+        except EmbedFailure:
+            return  # the halves are embedded anyway; only the window stays unknown
+        if found is not None and found.tokens:
+            self.window.learn(found.tokens)
+            self._log(
+                f"the server refused a text as too long ({exc.message}); its window is about {found.tokens} tokens"
+            )
 
     async def _fit_one(self, row: tuple[int, str], refused_chars: int, exc: ContextExceeded, emit: Emit) -> None:
         """One chunk refused as over the context: embed the longest prefix the server takes (>= 90 % of it)."""

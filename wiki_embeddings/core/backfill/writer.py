@@ -76,7 +76,7 @@ class Writer:
                 md5s,
                 self.provenance,
                 replace,
-                VectorNotes(item.chars, item.cut, item.truncated),
+                VectorNotes(item.chars, item.cut, item.truncated, item.pooling),
             )
         except DataRefused as exc:  # not a lost connection (DbCalls handles those): this data is refused
             if len(item.ids) == 1:

@@ -223,8 +223,9 @@ class TrustMixin(StoreBase):
             .execute(
                 sql.SQL(
                     "SELECT t.{id} AS id, t.{emb} AS vector, md5(t.{text}) AS current_md5, p.model, p.text_md5,"
-                    " p.text_prefix, p.chars_sent, p.max_chars, left(t.{text}, coalesce(p.chars_sent, p.max_chars,"
-                    " %(chars)s)) AS text FROM {t} t LEFT JOIN {s}.embedding_provenance p ON p.table_name = %(tn)s"
+                    " p.text_prefix, p.chars_sent, p.max_chars, p.pooling,"
+                    " left(t.{text}, coalesce(p.chars_sent, p.max_chars, %(chars)s)) AS text FROM {t} t"
+                    " LEFT JOIN {s}.embedding_provenance p ON p.table_name = %(tn)s"
                     " AND p.column_attnum = %(att)s AND p.chunk_id = t.{id}"
                     " WHERE t.{id} = ANY(%(ids)s) AND t.{emb} IS NOT NULL ORDER BY t.{id}"
                 ).format(id=self._id, emb=self._emb, text=self._text, t=self._t, s=self._s),
