@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ ERROR_BODY_LIMIT = 64 * 1024  # an error answer is a line of text; more is cut o
 BYTES_PER_NUMBER = 32  # a float in JSON ("-0.012345678901234567,") with a generous margin
 UNKNOWN_DIMENSIONS = 16_384  # the answer bound before the model's vector length is known
 RESPONSE_SLACK = 64 * 1024
+# Ollama 0.31.x's runner crash on an input over its physical batch: `do embedding request: Post "…/embedding": EOF`
+# (on /api/embed and on its OpenAI-compatible /v1/embeddings alike).
+RUNNER_CRASH = re.compile(r"embedding.*\bEOF\b", re.IGNORECASE)
 
 
 class Transient(Exception):
