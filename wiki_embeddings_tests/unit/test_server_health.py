@@ -1,0 +1,218 @@
+"""Per-server health and control (issue 20), decided with a fake clock: backoff, leaving and rejoining the
+rotation, probes, the wait before giving up, and the pool that hands requests to servers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from wiki_embeddings.core import health as h
+from wiki_embeddings.core import tuning as tune
+from wiki_embeddings.core.embedders import ModelNotFound, ServerUnavailable
+from wiki_embeddings.core.embedders.servers import Server, ServerPool
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def health(clock: Clock, **kw: object) -> h.ServerHealth:
+    return h.ServerHealth(clock=clock, jitter=lambda: 1.0, **kw)  # type: ignore[arg-type]
+
+
+def test_one_failure_after_good_answers_costs_about_one_request_not_the_configured_base():
+    clock = Clock()
+    server = health(clock, backoff_base_sec=0.5)
+    server.success(0.02)
+    server.failure("HTTP 503")
+    assert server.wait() == pytest.approx(0.04), "twice a recent answer's time"
+    assert server.in_rotation and not server.available()
+    clock.now += 0.05
+    assert server.available()
+
+
+def test_failures_in_a_row_double_the_backoff_up_to_its_ceiling():
+    clock = Clock()
+    server = health(clock, backoff_base_sec=0.5, backoff_max_sec=2.0)
+    waits = []
+    for _ in range(5):
+        server.failure("connect error")
+        waits.append(round(server.wait(), 3))
+        clock.now += server.wait()
+    assert waits[:3] == [0.5, 1.0, 2.0] and waits[3:] == [2.0, 2.0]
+
+
+def test_retry_after_is_honoured_within_the_ceiling():
+    clock = Clock()
+    server = health(clock, backoff_max_sec=30.0)
+    server.failure("HTTP 429", retry_after=7.0)
+    assert server.wait() == pytest.approx(7.0)
+    server.failure("HTTP 429", retry_after=3600.0)
+    assert server.wait() == pytest.approx(30.0)
+
+
+def test_a_steady_error_rate_keeps_a_server_in_the_rotation():
+    clock = Clock()
+    server = health(clock)
+    for i in range(1000):  # one answer in five is a 503, 20 ms apart
+        clock.now += 0.02
+        if i % 5 == 0:
+            server.failure("HTTP 503")
+        else:
+            server.success(0.02)
+    assert server.in_rotation and server.failures == 200
+
+
+def test_a_server_that_fails_every_request_for_a_while_leaves_the_rotation():
+    clock = Clock()
+    server = health(clock)
+    server.success(0.02)
+    for _ in range(3):
+        clock.now += 0.1
+        server.failure("HTTP 503")
+    assert server.in_rotation, "three quick failures are not yet a sick server"
+    clock.now += h.OUT_AFTER_SEC
+    server.failure("HTTP 503")
+    assert server.state == h.OUT and "HTTP 503" in server.reason
+
+
+def test_a_server_that_never_answered_leaves_after_three_failures():
+    clock = Clock()
+    server = health(clock)
+    for _ in range(h.OUT_AFTER_FAILURES):
+        server.failure("connection refused")
+    assert server.state == h.OUT
+
+
+def test_an_out_server_is_probed_every_30_s_while_others_work_and_every_5_s_alone():
+    clock = Clock()
+    server = health(clock)
+    server.take_out("test")
+    assert server.probe_in(others_in_rotation=True) == pytest.approx(h.PROBE_SEC)
+    assert server.probe_in(others_in_rotation=False) == pytest.approx(h.PROBE_ALONE_SEC)
+    clock.now += h.PROBE_ALONE_SEC
+    assert server.probe_in(False) == 0.0 and server.probe_in(True) > 0
+    server.probing()
+    assert server.probe_in(False) == pytest.approx(h.PROBE_ALONE_SEC)
+
+
+def test_a_good_answer_brings_a_server_back_and_clears_its_backoff():
+    clock = Clock()
+    server = health(clock)
+    server.take_out("test")
+    server.success(0.01)
+    assert server.available() and server.out_since is None
+    assert [state for _, state, _ in server.history] == [h.OUT, h.IN]
+
+
+def test_a_missing_model_takes_a_server_out_as_no_model():
+    server = health(Clock())
+    server.no_model("model 'x' not found")
+    assert server.state == h.NO_MODEL and not server.in_rotation
+
+
+def test_the_claimer_takes_the_largest_batch_a_server_in_the_rotation_takes():
+    tuning = tune.Tuning(2, max_batch=64)
+    tuning.controls[0].sizer.shrink("timeout")
+    assert tuning.size_for(0) == 32 and tuning.batch_size == 64
+    tuning.controls[1].health.take_out("dead")
+    assert tuning.batch_size == 32, "an out server's batch size does not count"
+
+
+async def _no_probe(_server: Server) -> None:
+    return None
+
+
+def pool(servers: int, clock: Clock, wait: float = 300.0, probe=_no_probe) -> ServerPool:
+    tuning = tune.Tuning(servers, pinned_depth=1, clock=clock)
+    for control in tuning.controls:
+        control.health.clock = clock
+    return ServerPool([f"http://s{i}:11434" for i in range(servers)], tuning, probe, server_wait_sec=wait, clock=clock)
+
+
+def test_the_pool_skips_a_server_out_of_the_rotation():
+    async def scenario() -> list[int]:
+        p = pool(2, Clock())
+        p.take_out(p.servers[0], "sick")
+        got = []
+        for _ in range(3):
+            s = await p.acquire()
+            got.append(s.index)
+            p.release(s)
+        return got
+
+    assert asyncio.run(scenario()) == [1, 1, 1]
+
+
+def test_a_pinned_request_goes_to_its_server_even_when_it_is_out():
+    async def scenario() -> int:
+        p = pool(2, Clock())
+        p.take_out(p.servers[0], "sick")
+        s = await p.acquire(only=0)
+        p.release(s)
+        return s.index
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_with_every_server_out_past_the_wait_the_pool_gives_up_and_names_the_setting():
+    clock = Clock()
+
+    async def scenario() -> None:
+        p = pool(2, clock, wait=10.0)
+        for s in p.servers:
+            p.health(s).success(0.01)
+            p.take_out(s, "HTTP 503")
+        clock.now += 10.0
+        await p.acquire()
+
+    with pytest.raises(ServerUnavailable, match="WIKI_EMBED_SERVER_WAIT_SEC"):
+        asyncio.run(scenario())
+
+
+def test_servers_that_never_answered_fail_at_once():
+    async def scenario() -> None:
+        p = pool(1, Clock())
+        p.take_out(p.servers[0], "connection refused")
+        await p.acquire()
+
+    with pytest.raises(ServerUnavailable, match="none answered"):
+        asyncio.run(scenario())
+
+
+def test_the_model_missing_on_every_server_is_model_not_found():
+    async def scenario() -> None:
+        p = pool(2, Clock())
+        for s in p.servers:
+            p.health(s).no_model("model 'x' not found, try pulling it first")
+        await p.acquire()
+
+    with pytest.raises(ModelNotFound, match="pulling"):
+        asyncio.run(scenario())
+
+
+def test_while_every_server_is_out_a_probe_brings_one_back_and_the_waiting_request_goes():
+    clock = Clock()
+    probed: list[int] = []
+
+    async def scenario() -> int:
+        async def probe(server: Server) -> None:
+            probed.append(server.index)
+            p.health(server).success(0.01)
+
+        p = pool(1, clock, probe=probe)
+        p.health(p.servers[0]).success(0.01)
+        p.take_out(p.servers[0], "HTTP 503")
+        clock.now += h.PROBE_ALONE_SEC  # the probe is due
+        s = await asyncio.wait_for(p.acquire(), 5)
+        p.release(s)
+        return s.index
+
+    assert asyncio.run(scenario()) == 0 and probed == [0]
