@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -54,7 +54,13 @@ ENV_VARS: dict[str, str] = {
     "busy_wait_sec": "WIKI_EMBED_BUSY_WAIT_SEC",
     "db_statement_timeout_sec": "WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC",
     "server_wait_sec": "WIKI_EMBED_SERVER_WAIT_SEC",
+    "api": "WIKI_EMBED_API",
+    "api_key": "WIKI_EMBED_API_KEY",
 }
+# The model servers' APIs (WIKI_EMBED_API): Ollama's own, or the OpenAI-compatible `/v1/embeddings` (TEI, vLLM,
+# infinity-emb, llama.cpp, Ollama's /v1, hosted APIs). OLLAMA_URL holds the server URLs for either.
+APIS = ("ollama", "openai")
+DEFAULT_KEEP_ALIVE = "30m"
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -110,7 +116,9 @@ class Settings:
     maintenance_work_mem: str = "512MB"  # for rebuilding a dropped vector index
     db_reconnect_sec: float = 60.0  # how long a run waits for a lost database before stopping
     # The model server (real Ollama's knobs).
-    keep_alive: str = "30m"  # sent with every request so the model stays loaded between batches ("-1": forever)
+    keep_alive: str = (
+        DEFAULT_KEEP_ALIVE  # sent with every request so the model stays loaded between batches ("-1": forever)
+    )
     num_ctx: int | None = None  # options.num_ctx: raise the window up to the model's own maximum
     request_dimensions: bool = False  # ask a Matryoshka model for `dimensions: D` when the column is narrower
     load_timeout_sec: float = 300.0  # allowance for the run's first request, which may pay the model's load
@@ -119,6 +127,10 @@ class Settings:
     db_statement_timeout_sec: float = 60.0  # server-side bound of a pipeline statement; the client adds 5 s
     # How long a run waits while every model server is out of the rotation (core/health.py) before exit 3.
     server_wait_sec: float = 300.0
+    # Which API the model servers speak (APIS); under `openai`, --num-ctx is the window in tokens when the server
+    # publishes none, --keep-alive is ignored, --with-ollama refused. The bearer key is never printed or stored.
+    api: str = "ollama"
+    api_key: str | None = field(default=None, repr=False)
     # Run window (core/window.py): the run ends safely, as on the stop file, at `until` (HH:MM local time, or
     # HH:MM+09:00 / HH:MMZ with an explicit offset: its next occurrence) or after `max_minutes`.
     until: str | None = None
@@ -152,6 +164,13 @@ class Settings:
             raise ValueError(f"sleep-ms must not be negative, got {self.sleep_ms}")
         if self.max_chunks is not None and self.max_chunks < 0:
             raise ValueError(f"max-chunks must not be negative, got {self.max_chunks}")
+        if self.api not in APIS:
+            raise ValueError(f"WIKI_EMBED_API (--api) must be one of {', '.join(APIS)}, got {self.api!r}")
+        if self.api == "openai" and self.with_ollama:
+            raise ValueError(
+                "--with-ollama (OLALA_START_OLLAMA) starts a local Ollama-protocol server: it cannot stand in for "
+                "an OpenAI-compatible server (WIKI_EMBED_API=openai); start that server and set OLLAMA_URL to it"
+            )
         if not self.ollama_urls:
             raise ValueError("OLLAMA_URL is empty")
         for url in self.ollama_urls:
@@ -205,6 +224,7 @@ class Settings:
             "num_ctx",
             "request_dimensions",
             "load_timeout_sec",
+            "api",  # never the key: `resume` reads WIKI_EMBED_API_KEY from the environment
         ]
         options = {k: getattr(self, k) for k in keep}
         # Credentials in OLLAMA_URL are never written to the bookkeeping: `resume` takes the URL from the
@@ -218,13 +238,25 @@ class Settings:
         out = dataclasses.asdict(self)
         out["database_url"] = mask_url(self.database_url) if self.database_url else None
         out["ollama_url"] = ",".join(mask_url(u) for u in self.ollama_urls)
+        out["api_key"] = "***" if self.api_key else None
         return out
+
+    def api_warnings(self) -> list[str]:
+        """What the settings ask that the chosen API cannot do (said once at a run's start)."""
+        if self.api == "openai" and self.keep_alive != DEFAULT_KEEP_ALIVE:
+            return [
+                "note: --keep-alive (WIKI_EMBED_KEEP_ALIVE) is Ollama's and is ignored under WIKI_EMBED_API=openai "
+                "(the server keeps its model loaded)"
+            ]
+        return []
 
 
 def _coerce(name: str, raw: str) -> Any:
     kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
     if name == "concurrency" and raw.strip().lower() == "auto":
         return 0
+    if name == "api":
+        return raw.strip().lower()
     if "bool" in str(kind):
         return is_true(raw)
     if "int" in str(kind) and "float" not in str(kind):

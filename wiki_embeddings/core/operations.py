@@ -12,15 +12,15 @@ from typing import Any
 from wiki_embeddings.core import identity, migration
 from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.embedders import OllamaClient
+from wiki_embeddings.core.embedders import PooledClient
 from wiki_embeddings.core.factories import build_client, build_store, resolve_model
 from wiki_embeddings.core.progress import Reporter
 from wiki_embeddings.settings import Settings
 
-ClientFactory = Callable[[Settings, Store], OllamaClient]
+ClientFactory = Callable[[Settings, Store], PooledClient]
 
 
-def default_client(settings: Settings, store: Store) -> OllamaClient:
+def default_client(settings: Settings, store: Store) -> PooledClient:
     """The configured model (OLLAMA_MODEL), else the one recorded for the table, at OLLAMA_URL."""
     return build_client(settings, resolve_model(settings, store))
 
@@ -37,6 +37,8 @@ def run_backfill(
     """One engine run on its own store (connections) and client; `settings.database_url` must be resolved."""
     if not settings.database_url:
         raise ValueError("run_backfill needs settings.database_url (the embedded one or DATABASE_URL)")
+    for warning in settings.api_warnings():
+        log(warning)
     with build_store(settings, settings.database_url) as store:
         engine = Backfill(
             settings,

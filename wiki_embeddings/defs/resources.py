@@ -19,7 +19,7 @@ from pydantic import Field
 from wiki_embeddings.core import control, operations
 from wiki_embeddings.core.backfill import RunReport
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.embedders import OllamaClient
+from wiki_embeddings.core.embedders import PooledClient
 from wiki_embeddings.core.factories import build_client, build_store, probe_model_dimensions, resolve_model
 from wiki_embeddings.core.readiness import ReadinessSettings
 from wiki_embeddings.local_services import database_url
@@ -93,7 +93,7 @@ class WikiDatabaseResource(dg.ConfigurableResource):
 
 
 class OllamaResource(dg.ConfigurableResource):
-    """The Ollama embedding server(s); wraps the core `OllamaClient`."""
+    """The embedding server(s): Ollama's API or an OpenAI-compatible one (`api`); wraps the core's client."""
 
     url: str | None = Field(
         default=None,
@@ -118,6 +118,16 @@ class OllamaResource(dg.ConfigurableResource):
     query_prefix: str | None = Field(
         default=None, description="the model's query prefix, e.g. 'search_query: ' [WIKI_EMBED_QUERY_PREFIX]"
     )
+    api: str | None = Field(
+        default=None,
+        description="the servers' API: ollama, or openai (OpenAI-compatible /v1/embeddings: TEI, vLLM, infinity) "
+        "[WIKI_EMBED_API] (ollama)",
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="bearer key for an OpenAI-compatible server; bind it with dg.EnvVar so the UI never shows it "
+        "[WIKI_EMBED_API_KEY]",
+    )
 
     def overrides(self) -> dict[str, Any]:
         return _set(
@@ -129,9 +139,11 @@ class OllamaResource(dg.ConfigurableResource):
             concurrency=self.concurrency,
             text_prefix=self.text_prefix,
             query_prefix=self.query_prefix,
+            api=self.api,
+            api_key=self.api_key,
         )
 
-    def client(self, settings: Settings, store: Store) -> OllamaClient:
+    def client(self, settings: Settings, store: Store) -> PooledClient:
         """A client for the model to use: the configured one, else the one recorded for the table."""
         return build_client(settings, resolve_model(settings, store))
 

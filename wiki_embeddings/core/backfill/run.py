@@ -77,7 +77,9 @@ class Backfill:
             log=self._log,
         )
         self.claimer = Claimer(self.store, self.db.call, s, lambda: self.client.tuning.batch_size, log=self._log)
-        self.worker = EmbedWorker(self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log)
+        self.worker = EmbedWorker(
+            self.client, num_ctx=s.num_ctx, max_chars=s.max_chars, sleep_ms=s.sleep_ms, log=self._log
+        )
         self.writer = Writer(self.store, self.db.call, None)
         self.recorder = FailureRecorder(
             self.store,
@@ -114,7 +116,7 @@ class Backfill:
         s, store, client = self.s, self.store, self.client
         self._build_stages()  # a fresh run: its stop event belongs to this event loop
         dimensions = await asyncio.to_thread(prepare.prepare_database, store)
-        shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix)
+        shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix, s.api)
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=client.model, dimensions=dimensions)
         idle = not prepare.refresh_wanted(s) and await asyncio.to_thread(prepare.count_remaining, store, s) == 0
@@ -139,7 +141,9 @@ class Backfill:
             await asyncio.to_thread(store.record_model, client.model, dimensions)
         digest = None
         if not idle:  # the column's identity (core/identity.py) and the model's digest (`verify` shows it)
-            await asyncio.to_thread(identity.record, store, client.model, dimensions, s.text_prefix, s.query_prefix)
+            await asyncio.to_thread(
+                identity.record, store, client.model, dimensions, s.text_prefix, s.query_prefix, s.api
+            )
             digest = await client.model_digest()
         self.writer.provenance = Provenance(client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence) and

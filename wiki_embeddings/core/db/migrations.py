@@ -126,4 +126,9 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE {s}.runs ADD COLUMN IF NOT EXISTS servers jsonb;
     """,
+    # 8: the API the column's vectors were made through (issue 22: `ollama` or `openai`; NULL: recorded before,
+    #    which was Ollama's). Another API for the same model name is refused until `verify` shows a match.
+    """
+    ALTER TABLE {s}.column_identity ADD COLUMN IF NOT EXISTS api text;
+    """,
 ]

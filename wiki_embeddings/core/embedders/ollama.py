@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import httpx
 import orjson
 
-from wiki_embeddings.core import tuning as tune
 from wiki_embeddings.core.context import Window, window_from_show
 from wiki_embeddings.core.embedders.base import (
     AmbiguousFailure,
@@ -32,6 +32,7 @@ from wiki_embeddings.core.embedders.http import (
     Transient,
     describe,
     loads,
+    parse_json,
     post_bounded,
 )
 from wiki_embeddings.core.embedders.pooled import MAX_BATCH_TEXTS, OVERLOAD_STATUSES, PROBE_TEXT, PooledClient
@@ -58,35 +59,12 @@ class OllamaClient(PooledClient):
         *,
         keep_alive: str | None = "30m",
         num_ctx: int | None = None,
-        timeout_sec: float = 120.0,
-        retries: int = 5,
-        backoff_base_sec: float = 0.5,
-        backoff_max_sec: float = 30.0,
-        per_url_in_flight: int | None = 1,
-        text_prefix: str = "",
-        dimensions: int | None = None,
-        connect_timeout_sec: float = 10.0,
-        load_timeout_sec: float = 300.0,
-        tuning: tune.Tuning | None = None,
-        server_wait_sec: float = 300.0,
+        **options: Any,
     ):
+        """`options`: the pooled client's (pooled.py: timeouts, retries, tuning, text prefix, ...)."""
         if not urls:
             raise ValueError("at least one Ollama URL is needed")
-        super().__init__(
-            urls,
-            model,
-            timeout_sec=timeout_sec,
-            retries=retries,
-            backoff_base_sec=backoff_base_sec,
-            backoff_max_sec=backoff_max_sec,
-            per_url_in_flight=per_url_in_flight,
-            text_prefix=text_prefix,
-            dimensions=dimensions,
-            connect_timeout_sec=connect_timeout_sec,
-            load_timeout_sec=load_timeout_sec,
-            tuning=tuning,
-            server_wait_sec=server_wait_sec,
-        )
+        super().__init__(urls, model, **options)
         self.keep_alive = keep_alive
         self.num_ctx = num_ctx
 
@@ -229,16 +207,7 @@ class OllamaClient(PooledClient):
             raise AmbiguousFailure(
                 f"HTTP {status}: {resp.error_text()}", http_status=status, kind=f"http_{status}", server=index
             )
-        try:
-            return loads(resp.content)
-        except ValueError as exc:
-            ctype = resp.headers.get("content-type", "?")
-            raise AmbiguousFailure(
-                f"answer from {where} is not JSON (content-type {ctype}): {resp.text[:120]!r}",
-                http_status=status,
-                kind="bad_response",
-                server=index,
-            ) from exc
+        return parse_json(resp, where, index)
 
 
 def _keep_alive_value(value: str) -> str | int:

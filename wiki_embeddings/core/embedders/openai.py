@@ -37,23 +37,8 @@ import numpy as np
 import orjson
 
 from wiki_embeddings.core.context import Window
-from wiki_embeddings.core.embedders.base import (
-    AmbiguousFailure,
-    ContextExceeded,
-    InputRejected,
-    ModelNotFound,
-    RunnerCrashed,
-    ServerUnavailable,
-)
-from wiki_embeddings.core.embedders.http import (
-    ERROR_BODY_LIMIT,
-    RUNNER_CRASH,
-    HttpAnswer,
-    Transient,
-    describe,
-    loads,
-    post_bounded,
-)
+from wiki_embeddings.core.embedders import base
+from wiki_embeddings.core.embedders import http as wire
 from wiki_embeddings.core.embedders.pooled import PooledClient
 from wiki_embeddings.core.embedders.servers import Server
 from wiki_embeddings.settings import redact
@@ -118,11 +103,11 @@ class OpenAIClient(PooledClient):
         try:
             resp = await self._get("/health")
         except (httpx.HTTPError, TimeoutError) as exc:
-            raise ServerUnavailable(
-                self._scrub(f"the embedding server at {self.where} (OLLAMA_URL) does not answer: {describe(exc)}")
+            raise base.ServerUnavailable(
+                self._scrub(f"the embedding server at {self.where} (OLLAMA_URL) does not answer: {wire.describe(exc)}")
             ) from exc
         if resp.status_code >= 400:
-            raise ServerUnavailable(
+            raise base.ServerUnavailable(
                 f"the embedding server at {self.where} (OLLAMA_URL) answers HTTP {resp.status_code} to /models and "
                 "/health"
             )
@@ -153,7 +138,7 @@ class OpenAIClient(PooledClient):
         """GET `path` on the first server as JSON, None when it does not answer it."""
         try:
             resp = await self._get(path)
-            return loads(resp.content[: ERROR_BODY_LIMIT * 16]) if resp.status_code == 200 else None
+            return wire.loads(resp.content[: wire.ERROR_BODY_LIMIT * 16]) if resp.status_code == 200 else None
         except (httpx.HTTPError, TimeoutError, ValueError):
             return None
 
@@ -167,7 +152,7 @@ class OpenAIClient(PooledClient):
             if self.request_dimensions:
                 payload["dimensions"] = self.request_dimensions
             url = f"{server.url}{self._api_path(server.index)}/embeddings"
-            resp = await post_bounded(http, url, orjson.dumps(payload), self._limit(len(texts)))
+            resp = await wire.post_bounded(http, url, orjson.dumps(payload), self._limit(len(texts)))
             if resp.status_code == 404 and self._v1[server.index] and "model" not in resp.text.lower():
                 self._v1[server.index] = False  # no /v1 here: the API is at the root (infinity-emb's default)
                 continue
@@ -179,7 +164,7 @@ class OpenAIClient(PooledClient):
     def _parse(self, data: object, texts: list[str], server: Server) -> tuple[list[object], int | None]:
         items = data.get("data") if isinstance(data, dict) else None
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise AmbiguousFailure(
+            raise base.AmbiguousFailure(
                 f"answer from {server.masked} has no 'data' list",
                 http_status=200,
                 kind="bad_response",
@@ -205,14 +190,14 @@ class OpenAIClient(PooledClient):
         try:
             data = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise AmbiguousFailure(
+            raise base.AmbiguousFailure(
                 f"answer from {server.masked} holds an embedding that is not base64",
                 http_status=200,
                 kind="bad_response",
                 server=server.index,
             ) from exc
         if len(data) % 4:
-            raise AmbiguousFailure(
+            raise base.AmbiguousFailure(
                 f"answer from {server.masked} holds a base64 embedding of {len(data)} bytes (not float32 values)",
                 http_status=200,
                 kind="bad_response",
@@ -229,52 +214,47 @@ class OpenAIClient(PooledClient):
                 self._counts = count != chars
         return self._counts is not False
 
-    def _json_or_raise(self, resp: HttpAnswer, server: Server) -> object:
+    def _json_or_raise(self, resp: wire.HttpAnswer, server: Server) -> object:
         status, where, index = resp.status_code, server.masked, server.index
         text = self._scrub(_error_message(resp))
         if status in TRANSIENT_STATUSES:
-            raise Transient(f"HTTP {status} from {where}: {text}", http_status=status, retry_after=resp.retry_after())
+            raise wire.Transient(
+                f"HTTP {status} from {where}: {text}", http_status=status, retry_after=resp.retry_after()
+            )
         if status in (400, 413, 422) and CONTEXT_REFUSAL.search(text):
-            raise ContextExceeded(f"HTTP {status}: {text}", http_status=status, server=index)
+            raise base.ContextExceeded(f"HTTP {status}: {text}", http_status=status, server=index)
         if status == 413:  # too large, not too long: a smaller batch is the cure
-            raise Transient(f"HTTP 413 from {where}: {text}", http_status=413, retry_after=resp.retry_after())
+            raise wire.Transient(f"HTTP 413 from {where}: {text}", http_status=413, retry_after=resp.retry_after())
         if status == 404:
-            raise ModelNotFound(
+            raise base.ModelNotFound(
                 f"model {self.model!r} is not served at {where} (HTTP 404: {text}). Set OLLAMA_MODEL to the name the "
                 "server serves it under, or check that OLLAMA_URL is the server's OpenAI-compatible API",
                 http_status=404,
                 server=index,
             )
         if status in (401, 403):
-            raise ServerUnavailable(
+            raise base.ServerUnavailable(
                 f"the embedding server at {where} refused the request (HTTP {status}: {text}): check "
                 "WIKI_EMBED_API_KEY",
                 http_status=status,
                 server=index,
             )
         if 400 <= status < 500:
-            raise InputRejected(f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index)
-        if status == 500 and RUNNER_CRASH.search(text):
-            raise RunnerCrashed(f"HTTP 500: {text}", http_status=500, server=index)
+            raise base.InputRejected(f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index)
+        if status == 500 and wire.RUNNER_CRASH.search(text):
+            raise base.RunnerCrashed(f"HTTP 500: {text}", http_status=500, server=index)
         if status >= 500:
-            raise AmbiguousFailure(f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index)
-        try:
-            return loads(resp.content)
-        except ValueError as exc:
-            ctype = resp.headers.get("content-type", "?")
-            raise AmbiguousFailure(
-                f"answer from {where} is not JSON (content-type {ctype}): {self._scrub(resp.text[:120])!r}",
-                http_status=status,
-                kind="bad_response",
-                server=index,
-            ) from exc
+            raise base.AmbiguousFailure(
+                f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index
+            )
+        return wire.parse_json(resp, where, index, self._scrub)
 
 
-def _error_message(resp: HttpAnswer) -> str:
+def _error_message(resp: wire.HttpAnswer) -> str:
     """The error's text in each server's shape: OpenAI `{"error": {"message"}}`, TEI `{"error": "..."}`, vLLM
     `{"message"}`, FastAPI `{"detail"}`; else the body's start or the reason phrase."""
     try:
-        data = loads(resp.content)
+        data = wire.loads(resp.content)
     except ValueError:
         data = None
     if isinstance(data, dict):

@@ -61,6 +61,7 @@ class PooledClient(ABC):
         load_timeout_sec: float = 300.0,
         tuning: tune.Tuning | None = None,
         server_wait_sec: float = 300.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
         if not urls:
             raise ValueError("at least one model server URL is needed")
@@ -87,6 +88,7 @@ class PooledClient(ABC):
         self._pool: ServerPool | None = None
         self._connect_timeout = min(connect_timeout_sec, timeout_sec)
         self._http: httpx.AsyncClient | None = None
+        self._transport = transport  # None: the network (tests pass httpx.MockTransport)
         self.stats = ClientStats()
 
     # ------------------------------------------------------------ what a subclass provides
@@ -121,6 +123,7 @@ class PooledClient(ABC):
                 trust_env=False,  # model servers sit on the internal network: never route them through a proxy
                 # Plain-HTTP servers need no TLS context (building one loads the CA store: ~15 ms a run).
                 verify=any(u.startswith("https://") for u in self._urls),
+                transport=self._transport,
             )
         return self._http, self._pool
 
