@@ -15,6 +15,7 @@ from wiki_embeddings.core import control, identity, importer, migration, operati
 from wiki_embeddings.core.backfill import DimensionMismatch
 from wiki_embeddings.core.context import format_preflight
 from wiki_embeddings.core.db import DatabaseError, StoreError
+from wiki_embeddings.core.embedders import EmbedFailure
 from wiki_embeddings.core.factories import (
     build_client,
     build_store,
@@ -25,7 +26,7 @@ from wiki_embeddings.core.factories import (
 from wiki_embeddings.core.progress import LineReporter, Progress
 from wiki_embeddings.core.status import collect_status, format_status, readiness_of
 from wiki_embeddings.local_services import answers, database_url, local_ollama
-from wiki_embeddings.settings import Settings, from_env, redact, url_secrets
+from wiki_embeddings.settings import APIS, Settings, from_env, redact, url_secrets
 
 # Vector lengths of well-known embedding models, used by `import` only when the server cannot be asked.
 KNOWN_DIMENSIONS = {"all-minilm": 384, "nomic-embed-text": 768, "mxbai-embed-large": 1024, "bge-m3": 1024}
@@ -47,6 +48,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embedding-column", help="[WIKI_EMBED_EMBEDDING_COLUMN] (embedding)")
     g.add_argument("--ollama-url", help="comma-separated for several servers [OLLAMA_URL] (http://ollama:11434)")
     g.add_argument("--model", dest="ollama_model", help="[OLLAMA_MODEL]; unset: the model of the last run")
+    g.add_argument(
+        "--api",
+        choices=APIS,
+        help="the servers' API: ollama, or openai (OpenAI-compatible /v1/embeddings: TEI, vLLM, infinity-emb, "
+        "llama.cpp; URLs still in OLLAMA_URL, bearer key in WIKI_EMBED_API_KEY) [WIKI_EMBED_API] (ollama)",
+    )
     g.add_argument("--text-prefix", help="prepended to every text, e.g. 'search_document: ' [WIKI_EMBED_TEXT_PREFIX]")
     g.add_argument(
         "--query-prefix",
@@ -83,7 +90,8 @@ def _backfill_flags(p: argparse.ArgumentParser) -> None:
         "--with-ollama",
         action="store_true",
         default=None,
-        help="start a local embedding service when OLLAMA_URL does not answer [OLALA_START_OLLAMA=1]",
+        help="start a local embedding service when OLLAMA_URL does not answer (refused under --api openai) "
+        "[OLALA_START_OLLAMA=1]",
     )
     g2 = p.add_argument_group("more")
     g2.add_argument(
@@ -141,12 +149,14 @@ def _backfill_flags(p: argparse.ArgumentParser) -> None:
     g3 = p.add_argument_group("model server (real Ollama's knobs)")
     g3.add_argument(
         "--keep-alive",
-        help="sent with every request so the model stays loaded between batches [WIKI_EMBED_KEEP_ALIVE] (30m)",
+        help="sent with every request so the model stays loaded between batches (ignored, with a note, under "
+        "--api openai) [WIKI_EMBED_KEEP_ALIVE] (30m)",
     )
     g3.add_argument(
         "--num-ctx",
         type=int,
-        help="options.num_ctx: the context window in tokens, up to the model's maximum [WIKI_EMBED_NUM_CTX] "
+        help="options.num_ctx: the context window in tokens, up to the model's maximum; under --api openai the "
+        "model's window in tokens where the server publishes none (a cap where it does) [WIKI_EMBED_NUM_CTX] "
         "(the modelfile's default)",
     )
     g3.add_argument(
@@ -154,7 +164,7 @@ def _backfill_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="ask a Matryoshka model for `dimensions: D` when the column's vector(D) is narrower than its output "
-        "[WIKI_EMBED_REQUEST_DIMENSIONS]",
+        "(either API) [WIKI_EMBED_REQUEST_DIMENSIONS]",
     )
     g3.add_argument(
         "--load-timeout-sec",
@@ -456,7 +466,12 @@ def cmd_import(s: Settings, args: argparse.Namespace, out: Any) -> int:
 
 def _dimensions_for_new_table(s: Settings, store: Any) -> int:
     model = resolve_model(s, store, local_default=s.with_ollama)
-    if answers(s.ollama_urls[0]):
+    if s.api != "ollama":  # no cheap "are you there" in that API: ask the model; unreachable falls through
+        try:
+            return probe_model_dimensions(s, model)
+        except EmbedFailure:
+            pass
+    elif answers(s.ollama_urls[0]):
         return probe_model_dimensions(s, model)
     base = model.split(":")[0]
     if base in KNOWN_DIMENSIONS:
@@ -600,6 +615,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
         settings = settings_from_args(args)
         secrets = list(url_secrets(settings.database_url))
         secrets += [secret for url in settings.ollama_urls for secret in url_secrets(url)]
+        secrets.append(settings.api_key)
         return COMMANDS[args.command](settings, args, out)
     except DatabaseError as exc:  # the driver's message may span lines: the first, without a password
         print(f"error: database: {redact(exc.first_line, secrets)}", file=sys.stderr)

@@ -182,3 +182,27 @@ def test_a_bare_url_finds_the_api_at_the_root(infinity: str) -> None:
 
     dims, health = asyncio.run(ask())
     assert dims == 384 and "all-minilm" in health
+
+
+def test_the_runbook_through_the_cli_with_WIKI_EMBED_API_openai(
+    make_table: Callable[..., ChunkTable], infinity: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As an operator would: WIKI_EMBED_API=openai, the runbook's flags (--keep-alive ignored, with a note), then
+    `verify` exits 0; --with-ollama is refused with one line."""
+    from wiki_embeddings_tests.test_cli import run_cli
+
+    table = make_table(ollama_url=infinity)
+    table.load_wiki(12)
+    env = {"WIKI_EMBED_API": "openai", "WIKI_EMBED_API_KEY": "sk-cli-secret"}
+    code, out = run_cli(table, "backfill", "--batch-size", "8", "--num-ctx", str(WINDOW), "--keep-alive", "5m", env=env)
+    assert code == 0, out
+    assert "--keep-alive (WIKI_EMBED_KEEP_ALIVE) is Ollama's and is ignored" in out
+    assert table.status()["missing"] == 0
+    code, out = run_cli(table, "verify", "--sample", "12", env=env)
+    assert code == 0 and "verify: match" in out, out
+    code, out = run_cli(table, "config", env=env)
+    assert "api=openai" in out and "api_key=***" in out and "sk-cli-secret" not in out
+    capsys.readouterr()
+    code, _ = run_cli(table, "backfill", "--with-ollama", env=env)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--with-ollama" in err and "WIKI_EMBED_API=openai" in err
