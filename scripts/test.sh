@@ -4,7 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-# The real-browser test (wiki_embeddings_tests/test_dagster_browser.py) drives Debian's Chromium through PyPI
+# The real-browser test (wiki_embeddings_tests/integration/test_dagster_browser.py) drives Debian's Chromium through PyPI
 # `playwright` (never `playwright install`, which downloads a browser): install the package when it is missing.
 if [ ! -x "${WIKI_EMBED_CHROMIUM:-/usr/lib/chromium/chromium}" ] && ! command -v chromium >/dev/null 2>&1; then
   echo "test: installing Debian's chromium for the browser test" >&2

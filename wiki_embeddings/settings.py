@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -23,40 +23,6 @@ DEFAULT_STOP_FILE = "/tmp/wiki-embed.stop"
 MAX_BATCH_SIZE = 4096
 # Polite mode's default target request duration: a live query waits behind about this much of a batch.
 DEFAULT_TARGET_REQUEST_SEC = 0.5
-
-# Environment variable for each setting that has one (the runbook's spellings where it has them).
-ENV_VARS: dict[str, str] = {
-    "database_url": "DATABASE_URL",
-    "ollama_url": "OLLAMA_URL",
-    "ollama_model": "OLLAMA_MODEL",
-    "table": "WIKI_EMBED_TABLE",
-    "id_column": "WIKI_EMBED_ID_COLUMN",
-    "text_column": "WIKI_EMBED_TEXT_COLUMN",
-    "embedding_column": "WIKI_EMBED_EMBEDDING_COLUMN",
-    "state_schema": "WIKI_EMBED_STATE_SCHEMA",
-    "text_prefix": "WIKI_EMBED_TEXT_PREFIX",
-    "query_prefix": "WIKI_EMBED_QUERY_PREFIX",
-    "stop_file": "EMBED_STOP_FILE",
-    "failure_log": "WIKI_EMBED_FAILURE_LOG",
-    "max_attempts": "WIKI_EMBED_MAX_ATTEMPTS",
-    "retries": "WIKI_EMBED_RETRIES",
-    "backoff_base_sec": "WIKI_EMBED_BACKOFF_BASE_SEC",
-    "backoff_max_sec": "WIKI_EMBED_BACKOFF_MAX_SEC",
-    "concurrency": "WIKI_EMBED_CONCURRENCY",
-    "polite": "WIKI_EMBED_POLITE",
-    "target_request_sec": "WIKI_EMBED_TARGET_REQUEST_SEC",
-    "with_ollama": "OLALA_START_OLLAMA",
-    "db_reconnect_sec": "WIKI_EMBED_DB_RECONNECT_SEC",
-    "keep_alive": "WIKI_EMBED_KEEP_ALIVE",
-    "num_ctx": "WIKI_EMBED_NUM_CTX",
-    "request_dimensions": "WIKI_EMBED_REQUEST_DIMENSIONS",
-    "load_timeout_sec": "WIKI_EMBED_LOAD_TIMEOUT_SEC",
-    "busy_wait_sec": "WIKI_EMBED_BUSY_WAIT_SEC",
-    "db_statement_timeout_sec": "WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC",
-    "server_wait_sec": "WIKI_EMBED_SERVER_WAIT_SEC",
-    "api": "WIKI_EMBED_API",
-    "api_key": "WIKI_EMBED_API_KEY",
-}
 # The model servers' APIs (WIKI_EMBED_API): Ollama's own, or the OpenAI-compatible `/v1/embeddings` (TEI, vLLM,
 # infinity-emb, llama.cpp, Ollama's /v1, hosted APIs). OLLAMA_URL holds the server URLs for either.
 APIS = ("ollama", "openai")
@@ -70,71 +36,283 @@ def is_true(raw: str | None) -> bool:
     return raw is not None and raw.strip().lower() in _TRUE
 
 
+def parse_concurrency(raw: str) -> int:
+    """`auto` (0: self-tuning, any case and spacing) or a number of requests in flight per server."""
+    return 0 if raw.strip().lower() == "auto" else int(raw)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a setting is set from outside, kept beside the field: the one list the environment, the CLI's flags
+    (cli/parser.py), `resume` and the Dagster config/resources (defs/) derive theirs from."""
+
+    env: str | None = None  # environment variable (the runbook's spellings where it has them)
+    group: str | None = None  # the CLI's argument group (`FLAG_GROUPS`); None: no flag
+    help: str | None = None  # the flag's help text
+    flag: str | None = None  # None: --field-name
+    negative: str | None = None  # a flag that sets it False (tri-state booleans: None means "decide for me")
+    negative_help: str | None = None
+    metavar: str | None = None
+    parse: Callable[[str], Any] | None = None  # text -> value, for the flag and the environment variable
+    choices: tuple[str, ...] | None = None  # the flag's allowed values (after `parse`)
+    resume: bool = False  # replayed by `resume` (core/db runs.options)
+
+
+#: The CLI's argument groups, keyed by `Option.group`.
+FLAG_GROUPS = {
+    "common": "database and model (environment variables in brackets)",
+    "runbook": "runbook flags",
+    "more": "more",
+    "server": "model server (real Ollama's knobs)",
+}
+
+
+def _setting(default: Any, **option: Any) -> Any:
+    return field(default=default, metadata={"option": Option(**option)})
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything a backfill needs to know; immutable so a run's options can be saved and replayed."""
+    """Everything a backfill needs to know; immutable so a run's options can be saved and replayed. Each field's
+    environment variable, flag and help live in its `Option` (fields listed once: everything else derives)."""
 
-    database_url: str | None = None
-    ollama_url: str = DEFAULT_OLLAMA_URL  # comma-separated: several servers are used round-robin
-    ollama_model: str | None = None  # None: the model recorded for the table, else DEFAULT_MODEL
-    table: str = "public.wiki_chunks"
-    id_column: str = "id"
-    text_column: str = "content"
-    embedding_column: str = "embedding"
-    state_schema: str = "wiki_embeddings"
-    text_prefix: str = ""
-    query_prefix: str = ""  # prepended to queries (retrieval self-test before a swap), e.g. 'search_query: '
-    # The runbook's flags.
-    batch_size: int = 64
-    report_every: int = 10
-    timeout_sec: float = 120.0
-    sleep_ms: int = 0
-    max_chars: int = 2000
-    failure_log: str | None = None
-    max_chunks: int | None = None
-    stop_file: str = DEFAULT_STOP_FILE
-    with_ollama: bool = False
-    # Beyond the runbook.
-    # Requests in flight per server: 0 = self-tuning (core/tuning.py; "auto"), N = pinned at N.
-    concurrency: int = 0
-    # Polite mode (live queries share the server): batches sized to `target_request_sec` at depth 1.
-    # None: on for maintenance runs (--max-chunks) once the readiness flag is set, or when a target is given.
-    polite: bool | None = None
-    target_request_sec: float | None = None  # None: DEFAULT_TARGET_REQUEST_SEC
-    max_attempts: int = 3
-    retries: int = 5
-    backoff_base_sec: float = 0.5
-    backoff_max_sec: float = 30.0
-    retry_failed: bool = False
-    include_quarantined: bool = False
-    id_min: int | None = None  # inclusive
-    id_max: int | None = None  # inclusive
-    drop_vector_index: bool = False
-    # Re-embed chunks whose text changed since they were embedded, after the missing ones. None: only in
-    # maintenance runs (the runbook's maintenance is the run with --max-chunks); a bootstrap skips the scan.
-    refresh_changed: bool | None = None
-    maintenance_work_mem: str = "512MB"  # for rebuilding a dropped vector index
-    db_reconnect_sec: float = 60.0  # how long a run waits for a lost database before stopping
-    # The model server (real Ollama's knobs).
-    keep_alive: str = (
-        DEFAULT_KEEP_ALIVE  # sent with every request so the model stays loaded between batches ("-1": forever)
+    database_url: str | None = _setting(
+        None, env="DATABASE_URL", group="common", help="libpq URL [DATABASE_URL]; unset: the embedded PostgreSQL"
     )
-    num_ctx: int | None = None  # options.num_ctx: raise the window up to the model's own maximum
-    request_dimensions: bool = False  # ask a Matryoshka model for `dimensions: D` when the column is narrower
-    load_timeout_sec: float = 300.0  # allowance for the run's first request, which may pay the model's load
-    reembed_cut: bool = False  # also re-embed chunks embedded from a cut (context) or truncated by the server
-    busy_wait_sec: float = 30.0  # how long a run retries chunks another session holds before ending `locked`
-    db_statement_timeout_sec: float = 60.0  # server-side bound of a pipeline statement; the client adds 5 s
-    # How long a run waits while every model server is out of the rotation (core/health.py) before exit 3.
-    server_wait_sec: float = 300.0
+    table: str = _setting(
+        "public.wiki_chunks",
+        env="WIKI_EMBED_TABLE",
+        group="common",
+        help="chunk table, schema-qualified allowed [WIKI_EMBED_TABLE] (public.wiki_chunks)",
+        resume=True,
+    )
+    id_column: str = _setting(
+        "id", env="WIKI_EMBED_ID_COLUMN", group="common", help="[WIKI_EMBED_ID_COLUMN] (id)", resume=True
+    )
+    text_column: str = _setting(
+        "content", env="WIKI_EMBED_TEXT_COLUMN", group="common", help="[WIKI_EMBED_TEXT_COLUMN] (content)", resume=True
+    )
+    embedding_column: str = _setting(
+        "embedding",
+        env="WIKI_EMBED_EMBEDDING_COLUMN",
+        group="common",
+        help="[WIKI_EMBED_EMBEDDING_COLUMN] (embedding)",
+        resume=True,
+    )
+    state_schema: str = _setting("wiki_embeddings", env="WIKI_EMBED_STATE_SCHEMA")
+    # comma-separated: several servers are used round-robin
+    ollama_url: str = _setting(
+        DEFAULT_OLLAMA_URL,
+        env="OLLAMA_URL",
+        group="common",
+        help="comma-separated for several servers [OLLAMA_URL] (http://ollama:11434)",
+        resume=True,
+    )
+    # None: the model recorded for the table, else DEFAULT_MODEL
+    ollama_model: str | None = _setting(
+        None,
+        env="OLLAMA_MODEL",
+        group="common",
+        flag="--model",
+        help="[OLLAMA_MODEL]; unset: the model of the last run",
+        resume=True,
+    )
     # Which API the model servers speak (APIS); under `openai`, --num-ctx is the window in tokens when the server
-    # publishes none, --keep-alive is ignored, --with-ollama refused. The bearer key is never printed or stored.
-    api: str = "ollama"
-    api_key: str | None = field(default=None, repr=False)
+    # publishes none, --keep-alive is ignored, --with-ollama refused.
+    api: str = _setting(
+        "ollama",
+        env="WIKI_EMBED_API",
+        group="common",
+        parse=lambda raw: raw.strip().lower(),
+        choices=APIS,
+        help="the servers' API: ollama, or openai (OpenAI-compatible /v1/embeddings: TEI, vLLM, infinity-emb, "
+        "llama.cpp; URLs still in OLLAMA_URL, bearer key in WIKI_EMBED_API_KEY) [WIKI_EMBED_API] (ollama)",
+        resume=True,
+    )
+    # The bearer key of an OpenAI-compatible server: environment only (never a flag), never printed or stored.
+    api_key: str | None = field(default=None, repr=False, metadata={"option": Option(env="WIKI_EMBED_API_KEY")})
+    text_prefix: str = _setting(
+        "",
+        env="WIKI_EMBED_TEXT_PREFIX",
+        group="common",
+        help="prepended to every text, e.g. 'search_document: ' [WIKI_EMBED_TEXT_PREFIX]",
+        resume=True,
+    )
+    # prepended to queries (retrieval self-test before a swap), e.g. 'search_query: '
+    query_prefix: str = _setting(
+        "",
+        env="WIKI_EMBED_QUERY_PREFIX",
+        group="common",
+        help="the model's query prefix, e.g. 'search_query: ' (swap self-test) [WIKI_EMBED_QUERY_PREFIX]",
+    )
+    max_attempts: int = _setting(
+        3,
+        env="WIKI_EMBED_MAX_ATTEMPTS",
+        group="common",
+        help="failures of the same text before quarantine (3)",
+        resume=True,
+    )
+    # The runbook's flags.
+    batch_size: int = _setting(
+        64,
+        group="runbook",
+        help="most chunks per request (64); trouble (503, timeouts) shrinks batches, success grows them back",
+        resume=True,
+    )
+    report_every: int = _setting(10, group="runbook", help="a progress line every N batches (10)", resume=True)
+    timeout_sec: float = _setting(
+        120.0, group="runbook", help="deadline for one whole embedding request (120)", resume=True
+    )
+    sleep_ms: int = _setting(
+        0, group="runbook", help="pause after each request (0); > 0 means one request in flight", resume=True
+    )
+    max_chars: int = _setting(
+        2000, group="runbook", help="text cut to this many characters before sending (2000)", resume=True
+    )
+    failure_log: str | None = _setting(
+        None,
+        env="WIKI_EMBED_FAILURE_LOG",
+        group="runbook",
+        help="JSONL file for chunks that could not be embedded",
+        resume=True,
+    )
+    max_chunks: int | None = _setting(
+        None, group="runbook", help="stop after this many chunks (maintenance)", resume=True
+    )
     # Run window (core/window.py): the run ends safely, as on the stop file, at `until` (HH:MM local time, or
     # HH:MM+09:00 / HH:MMZ with an explicit offset: its next occurrence) or after `max_minutes`.
-    until: str | None = None
-    max_minutes: float | None = None
+    until: str | None = _setting(
+        None,
+        group="runbook",
+        metavar="HH:MM",
+        help="end the run safely at this time (local, or with an offset: 06:00+09:00)",
+    )
+    max_minutes: float | None = _setting(None, group="runbook", help="end the run safely after this many minutes")
+    with_ollama: bool = _setting(
+        False,
+        env="OLALA_START_OLLAMA",
+        group="runbook",
+        help="start a local embedding service when OLLAMA_URL does not answer (refused under --api openai) "
+        "[OLALA_START_OLLAMA=1]",
+        resume=True,
+    )
+    stop_file: str = _setting(DEFAULT_STOP_FILE, env="EMBED_STOP_FILE", resume=True)
+    # Beyond the runbook.
+    # Requests in flight per server: 0 = self-tuning (core/tuning.py; "auto"), N = pinned at N.
+    concurrency: int = _setting(
+        0,
+        env="WIKI_EMBED_CONCURRENCY",
+        group="more",
+        parse=parse_concurrency,
+        help="requests in flight per Ollama server: N pins it; auto (default) starts at 1 and adds a queued request "
+        "while the server idles between requests, backing off on 503/429/timeouts and latency growth",
+        resume=True,
+    )
+    # Polite mode (live queries share the server): batches sized to `target_request_sec` at depth 1.
+    # None: on for maintenance runs (--max-chunks) once the readiness flag is set, or when a target is given.
+    polite: bool | None = _setting(
+        None,
+        env="WIKI_EMBED_POLITE",
+        group="more",
+        help="live queries share the server: one request in flight, batches sized to --target-request-sec "
+        "(default: on in maintenance runs once the readiness flag is set) [WIKI_EMBED_POLITE]",
+        negative="--no-polite",
+        negative_help="never polite",
+        resume=True,
+    )
+    # None: DEFAULT_TARGET_REQUEST_SEC
+    target_request_sec: float | None = _setting(
+        None,
+        env="WIKI_EMBED_TARGET_REQUEST_SEC",
+        group="more",
+        help="polite mode: the longest a request of ours should hold the server, so a user's query waits about "
+        "that long at most (0.5; giving it turns polite mode on) [WIKI_EMBED_TARGET_REQUEST_SEC]",
+        resume=True,
+    )
+    retries: int = _setting(
+        5,
+        env="WIKI_EMBED_RETRIES",
+        group="more",
+        help="retries of transport errors / overload before stopping (5)",
+        resume=True,
+    )
+    id_min: int | None = _setting(None, group="more", help="only chunks with id >= this", resume=True)  # inclusive
+    id_max: int | None = _setting(None, group="more", help="only chunks with id <= this", resume=True)  # inclusive
+    retry_failed: bool = _setting(
+        False, group="more", help="only the recorded failures, quarantined included (re-run from the failure log)"
+    )
+    drop_vector_index: bool = _setting(
+        False,
+        group="more",
+        help="bootstrap: drop an HNSW/IVFFlat index on the column for the run and rebuild it after",
+    )
+    # Re-embed chunks whose text changed since they were embedded, after the missing ones. None: only in
+    # maintenance runs (the runbook's maintenance is the run with --max-chunks); a bootstrap skips the scan.
+    refresh_changed: bool | None = _setting(
+        None,
+        group="more",
+        help="after the missing chunks, re-embed chunks whose text changed since they were embedded "
+        "(default: on in maintenance runs, i.e. with --max-chunks)",
+        negative="--no-refresh-changed",
+        negative_help="skip that pass",
+        resume=True,
+    )
+    backoff_base_sec: float = _setting(0.5, env="WIKI_EMBED_BACKOFF_BASE_SEC")
+    backoff_max_sec: float = _setting(30.0, env="WIKI_EMBED_BACKOFF_MAX_SEC")
+    include_quarantined: bool = False
+    maintenance_work_mem: str = "512MB"  # for rebuilding a dropped vector index
+    # how long a run waits for a lost database before stopping
+    db_reconnect_sec: float = _setting(60.0, env="WIKI_EMBED_DB_RECONNECT_SEC")
+    # how long a run retries chunks another session holds before ending `locked`
+    busy_wait_sec: float = _setting(30.0, env="WIKI_EMBED_BUSY_WAIT_SEC")
+    # server-side bound of a pipeline statement; the client adds 5 s
+    db_statement_timeout_sec: float = _setting(60.0, env="WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC")
+    # How long a run waits while every model server is out of the rotation (core/health.py) before exit 3.
+    server_wait_sec: float = _setting(300.0, env="WIKI_EMBED_SERVER_WAIT_SEC")
+    # The model server (real Ollama's knobs).
+    # sent with every request so the model stays loaded between batches ("-1": forever)
+    keep_alive: str = _setting(
+        DEFAULT_KEEP_ALIVE,
+        env="WIKI_EMBED_KEEP_ALIVE",
+        group="server",
+        help="sent with every request so the model stays loaded between batches (ignored, with a note, under "
+        "--api openai) [WIKI_EMBED_KEEP_ALIVE] (30m)",
+        resume=True,
+    )
+    # options.num_ctx: raise the window up to the model's own maximum
+    num_ctx: int | None = _setting(
+        None,
+        env="WIKI_EMBED_NUM_CTX",
+        group="server",
+        help="options.num_ctx: the context window in tokens, up to the model's maximum; under --api openai the "
+        "model's window in tokens where the server publishes none (a cap where it does) [WIKI_EMBED_NUM_CTX] "
+        "(the modelfile's default)",
+        resume=True,
+    )
+    # ask a Matryoshka model for `dimensions: D` when the column is narrower
+    request_dimensions: bool = _setting(
+        False,
+        env="WIKI_EMBED_REQUEST_DIMENSIONS",
+        group="server",
+        help="ask a Matryoshka model for `dimensions: D` when the column's vector(D) is narrower than its output "
+        "(either API) [WIKI_EMBED_REQUEST_DIMENSIONS]",
+        resume=True,
+    )
+    # allowance for the run's first request, which may pay the model's load
+    load_timeout_sec: float = _setting(
+        300.0,
+        env="WIKI_EMBED_LOAD_TIMEOUT_SEC",
+        group="server",
+        help="allowance for the first request, which may pay the model's load time [WIKI_EMBED_LOAD_TIMEOUT_SEC] (300)",
+        resume=True,
+    )
+    # also re-embed chunks embedded from a cut (context) or truncated by the server
+    reembed_cut: bool = _setting(
+        False,
+        group="server",
+        help="also re-embed chunks that were cut to fit the context or truncated by the server (e.g. after "
+        "raising --num-ctx)",
+    )
 
     @property
     def ollama_urls(self) -> list[str]:
@@ -195,38 +373,7 @@ class Settings:
 
     def options_for_resume(self) -> dict[str, Any]:
         """The run options worth replaying on `resume` (never the database URL: it may hold a password)."""
-        keep = [
-            "ollama_url",
-            "ollama_model",
-            "table",
-            "id_column",
-            "text_column",
-            "embedding_column",
-            "text_prefix",
-            "batch_size",
-            "report_every",
-            "timeout_sec",
-            "sleep_ms",
-            "max_chars",
-            "failure_log",
-            "max_chunks",
-            "stop_file",
-            "with_ollama",
-            "concurrency",
-            "polite",
-            "target_request_sec",
-            "max_attempts",
-            "retries",
-            "id_min",
-            "id_max",
-            "refresh_changed",
-            "keep_alive",
-            "num_ctx",
-            "request_dimensions",
-            "load_timeout_sec",
-            "api",  # never the key: `resume` reads WIKI_EMBED_API_KEY from the environment
-        ]
-        options = {k: getattr(self, k) for k in keep}
+        options = {name: getattr(self, name) for name, option in OPTIONS.items() if option.resume}
         # Credentials in OLLAMA_URL are never written to the bookkeeping: `resume` takes the URL from the
         # environment then (options["ollama_url"] is None).
         if any(url_secrets(u) for u in self.ollama_urls):
@@ -251,19 +398,34 @@ class Settings:
         return []
 
 
-def _coerce(name: str, raw: str) -> Any:
-    kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
-    if name == "concurrency" and raw.strip().lower() == "auto":
-        return 0
-    if name == "api":
-        return raw.strip().lower()
-    if "bool" in str(kind):
-        return is_true(raw)
-    if "int" in str(kind) and "float" not in str(kind):
-        return int(raw)
-    if "float" in str(kind):
-        return float(raw)
-    return raw
+#: Each field's `Option` (an empty one where the field has none).
+OPTIONS: dict[str, Option] = {f.name: f.metadata.get("option") or Option() for f in dataclasses.fields(Settings)}
+#: Environment variable for each setting that has one.
+ENV_VARS: dict[str, str] = {name: option.env for name, option in OPTIONS.items() if option.env}
+
+
+def value_type(name: str) -> type:
+    """The type of the setting's value (bool, int, float or str), read from its annotation."""
+    kind = str({f.name: f.type for f in dataclasses.fields(Settings)}[name])
+    if "bool" in kind:
+        return bool
+    if "int" in kind and "float" not in kind:
+        return int
+    return float if "float" in kind else str
+
+
+def parse_value(name: str, raw: str) -> Any:
+    """A setting's value from text (an environment variable, a flag), the same way for both."""
+    parse = OPTIONS[name].parse
+    if parse is not None:
+        return parse(raw)
+    kind = value_type(name)
+    return is_true(raw) if kind is bool else kind(raw)
+
+
+def only_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `values` that name a setting (parsed arguments, a run config hold others too)."""
+    return {k: v for k, v in values.items() if k in OPTIONS}
 
 
 def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -273,7 +435,7 @@ def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     for name, var in ENV_VARS.items():
         raw = env.get(var)
         if raw is not None and raw != "":
-            values[name] = _coerce(name, raw)
+            values[name] = parse_value(name, raw)
     settings = Settings(**values)
     return settings.replace(**overrides)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.modelname import same_model
+from wiki_embeddings.core.modelname import same_model, same_prefix
 
 DEFAULT_API = "ollama"
 
@@ -76,7 +76,7 @@ def prefix_problem(store: Store, model: str, text_prefix: str, *, shadow: bool) 
     if identity is None or not same_model(identity["model"], model):
         return None  # nothing recorded yet, or another model (the engine decides about that)
     have = identity["text_prefix"] or ""
-    if have == (text_prefix or ""):
+    if same_prefix(have, text_prefix):
         return None
     column = f"{store.table.qualified}.{store.table.embedding_column}"
     if shadow:

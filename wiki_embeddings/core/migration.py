@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from wiki_embeddings.core import identity
 from wiki_embeddings.core.db import Store, StoreError
-from wiki_embeddings.core.modelname import same_model
+from wiki_embeddings.core.modelname import same_model, same_prefix
 
 
 class MigrationError(RuntimeError):
@@ -58,10 +59,8 @@ def check_target(store: Store, model: str, text_prefix: str | None = None) -> No
     unless `text_prefix` differs from the live column's: identity is model + dimensions + prefix (core/identity.py)."""
     live, _ = store.recorded_model()
     if live and same_model(live, model):
-        from wiki_embeddings.core import identity
-
         have = (identity.recorded(store) or {}).get("text_prefix") or ""
-        if text_prefix is not None and text_prefix != have:
+        if text_prefix is not None and not same_prefix(text_prefix, have):
             return  # the same model with another text prefix: a migration of its own
         if (store.latest_trust("verify", live) or {}).get("verdict") == "model_changed":
             return  # `verify` found other weights behind the name: re-embedding with them is a migration

@@ -53,7 +53,12 @@ QUALITY_KEYS = [
 
 
 class QualityRefused(RuntimeError):
-    """The swap was refused by the retrieval self-test; the message carries the figures."""
+    """The swap was refused by the retrieval self-test; the message carries the figures, `figures` the recorded
+    ones (`latest_figures`)."""
+
+    def __init__(self, message: str, figures: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.figures = figures or {}
 
 
 @dataclass
@@ -239,7 +244,9 @@ def gate(
         )
         log(f"{report.message}\n--force: swapping although the quality gate says {report.verdict}; recorded")
         return report
-    raise QualityRefused(f"swap refused by the retrieval self-test ({report.verdict}): {report.message}")
+    raise QualityRefused(
+        f"swap refused by the retrieval self-test ({report.verdict}): {report.message}", latest_figures(store)
+    )
 
 
 def latest_figures(store: Store) -> dict[str, Any]:

@@ -14,14 +14,8 @@ import dagster as dg
 
 from wiki_embeddings.core.readiness import assess
 from wiki_embeddings.core.verify import drift_figures
-from wiki_embeddings.defs.assets import (
-    LIVE_AUTOMATION,
-    embedding_coverage,
-    missing_summary,
-    progress,
-    range_table,
-    worst_ranges,
-)
+from wiki_embeddings.defs.assets import LIVE_AUTOMATION, embedding_coverage
+from wiki_embeddings.defs.metadata import missing_summary, progress, range_table, worst_ranges
 from wiki_embeddings.defs.partitions import RANGE_WIDTH
 from wiki_embeddings.defs.resources import WikiDatabaseResource
 

@@ -7,14 +7,13 @@ import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from wiki_embeddings.defs.assets import (
-    MaintenanceConfig,
-    RangeRunConfig,
     embedding_coverage,
     missing_wiki_chunks,
     wiki_chunk_embeddings,
     wiki_chunk_embeddings_maintenance,
     wiki_chunks,
 )
+from wiki_embeddings.defs.config import MaintenanceConfig, RangeRunConfig
 from wiki_embeddings.defs.resources import WikiDatabaseResource
 
 #: Run tag naming the runbook mode; dagster.yaml limits maintenance runs to one at a time with it.

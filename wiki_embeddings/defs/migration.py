@@ -5,9 +5,11 @@ the shadow column and records the target; the live column keeps serving); `fill_
 then queues `model_migration_job` for every ID range that holds chunks (one run per range, like the bootstrap).
 Swap with `model_swap_job`, or turn on `model_swap_sensor` (on by default when WIKI_EMBED_AUTO_SWAP=true) to
 swap as soon as the shadow is complete and nothing runs; `after_swap_sensor` then tells the backend the new
-model (WIKI_EMBEDDINGS_MODEL in the readiness env file, restart command) and refreshes coverage. While a
+model (WIKI_EMBEDDINGS_MODEL in the readiness env file, restart command) and refreshes coverage (as after
+`model_rollback_job`, which swaps the previous column back). While a
 migration is in progress the maintenance job also fills the shadow, so chunks added meanwhile never hold the
-swap back. The logic is the core's (`wiki_embeddings.core.migration`); this module only declares.
+swap back. The operations are the core's (`wiki_embeddings.core.operations`, the CLI runs the same ones); this
+module only declares and reports.
 """
 
 import os
@@ -17,25 +19,23 @@ import dagster as dg
 from pydantic import Field
 
 from wiki_embeddings.core import migration, operations, quality
-from wiki_embeddings.core.db import Store, StoreError
+from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.readiness import MODEL_KEY, restart_backend, set_value
 from wiki_embeddings.core.status import migration_figures
-from wiki_embeddings.defs.assets import (
+from wiki_embeddings.defs.assets import embedding_coverage
+from wiki_embeddings.defs.config import OLLAMA_POOL, TRANSIENT_RETRY, RangeRunConfig
+from wiki_embeddings.defs.jobs import MODE_TAG, coverage_job
+from wiki_embeddings.defs.metadata import status_metadata
+from wiki_embeddings.defs.outcomes import (
     CLEAN_STATES,
-    OLLAMA_POOL,
-    TRANSIENT_RETRY,
-    RangeRunConfig,
-    _raise_if_stopped,
-    _raise_on_trouble,
-    _run,
-    embedding_coverage,
+    raise_if_stopped,
+    raise_on_trouble,
     report_metadata,
-    status_metadata,
+    run_failures,
     window_ended,
 )
-from wiki_embeddings.defs.jobs import MODE_TAG, coverage_job
 from wiki_embeddings.defs.partitions import LAST_RANGE_ID, id_ranges, key_for_id, range_bounds
-from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource
+from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource, run_settings
 from wiki_embeddings.settings import is_true
 
 TARGET_TAG = "wiki_embeddings/target_model"
@@ -68,6 +68,16 @@ class StartMigrationConfig(dg.Config):
     """What to migrate to; the shadow column is `<embedding column>_next`."""
 
     to_model: str = Field(description="the Ollama model to migrate to, e.g. nomic-embed-text (must be pulled)")
+    text_prefix: str | None = Field(
+        default=None,
+        description="prepended to every text the new model embeds, e.g. 'search_document: ' (the same model with "
+        "a new prefix is a migration too); null: the ollama resource's (`migrate-model --text-prefix`)",
+    )
+    query_prefix: str | None = Field(
+        default=None,
+        description="the new model's query prefix, e.g. 'search_query: ' (the swap's self-test); null: the ollama "
+        "resource's (`migrate-model --query-prefix`)",
+    )
     fill_all_ranges: bool = Field(
         default=True,
         description="then queue model_migration_job for every ID range holding chunks "
@@ -83,20 +93,14 @@ def start_model_migration(
     ollama: OllamaResource,
 ) -> None:
     to_model = config.to_model.strip()
-    if not to_model:
-        raise dg.Failure(description="to_model is empty: name the Ollama model to migrate to", allow_retries=False)
-    settings = database.settings(**ollama.overrides())
+    settings = run_settings(database, ollama, text_prefix=config.text_prefix, query_prefix=config.query_prefix)
+    with run_failures("migration start", settings):
+        settings = operations.migration_settings(settings, to_model)
+        started = operations.start_migration(settings, to_model, log=context.log.info, probe=ollama.probe_dimensions)
+    context.log.info(started.message(settings.embedding_column))
     with database.store(settings) as store:
-        store.migrate()
-        store.column_dimensions()  # a clear error when the table or its column is absent
-    dimensions = ollama.probe_dimensions(settings, to_model)
-    with database.store(settings) as store:
-        try:
-            started = migration.start(store, to_model, dimensions)
-        except migration.MigrationError as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from None
-        context.log.info(started.message(store.table.embedding_column))
-        context.log_event(migration_observation(store, shadow_column=started.shadow_column, dimensions=dimensions))
+        observation = migration_observation(store, shadow_column=started.shadow_column, dimensions=started.dimensions)
+    context.log_event(observation)
 
 
 @dg.job(
@@ -117,39 +121,24 @@ def start_model_migration_job() -> None:
 def fill_shadow_range(
     context: dg.OpExecutionContext, config: RangeRunConfig, database: WikiDatabaseResource, ollama: OllamaResource
 ) -> None:
-    with database.store() as store:
-        store.migrate()
-        overrides = operations.shadow_overrides(store)
-    if overrides is None:
-        raise dg.Failure(
-            description="no model migration recorded: start one with start_model_migration_job (or "
-            "`wiki-embeddings migrate-model --to MODEL`), which asks the model for its vector length and adds the "
-            "shadow column",
-            allow_retries=False,
-        )
-    target, shadow = overrides["ollama_model"], overrides["embedding_column"]
     key = context.partition_key
     id_min, id_max = range_bounds(key, key)
+    mode = f"dagster migrate {key}"
+    settings = run_settings(database, ollama, id_min=id_min, id_max=id_max, **config.engine_settings())
+    with run_failures(mode, settings):
+        overrides = operations.active_shadow(settings)
+        report = operations.fill_shadow(settings, overrides, mode=mode, log=context.log.info)
+    target, shadow = overrides["ollama_model"], overrides["embedding_column"]
     what = f"migration to {target} range {key}"
-    report, settings = _run(
-        context,  # type: ignore[arg-type]
-        database,
-        ollama,
-        mode=f"dagster migrate {key}",
-        id_min=id_min,
-        id_max=id_max,
-        **config.engine_settings(),
-        **overrides,
-    )
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max, "shadow_column": shadow}
     if report.state in CLEAN_STATES:  # the database answered; after a transient end, retrying comes first
         with database.store() as store:
             context.log_event(migration_observation(store, partition=key))
-    _raise_on_trouble(report, metadata, what)
+    raise_on_trouble(report, metadata, what)
     if window_ended(report):  # the run window closed: the range is resumed by its next run, not failed
         context.log.info(f"{what}: {report.stop_reason}; {report.remaining} chunks left for the next run")
         return
-    _raise_if_stopped(report, metadata, what)
+    raise_if_stopped(report, metadata, what)
     if report.remaining > 0:
         raise dg.Failure(
             description=f"{what}: {report.remaining} chunks still missing in {shadow} ({report.failed} failed "
@@ -229,25 +218,22 @@ class SwapConfig(dg.Config):
 def swap_model(
     context: dg.OpExecutionContext, config: SwapConfig, database: WikiDatabaseResource, ollama: OllamaResource
 ) -> None:
-    settings = database.settings(**ollama.overrides())
-    with database.store(settings) as store:
-        store.migrate()
-        try:
-            report = quality.gate(
-                store,
+    def gated(store: Store, report: quality.QualityReport) -> None:
+        context.log_event(migration_observation(store, **status_metadata(report.figures())))
+
+    settings = run_settings(database, ollama)
+    try:
+        with run_failures("swap", settings):
+            message = operations.swap(
                 settings,
                 force=config.force,
                 sample=config.quality_sample,
                 margin=config.quality_margin,
                 log=context.log.info,
+                gated=gated,
             )
-            context.log_event(migration_observation(store, **status_metadata(report.figures())))
-            message = migration.swap(store, log=context.log.info)
-        except quality.QualityRefused as exc:  # the figures ride on the failure (the step's events end here)
-            figures = status_metadata(quality.latest_figures(store))
-            raise dg.Failure(description=str(exc), metadata=figures, allow_retries=False) from None
-        except (migration.MigrationError, StoreError) as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from None
+    except quality.QualityRefused as exc:  # the figures ride on the failure (the step's events end here)
+        raise dg.Failure(description=str(exc), metadata=status_metadata(exc.figures), allow_retries=False) from None
     context.log.info(message)
 
 
@@ -258,6 +244,26 @@ def swap_model(
 )
 def model_swap_job() -> None:
     swap_model()
+
+
+@dg.op(
+    description="Swap the previous column back in (one transaction; refused while it lacks vectors, a shadow column "
+    "exists or a run of the table is in flight)."
+)
+def rollback_model(context: dg.OpExecutionContext, database: WikiDatabaseResource, ollama: OllamaResource) -> None:
+    settings = run_settings(database, ollama)
+    with run_failures("rollback", settings):
+        message = operations.rollback(settings, log=context.log.info)
+    context.log.info(message)
+
+
+@dg.job(
+    tags={MODE_TAG: "rollback"},
+    description="Swap the previous model's column back in (`migrate-model --rollback`); after_swap_sensor then "
+    "tells the backend the restored model, as after a swap.",
+)
+def model_rollback_job() -> None:
+    rollback_model()
 
 
 def _auto_swap_default() -> dg.DefaultSensorStatus:
@@ -295,11 +301,11 @@ def model_swap_sensor(context: dg.SensorEvaluationContext, database: WikiDatabas
 @dg.run_status_sensor(
     name="after_swap_sensor",
     run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=[model_swap_job],
+    monitored_jobs=[model_swap_job, model_rollback_job],
     request_job=coverage_job,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description=f"After a swap: writes {MODEL_KEY}=<new live model> into the readiness env file and runs "
-    "WIKI_EMBEDDINGS_RESTART_CMD (the backend must embed queries with the new model), then refreshes "
+    description=f"After a swap (or a rollback): writes {MODEL_KEY}=<new live model> into the readiness env file and "
+    "runs WIKI_EMBEDDINGS_RESTART_CMD (the backend must embed queries with the new model), then refreshes "
     "embedding_coverage and missing_is_zero so the check judges the new model.",
 )
 def after_swap_sensor(
@@ -318,5 +324,5 @@ def after_swap_sensor(
     return dg.RunRequest(run_key=f"after-swap:{context.dagster_run.run_id}")
 
 
-MIGRATION_JOBS = [start_model_migration_job, model_migration_job, model_swap_job]
+MIGRATION_JOBS = [start_model_migration_job, model_migration_job, model_swap_job, model_rollback_job]
 MIGRATION_SENSORS = [fill_migration_after_start_sensor, model_swap_sensor, after_swap_sensor]

@@ -10,25 +10,34 @@ Precedence for one run: run config > resource field > environment variable > cor
 """
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from wiki_embeddings.core import control, operations
-from wiki_embeddings.core.backfill import RunReport
+from wiki_embeddings.core import control
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.embedders import PooledClient
-from wiki_embeddings.core.factories import build_client, build_store, probe_model_dimensions, resolve_model
+from wiki_embeddings.core.factories import build_store, probe_model_dimensions
+from wiki_embeddings.core.operations import default_client
 from wiki_embeddings.core.readiness import ReadinessSettings
 from wiki_embeddings.local_services import database_url
-from wiki_embeddings.settings import Settings, from_env
+from wiki_embeddings.settings import OPTIONS, Settings, from_env
 
 
 def _set(**values: Any) -> dict[str, Any]:
     """The fields an operator actually set ('' counts as unset, like an empty environment variable)."""
     return {k: v for k, v in values.items() if v is not None and v != ""}
+
+
+def _overrides(resource: dg.ConfigurableResource, **renamed: str) -> dict[str, Any]:
+    """The settings a resource's fields set: each field is the setting of its name (or of `renamed[field]`)."""
+    values = {renamed.get(name, name): getattr(resource, name) for name in type(resource).model_fields}
+    unknown = set(values) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"{type(resource).__name__} has fields that are no setting: {sorted(unknown)}")
+    return _set(**values)
 
 
 class WikiDatabaseResource(dg.ConfigurableResource):
@@ -55,16 +64,7 @@ class WikiDatabaseResource(dg.ConfigurableResource):
     )
 
     def overrides(self) -> dict[str, Any]:
-        return _set(
-            database_url=self.database_url,
-            table=self.table,
-            id_column=self.id_column,
-            text_column=self.text_column,
-            embedding_column=self.embedding_column,
-            state_schema=self.state_schema,
-            stop_file=self.stop_file,
-            max_attempts=self.max_attempts,
-        )
+        return _overrides(self)
 
     def settings(self, **run: Any) -> Settings:
         """Environment, then this resource's fields, then `run` (run config) on top."""
@@ -93,7 +93,7 @@ class WikiDatabaseResource(dg.ConfigurableResource):
 
 
 class OllamaResource(dg.ConfigurableResource):
-    """The embedding server(s): Ollama's API or an OpenAI-compatible one (`api`); wraps the core's client."""
+    """The Ollama embedding server(s); wraps the core `OllamaClient`."""
 
     url: str | None = Field(
         default=None,
@@ -130,22 +130,11 @@ class OllamaResource(dg.ConfigurableResource):
     )
 
     def overrides(self) -> dict[str, Any]:
-        return _set(
-            ollama_url=self.url,
-            ollama_model=self.model,
-            timeout_sec=self.timeout_sec,
-            max_chars=self.max_chars,
-            retries=self.retries,
-            concurrency=self.concurrency,
-            text_prefix=self.text_prefix,
-            query_prefix=self.query_prefix,
-            api=self.api,
-            api_key=self.api_key,
-        )
+        return _overrides(self, url="ollama_url", model="ollama_model")
 
     def client(self, settings: Settings, store: Store) -> PooledClient:
         """A client for the model to use: the configured one, else the one recorded for the table."""
-        return build_client(settings, resolve_model(settings, store))
+        return default_client(settings, store)
 
     def probe_dimensions(self, settings: Settings, model: str) -> int:
         """Ask `model` for one vector: its length sizes a migration's shadow column."""
@@ -183,16 +172,8 @@ class ReadinessResource(dg.ConfigurableResource):
         )
 
 
-def run_engine(
-    database: WikiDatabaseResource,
-    ollama: OllamaResource,
-    *,
-    mode: str,
-    log: Callable[[str], None],
-    **run: Any,
-) -> tuple[RunReport, Settings]:
-    """One core backfill run with the layered settings; the database URL resolved (embedded when empty)."""
+def run_settings(database: WikiDatabaseResource, ollama: OllamaResource, **run: Any) -> Settings:
+    """The settings of one run of a core operation: environment, both resources' fields, then `run` (run config),
+    validated, with the database URL resolved (the embedded PostgreSQL when empty)."""
     settings = from_env(**{**database.overrides(), **ollama.overrides(), **_set(**run)})
-    settings = settings.replace(database_url=database_url(settings)).validate()
-    assert settings.database_url is not None
-    return operations.run_backfill(settings, mode=mode, log=log, client=ollama.client), settings
+    return settings.replace(database_url=database_url(settings)).validate()

@@ -4,7 +4,7 @@ import os
 
 import dagster as dg
 
-from wiki_embeddings.defs.assets import MaintenanceConfig
+from wiki_embeddings.defs.config import MaintenanceConfig
 from wiki_embeddings.defs.jobs import MODE_TAG, maintenance_job
 
 MAINTENANCE_CRON_ENV = "WIKI_EMBED_MAINTENANCE_CRON"

@@ -26,7 +26,8 @@ from typing import Any
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
-from wiki_embeddings.defs.assets import observe_table, wiki_chunk_embeddings
+from wiki_embeddings.defs.assets import wiki_chunk_embeddings
+from wiki_embeddings.defs.metadata import observe_table
 from wiki_embeddings.defs.partitions import RANGE_COUNT, RANGE_WIDTH, id_ranges, key_bounds
 from wiki_embeddings.defs.resources import WikiDatabaseResource
 

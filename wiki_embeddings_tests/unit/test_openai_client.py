@@ -24,6 +24,8 @@ from wiki_embeddings.core.embedders import (
     ServerUnavailable,
 )
 
+pytestmark = pytest.mark.unit
+
 URL = "http://emb.test:8080"
 KEY = "sk-secret-key-123"
 Handler = Callable[[httpx.Request], httpx.Response]

@@ -11,6 +11,7 @@ from psycopg import sql
 from wiki_embeddings.core.db.connection import STATEMENT_TIMEOUT_SEC, StoreBase
 from wiki_embeddings.core.db.errors import StoreError
 from wiki_embeddings.core.db.records import TableRef, check_identifier
+from wiki_embeddings.core.modelname import same_model
 
 if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
@@ -37,7 +38,7 @@ class ColumnsMixin(StoreBase):
         """Add the shadow column vector(D) (idempotent) and record the migration; True if the column was added."""
         check_identifier(shadow, "shadow column")
         state = self.table_state()
-        if state.get("migration_model") and state["migration_model"] != model:
+        if state.get("migration_model") and not same_model(state["migration_model"], model):
             raise StoreError(
                 f"a migration to {state['migration_model']!r} is in progress in column {state['migration_column']!r};"
                 " finish it (--swap) or drop it (--abort) first"

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from wiki_embeddings.core.errors import first_line
+
 
 class StoreError(RuntimeError):
     """A problem with the database that the operator must fix (missing table, wrong column type...)."""
@@ -34,7 +36,7 @@ class DatabaseError(StoreError):
 
     @property
     def first_line(self) -> str:
-        return (str(self).strip().splitlines() or [type(self).__name__])[0]
+        return first_line(self)
 
 
 class DatabaseUnavailable(DatabaseError):

@@ -95,10 +95,6 @@ class WriteResult(int):
         return obj
 
 
-def _same_model(a: str, b: str) -> bool:
-    return a.removesuffix(":latest") == b.removesuffix(":latest")
-
-
 @dataclass(frozen=True)
 class VectorNotes:
     """Per-vector provenance of one batch, parallel to its ids: what was actually embedded."""

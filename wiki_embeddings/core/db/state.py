@@ -10,7 +10,8 @@ from psycopg.rows import dict_row
 
 from wiki_embeddings.core.db.connection import StoreBase
 from wiki_embeddings.core.db.errors import ModelMismatch
-from wiki_embeddings.core.db.records import _same_model
+from wiki_embeddings.core.db.modelnames import canonical_sql
+from wiki_embeddings.core.modelname import canonical, same_model
 
 if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
@@ -75,12 +76,12 @@ class StateMixin(StoreBase):
         self.conn.execute(
             sql.SQL(
                 "UPDATE {s}.table_state SET model = %s, dimensions = %s, updated_at = now() WHERE table_name = %s"
-                " AND (model IS NULL OR regexp_replace(model, ':latest$', '') = regexp_replace(%s, ':latest$', ''))"
-            ).format(s=self._s),
-            (model, dimensions, self.table.qualified, model),
+                " AND (model IS NULL OR {model} = %s)"
+            ).format(s=self._s, model=canonical_sql(sql.Identifier("model"))),
+            (model, dimensions, self.table.qualified, canonical(model)),
         )
         recorded, _ = self.recorded_model()
-        if recorded is not None and not _same_model(recorded, model):
+        if recorded is not None and not same_model(recorded, model):
             # A swap committed between this run's model check and now: the column belongs to `recorded`.
             raise ModelMismatch(
                 f"{self.table.qualified}.{self.table.embedding_column} holds model {recorded!r} now (swapped while "

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 
 from wiki_embeddings.core.db.connection import StoreBase, _is_sql_ascii
+from wiki_embeddings.core.db.modelnames import canonical_sql
 from wiki_embeddings.core.db.records import coverage_pct
+from wiki_embeddings.core.modelname import canonical
 from wiki_embeddings.core.text import UTF8_MAX_BYTES_PER_CHAR
 
 if TYPE_CHECKING:
@@ -53,9 +55,9 @@ class StatsMixin(StoreBase):
             row = self.conn.execute(
                 sql.SQL(
                     "SELECT count(*) FROM {s}.embedding_provenance WHERE table_name = %s AND column_attnum = %s"
-                    " AND model <> %s"
-                ).format(s=self._s),
-                (self.table.qualified, self._current_attnum(), state["model"]),
+                    " AND {model} <> %s"
+                ).format(s=self._s, model=canonical_sql(sql.Identifier("model"))),
+                (self.table.qualified, self._current_attnum(), canonical(state["model"])),
             ).fetchone()
             stale_model = int(row[0]) if row else 0
         scanned = state.get("stale_text_scanned_at")

@@ -11,6 +11,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from wiki_embeddings.core.db.connection import StoreBase
+from wiki_embeddings.core.db.modelnames import canonical_sql
+from wiki_embeddings.core.modelname import canonical
 
 if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
@@ -129,10 +131,15 @@ class TrustMixin(StoreBase):
             .execute(
                 sql.SQL(
                     "SELECT run_id, model, recorded_at, result FROM {s}.trust_log WHERE table_name = %(t)s"
-                    " AND kind = %(k)s AND (%(m)s::text IS NULL OR model = %(m)s)"
+                    " AND kind = %(k)s AND (%(m)s::text IS NULL OR {model} = %(m)s)"
                     " AND (%(v)s::text[] IS NULL OR result->>'verdict' = ANY(%(v)s::text[])) ORDER BY id DESC LIMIT 1"
-                ).format(s=self._s),
-                {"t": self.table.qualified, "k": kind, "m": model, "v": list(verdicts) if verdicts else None},
+                ).format(s=self._s, model=canonical_sql(sql.Identifier("model"))),
+                {
+                    "t": self.table.qualified,
+                    "k": kind,
+                    "m": None if model is None else canonical(model),
+                    "v": list(verdicts) if verdicts else None,
+                },
             )
             .fetchone()
         )

@@ -12,7 +12,9 @@ from psycopg.rows import dict_row
 
 from wiki_embeddings.core.db.connection import StoreBase
 from wiki_embeddings.core.db.errors import ModelMismatch, StoreError
-from wiki_embeddings.core.db.records import Provenance, VectorNotes, WriteResult, _same_model
+from wiki_embeddings.core.db.modelnames import canonical_sql
+from wiki_embeddings.core.db.records import Provenance, VectorNotes, WriteResult
+from wiki_embeddings.core.modelname import canonical, same_model
 
 if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
@@ -58,6 +60,7 @@ class WritesMixin(StoreBase):
                 expected=self._attnum,
                 table=self.table.qualified,
                 model=provenance.model,
+                model_key=canonical(provenance.model),
                 dim=provenance.dimensions,
                 max_chars=provenance.max_chars,
                 prefix=provenance.text_prefix,
@@ -76,7 +79,7 @@ class WritesMixin(StoreBase):
                 )
             self._attnum = int(attnum)
             column_model = row[2] if row else None
-            if column_model is not None and not _same_model(column_model, provenance.model):
+            if column_model is not None and not same_model(column_model, provenance.model):
                 raise ModelMismatch(
                     f"{self.table.qualified}.{self.table.embedding_column} now takes model {column_model!r} "
                     f"(a swap or another run changed it); nothing of model {provenance.model!r} was written in "
@@ -116,9 +119,8 @@ class WritesMixin(StoreBase):
             # model's vectors into a column that now belongs to another model.
             column_check = sql.SQL(
                 " AND (%(expected)s::smallint IS NULL OR (SELECT attnum FROM a) = %(expected)s)"
-                " AND ((SELECT m FROM cm) IS NULL OR regexp_replace((SELECT m FROM cm), ':latest$', '')"
-                " = regexp_replace(%(model)s, ':latest$', ''))"
-            )
+                " AND ((SELECT m FROM cm) IS NULL OR {column_model} = %(model_key)s)"
+            ).format(column_model=canonical_sql(sql.SQL("(SELECT m FROM cm)")))
             attnum_out = sql.SQL("(SELECT attnum FROM a), (SELECT m FROM cm)")
             model_cte = sql.SQL(
                 " cm AS (SELECT CASE WHEN ts.migration_column = %(column)s THEN ts.migration_model ELSE ts.model END"

@@ -37,6 +37,7 @@ from wiki_embeddings.core.embedders.http import (
 )
 from wiki_embeddings.core.embedders.pooled import MAX_BATCH_TEXTS, OVERLOAD_STATUSES, PROBE_TEXT, PooledClient
 from wiki_embeddings.core.embedders.servers import Server
+from wiki_embeddings.core.modelname import same_model
 from wiki_embeddings.settings import mask_url
 
 __all__ = ["MAX_BATCH_TEXTS", "OVERLOAD_STATUSES", "PROBE_TEXT", "OllamaClient"]
@@ -124,13 +125,10 @@ class OllamaClient(PooledClient):
         except (httpx.HTTPError, TimeoutError, ValueError):
             return None
 
-        def norm(name: object) -> str:
-            text = str(name or "").strip().lower()
-            return text[: -len(":latest")] if text.endswith(":latest") else text
-
         models = data.get("models") if isinstance(data, dict) else None
         for entry in models if isinstance(models, list) else []:
-            if isinstance(entry, dict) and norm(self.model) in (norm(entry.get("name")), norm(entry.get("model"))):
+            names = (entry.get("name"), entry.get("model")) if isinstance(entry, dict) else ()
+            if any(same_model(self.model, str(name or "")) for name in names):
                 digest = entry.get("digest")
                 return str(digest) if digest else None
         return None
