@@ -21,6 +21,7 @@ from wiki_embeddings.core.embedders import (
     InputRejected,
     ModelNotFound,
     OpenAIClient,
+    RunnerCrashed,
     ServerUnavailable,
 )
 
@@ -163,6 +164,15 @@ def test_refusals_of_length_are_cut_to_fit(status: int, message: str) -> None:
     with pytest.raises(ContextExceeded) as caught:
         run(embed(client(server), ["long text"]))
     assert caught.value.http_status == status and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_ollamas_runner_crash_through_v1_is_a_length_problem(status: int) -> None:
+    """Ollama 0.31 through /v1: `do embedding request: Post "…/embedding": EOF` (a 400 from its /v1 handler)."""
+    message = 'do embedding request: Post "http://127.0.0.1:39227/embedding": EOF'
+    server = Server(lambda r: httpx.Response(status, json={"error": {"message": message, "type": "api_error"}}))
+    with pytest.raises(RunnerCrashed):
+        run(embed(client(server), ["long text"]))
 
 
 def test_413_without_length_words_shrinks_the_batch_and_is_retried() -> None:

@@ -221,6 +221,10 @@ class OpenAIClient(PooledClient):
             raise wire.Transient(
                 f"HTTP {status} from {where}: {text}", http_status=status, retry_after=resp.retry_after()
             )
+        if status in (400, 500) and wire.RUNNER_CRASH.search(text):
+            # Ollama 0.31's runner crash on an input over its physical batch (its /v1 handler answers it as a 400):
+            # a length problem, never the chunk's fault.
+            raise base.RunnerCrashed(f"HTTP {status}: {text}", http_status=status, server=index)
         if status in (400, 413, 422) and CONTEXT_REFUSAL.search(text):
             raise base.ContextExceeded(f"HTTP {status}: {text}", http_status=status, server=index)
         if status == 413:  # too large, not too long: a smaller batch is the cure
@@ -241,8 +245,6 @@ class OpenAIClient(PooledClient):
             )
         if 400 <= status < 500:
             raise base.InputRejected(f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index)
-        if status == 500 and wire.RUNNER_CRASH.search(text):
-            raise base.RunnerCrashed(f"HTTP 500: {text}", http_status=500, server=index)
         if status >= 500:
             raise base.AmbiguousFailure(
                 f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index
