@@ -106,7 +106,7 @@ def migration_figures(store: Store) -> dict[str, Any]:
     }
 
 
-RUN_LEASE_SEC = 90.0  # a running run touches its row every 10 s (engine.HEARTBEAT_EVERY_SEC)
+RUN_LEASE_SEC = 90.0  # a running run touches its row every 10 s (core/backfill/liveness.py: HEARTBEAT_EVERY_SEC)
 
 
 def run_state(run: dict[str, Any]) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +19,12 @@ from pathlib import Path
 from wiki_embeddings.core import identity
 from wiki_embeddings.core.backfill import prepare
 from wiki_embeddings.core.backfill.claimer import Claimer
-from wiki_embeddings.core.backfill.dbcalls import DbCalls, in_daemon_thread
+from wiki_embeddings.core.backfill.dbcalls import DbCalls
 from wiki_embeddings.core.backfill.endstate import RunCounts, end_state
-from wiki_embeddings.core.backfill.errors import Fatal, NoAnswer
+from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.failures import FailureRecorder
 from wiki_embeddings.core.backfill.halt import Halt
+from wiki_embeddings.core.backfill.liveness import heartbeats_of, install_signal_handlers
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
 from wiki_embeddings.core.backfill.report import RunReport
 from wiki_embeddings.core.backfill.worker import CANARY_TEXT, EmbedWorker
@@ -35,8 +35,6 @@ from wiki_embeddings.core.failure_log import FailureLog
 from wiki_embeddings.core.progress import LineReporter, Progress, Reporter, servers_note
 from wiki_embeddings.core.tuning import Tuning
 from wiki_embeddings.settings import Settings, redact, url_secrets
-
-HEARTBEAT_EVERY_SEC = 10.0  # the run's row is touched this often; `status` calls a run stalled past its lease
 
 
 class Backfill:
@@ -175,8 +173,10 @@ class Backfill:
         if dropped:
             report.index_seconds["dropped"] = [i["name"] for i in dropped]
         self.started = time.perf_counter()
-        removers = self._install_signal_handlers()
-        heartbeats = asyncio.create_task(self._heartbeats(report))
+        removers = install_signal_handlers(self.request_stop) if self.handle_signals else []
+        heartbeats = asyncio.create_task(
+            heartbeats_of(report, self.store, self.db, self.client, lambda: self.recorder.failed, self.started)
+        )
         try:
             await self._pipeline(report)
             await self.claimer.wait_busy(lambda: self._pipeline(report), lambda: self.halt.halted)
@@ -382,36 +382,6 @@ class Backfill:
         self.reporter.progress(
             Progress(report.embedded, failed, total, rate, eta, note), self.writer.batches % self.s.report_every == 0
         )
-
-    async def _heartbeats(self, report: RunReport) -> None:
-        """Touch the run's row every HEARTBEAT_EVERY_SEC whatever the pipeline waits on: `status` tells a run that
-        stopped doing so (a frozen process, a black-holed database) by its heartbeat, not by hope."""
-        while True:
-            await asyncio.sleep(HEARTBEAT_EVERY_SEC)
-            if report.run_id is None:
-                continue
-            elapsed = max(time.perf_counter() - self.started, 1e-9)
-            servers = self.client.server_states()
-            beat = (report.run_id, report.embedded, self.recorder.failed, report.embedded / elapsed, servers)
-            try:  # off the event loop: the embed workers keep the server busy meanwhile
-                await self.db.answer(in_daemon_thread(self.store.heartbeat_run, *beat))
-            except NoAnswer:
-                self.store.forget_connection()
-            except (DatabaseError, Fatal):
-                self.store.close()  # the next bookkeeping call reconnects
-
-    def _install_signal_handlers(self) -> list[Callable[[], object]]:
-        if not self.handle_signals:
-            return []
-        loop = asyncio.get_running_loop()
-        removers: list[Callable[[], object]] = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
-                removers.append(functools.partial(loop.remove_signal_handler, sig))
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
-        return removers
 
     def _clean(self, message: str) -> str:
         return redact(message, self._secrets)

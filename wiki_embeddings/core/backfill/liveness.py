@@ -1,0 +1,50 @@
+"""How a run shows it is alive and hears a signal: the heartbeat on its row, SIGINT/SIGTERM as a stop request."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+import time
+from collections.abc import Callable
+
+from wiki_embeddings.core.backfill.dbcalls import DbCalls, in_daemon_thread
+from wiki_embeddings.core.backfill.errors import Fatal, NoAnswer
+from wiki_embeddings.core.backfill.report import RunReport
+from wiki_embeddings.core.db import DatabaseError, Store
+from wiki_embeddings.core.embedders import Embedder
+
+HEARTBEAT_EVERY_SEC = 10.0  # the run's row is touched this often; `status` calls a run stalled past its lease
+
+
+async def heartbeats_of(
+    report: RunReport, store: Store, db: DbCalls, client: Embedder, failed: Callable[[], int], started: float
+) -> None:
+    """Touch the run's row every HEARTBEAT_EVERY_SEC whatever the pipeline waits on: `status` tells a run that
+    stopped doing so (a frozen process, a black-holed database) by its heartbeat, not by hope. Each beat also records
+    the run's model servers (in the rotation or out, and why)."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_EVERY_SEC)
+        if report.run_id is None:
+            continue
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        beat = (report.run_id, report.embedded, failed(), report.embedded / elapsed, client.server_states())
+        try:  # off the event loop: the embed workers keep the server busy meanwhile
+            await db.answer(in_daemon_thread(store.heartbeat_run, *beat))
+        except NoAnswer:
+            store.forget_connection()
+        except (DatabaseError, Fatal):
+            store.close()  # the next bookkeeping call reconnects
+
+
+def install_signal_handlers(request_stop: Callable[[str], None]) -> list[Callable[[], object]]:
+    """SIGINT and SIGTERM become stop requests (what is in flight is written); returns their removers."""
+    loop = asyncio.get_running_loop()
+    removers: list[Callable[[], object]] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, request_stop, signal.Signals(sig).name)
+            removers.append(functools.partial(loop.remove_signal_handler, sig))
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    return removers
