@@ -118,15 +118,9 @@ class OllamaResource(dg.ConfigurableResource):
     query_prefix: str | None = Field(
         default=None, description="the model's query prefix, e.g. 'search_query: ' [WIKI_EMBED_QUERY_PREFIX]"
     )
-    api: str | None = Field(
-        default=None,
-        description="the servers' API: ollama, or openai (OpenAI-compatible /v1/embeddings: TEI, vLLM, infinity) "
-        "[WIKI_EMBED_API] (ollama)",
-    )
+    api: str | None = Field(default=None, description="ollama, or openai (/v1/embeddings) [WIKI_EMBED_API] (ollama)")
     api_key: str | None = Field(
-        default=None,
-        description="bearer key for an OpenAI-compatible server; bind it with dg.EnvVar so the UI never shows it "
-        "[WIKI_EMBED_API_KEY]",
+        default=None, description="bearer key of an OpenAI-compatible server, via dg.EnvVar [WIKI_EMBED_API_KEY]"
     )
 
     def overrides(self) -> dict[str, Any]:

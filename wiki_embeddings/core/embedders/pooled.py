@@ -65,12 +65,9 @@ class PooledClient(ABC):
     ):
         if not urls:
             raise ValueError("at least one model server URL is needed")
-        self.model = model
-        self.timeout_sec = timeout_sec
-        self.retries = retries
-        self.backoff_base_sec = backoff_base_sec
-        self.backoff_max_sec = backoff_max_sec
-        self.text_prefix = text_prefix
+        self.model, self.text_prefix = model, text_prefix
+        self.timeout_sec, self.retries = timeout_sec, retries  # per request: its deadline, its retries
+        self.backoff_base_sec, self.backoff_max_sec = backoff_base_sec, backoff_max_sec
         self.dimensions = dimensions  # the vector length every answer must have (None: not checked yet)
         self.request_dimensions: int | None = None  # sent as `dimensions` (Matryoshka models, opt-in)
         self.load_timeout_sec = max(load_timeout_sec, timeout_sec)
