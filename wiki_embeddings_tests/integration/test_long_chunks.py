@@ -138,6 +138,38 @@ def test_a_server_that_starts_cutting_silently_mid_run_is_found_out_text_by_text
     assert all(r[2] for r in flagged), "a chunk the server cut is stored from our own cut"
 
 
+def test_vectors_written_before_a_silent_cutter_was_found_are_counted_and_re_embedded_by_reembed_cut(
+    make_table, ollama, monkeypatch
+):
+    """An older version of this tool (no window probe, no text-by-text counts) stored vectors of texts the server
+    cut silently. Once a run finds the server cutting at 60 tokens, `status` counts the vectors written before that
+    from texts long enough to have been cut (`suspect_truncated`), and `--reembed-cut` re-embeds them from our own
+    cut: afterwards every vector is of exactly its recorded characters."""
+    table = make_table(batch_size=16)
+    chunks = table.load_wiki(80)
+    ollama.set_faults(max_input_tokens=60, silent_truncate=True, ignore_truncate=True)
+    from wiki_embeddings.core.backfill.worker import EmbedWorker
+
+    async def no_probe(self: EmbedWorker) -> None:
+        return None
+
+    async def no_check(self: EmbedWorker, *_args: object) -> None:
+        return None
+
+    with monkeypatch.context() as older_version:  # neither the probe nor the text-by-text counts
+        older_version.setattr(EmbedWorker, "probe_window", no_probe)
+        older_version.setattr(EmbedWorker, "_check_truncation", no_check)
+        first = table.backfill()
+    assert first.state == "completed" and first.embedded == len(chunks)
+    damaged = wrong_vectors(table)
+    assert damaged, "the old damage: vectors of less text than recorded"
+    found = table.backfill(reembed_cut=True)
+    assert found.state == "completed"
+    status = collect_status(table.store, table.settings)
+    assert wrong_vectors(table) == [], "--reembed-cut repaired every vector of less text than recorded"
+    assert status["suspect_truncated"] == 0 and found.refreshed >= len(damaged)
+
+
 def test_maintenance_re_embeds_cut_chunks_on_request_after_num_ctx_was_raised(make_table):
     spec = ModelSpec("all-minilm:latest", 384, context_length=1024, num_ctx=128)
     with OllamaServer(backend="hash", models=[spec]) as server:

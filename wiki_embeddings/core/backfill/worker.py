@@ -14,6 +14,7 @@ The server being down or the model missing ends the run (errors.Fatal); everythi
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
@@ -87,6 +88,7 @@ class EmbedWorker:
         self.silent_cut = False  # the server cuts over-long input silently (learned): long texts are counted alone
         self.max_chars = max_chars  # the longest text the run sends (the silent-cut probe must be as long)
         self.twin_check = False  # a silent cutter without token counts: texts near the window are checked by twins
+        self.silent_found_at: float | None = None  # when (epoch seconds) that was found: recorded by the run
 
     async def embed(self, batch: Batch, emit: Emit) -> None:
         """Every chunk of the batch ends as one outcome handed to `emit` (or the run ends: errors.Fatal)."""
@@ -213,8 +215,7 @@ class EmbedWorker:
         except EmbedFailure:
             return
         if got is not None and got < expected - PROBE_SLACK:
-            self.window.learn(got)
-            self.silent_cut = True
+            self._found_silent(got)
             self._log(
                 f"the server evaluated {got} of the {expected} tokens of a window probe: it cuts silently; texts are "
                 f"cut to {self.window.tokens} tokens from now on"
@@ -237,8 +238,7 @@ class EmbedWorker:
             cut_at = await self._cut_by_server(sent[k], estimates[k])
             if cut_at is None:
                 continue
-            self.window.learn(cut_at)
-            self.silent_cut = True
+            self._found_silent(cut_at)
             refit = await self._refit(sent[k])
             if refit is None:
                 continue  # the batch's vector stands; only the flag is unknown (the run goes on)
@@ -281,6 +281,12 @@ class EmbedWorker:
             return own  # a fifth less text, as many tokens: both stopped at the server's window
         self.estimator.observe([prefix + text], own)  # the estimate was long for this text; it is whole
         return None
+
+    def _found_silent(self, tokens: int) -> None:
+        self.window.learn(tokens)
+        if not self.silent_cut:
+            self.silent_cut = True
+            self.silent_found_at = time.time()
 
     def _may_reach_window(self, text: str) -> bool:
         """Could the server's window cut this text? (its estimate errs by up to ~30 %: taken with a margin)"""

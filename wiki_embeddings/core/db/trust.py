@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -118,6 +119,17 @@ class TrustMixin(StoreBase):
             ).format(s=self._s),
             (self.table.qualified, kind, run_id, model, json.dumps(result, default=str)),
         )
+
+    def silent_window(self: Store) -> tuple[int, Any] | None:
+        """The latest window (tokens) a run found the server cutting silently at, and when it was found: vectors
+        written before then from texts long enough to reach it may be of less text than recorded (`--reembed-cut`
+        re-embeds them)."""
+        found = self.latest_trust("silent_window")
+        if not found or not isinstance(found.get("tokens"), int):
+            return None
+        at = found.get("found_at")
+        when = datetime.fromtimestamp(at, tz=UTC) if isinstance(at, int | float) else found["recorded_at"]
+        return int(found["tokens"]), when
 
     def latest_trust(
         self: Store, kind: str, model: str | None = None, verdicts: Sequence[str] | None = None
