@@ -24,6 +24,7 @@ from typing import Any
 
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.modelname import same_model, same_prefix
+from wiki_embeddings.settings import Settings
 
 DEFAULT_API = "ollama"
 
@@ -93,10 +94,11 @@ def prefix_problem(store: Store, model: str, text_prefix: str, *, shadow: bool) 
     )
 
 
-def record(
-    store: Store, model: str, dimensions: int, text_prefix: str, query_prefix: str = "", api: str | None = None
-) -> None:
-    store.record_column_identity(model, dimensions, text_prefix or "", query_prefix or "", api)
+def record(store: Store, model: str, dimensions: int, settings: Settings) -> None:
+    """The column's identity as a run (or a migration's start) with `settings` makes its vectors."""
+    store.record_column_identity(
+        model, dimensions, settings.text_prefix or "", settings.query_prefix or "", settings.api
+    )
 
 
 def query_prefix(store: Store, fallback: str = "") -> str:

@@ -196,7 +196,7 @@ def start_migration(
         started = migration.start(store, target, dimensions, log=log, text_prefix=settings.text_prefix)
         with store.for_column(started.shadow_column) as shadow:
             if identity.recorded(shadow) is None:  # a continued migration keeps what it was started with
-                identity.record(shadow, target, dimensions, settings.text_prefix, settings.query_prefix)
+                identity.record(shadow, target, dimensions, settings)
     return started
 
 

@@ -95,6 +95,7 @@ async def learn_context(
 ) -> dict[str, Any]:
     """Ask the server for the model's window (the worker cuts to it) and print the pre-flight estimate."""
     worker.window = await worker.embedder.context_window(settings.num_ctx)
+    worker.max_chars = settings.max_chars  # the longest text of the run: the silent-cut probe is as long
     await worker.probe_window()
     try:
         sample = await asyncio.to_thread(store.sample_texts, PREFLIGHT_SAMPLE, settings.max_chars)

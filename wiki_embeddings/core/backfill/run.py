@@ -76,9 +76,7 @@ class Backfill:
             log=self._log,
         )
         self.claimer = Claimer(self.store, self.db.call, s, lambda: self.client.tuning.batch_size, log=self._log)
-        self.worker = EmbedWorker(
-            self.client, num_ctx=s.num_ctx, max_chars=s.max_chars, sleep_ms=s.sleep_ms, log=self._log
-        )
+        self.worker = EmbedWorker(self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log)
         self.writer = Writer(self.store, self.db.call, None)
         self.recorder = FailureRecorder(
             self.store,
@@ -141,9 +139,7 @@ class Backfill:
             await asyncio.to_thread(store.record_model, client.model, dimensions)
         digest = None
         if not idle:  # the column's identity (core/identity.py) and the model's digest (`verify` shows it)
-            await asyncio.to_thread(
-                identity.record, store, client.model, dimensions, s.text_prefix, s.query_prefix, s.api
-            )
+            await asyncio.to_thread(identity.record, store, client.model, dimensions, s)
             digest = await client.model_digest()
         self.writer.provenance = Provenance(client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence) and
