@@ -46,6 +46,7 @@ class RunReport:
     preflight: dict[str, Any] = field(default_factory=dict)
     stop_reason: str = ""  # why a `stopped` run stopped (stop file, signal, run window: core/window.py)
     tuning: dict[str, Any] = field(default_factory=dict)  # depth per server and batch size (core/tuning.py)
+    servers: list[dict[str, Any]] = field(default_factory=list)  # each server's state at the end (URLs masked)
 
     @property
     def chunks_per_s(self) -> float:

@@ -394,6 +394,7 @@ def counts_into(
     """What the stages counted, into the run's report."""
     report.requests = client.stats.requests
     report.tuning = client.tuning.snapshot()
+    report.servers = client.server_states()
     report.failed, report.failed_ids = recorder.failed, recorder.failed_ids
     report.skipped_busy = claimer.skipped_busy
     report.server_truncated = worker.server_truncated
