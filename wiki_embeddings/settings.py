@@ -24,6 +24,10 @@ MAX_BATCH_SIZE = 4096
 LONG_TEXT_CHOICES = ("pool", "cut")
 # Polite mode's default target request duration: a live query waits behind about this much of a batch.
 DEFAULT_TARGET_REQUEST_SEC = 0.5
+# The model servers' APIs (WIKI_EMBED_API): Ollama's own, or the OpenAI-compatible `/v1/embeddings` (TEI, vLLM,
+# infinity-emb, llama.cpp, Ollama's /v1, hosted APIs). OLLAMA_URL holds the server URLs for either.
+APIS = ("ollama", "openai")
+DEFAULT_KEEP_ALIVE = "30m"
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -51,6 +55,7 @@ class Option:
     negative_help: str | None = None
     metavar: str | None = None
     parse: Callable[[str], Any] | None = None  # text -> value, for the flag and the environment variable
+    choices: tuple[str, ...] | None = None  # the flag's allowed values (after `parse`)
     resume: bool = False  # replayed by `resume` (core/db runs.options)
 
 
@@ -113,6 +118,20 @@ class Settings:
         help="[OLLAMA_MODEL]; unset: the model of the last run",
         resume=True,
     )
+    # Which API the model servers speak (APIS); under `openai`, --num-ctx is the window in tokens when the server
+    # publishes none, --keep-alive is ignored, --with-ollama refused.
+    api: str = _setting(
+        "ollama",
+        env="WIKI_EMBED_API",
+        group="common",
+        parse=lambda raw: raw.strip().lower(),
+        choices=APIS,
+        help="the servers' API: ollama, or openai (OpenAI-compatible /v1/embeddings: TEI, vLLM, infinity-emb, "
+        "llama.cpp; URLs still in OLLAMA_URL, bearer key in WIKI_EMBED_API_KEY) [WIKI_EMBED_API] (ollama)",
+        resume=True,
+    )
+    # The bearer key of an OpenAI-compatible server: environment only (never a flag), never printed or stored.
+    api_key: str | None = field(default=None, repr=False, metadata={"option": Option(env="WIKI_EMBED_API_KEY")})
     text_prefix: str = _setting(
         "",
         env="WIKI_EMBED_TEXT_PREFIX",
@@ -174,7 +193,8 @@ class Settings:
         False,
         env="OLALA_START_OLLAMA",
         group="runbook",
-        help="start a local embedding service when OLLAMA_URL does not answer [OLALA_START_OLLAMA=1]",
+        help="start a local embedding service when OLLAMA_URL does not answer (refused under --api openai) "
+        "[OLALA_START_OLLAMA=1]",
         resume=True,
     )
     stop_file: str = _setting(DEFAULT_STOP_FILE, env="EMBED_STOP_FILE", resume=True)
@@ -253,10 +273,11 @@ class Settings:
     # The model server (real Ollama's knobs).
     # sent with every request so the model stays loaded between batches ("-1": forever)
     keep_alive: str = _setting(
-        "30m",
+        DEFAULT_KEEP_ALIVE,
         env="WIKI_EMBED_KEEP_ALIVE",
         group="server",
-        help="sent with every request so the model stays loaded between batches [WIKI_EMBED_KEEP_ALIVE] (30m)",
+        help="sent with every request so the model stays loaded between batches (ignored, with a note, under "
+        "--api openai) [WIKI_EMBED_KEEP_ALIVE] (30m)",
         resume=True,
     )
     # options.num_ctx: raise the window up to the model's own maximum
@@ -264,7 +285,8 @@ class Settings:
         None,
         env="WIKI_EMBED_NUM_CTX",
         group="server",
-        help="options.num_ctx: the context window in tokens, up to the model's maximum [WIKI_EMBED_NUM_CTX] "
+        help="options.num_ctx: the context window in tokens, up to the model's maximum; under --api openai the "
+        "model's window in tokens where the server publishes none (a cap where it does) [WIKI_EMBED_NUM_CTX] "
         "(the modelfile's default)",
         resume=True,
     )
@@ -274,7 +296,7 @@ class Settings:
         env="WIKI_EMBED_REQUEST_DIMENSIONS",
         group="server",
         help="ask a Matryoshka model for `dimensions: D` when the column's vector(D) is narrower than its output "
-        "[WIKI_EMBED_REQUEST_DIMENSIONS]",
+        "(either API) [WIKI_EMBED_REQUEST_DIMENSIONS]",
         resume=True,
     )
     # allowance for the run's first request, which may pay the model's load
@@ -333,6 +355,13 @@ class Settings:
             raise ValueError(f"sleep-ms must not be negative, got {self.sleep_ms}")
         if self.max_chunks is not None and self.max_chunks < 0:
             raise ValueError(f"max-chunks must not be negative, got {self.max_chunks}")
+        if self.api not in APIS:
+            raise ValueError(f"WIKI_EMBED_API (--api) must be one of {', '.join(APIS)}, got {self.api!r}")
+        if self.api == "openai" and self.with_ollama:
+            raise ValueError(
+                "--with-ollama (OLALA_START_OLLAMA) starts a local Ollama-protocol server: it cannot stand in for "
+                "an OpenAI-compatible server (WIKI_EMBED_API=openai); start that server and set OLLAMA_URL to it"
+            )
         if not self.ollama_urls:
             raise ValueError("OLLAMA_URL is empty")
         for url in self.ollama_urls:
@@ -371,7 +400,17 @@ class Settings:
         out = dataclasses.asdict(self)
         out["database_url"] = mask_url(self.database_url) if self.database_url else None
         out["ollama_url"] = ",".join(mask_url(u) for u in self.ollama_urls)
+        out["api_key"] = "***" if self.api_key else None
         return out
+
+    def api_warnings(self) -> list[str]:
+        """What the settings ask that the chosen API cannot do (said once at a run's start)."""
+        if self.api == "openai" and self.keep_alive != DEFAULT_KEEP_ALIVE:
+            return [
+                "note: --keep-alive (WIKI_EMBED_KEEP_ALIVE) is Ollama's and is ignored under WIKI_EMBED_API=openai "
+                "(the server keeps its model loaded)"
+            ]
+        return []
 
 
 #: Each field's `Option` (an empty one where the field has none).

@@ -16,12 +16,12 @@ from typing import Any
 from wiki_embeddings.core import identity, migration, quality
 from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.embedders import OllamaClient
+from wiki_embeddings.core.embedders import PooledClient
 from wiki_embeddings.core.factories import build_client, build_store, probe_model_dimensions, resolve_model
 from wiki_embeddings.core.progress import Reporter
 from wiki_embeddings.settings import Settings
 
-ClientFactory = Callable[[Settings, Store], OllamaClient]
+ClientFactory = Callable[[Settings, Store], PooledClient]
 ReporterFactory = Callable[[], Reporter | None]
 Log = Callable[[str], None]
 #: End states after which a maintenance run goes on to the migration's shadow column: a clean end that was not
@@ -29,7 +29,7 @@ Log = Callable[[str], None]
 SHADOW_AFTER = {"completed", "max_chunks"}
 
 
-def default_client(settings: Settings, store: Store) -> OllamaClient:
+def default_client(settings: Settings, store: Store) -> PooledClient:
     """The configured model (OLLAMA_MODEL), else the one recorded for the table, at OLLAMA_URL."""
     return build_client(settings, resolve_model(settings, store))
 
@@ -51,6 +51,8 @@ def run_backfill(
     handle_signals: bool = False,
 ) -> RunReport:
     """One engine run on its own store (connections) and client; `settings.database_url` must be resolved."""
+    for warning in settings.api_warnings():
+        log(warning)
     with _store(settings) as store:
         engine = Backfill(
             settings,
@@ -194,7 +196,7 @@ def start_migration(
         started = migration.start(store, target, dimensions, log=log, text_prefix=settings.text_prefix)
         with store.for_column(started.shadow_column) as shadow:
             if identity.recorded(shadow) is None:  # a continued migration keeps what it was started with
-                identity.record(shadow, target, dimensions, settings.text_prefix, settings.query_prefix)
+                identity.record(shadow, target, dimensions, settings)
     return started
 
 

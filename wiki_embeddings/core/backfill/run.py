@@ -116,7 +116,7 @@ class Backfill:
         s, store, client = self.s, self.store, self.client
         self._build_stages()  # a fresh run: its stop event belongs to this event loop
         dimensions = await asyncio.to_thread(prepare.prepare_database, store)
-        shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix)
+        shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix, s.api)
         await asyncio.to_thread(prepare.check_long_text, store, s)
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=client.model, dimensions=dimensions)
@@ -142,7 +142,7 @@ class Backfill:
             await asyncio.to_thread(store.record_model, client.model, dimensions)
         digest = None
         if not idle:  # the column's identity (core/identity.py) and the model's digest (`verify` shows it)
-            await asyncio.to_thread(identity.record, store, client.model, dimensions, s.text_prefix, s.query_prefix)
+            await asyncio.to_thread(identity.record, store, client.model, dimensions, s)
             digest = await client.model_digest()
         self.writer.provenance = Provenance(client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence) and

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from wiki_embeddings.core.backfill import silent
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
 from wiki_embeddings.core.backfill.pooler import Pooler
@@ -69,6 +70,7 @@ class EmbedWorker:
         embedder: Embedder,
         *,
         num_ctx: int | None = None,
+        max_chars: int = 2000,
         sleep_ms: int = 0,
         log: Callable[[str], None] = lambda _line: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -89,6 +91,8 @@ class EmbedWorker:
         self.fit_found = 0  # searches that found a prefix the server takes
         self.server_truncated = 0  # chunks the server was caught truncating silently
         self.silent_cut = False  # the server cuts over-long input silently (learned): long texts are counted alone
+        self.max_chars = max_chars  # the longest text the run sends (the silent-cut probe must be as long)
+        self.twin_check = False  # a silent cutter without token counts: texts near the window are checked by twins
         self.silent_found_at: float | None = None  # when (epoch seconds) that was found: recorded by the run
 
     async def embed(self, batch: Batch, emit: Emit) -> None:
@@ -219,7 +223,9 @@ class EmbedWorker:
             return
         self.known_good = sent[0]
         embedded = _embedded(rows, sent, answer.vectors, list(range(len(rows))))
-        if answer.tokens is not None:
+        if answer.tokens is None and self.twin_check:
+            await self._check_twins(embedded, sent)
+        elif answer.tokens is not None:
             if len(rows) == 1 and self.silent_cut and self._at_window(answer.tokens):
                 await self._refit_alone(rows[0], embedded)
             else:
@@ -242,12 +248,21 @@ class EmbedWorker:
         """Does the server take the whole window it describes? One known text repeated to just under it: a server
         that cuts silently (Ollama before 0.13.5 past num_ctx; 0.30+ past its physical batch, 2,048 tokens, whatever
         num_ctx says) answers with fewer tokens than it was sent, and from then on every text is cut to what it
-        really takes, so each vector is of exactly the characters recorded. Three requests a run."""
+        really takes, so each vector is of exactly the characters recorded. Three requests a run. A server that
+        reports no counts is probed by its vectors instead (silent.py)."""
         believed = self.window.tokens
-        if not believed:
-            return
         try:
             one = (await self._call([CANARY_TEXT])).tokens
+            if one is None:
+                longest = len(self.embedder.text_prefix) + self.max_chars
+                self.twin_check = await silent.probe(self._call, self.estimator, longest, believed, self.embedder.where)
+                if self.twin_check:
+                    self._log(
+                        f"the server cuts silently and counts no tokens: texts near {believed} tokens are checked"
+                    )
+                return
+            if not believed:
+                return
             two = (await self._call([CANARY_TEXT + " " + CANARY_TEXT])).tokens
             if one is None or two is None or two <= one:
                 return  # the server reports no counts: truncation is judged batch by batch
@@ -296,6 +311,18 @@ class EmbedWorker:
                 f"the server truncated {sum(embedded.truncated)} chunk(s) silently (it evaluated fewer tokens than "
                 f"they have); embedded again cut to {self.window.tokens} tokens, recorded as server_truncated"
             )
+
+    async def _check_twins(self, embedded: Embedded, sent: list[str]) -> None:
+        """A silent cutter without counts: each text that may reach the window gets the vector of a prefix of it
+        proven whole (silent.py), with exactly that prefix's characters recorded."""
+        risky = [k for k, text in enumerate(sent) if self._may_reach_window(text)]
+        if not risky:
+            return
+        found = await silent.twins(self._call, [sent[k] for k in risky], [embedded.vectors[k] for k in risky])
+        for k, proven in zip(risky, found, strict=True):
+            if proven is not None:
+                embedded.vectors[k], embedded.chars[k] = proven
+                embedded.cut[k] = True
 
     async def _cut_by_server(self, text: str, estimate: float) -> int | None:
         """The count at which the server cut `text`, or None when it took it whole (the estimator learns)."""
