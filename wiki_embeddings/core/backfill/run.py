@@ -260,8 +260,7 @@ class Backfill:
         self._log(report.summary())
 
     async def _record_silent_window(self, run_id: int | None) -> None:
-        """The server was found cutting silently: vectors written before then from texts that long may be of less
-        text than recorded; status counts them (suspect_truncated) and --reembed-cut re-embeds them."""
+        """A silent cutter found: earlier vectors of texts that long may be suspect (status, --reembed-cut)."""
         worker = self.worker
         if worker.silent_found_at is None or not worker.window.tokens or worker.silent_found_at == self._recorded:
             return
