@@ -77,7 +77,7 @@ def test_a_runner_reload_longer_than_the_timeout_neither_hangs_nor_spins(make_ta
         env = cli_env(table, WIKI_EMBED_SERVER_WAIT_SEC="30")
         started = time.monotonic()
         try:
-            done = run_cli(table, "backfill", "--timeout-sec", "2", env=env, timeout=75)
+            done = run_cli(table, "backfill", "--timeout-sec", "2", env=env, timeout=45)
         except Exception as exc:  # subprocess.TimeoutExpired: the run neither finished nor gave up
             pytest.fail(
                 f"no end after {time.monotonic() - started:.0f} s, {filled(table)} of {len(chunks)} written: {exc}"
