@@ -31,9 +31,6 @@ class OneCutterOfTwo(FakeEmbedder):
         return await super().embed_texts(texts, server=server)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="defect 6: the text-by-text recheck goes round robin, not to the server that cut"
-)
 def test_a_batch_cut_by_one_server_is_rechecked_on_that_server_and_no_vector_is_of_less_text_than_recorded():
     fake = OneCutterOfTwo(cut_at=60)
     worker = EmbedWorker(fake)

@@ -12,6 +12,7 @@ from wiki_embeddings.core.context import (
     MAX_TOKENS_PER_CHAR,
     SAFETY,
     ContextRefused,
+    FitResult,
     TokenEstimator,
     Window,
     fit_prefix,
@@ -26,6 +27,8 @@ REFIT_SHRINK = 0.85  # a refit that still reaches the window is cut by this much
 ESTIMATE_MARGIN = 1.5  # a text's estimate times this bounds its real count (for a silent cutter's window)
 RISKY_SHARE = 0.6  # after a refusal of length, texts estimated over this share of the window go alone
 PROBE_SHARE = 0.95  # the window probe's text: this share of the window the server describes
+OVER_SHARE = 1.15  # ... and the second one, this much past it
+MIN_CUT_TOKENS = 32  # a count this small is never taken for a window (a few words' prefix has as many tokens)
 
 Call = Callable[[list[str]], Awaitable[Answer]]
 
@@ -58,7 +61,7 @@ async def cut_by_server(call: Call, estimator: TokenEstimator, prefix: str, text
         again = (await call([shorter])).tokens
     except EmbedFailure:
         return None
-    if again is not None and again >= own - PROBE_SLACK:
+    if again is not None and again >= own - PROBE_SLACK and own >= MIN_CUT_TOKENS:
         return own  # a fifth less text, as many tokens: both stopped at the server's window
     estimator.observe([prefix + text], own)  # the estimate was long for this text; it is whole
     return None
@@ -102,13 +105,10 @@ def split_after_refusal(window: Window, estimator: TokenEstimator, sent: list[st
     return [[k] for k in risky] + [[k for k in range(len(sent)) if k not in alone]]
 
 
-async def probe_counts(call: Call, text: str, one: int, believed: int) -> tuple[int, int] | None:
-    """The window probe by counts: `text` (whose count alone is `one`) twice, then repeated to PROBE_SHARE of the
+async def probe_counts(call: Call, text: str, one: int, two: int, believed: int) -> tuple[int, int] | None:
+    """The window probe by counts: `text` (whose count alone is `one`, twice `two`) repeated to PROBE_SHARE of the
     window the server describes. (expected, counted) when the server counted fewer tokens than it was sent (it cuts
     silently at `counted`), else None."""
-    two = (await call([text + " " + text])).tokens
-    if two is None or two <= one:
-        return None  # no usable counts: truncation is judged batch by batch
     per, fixed = two - one, 2 * one - two
     repeats = max(1, int((believed * PROBE_SHARE - fixed) / per))
     expected = fixed + repeats * per
@@ -116,8 +116,21 @@ async def probe_counts(call: Call, text: str, one: int, believed: int) -> tuple[
     return (expected, got) if got is not None and got < expected - PROBE_SLACK else None
 
 
-async def longest_fit_tokens(call: Call, window: Window, estimator: TokenEstimator, text: str) -> int | None:
-    """The server's count for the longest prefix of `text` it takes (a refused text: its real window)."""
+async def probe_over(call: Call, text: str, one: int, two: int, believed: int) -> int | None:
+    """Past the window the server describes, does it refuse (None: a refusal of length is loud, nothing can be cut
+    silently) or cut (the count it took: its window)?"""
+    per, fixed = two - one, 2 * one - two
+    repeats = max(2, int((believed * OVER_SHARE - fixed) / per))
+    try:
+        return (await call([" ".join([text] * repeats)])).tokens
+    except ContextExceeded:
+        return None
+
+
+async def fit_search(
+    call: Call, window: Window, estimator: TokenEstimator, text: str, refused_at: int | None = None
+) -> FitResult | None:
+    """The longest prefix of `text` the server takes (core/context.py's search), embedded; None if none does."""
 
     async def embed_one(prefix: str) -> tuple[np.ndarray, int | None]:
         try:
@@ -126,5 +139,10 @@ async def longest_fit_tokens(call: Call, window: Window, estimator: TokenEstimat
             raise ContextRefused(refused.message) from refused
         return answer.vectors[0], answer.tokens
 
-    found = await fit_prefix(text, embed_one, window_tokens=window.tokens, estimator=estimator)
+    return await fit_prefix(text, embed_one, window_tokens=window.tokens, estimator=estimator, refused_at=refused_at)
+
+
+async def longest_fit_tokens(call: Call, window: Window, estimator: TokenEstimator, text: str) -> int | None:
+    """The server's count for the longest prefix of `text` it takes (a refused text: its real window)."""
+    found = await fit_search(call, window, estimator, text)
     return found.tokens if found is not None else None

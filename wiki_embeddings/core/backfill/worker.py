@@ -14,22 +14,22 @@ The server being down or the model missing ends the run (errors.Fatal); everythi
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
-from wiki_embeddings.core.backfill import cuts, silent
+from wiki_embeddings.core.backfill import cuts, probe, silent
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
 from wiki_embeddings.core.backfill.pooler import Pooler
+from wiki_embeddings.core.backfill.probe import CANARY_TEXT
 from wiki_embeddings.core.context import (
     MAX_TOKENS_PER_CHAR,
     SAFETY,
-    ContextRefused,
     TokenEstimator,
     Window,
-    fit_prefix,
     fit_text,
 )
 from wiki_embeddings.core.embedders import (
@@ -44,7 +44,8 @@ from wiki_embeddings.core.embedders import (
     ServerUnavailable,
 )
 
-CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
+ALONE_TRIES = 5  # tries alone of a chunk that met a server-side error, before the canary decides
+CANARY_TRIES = 3  # a known-good text's tries before its server is taken for sick
 # Failures decided from the text alone: recorded without asking the server whether it is well.
 TEXT_ERRORS = {"empty_text", "invalid_utf8", "write_error"}
 # A batch whose `prompt_eval_count` is below this share of its estimated tokens is checked text by text.
@@ -82,6 +83,9 @@ class EmbedWorker:
         self.fit_found = 0  # searches that found a prefix the server takes
         self.server_truncated = 0  # chunks the server was caught truncating silently
         self.silent_cut = False  # the server cuts over-long input silently (learned): long texts are counted alone
+        # The window probe saw the whole window taken and a longer text refused: nothing can be cut silently, so
+        # batches are not counted text by text (their counts still teach the estimator).
+        self.refuses_over_window = False
         self.max_chars = max_chars  # the longest text the run sends (the silent-cut probe must be as long)
         self.twin_check = False  # a silent cutter without token counts: texts near the window are checked by twins
         self.silent_found_at: float | None = None  # when (epoch seconds) that was found: recorded by the run
@@ -205,6 +209,8 @@ class EmbedWorker:
             if isinstance(exc, AmbiguousFailure) and not await self._server_well(exc.server):
                 await self._server_sick(exc.server, exc.message, rows, emit)
                 return
+            if len(rows) == 1 and isinstance(exc, AmbiguousFailure) and await self._alone_again(rows[0], sent[0], emit):
+                return  # a sporadic server error: the chunk embeds on another try
             if len(rows) == 1:
                 await self._isolate(rows[0], exc.kind, exc.message, exc.http_status, exc.server, emit)
             else:
@@ -218,48 +224,34 @@ class EmbedWorker:
             await self._check_twins(embedded, sent)
         elif answer.tokens is not None:
             if len(rows) == 1 and self.silent_cut and cuts.at_window(self.window, answer.tokens):
-                refit = await self._refit(embedded_text(rows[0], embedded))  # reached it: cut by us until whole
+                refit = await self._refit(embedded_text(rows[0], embedded), answer.server)  # cut by us until whole
                 if refit is not None:
                     embedded.vectors[0], embedded.chars[0] = refit
                     embedded.cut[0] = embedded.chars[0] < len(rows[0][1])
             else:
-                await self._check_truncation(embedded, sent, answer.tokens)
+                await self._check_truncation(embedded, sent, answer.tokens, answer.server)
         await emit(embedded)
 
     # ------------------------------------------------------------ truncation and context
     async def probe_window(self) -> None:
-        """Does the server take the whole window it describes? One known text repeated to just under it: a server
-        that cuts silently (Ollama before 0.13.5 past num_ctx; 0.30+ past its physical batch, 2,048 tokens, whatever
-        num_ctx says) answers with fewer tokens than it was sent, and from then on every text is cut to what it
-        really takes, so each vector is of exactly the characters recorded. Three requests a run. A server that
-        reports no counts is probed by its vectors instead (silent.py)."""
-        believed = self.window.tokens
-        try:
-            one = (await self._call([CANARY_TEXT])).tokens
-            if one is None:
-                longest = len(self.embedder.text_prefix) + self.max_chars
-                self.twin_check = await silent.probe(self._call, self.estimator, longest, believed, self.embedder.where)
-                if self.twin_check:
-                    self._log(
-                        f"the server cuts silently and counts no tokens: texts near {believed} tokens are checked"
-                    )
-                return
-            if not believed:
-                return
-            found = await cuts.probe_counts(self._call, CANARY_TEXT, one, believed)
-        except ContextExceeded:
-            return  # refused rather than cut: the prefix search learns the real window when it matters
-        except EmbedFailure:
-            return
-        if found is not None:
-            expected, got = found
+        """Each server's window probed at the start (probe.py): silent cutters found before the first batch."""
+        longest = len(self.embedder.text_prefix) + self.max_chars
+        servers = len(self.embedder.server_states())
+        found = await probe.probe_window(
+            self._call, servers, self.window.tokens, self.estimator, longest, self.embedder.where
+        )
+        self.twin_check, self.refuses_over_window = found.twin_check, found.refuses_over_window
+        if self.twin_check:
+            self._log(f"the server cuts silently and counts no tokens: texts near {self.window.tokens} are checked")
+        if found.silent_at is not None:
+            expected, got = found.silent_at
             self._found_silent(got)
             self._log(
                 f"the server evaluated {got} of the {expected} tokens of a window probe: it cuts silently; texts are "
                 f"cut to {self.window.tokens} tokens from now on"
             )
 
-    async def _check_truncation(self, embedded: Embedded, sent: list[str], count: int) -> None:
+    async def _check_truncation(self, embedded: Embedded, sent: list[str], count: int, server: int) -> None:
         """A server that cut a text silently evaluated fewer tokens than the batch has: when `prompt_eval_count` is
         short of the estimate, every text of the batch is counted alone (no cap); a text whose count stays the same
         for a shorter prefix of it was cut at that count (its window, learned); it is embedded again, cut by us to
@@ -269,19 +261,16 @@ class EmbedWorker:
         if window and (len(prefix) + max(map(len, sent), default=0)) * MAX_TOKENS_PER_CHAR <= window * SAFETY:
             return  # no text of this batch can reach the window: nothing to detect, nothing worth learning
         estimates = [self.estimator.estimate(prefix + t) for t in sent]
-        if count >= BATCH_TRUST_SHARE * sum(estimates) or len(sent) == 0:
+        if self.refuses_over_window or count >= BATCH_TRUST_SHARE * sum(estimates) or len(sent) == 0:
             self.estimator.observe([prefix + t for t in sent], count)
             return
         for k in range(len(sent)):
-            cut_at = await cuts.cut_by_server(
-                self._call, self.estimator, self.embedder.text_prefix, sent[k], estimates[k]
-            )
+            on_it = functools.partial(self._call, server=server)  # the server that answered the batch, no other
+            cut_at = await cuts.cut_by_server(on_it, self.estimator, prefix, sent[k], estimates[k])
             if cut_at is None:
                 continue
             self._found_silent(cut_at)
-            refit = await cuts.refit(
-                self._call, self._fit, self.window, self.estimator, self.embedder.text_prefix, sent[k]
-            )
+            refit = await self._refit(sent[k], server)
             if refit is None:
                 continue  # the batch's vector stands; only the flag is unknown (the run goes on)
             embedded.vectors[k], embedded.chars[k] = refit
@@ -306,17 +295,17 @@ class EmbedWorker:
                 embedded.vectors[k], embedded.chars[k] = proven
                 embedded.cut[k] = True
 
-    @property
-    def _prefix(self) -> str:
-        return self.embedder.text_prefix
-
     def _may_reach(self, text: str) -> bool:
-        return cuts.may_reach(self.window, self.estimator, self._prefix, text)
+        return cuts.may_reach(self.window, self.estimator, self.embedder.text_prefix, text)
 
-    async def _refit(self, text: str) -> tuple[np.ndarray, int] | None:
-        return await cuts.refit(self._call, self._fit, self.window, self.estimator, self._prefix, text)
+    async def _refit(self, text: str, server: int | None = None) -> tuple[np.ndarray, int] | None:
+        call = functools.partial(self._call, server=server)
+        return await cuts.refit(call, self._fit, self.window, self.estimator, self.embedder.text_prefix, text)
 
     def _found_silent(self, tokens: int) -> None:
+        if tokens < cuts.MIN_CUT_TOKENS:
+            return  # never a window: a few words' count (a misreading, not a cut)
+        self.refuses_over_window = False
         self.window.learn(tokens)
         if not self.silent_cut:
             self.silent_cut = True
@@ -338,18 +327,8 @@ class EmbedWorker:
 
     async def _fit_one(self, row: tuple[int, str], refused_chars: int, exc: ContextExceeded, emit: Emit) -> None:
         """One chunk refused as over the context: embed the longest prefix the server takes (>= 90 % of it)."""
-
-        async def embed_one(text: str) -> tuple[np.ndarray, int | None]:
-            try:
-                answer = await self._call([text])
-            except ContextExceeded as refused:
-                raise ContextRefused(refused.message) from refused
-            return answer.vectors[0], answer.tokens
-
         try:
-            found = await fit_prefix(
-                row[1], embed_one, window_tokens=self.window.tokens, estimator=self.estimator, refused_at=refused_chars
-            )
+            found = await cuts.fit_search(self._call, self.window, self.estimator, row[1], refused_chars)
         except ServerUnavailable as failure:
             raise Fatal("server_unavailable", failure.message) from failure
         except ModelNotFound as failure:
@@ -373,13 +352,30 @@ class EmbedWorker:
         await emit(Embedded([row[0]], [found.vector], [found.chars], [found.chars < len(row[1])], [False]))
 
     # ------------------------------------------------------------ isolation
-    async def _server_well(self, server: int | None) -> bool:
-        """Does a known-good text still embed (on `server`, the one that failed, when known)?"""
-        try:
-            await self._call([self.known_good or CANARY_TEXT], server)
+    async def _alone_again(self, row: tuple[int, str], text: str, emit: Emit) -> bool:
+        """A server-side error on one chunk: a few more tries alone before it is blamed (a steady 500 rate must
+        fail no chunk); True once it embedded."""
+        for _ in range(ALONE_TRIES):
+            try:
+                answer = await self._call([text])
+            except AmbiguousFailure:
+                continue
+            except EmbedFailure:
+                return False
+            await emit(_embedded([row], [text], answer.vectors, [0]))
             return True
-        except EmbedFailure:
-            return False
+        return False
+
+    async def _server_well(self, server: int | None) -> bool:
+        """Does a known-good text still embed (on `server`, the one that failed, when known)? Asked up to
+        CANARY_TRIES times: one sporadic error is no sick server."""
+        for _ in range(CANARY_TRIES):
+            try:
+                await self._call([self.known_good or CANARY_TEXT], server)
+                return True
+            except EmbedFailure:
+                continue
+        return False
 
     async def _isolate(
         self,

@@ -27,6 +27,7 @@ from wiki_embeddings.core.embedders.base import (
     Answer,
     ClientStats,
     ModelNotFound,
+    RunnerCrashed,
     ServerUnavailable,
     validate_vectors,
 )
@@ -193,14 +194,20 @@ class PooledClient(ABC):
     async def _first_answer(self, text: str) -> list[np.ndarray]:
         """The run's first request; a server that fails it with a server-side error leaves the rotation and the
         next one is asked (one sick server of several must not stop the run before it starts)."""
-        for left in range(len(self._urls) - 1, -1, -1):
+        left = len(self._urls) - 1
+        tries = 0
+        while True:
             try:
                 return await self.embed([text])
             except AmbiguousFailure as exc:
-                if exc.server is None or not left:
-                    raise
-                self.take_out(exc.server, f"failed the run's first request: {exc.message}")
-        raise AssertionError("unreachable")  # the last server's failure is raised above
+                tries += 1
+                if exc.server is not None and left:
+                    self.take_out(exc.server, f"failed the run's first request: {exc.message}")
+                    left -= 1
+                elif exc.server is None or tries > self.retries or exc.kind == "timeout":
+                    raise  # the last server keeps failing it (a sporadic 500 is retried first)
+                else:
+                    await asyncio.sleep(min(self.backoff_max_sec, self.backoff_base_sec * 2 ** (tries - 1)))
 
     # ------------------------------------------------------------ embedding
     async def embed(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -259,6 +266,14 @@ class PooledClient(ABC):
                 pool.release(chosen)
             self.stats.retries += 1
 
+    def _timed_out(self, server: Server) -> None:
+        """A server that timed out leaves the rotation while another is in it (a hung server of several costs one
+        timeout); alone, it keeps its place and backs off (a slow answer is no proof of a sick server)."""
+        _, pool = self._ensure_open()
+        others = [s for s in pool.servers if s is not server and pool.health(s).in_rotation]
+        if others:
+            pool.take_out(server, f"no answer within {self._deadline_name} {self.timeout_sec:g}")
+
     async def _exchange(self, server: Server, texts: list[str]) -> tuple[list[object], int | None]:
         """Send `texts` to `server` in pieces of its batch size; every piece is one request the tuning and the
         server's health hear about."""
@@ -270,14 +285,22 @@ class PooledClient(ABC):
             piece = texts[start : start + size]
             ticket = self.tuning.sent(server.index, len(piece), server.active)
             outcome = tune.ERROR
+            # The first request may load the model, and so may the first after a runner crash (a reload): both
+            # get the load allowance, and their time is no evidence against the server.
+            loading = self._probing or server.reloading
             try:
-                async with asyncio.timeout(self.timeout_sec):  # no extra task per request (wait_for makes one)
+                async with asyncio.timeout(self.load_timeout_sec if loading else self.timeout_sec):
                     raw, count = await self._send(server, piece)
-                outcome = tune.IGNORE if self._probing else tune.OK
+                outcome = tune.IGNORE if loading else tune.OK
+                server.reloading = False
             except TimeoutError:
-                outcome = tune.IGNORE if self._probing else tune.SLOW
-                if not self._probing:
+                outcome = tune.IGNORE if loading else tune.SLOW
+                if not loading:
                     health.failure(f"no answer within {self._deadline_name} {self.timeout_sec:g}")
+                    self._timed_out(server)
+                raise
+            except RunnerCrashed:
+                server.reloading = True
                 raise
             except Transient as exc:
                 if exc.http_status == 413:
@@ -286,7 +309,7 @@ class PooledClient(ABC):
                     outcome = (
                         tune.TROUBLE if exc.http_status is None or exc.http_status in OVERLOAD_STATUSES else outcome
                     )
-                    health.failure(str(exc), exc.retry_after)
+                    health.failure(str(exc), exc.retry_after, answered=exc.http_status is not None)
                 raise
             finally:
                 seconds = self.tuning.done(ticket, outcome)
