@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wiki_embeddings.checks import one_line
 from wiki_embeddings.cli.migrate import cmd_migrate_model
 from wiki_embeddings.cli.output import BarReporter, CliError, failure_row, printer
 from wiki_embeddings.cli.parser import given_settings
@@ -92,7 +93,8 @@ def cmd_status(s: Settings, args: argparse.Namespace, out: Any) -> int:
     if ready is None:
         return 0
     # The one readiness decision (core/readiness.py), as the Dagster check and the readiness sensor make it.
-    print(f"check: {'ready' if ready.ready else 'not ready'}: {ready.reason}", file=sys.stderr if args.json else out)
+    reason = one_line(ready.reason)
+    print(f"check: {'ready' if ready.ready else 'not ready'}: {reason}", file=sys.stderr if args.json else out)
     return 0 if ready.ready else 1
 
 

@@ -18,6 +18,7 @@ from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.embedders import OllamaClient
 from wiki_embeddings.core.factories import build_client, build_store, probe_model_dimensions, resolve_model
+from wiki_embeddings.core.modelname import InvalidModelName, check_model_name
 from wiki_embeddings.core.progress import Reporter
 from wiki_embeddings.settings import Settings
 
@@ -170,6 +171,10 @@ def migration_settings(settings: Settings, target: str) -> Settings:
     with."""
     if not target.strip():
         raise migration.MigrationError("the target model is empty: name the Ollama model to migrate to")
+    try:  # before the database or the server is asked anything: a name no server means is never recorded
+        check_model_name(target, "ollama", "the target model (--to / to_model)")
+    except InvalidModelName as exc:
+        raise migration.MigrationError(str(exc)) from None
     with _store(settings) as store:
         store.migrate()
         store.column_dimensions()  # a clear error when the table or its column is absent

@@ -6,6 +6,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
+from wiki_embeddings.checks import one_line
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.migration import shadow_status
 from wiki_embeddings.core.progress import describe_servers
@@ -125,7 +126,10 @@ def run_state(run: dict[str, Any]) -> str:
 
 
 def format_status(status: dict[str, Any]) -> str:
+    """`key=value` lines, one per key: every value is shown as one line (`checks.one_line`), so a value recorded by
+    an old version (a model name holding a newline) can never print a second `missing=0`."""
+
     def show(v: Any) -> str:
-        return str(v).lower() if isinstance(v, bool) else str(v)
+        return str(v).lower() if isinstance(v, bool) else one_line(str(v))
 
     return "\n".join(f"{k}={show(v)}" for k, v in status.items())
