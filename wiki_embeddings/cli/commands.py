@@ -14,6 +14,7 @@ from wiki_embeddings.checks import one_line
 from wiki_embeddings.cli.migrate import cmd_migrate_model
 from wiki_embeddings.cli.output import BarReporter, CliError, failure_row, printer
 from wiki_embeddings.cli.parser import given_settings
+from wiki_embeddings.cli.runs import cmd_runs
 from wiki_embeddings.core import control, importer, operations, verify
 from wiki_embeddings.core.context import format_preflight
 from wiki_embeddings.core.db import Store
@@ -212,4 +213,5 @@ COMMANDS = {
     "config": cmd_config,
     "migrate-model": cmd_migrate_model,
     "verify": cmd_verify,
+    "runs": cmd_runs,
 }

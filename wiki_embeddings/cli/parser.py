@@ -146,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting(p, "timeout_sec", help="deadline for one request (120)")
     p.add_argument("--json", action="store_true", help="one JSON object")
 
+    p = sub.add_parser(
+        "runs",
+        help="the table's runs, newest first (state, host, pid, heartbeat age), or `runs release RUN_ID`",
+        description="`runs` lists the table's runs; `runs release RUN_ID` releases a stalled one: marks it released "
+        "(a process that wakes ends without writing) and ends its database sessions so its claims are free "
+        "(pg_terminate_backend: superuser, membership in the sessions' role, or pg_signal_backend).",
+    )
+    _common(p)
+    p.add_argument("action", nargs="?", choices=["list", "release"], default="list")
+    p.add_argument("run_id", nargs="?", type=number_type(int, BIGINT), metavar="RUN_ID")
+    p.add_argument("--limit", type=COUNT, default=20, help="runs listed (20)")
+    p.add_argument("--force", action="store_true", help="release a run even while its heartbeat is fresh")
+    p.add_argument("--json", action="store_true", help="one JSON list")
+
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     _common(p)
     _backfill_flags(p)

@@ -214,6 +214,22 @@ class ClaimsMixin(StoreBase):
         ).fetchall()
         return [int(r[0]) for r in rows]
 
+    def claimed_now(self: Store) -> int:
+        """Missing chunks of this table whose claim some session holds right now (`status` `locked`): the held claim
+        keys (pg_locks: as many rows as claims are held) joined with the keys of the missing chunks (the partial
+        index); nothing is scanned when no claim is held at all."""
+        key = _lock_key_sql(self.table.lock_namespace)
+        row = self.conn.execute(
+            sql.SQL(
+                "WITH held AS MATERIALIZED (SELECT (l.classid::bigint << 32) | l.objid::bigint AS key FROM pg_locks l"
+                " WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+                " SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM held) THEN 0 ELSE (SELECT count(*) FROM"
+                " (SELECT {id} AS id FROM {t} WHERE {emb} IS NULL) c JOIN held ON held.key = {key}) END"
+            ).format(id=self._id, t=self._t, emb=self._emb, key=key)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
     def release(self: Store, conn: psycopg.Connection, ids: Sequence[int]) -> None:
         """Give back claims (after their vectors are committed, or when they are skipped)."""
         if not ids:
