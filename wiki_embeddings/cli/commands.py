@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from wiki_embeddings.checks import one_line
+from wiki_embeddings.cli.exits import SERVER_UNAVAILABLE
 from wiki_embeddings.cli.migrate import cmd_migrate_model
 from wiki_embeddings.cli.output import BarReporter, CliError, failure_row, printer
 from wiki_embeddings.cli.parser import given_settings
@@ -57,7 +58,7 @@ def cmd_backfill(s: Settings, args: argparse.Namespace, out: Any) -> int:
         )
     report = outcome.last
     if report.exit_code:
-        print(f"error: {report.message}", file=sys.stderr)
+        print(f"error: {one_line(report.message)}", file=sys.stderr)
     return report.exit_code
 
 
@@ -160,7 +161,8 @@ def _dimensions_for_new_table(s: Settings, store: Store) -> int:
     if base in KNOWN_DIMENSIONS:
         return KNOWN_DIMENSIONS[base]
     raise CliError(
-        f"cannot learn the vector length of model {model!r}: OLLAMA_URL does not answer; pass --dimensions D"
+        f"cannot learn the vector length of model {model!r}: OLLAMA_URL does not answer; pass --dimensions D",
+        SERVER_UNAVAILABLE,
     )
 
 

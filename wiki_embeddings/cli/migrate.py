@@ -45,7 +45,12 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
     if args.abort:
         with _checked_store(s) as store:
             dropped = store.abort_migration()
-        print(f"migration aborted; shadow column {dropped or '-'} dropped", file=out)
+        print(
+            f"migration aborted; shadow column {dropped} dropped"
+            if dropped
+            else "no model migration in progress: nothing to abort",
+            file=out,
+        )
         return 0
     if args.check_quality:
         try:

@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify",
         help="re-embed a sample of stored vectors and compare: did the model change under its name?",
-        description="Exit 0: the stored vectors match the live model; 1: they do not (model changed, or some "
-        "vectors differ / have norm 0); 3: not evaluated (the model server did not answer).",
+        description="Exit 0: the stored vectors match the live model (or there is none yet); 8: the model changed "
+        "under its name; 1: some vectors differ or have norm 0; 3: not evaluated (the model server did not answer; "
+        "4: it lacks the model).",
     )
     _common(p)
     p.add_argument("--sample", type=COUNT, default=verify.DEFAULT_SAMPLE, help="vectors re-embedded (200)")
