@@ -1,6 +1,6 @@
 """Run every benchmark once, print the results table and write benchmarks/RESULTS.md.
 
-    bash benchmarks/run.sh [--quick] [--only saturation,write,memory,model,index] [--no-pgai] [--profile]
+    bash benchmarks/run.sh [--quick] [--only saturation,write,memory,model,index,long_text] [--no-pgai] [--profile]
 
 Every figure is a ratio of two things measured in this same run. PostgreSQL is the project's embedded
 server in a fresh data dir under /tmp, started here and stopped at the end; the Ollama-protocol server
@@ -20,7 +20,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_index, bench_memory, bench_model, bench_saturation, bench_tuning, bench_write
+from benchmarks import (
+    bench_index,
+    bench_long_text,
+    bench_memory,
+    bench_model,
+    bench_saturation,
+    bench_tuning,
+    bench_write,
+)
 from benchmarks.common import (
     REPO_ROOT,
     Bench,
@@ -35,7 +43,7 @@ from benchmarks.common import (
 )
 from wiki_embeddings.settings import Settings
 
-SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index")
+SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index", "long_text")
 
 METHOD = """\
 ## How each figure is measured
@@ -97,6 +105,10 @@ METHOD = """\
   (batch 64) into a table with an HNSW index (`vector_cosine_ops`, defaults m=16, ef_construction=64)
   vs the same writes without it, and the time to build the index over the written rows afterwards
   (`Store.create_index`, maintenance_work_mem 512MB).
+- **long text**: retrieval of head and tail sentences of long chunks with the real all-MiniLM-L6-v2, chunks cut to
+  the window (today) vs pooled over window-sized pieces (core/pooling.py), per language; its own section below
+  ("Long texts"), which `python -m benchmarks.bench_long_text` also rewrites alone. How the queries are made and
+  the default chosen: that module's docstring.
 """
 
 
@@ -223,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     results_path = args.results or REPO_ROOT / "benchmarks" / "RESULTS.md"
+    long_text = bench_long_text.read_section(results_path)  # kept when this run does not measure it
 
     started = time.perf_counter()
     bench = start_postgres(args.quick, args.keep)
@@ -243,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory": lambda: bench_memory.run(bench),
             "model": lambda: bench_model.run(bench),
             "index": lambda: bench_index.run(bench),
+            "long_text": lambda: bench_long_text.run(bench),
         }
         for name in SECTIONS:
             if name not in only:
@@ -255,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"== {name} (other processes were using {busy:.2f} cores just before)")
             monitor = bench.monitor()
             try:
-                runners[name]()
+                block = runners[name]()
+                if name == "long_text":
+                    long_text = block
             except Exception as exc:  # one failing section must not lose the others' figures
                 traceback.print_exc()
                 errors.append(f"{name}: {type(exc).__name__}: {exc}")
@@ -287,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             "those figures are less reliable (rerun them with --only when the machine is quiet)."
         )
     write_results(results_path, bench, info, argv, seconds, errors)
+    if long_text:
+        bench_long_text.write_section(results_path, long_text)
     log(f"wrote {results_path} ({seconds / 60:.1f} min)")
     return 1 if errors else 0
 

@@ -32,6 +32,7 @@ DEFAULT_STOP_FILE = "/tmp/wiki-embed.stop"
 # One request embeds at most this many chunks: a batch is one HTTP body, one claim and one write transaction
 # (an absurd value used to end deep in SQL as `bigint out of range`).
 MAX_BATCH_SIZE = 4096
+LONG_TEXT_CHOICES = ("pool", "cut")
 # Polite mode's default target request duration: a live query waits behind about this much of a batch.
 DEFAULT_TARGET_REQUEST_SEC = 0.5
 
@@ -337,6 +338,18 @@ class Settings:
         "raising --num-ctx)",
     )
 
+    # Texts longer than the model's window (issue 23): "pool" embeds them whole in window-sized pieces and stores the
+    # pieces' mean (core/pooling.py; chosen by benchmarks/bench_long_text.py); "cut" embeds the first window only.
+    long_text: str = _setting(
+        "pool",
+        env="WIKI_EMBED_LONG_TEXT",
+        group="server",
+        help="texts longer than the model's window: pool (embedded whole in window-sized pieces, their mean stored) "
+        "or cut (the first window only) [WIKI_EMBED_LONG_TEXT] (pool)",
+        metavar="pool|cut",
+        resume=True,
+    )
+
     @property
     def ollama_urls(self) -> list[str]:
         return [u.strip().rstrip("/") for u in self.ollama_url.split(",") if u.strip()]
@@ -364,6 +377,8 @@ class Settings:
             raise ValueError("OLLAMA_URL is empty")
         for url in self.ollama_urls:
             check_http_url(url)
+        if self.long_text not in LONG_TEXT_CHOICES:
+            raise ValueError(f"long-text must be one of {', '.join(LONG_TEXT_CHOICES)}, got {self.long_text!r}")
         if self.until is not None:
             from wiki_embeddings.core.window import parse_until
 

@@ -29,7 +29,9 @@ STATUS_KEYS = [
     "stale_text_scanned_at",
     "unverified",
     "cut_for_context",
+    "pooled",
     "server_truncated",
+    "suspect_truncated",
     "locked",
     "stop_requested",
     "model",
@@ -66,6 +68,9 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     status = store.status(settings.max_attempts)
     status.update(store.model_status())
     status["dimensions"] = dimensions
+    # Vectors written before a run found the server cutting silently, from texts long enough to have been cut:
+    # `backfill --reembed-cut` re-embeds them.
+    status["suspect_truncated"] = store.count_suspect_truncated()
     status["stop_requested"] = bool(status["stop_requested"]) or os.path.lexists(settings.stop_file)
     model, _ = store.recorded_model()
     status["model"] = model or ""

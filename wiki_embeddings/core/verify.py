@@ -44,6 +44,7 @@ from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.embedders import EmbedFailure, InputRejected, InvalidVectors, ModelNotFound
 from wiki_embeddings.core.factories import build_client
 from wiki_embeddings.core.modelname import same_model
+from wiki_embeddings.core.pooling import Pooling
 from wiki_embeddings.core.readiness import BLOCKING_DRIFT
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings
@@ -177,8 +178,9 @@ def _pages(store: Store, settings: Settings, sample: int, full: bool, seed: int 
 
 def _comparable(
     rows: list[dict[str, Any]], model: str, skipped: dict[str, int], report: VerifyReport
-) -> list[tuple[int, str, str, np.ndarray]]:
-    """(id, prefix, text as sent, stored vector) of the rows whose provenance says how they were made."""
+) -> list[tuple[int, str, str, np.ndarray, Pooling | None]]:
+    """(id, prefix, text as sent, stored vector, how it was pooled) of the rows whose provenance says how they were
+    made (a pooled vector is rebuilt from its recorded pieces and weights: one embedding per piece)."""
     out = []
     for r in rows:
         stored = r["vector"]
@@ -194,7 +196,8 @@ def _comparable(
         elif not (r["text"] or "").strip():
             skipped["empty_text"] += 1
         else:
-            out.append((int(r["id"]), r["text_prefix"] or "", clean_text(r["text"]), stored))
+            pooling = Pooling.from_json(r["pooling"]) if r.get("pooling") else None
+            out.append((int(r["id"]), r["text_prefix"] or "", clean_text(r["text"]), stored, pooling))
     return out
 
 
@@ -209,29 +212,53 @@ async def _digest(settings: Settings, model: str) -> str | None:
 async def _compare(
     settings: Settings,
     model: str,
-    todo: list[tuple[int, str, str, np.ndarray]],
+    todo: list[tuple[int, str, str, np.ndarray, Pooling | None]],
     skipped: dict[str, int],
     lengths: list[tuple[int, int]],
 ) -> list[tuple[int, float]]:
-    """Cosine of each stored vector with the live model's vector of the same text (grouped by prefix); a fresh
-    vector of another length gets no cosine: its (stored, fresh) lengths go to `lengths`."""
-    by_prefix: dict[str, list[tuple[int, str, np.ndarray]]] = defaultdict(list)
-    for cid, prefix, text, stored in todo:
-        by_prefix[prefix].append((cid, text, stored))
+    """Cosine of each stored vector with the live model's vector of the same text (grouped by prefix; a pooled one
+    rebuilt from its recorded pieces); a fresh vector of another length gets no cosine: its (stored, fresh) lengths
+    go to `lengths`."""
+    by_prefix: dict[str, list[tuple[int, str, np.ndarray, Pooling | None]]] = defaultdict(list)
+    for cid, prefix, text, stored, pooling in todo:
+        by_prefix[prefix].append((cid, text, stored, pooling))
     out: list[tuple[int, float]] = []
     for prefix, rows in by_prefix.items():
         client = build_client(settings.replace(text_prefix=prefix), model)
         try:
             for k in range(0, len(rows), settings.batch_size):
                 batch = rows[k : k + settings.batch_size]
-                fresh = await _embed(client, [t for _, t, _ in batch], skipped)
-                for (cid, _, stored), vector in zip(batch, fresh, strict=True):
+                for (cid, _, stored, _), vector in zip(batch, await _fresh(client, batch, skipped), strict=True):
                     if vector is not None and vector.shape != stored.shape and vector.size > 1:
                         lengths.append((int(stored.shape[0]), int(vector.shape[0])))
                     elif vector is not None:
                         out.append((cid, cosine(stored, vector)))
         finally:
             await client.aclose()
+    return out
+
+
+async def _fresh(
+    client: Any, batch: list[tuple[int, str, np.ndarray, Pooling | None]], skipped: dict[str, int]
+) -> list[np.ndarray | None]:
+    """The live model's vector of each row as it was made: its text, or its recorded pieces pooled."""
+    texts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for _, text, _, pooling in batch:
+        pieces = pooling.texts(text) if pooling is not None else [text]
+        spans.append((len(texts), len(texts) + len(pieces)))
+        texts += pieces
+    vectors = await _embed(client, texts, skipped)
+    out: list[np.ndarray | None] = []
+    for (start, end), (_, _, _, pooling) in zip(spans, batch, strict=True):
+        got = vectors[start:end]
+        whole = [v for v in got if v is not None]
+        if pooling is None:
+            out.append(got[0])
+        elif len(whole) < len(got) or len({v.shape for v in whole}) > 1 or any(v.size <= 1 for v in whole):
+            out.append(next((v for v in got if v is None or v.size <= 1), None))  # a piece refused or invalid
+        else:
+            out.append(pooling.combine(whole))
     return out
 
 

@@ -94,4 +94,7 @@ def report_metadata(report: RunReport, settings: Settings) -> dict[str, Any]:
         "state": report.state,
         "failure_log": dg.MetadataValue.path(settings.failure_log or ""),
         "failed_ids": dg.MetadataValue.json(report.failed_ids[:100]),
+        # Each model server as the run ended: in the rotation or out (and why), depth, batch size (URLs masked).
+        "servers": dg.MetadataValue.json(report.servers),
+        "server_truncated": report.server_truncated,
     }

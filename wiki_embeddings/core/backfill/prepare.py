@@ -60,6 +60,26 @@ def check_recorded_model(store: Store, model: str, text_prefix: str) -> bool:
     return is_shadow
 
 
+def check_long_text(store: Store, settings: Settings) -> None:
+    """How long texts are embedded (`--long-text`) is part of a column's identity like its prefix: a column whose
+    long texts were pooled takes no cut ones and the other way round (a silent mix retrieves worse than either).
+    Changing it is a re-embed: `--reembed-cut` re-embeds the chunks made the other way, in place."""
+    if settings.reembed_cut:
+        return
+    cut, pooled = store.made_by()
+    made = "pool" if pooled else "cut" if cut else None
+    if made is None or made == settings.long_text:
+        return
+    column = f"{store.table.qualified}.{store.table.embedding_column}"
+    count = pooled if made == "pool" else cut
+    raise ModelChanged(
+        f"{column} holds {count} vectors of long texts made with --long-text {made}; this run's is "
+        f"{settings.long_text!r} (WIKI_EMBED_LONG_TEXT) and a column must not mix them; nothing was written. Keep "
+        f"--long-text {made}, or change it with one run of `wiki-embeddings backfill --long-text {settings.long_text}"
+        f" --reembed-cut`, which re-embeds those {count} chunks in place"
+    )
+
+
 async def check_dimensions(embedder: Embedder, dimensions: int, column: str, request_dimensions: bool) -> None:
     """Refuse a model whose vectors have another length than the column, before anything is written."""
     got = await embedder.probe_dimensions(CANARY_TEXT)

@@ -11,6 +11,7 @@ what the stages counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -76,7 +77,9 @@ class Backfill:
             log=self._log,
         )
         self.claimer = Claimer(self.store, self.db.call, s, lambda: self.client.tuning.batch_size, log=self._log)
-        self.worker = EmbedWorker(self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log)
+        self.worker = EmbedWorker(
+            self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log, long_text=s.long_text
+        )
         self.writer = Writer(self.store, self.db.call, None)
         self.recorder = FailureRecorder(
             self.store,
@@ -91,6 +94,7 @@ class Backfill:
         self.db.on_reconnect["claim"] = functools.partial(self.claimer.retake, self.db.thread)
         self.total = 0
         self.started = 0.0
+        self._recorded: float | None = None  # the silent window's finding already recorded
 
     # ------------------------------------------------------------ public
     def run(self) -> RunReport:
@@ -114,6 +118,7 @@ class Backfill:
         self._build_stages()  # a fresh run: its stop event belongs to this event loop
         dimensions = await asyncio.to_thread(prepare.prepare_database, store)
         shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix)
+        await asyncio.to_thread(prepare.check_long_text, store, s)
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=client.model, dimensions=dimensions)
         idle = not prepare.refresh_wanted(s) and await asyncio.to_thread(prepare.count_remaining, store, s) == 0
@@ -153,6 +158,7 @@ class Backfill:
             if digest:
                 record = store.record_trust
                 await asyncio.to_thread(record, "model_digest", {"digest": digest}, run_id=run_id, model=client.model)
+            await self._record_silent_window(run_id)  # found by the window probe: before any pass claims
             return await self._run_started(report, dimensions)
         finally:
             await self.db.close(*list(self.db.conns))
@@ -205,13 +211,8 @@ class Backfill:
     async def _finish(self, report: RunReport) -> None:
         """Counts into the report, the end state decided, the run's row closed, the summary line."""
         store = self.store
-        report.requests = self.client.stats.requests
-        report.tuning = self.client.tuning.snapshot()
-        report.failed, report.failed_ids = self.recorder.failed, self.recorder.failed_ids
-        report.skipped_busy = self.claimer.skipped_busy
-        report.server_truncated = self.worker.server_truncated
-        report.fit_searches, report.fit_requests = self.worker.fit_searches, self.worker.fit_requests
-        report.fit_found = self.worker.fit_found
+        counts_into(report, self.client, self.worker, self.claimer, self.recorder)
+        await self._record_silent_window(report.run_id)
         try:
             report.remaining = await self.db.call("store", lambda _c: prepare.count_remaining(store, self.s))
         except (Fatal, DatabaseError) as exc:  # the database (or the table) is gone: report what is known
@@ -241,6 +242,20 @@ class Backfill:
         await record_end(report, store, self.db, self.client.server_states(), self._log)
         self.reporter.finish()
         self._log(report.summary())
+
+    async def _record_silent_window(self, run_id: int | None) -> None:
+        """The server was found cutting silently: vectors written before then from texts that long may be of less
+        text than recorded; status counts them (suspect_truncated) and --reembed-cut re-embeds them."""
+        worker = self.worker
+        if worker.silent_found_at is None or not worker.window.tokens or worker.silent_found_at == self._recorded:
+            return
+        found = {"tokens": worker.window.tokens, "found_at": worker.silent_found_at}
+        with contextlib.suppress(Fatal, DatabaseError):
+            await self.db.call(
+                "store",
+                lambda _c: self.store.record_trust("silent_window", found, run_id=run_id, model=self.client.model),
+            )
+            self._recorded = worker.silent_found_at
 
     # ------------------------------------------------------------ the pipeline
     async def _pipeline(self, report: RunReport) -> None:
@@ -352,19 +367,39 @@ class Backfill:
 
     # ------------------------------------------------------------ reporting
     def _progress(self, report: RunReport) -> None:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        rate = report.embedded / elapsed
-        failed = self.recorder.failed
-        total = max(self.total, report.embedded + failed)
-        left = max(total - report.embedded - failed, 0)
-        eta = left / rate if rate > 0 else float("inf")
-        note = servers_note(self.client.server_states())
-        self.reporter.progress(
-            Progress(report.embedded, failed, total, rate, eta, note), self.writer.batches % self.s.report_every == 0
-        )
+        failed, note = self.recorder.failed, servers_note(self.client.server_states())
+        figures = progress_figures(report.embedded, failed, self.total, time.perf_counter() - self.started, note)
+        self.reporter.progress(figures, self.writer.batches % self.s.report_every == 0)
 
     def _clean(self, message: str) -> str:
         return redact(message, self._secrets)
+
+
+def counts_into(
+    report: RunReport, client: Embedder, worker: EmbedWorker, claimer: Claimer, recorder: FailureRecorder
+) -> None:
+    """What the stages counted, into the run's report."""
+    report.requests = client.stats.requests
+    report.tuning = client.tuning.snapshot()
+    report.servers = client.server_states()
+    report.failed, report.failed_ids = recorder.failed, recorder.failed_ids
+    report.skipped_busy = claimer.skipped_busy
+    if worker.pooler is not None:
+        report.pooled, report.pieces = worker.pooler.pooled, worker.pooler.pieces
+    report.server_truncated = worker.server_truncated
+    report.fit_searches, report.fit_requests, report.fit_found = (
+        worker.fit_searches,
+        worker.fit_requests,
+        worker.fit_found,
+    )
+
+
+def progress_figures(embedded: int, failed: int, total: int, elapsed: float, note: str) -> Progress:
+    """Rate and ETA of a run so far (the total grows when more chunks came than were counted at the start)."""
+    rate = embedded / max(elapsed, 1e-9)
+    total = max(total, embedded + failed)
+    left = max(total - embedded - failed, 0)
+    return Progress(embedded, failed, total, rate, left / rate if rate > 0 else float("inf"), note)
 
 
 def describe_tuning(tuning: Tuning) -> str:

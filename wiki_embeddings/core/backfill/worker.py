@@ -14,12 +14,14 @@ The server being down or the model missing ends the run (errors.Fatal); everythi
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
+from wiki_embeddings.core.backfill.pooler import Pooler
 from wiki_embeddings.core.context import (
     MAX_TOKENS_PER_CHAR,
     SAFETY,
@@ -70,10 +72,14 @@ class EmbedWorker:
         sleep_ms: int = 0,
         log: Callable[[str], None] = lambda _line: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        long_text: str = "cut",
     ):
         self.embedder = embedder
         self.window = Window(num_ctx=num_ctx)  # the model's context as this run understands it
         self.estimator = TokenEstimator()  # tokens per text, learned from the server's counts
+        # --long-text pool: chunks longer than the window go out as pieces and come back as one pooled vector.
+        self.pooler = Pooler(self.estimator) if long_text == "pool" else None
+        self._learned_from_refusal = False
         self.known_good: str | None = None  # a text the server embedded: tells a sick server from a bad chunk
         self.sleep_ms = sleep_ms
         self._log = log
@@ -83,12 +89,65 @@ class EmbedWorker:
         self.fit_found = 0  # searches that found a prefix the server takes
         self.server_truncated = 0  # chunks the server was caught truncating silently
         self.silent_cut = False  # the server cuts over-long input silently (learned): long texts are counted alone
+        self.silent_found_at: float | None = None  # when (epoch seconds) that was found: recorded by the run
 
     async def embed(self, batch: Batch, emit: Emit) -> None:
         """Every chunk of the batch ends as one outcome handed to `emit` (or the run ends: errors.Fatal)."""
         for cid, reason, size in batch.invalid:
             await emit(Isolated(cid, "invalid_utf8", reason, None, size))
-        await self._embed_rows(batch.rows, emit)
+        rows = batch.rows
+        if self.pooler is not None:
+            emit = self._pooled(emit)
+            if self.window.tokens:
+                rows = [piece for row in rows for piece in self._pieces_of(row)]
+        await self._embed_rows(rows, emit)
+
+    # ------------------------------------------------------------ long texts, pooled
+    def _pooled(self, emit: Emit) -> Emit:
+        """`emit` behind the pooler: pieces' outcomes become their chunk's; pieces the server cut go again, split."""
+        assert self.pooler is not None
+        pooler = self.pooler
+
+        async def through_pooler(outcome: Embedded | Isolated) -> None:
+            again = await pooler.take(outcome, emit)
+            if again:
+                await self._embed_rows(again, through_pooler)
+
+        return through_pooler
+
+    def _pieces_of(self, row: tuple[int, str]) -> list[tuple[int, str]]:
+        """A chunk that does not fit the window (or may reach a silent cutter's) as its pieces; else itself."""
+        assert self.pooler is not None and self.window.tokens
+        text = row[1]
+        if not text.strip() or (self._fit(text) == text and not (self.silent_cut and self._may_reach_window(text))):
+            return [row]
+        return self.pooler.expand(row, self.embedder.text_prefix, self.window.tokens)
+
+    async def _split_refused(self, row: tuple[int, str], exc: ContextExceeded, emit: Emit) -> None:
+        """Pool mode never cuts: a piece (or a chunk estimated to fit) the server refused as too long is split in
+        two, each embedded (and split again if need be); a piece of one character fails its chunk."""
+        assert self.pooler is not None
+        if not self._learned_from_refusal:  # once a run: the server's real window, as cut mode learns it
+            self._learned_from_refusal = True
+            await self._learn_window(row[1], exc)
+            if not self.pooler.is_piece(row[0]) and self.window.tokens:
+                pieces = self.pooler.expand(row, self.embedder.text_prefix, self.window.tokens)
+                if pieces != [row]:
+                    await self._embed_rows(pieces, emit)
+                    return
+        halves = self.pooler.split(row[0]) if self.pooler.is_piece(row[0]) else self.pooler.halves(row)
+        if halves:
+            await self._embed_rows(halves, emit)
+        else:
+            await emit(
+                Isolated(
+                    row[0],
+                    exc.kind,
+                    f"no piece of this chunk fits the model's context: {exc.message}",
+                    400,
+                    len(row[1]),
+                )
+            )
 
     # ------------------------------------------------------------ requests
     async def _call(self, texts: list[str], server: int | None = None) -> Answer:
@@ -110,7 +169,8 @@ class EmbedWorker:
         rows = [r for r in rows if r[1].strip()]
         if not rows:
             return
-        sent = [self._fit(r[1]) for r in rows]
+        # Pool mode never cuts: what was judged to fit (or made a piece) goes whole; a refusal splits it.
+        sent = [r[1] for r in rows] if self.pooler is not None else [self._fit(r[1]) for r in rows]
         if self.silent_cut and len(rows) > 1:
             risky = [k for k, text in enumerate(sent) if self._may_reach_window(text)]
             if risky:  # a server known to cut silently: texts that may reach its window are counted alone
@@ -126,7 +186,9 @@ class EmbedWorker:
         except ModelNotFound as exc:
             raise Fatal("model_not_found", exc.message) from exc
         except ContextExceeded as exc:
-            if len(rows) == 1:
+            if len(rows) == 1 and self.pooler is not None:
+                await self._split_refused(rows[0], exc, emit)
+            elif len(rows) == 1:
                 await self._fit_one(rows[0], len(sent[0]), exc, emit)
             else:
                 for part in self.split_after_refusal(sent):
@@ -198,8 +260,7 @@ class EmbedWorker:
         except EmbedFailure:
             return
         if got is not None and got < expected - PROBE_SLACK:
-            self.window.learn(got)
-            self.silent_cut = True
+            self._found_silent(got)
             self._log(
                 f"the server evaluated {got} of the {expected} tokens of a window probe: it cuts silently; texts are "
                 f"cut to {self.window.tokens} tokens from now on"
@@ -222,8 +283,7 @@ class EmbedWorker:
             cut_at = await self._cut_by_server(sent[k], estimates[k])
             if cut_at is None:
                 continue
-            self.window.learn(cut_at)
-            self.silent_cut = True
+            self._found_silent(cut_at)
             refit = await self._refit(sent[k])
             if refit is None:
                 continue  # the batch's vector stands; only the flag is unknown (the run goes on)
@@ -254,6 +314,12 @@ class EmbedWorker:
             return own  # a fifth less text, as many tokens: both stopped at the server's window
         self.estimator.observe([prefix + text], own)  # the estimate was long for this text; it is whole
         return None
+
+    def _found_silent(self, tokens: int) -> None:
+        self.window.learn(tokens)
+        if not self.silent_cut:
+            self.silent_cut = True
+            self.silent_found_at = time.time()
 
     def _may_reach_window(self, text: str) -> bool:
         """Could the server's window cut this text? (its estimate errs by up to ~30 %: taken with a margin)"""
@@ -295,6 +361,30 @@ class EmbedWorker:
                 return answer.vectors[0], len(cut)
             cut = cut[: max(1, int(len(cut) * REFIT_SHRINK))]
         return None
+
+    async def _learn_window(self, text: str, exc: ContextExceeded) -> None:
+        """The longest prefix of a refused text the server takes, searched only to learn its real window."""
+
+        async def embed_one(prefix: str) -> tuple[np.ndarray, int | None]:
+            try:
+                answer = await self._call([prefix])
+            except ContextExceeded as refused:
+                raise ContextRefused(refused.message) from refused
+            return answer.vectors[0], answer.tokens
+
+        try:
+            found = await fit_prefix(text, embed_one, window_tokens=self.window.tokens, estimator=self.estimator)
+        except ServerUnavailable as failure:
+            raise Fatal("server_unavailable", failure.message) from failure
+        except ModelNotFound as failure:
+            raise Fatal("model_not_found", failure.message) from failure
+        except EmbedFailure:
+            return  # the halves are embedded anyway; only the window stays unknown
+        if found is not None and found.tokens:
+            self.window.learn(found.tokens)
+            self._log(
+                f"the server refused a text as too long ({exc.message}); its window is about {found.tokens} tokens"
+            )
 
     async def _fit_one(self, row: tuple[int, str], refused_chars: int, exc: ContextExceeded, emit: Emit) -> None:
         """One chunk refused as over the context: embed the longest prefix the server takes (>= 90 % of it)."""

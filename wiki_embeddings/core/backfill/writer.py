@@ -79,7 +79,7 @@ class Writer:
                 md5s,
                 self.provenance,
                 replace,
-                VectorNotes(item.chars, item.cut, item.truncated),
+                VectorNotes(item.chars, item.cut, item.truncated, item.pooling),
                 self.run_id,
             )
         except DataRefused as exc:  # not a lost connection (DbCalls handles those): this data is refused

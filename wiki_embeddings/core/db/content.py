@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
+from wiki_embeddings.core.context import MAX_TOKENS_PER_CHAR
 from wiki_embeddings.core.db.connection import StoreBase
 from wiki_embeddings.core.db.records import Claim
 
@@ -14,13 +15,22 @@ if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
 
 
+# Written before the server was found cutting silently at `silent_tokens`, from a text long enough to reach them
+# (no text under tokens / MAX_TOKENS_PER_CHAR characters can): its vector may be of less text than recorded.
+SUSPECT_CONDITION = sql.SQL(" OR (p.embedded_at < %(silent_at)s AND p.chars_sent >= %(silent_chars)s)")
+
+
 class ContentMixin(StoreBase):
     """Content changes: embedded chunks whose text changed since (or that were cut), found by keyset windows."""
 
-    def _changed_window(self: Store, include_cut: bool = False) -> sql.Composed:
+    def _changed_window(self: Store, include_cut: bool = False, include_pooled: bool = False) -> sql.Composed:
         """Embedded rows of one keyset window whose stored text no longer matches their provenance hash (and, with
         `include_cut`, those embedded from a text cut to fit the context or truncated by the server)."""
-        also = sql.SQL(" OR p.context_cut OR p.server_truncated") if include_cut else sql.SQL("")
+        also: sql.Composable = sql.SQL(" OR p.context_cut OR p.server_truncated") if include_cut else sql.SQL("")
+        if include_cut and self.silent_window() is not None:
+            also = sql.Composed([also, SUSPECT_CONDITION])
+        if include_pooled:  # back from pooled to cut (--long-text cut --reembed-cut)
+            also = sql.Composed([also, sql.SQL(" OR p.pooling IS NOT NULL")])
         return sql.SQL(
             "WITH win AS MATERIALIZED ("
             " SELECT t.{id} AS id, md5(t.{text}) AS md5 FROM {t} t WHERE t.{emb} IS NOT NULL"
@@ -30,6 +40,28 @@ class ContentMixin(StoreBase):
             " JOIN {s}.embedding_provenance p ON p.table_name = %(ptable)s AND p.column_attnum = %(attnum)s"
             " AND p.chunk_id = w.id WHERE p.text_md5 <> w.md5{also} ORDER BY w.id"
         ).format(id=self._id, text=self._text, t=self._t, emb=self._emb, s=self._s, also=also)
+
+    def suspect_params(self: Store) -> dict[str, Any]:
+        """The parameters of SUSPECT_CONDITION (a far-future bound when no silent window was ever found)."""
+        found = self.silent_window()
+        if found is None:
+            return {"silent_at": None, "silent_chars": None}
+        tokens, at = found
+        return {"silent_at": at, "silent_chars": int(tokens / MAX_TOKENS_PER_CHAR)}
+
+    def count_suspect_truncated(self: Store) -> int:
+        """Vectors that may be of less text than their provenance records (see SUSPECT_CONDITION)."""
+        params = self.suspect_params()
+        if params["silent_at"] is None:
+            return 0
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {s}.embedding_provenance p WHERE p.table_name = %(ptable)s"
+                " AND p.column_attnum = %(attnum)s AND NOT p.context_cut AND (false{suspect})"
+            ).format(s=self._s, suspect=SUSPECT_CONDITION),
+            {"ptable": self.table.qualified, "attnum": self._current_attnum(), **params},
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def claim_changed(
         self: Store,
@@ -42,19 +74,21 @@ class ContentMixin(StoreBase):
         id_max: int | None = None,
         scan_window: int = 5000,
         include_cut: bool = False,
+        include_pooled: bool = False,
         **_: Any,
     ) -> Claim:
         """Keyset scan (one window of ids per call) for embedded chunks whose text changed since it was embedded;
         lock the first `limit` found. `last_scanned_id` is where the next call continues."""
         lower = after_id if after_id is not None else (id_min - 1 if id_min is not None else None)
         found = conn.execute(
-            self._changed_window(include_cut),
+            self._changed_window(include_cut, include_pooled),
             {
                 "lower": lower,
                 "upper": id_max,
                 "window": scan_window,
                 "ptable": self.table.qualified,
                 "attnum": self._current_attnum(conn),
+                **self.suspect_params(),
             },
         ).fetchall()
         if not found:

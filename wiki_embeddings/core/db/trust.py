@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -104,6 +105,17 @@ class TrustMixin(StoreBase):
             ).format(s=self._s),
             (self.table.qualified, kind, run_id, model, json.dumps(result, default=str)),
         )
+
+    def silent_window(self: Store) -> tuple[int, Any] | None:
+        """The latest window (tokens) a run found the server cutting silently at, and when it was found: vectors
+        written before then from texts long enough to reach it may be of less text than recorded (`--reembed-cut`
+        re-embeds them)."""
+        found = self.latest_trust("silent_window")
+        if not found or not isinstance(found.get("tokens"), int):
+            return None
+        at = found.get("found_at")
+        when = datetime.fromtimestamp(at, tz=UTC) if isinstance(at, int | float) else found["recorded_at"]
+        return int(found["tokens"]), when
 
     def latest_trust(
         self: Store, kind: str, model: str | None = None, verdicts: Sequence[str] | None = None
@@ -211,8 +223,9 @@ class TrustMixin(StoreBase):
             .execute(
                 sql.SQL(
                     "SELECT t.{id} AS id, t.{emb} AS vector, md5(t.{text}) AS current_md5, p.model, p.text_md5,"
-                    " p.text_prefix, p.chars_sent, p.max_chars, left(t.{text}, coalesce(p.chars_sent, p.max_chars,"
-                    " %(chars)s)) AS text FROM {t} t LEFT JOIN {s}.embedding_provenance p ON p.table_name = %(tn)s"
+                    " p.text_prefix, p.chars_sent, p.max_chars, p.pooling,"
+                    " left(t.{text}, coalesce(p.chars_sent, p.max_chars, %(chars)s)) AS text FROM {t} t"
+                    " LEFT JOIN {s}.embedding_provenance p ON p.table_name = %(tn)s"
                     " AND p.column_attnum = %(att)s AND p.chunk_id = t.{id}"
                     " WHERE t.{id} = ANY(%(ids)s) AND t.{emb} IS NOT NULL ORDER BY t.{id}"
                 ).format(id=self._id, emb=self._emb, text=self._text, t=self._t, s=self._s),

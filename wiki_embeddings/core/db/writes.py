@@ -53,6 +53,7 @@ class WritesMixin(StoreBase):
             "chars": notes.chars_sent if notes is not None else [None] * len(ids),
             "cut": notes.context_cut if notes is not None else [False] * len(ids),
             "trunc": notes.server_truncated if notes is not None else [False] * len(ids),
+            "pooling": notes.pooling if notes is not None and notes.pooling is not None else [None] * len(ids),
             "failure_key": self.failure_key,
             "rel": self._rel,
             "column": self.table.embedding_column,
@@ -137,14 +138,15 @@ class WritesMixin(StoreBase):
             record = sql.SQL(
                 ", p AS (INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
                 " dimensions, text_md5, max_chars, text_prefix, embedded_at, chars_sent, context_cut,"
-                " server_truncated)"
+                " server_truncated, pooling)"
                 " SELECT %(table)s, (SELECT attnum FROM a), w.id, %(model)s, %(dim)s, w.md5, %(max_chars)s, %(prefix)s,"
-                " now(), w.chars, w.cut, w.trunc FROM w"
+                " now(), w.chars, w.cut, w.trunc, w.pooling::jsonb FROM w"
                 " ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
                 " dimensions = EXCLUDED.dimensions, text_md5 = EXCLUDED.text_md5,"
                 " max_chars = EXCLUDED.max_chars, text_prefix = EXCLUDED.text_prefix,"
                 " embedded_at = EXCLUDED.embedded_at, chars_sent = EXCLUDED.chars_sent,"
-                " context_cut = EXCLUDED.context_cut, server_truncated = EXCLUDED.server_truncated)"
+                " context_cut = EXCLUDED.context_cut, server_truncated = EXCLUDED.server_truncated,"
+                " pooling = EXCLUDED.pooling)"
             ).format(s=self._s)
         # Every array travels in binary (text-format array dumping is the costliest client work of a batch).
         stmt = sql.SQL(
@@ -155,10 +157,11 @@ class WritesMixin(StoreBase):
             " lk AS (SELECT t.{id} AS id FROM {t} AS t WHERE t.{id} = ANY(%(ids)b::bigint[]) FOR UPDATE SKIP LOCKED),"
             " w AS (UPDATE {t} AS t SET {emb} = u.e"
             " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)b::text[], %(chars)b::int[],"
-            " %(cut)b::bool[], %(trunc)b::bool[]) AS u(id, e, md5, chars, cut, trunc)"
+            " %(cut)b::bool[], %(trunc)b::bool[], %(pooling)b::text[]) AS u(id, e, md5, chars, cut, trunc, pooling)"
             " WHERE t.{id} = u.id AND t.{id} IN (SELECT id FROM lk){guard}{column_check}"
             " AND NOT (SELECT released FROM rr)"
-            " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5, u.chars, u.cut, u.trunc){record},"
+            " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5, u.chars, u.cut, u.trunc, u.pooling)"
+            "{record},"
             " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
             " SELECT (SELECT count(*) FROM w), {attnum_out}, (SELECT released FROM rr),"
             " (SELECT array_agg(x) FROM unnest(%(ids)b::bigint[]) AS x WHERE x NOT IN (SELECT id FROM lk))"

@@ -417,16 +417,16 @@ class OllamaClient:
                 http_status=404,
                 server=index,
             )
+        if status in (400, 500) and _RUNNER_CRASH.search(resp.error_text()):
+            # Ollama 0.31.x: an input over its physical batch crashes the runner, which reloads (400 from 0.30's
+            # handler, 500 from older ones): a length problem, never the chunk's fault, never the server's.
+            raise RunnerCrashed(f"HTTP {status}: {resp.error_text()}", http_status=status, server=index)
         if status == 400 and _CONTEXT_REFUSAL.search(resp.error_text()):
             raise ContextExceeded(f"HTTP 400: {resp.error_text()}", http_status=400, server=index)
         if 400 <= status < 500:
             raise InputRejected(
                 f"HTTP {status}: {resp.error_text()}", http_status=status, kind=f"http_{status}", server=index
             )
-        if status == 500 and _RUNNER_CRASH.search(resp.error_text()):
-            # Ollama 0.31.x: an input over its physical batch crashes the runner, which reloads: a length problem,
-            # never the chunk's fault, never counted against the server.
-            raise RunnerCrashed(f"HTTP 500: {resp.error_text()}", http_status=500, server=index)
         if status >= 500:
             raise AmbiguousFailure(
                 f"HTTP {status}: {resp.error_text()}", http_status=status, kind=f"http_{status}", server=index

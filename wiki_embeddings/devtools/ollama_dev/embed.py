@@ -1,15 +1,18 @@
 """The embedding pipeline behind every embed route, and the wire formats it is spoken in.
 
 One request goes: faults that answer before reading (``down``) -> bind the body (the wire's format) ->
-find the model -> the window (the profile) -> injected failures and input markers -> load the model
-(``load_ms``) -> fit the inputs to the window (the profile) -> hang faults -> hold a slot and evaluate
-(latency, runner-side marker faults, vectors) -> release the model -> the answer (the wire's format).
-A wire (:class:`Wire`) is what differs between ``/api/embed`` and the legacy ``/api/embeddings``: how the
-body binds, the status of an over-long input, which faults apply, the answer's shape.
+find the model -> the limits (the profile: window and batch) -> injected failures and input markers ->
+load the model (``load_ms``) -> fit the inputs to the limits (the profile) -> hang faults -> hold a slot,
+wait out a reload after a runner crash, and evaluate (latency, the crash mode, runner-side marker faults,
+vectors: one batch, or one input after another with fault ``serial_inputs``) -> release the model -> the
+answer (the wire's format). A wire (:class:`Wire`) is what differs between ``/api/embed``, the legacy
+``/api/embeddings`` and ``/v1/embeddings`` (module ``openai``): how the body binds, whether the handler's
+cutting applies, the answers to an over-long input and a crash, which faults apply, the answer's shape.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ import orjson
 from wiki_embeddings.devtools.ollama_dev.binding import EmbedJob, bind_embed, bind_legacy, parse_json
 from wiki_embeddings.devtools.ollama_dev.faults import Faults
 from wiki_embeddings.devtools.ollama_dev.models import ModelSpec
-from wiki_embeddings.devtools.ollama_dev.profiles import Fitted
+from wiki_embeddings.devtools.ollama_dev.profiles import Fitted, Profile
 from wiki_embeddings.devtools.ollama_dev.replies import (
     BUSY,
     HTML,
@@ -32,6 +35,7 @@ from wiki_embeddings.devtools.ollama_dev.replies import (
     Reply,
     Stopping,
     error,
+    runner_crashed,
 )
 from wiki_embeddings.devtools.ollama_dev.state import ServerState
 
@@ -39,12 +43,24 @@ from wiki_embeddings.devtools.ollama_dev.state import ServerState
 class Wire:
     """An embed route's format: ``/api/embed`` (this base) and its differences for other routes."""
 
-    too_long_status = 400  # an input over the window (the runner's refusal)
+    handler = True  # the request goes through /api/embed's handler, which cuts where the generation cuts
     endless_body = True  # fault endless_body applies
     count_fault = True  # fault wrong_count_marker applies
 
     def bind(self, data: dict[str, Any]) -> EmbedJob | Reply:
         return bind_embed(data)
+
+    def too_long(self, profile: Profile) -> Reply:
+        """The refusal of an input over the limits, in the generation's words."""
+        return error(400, profile.rules.too_long)
+
+    def crashed(self, profile: Profile, port: int) -> Reply:
+        """The answer when the runner aborts (the crash mode)."""
+        return error(profile.crash_status, runner_crashed(port))
+
+    def wrap(self, reply: Reply) -> Reply:
+        """The reply as this route sends it (another API's error shape, say)."""
+        return reply
 
     def dimensions(self, job: EmbedJob, spec: ModelSpec) -> int | None:
         """Matryoshka truncation asked for, when it shortens the vector."""
@@ -69,14 +85,21 @@ class Wire:
 
 
 class LegacyWire(Wire):
-    """Legacy ``/api/embeddings``: one ``prompt``, one ``embedding``; an over-long input is a 500."""
+    """Legacy ``/api/embeddings``: one ``prompt``, one ``embedding``; straight to the runner, so it never cuts
+    (unless fault ``silent_truncate``), and every error is a 500."""
 
-    too_long_status = 500
+    handler = False
     endless_body = False
     count_fault = False
 
     def bind(self, data: dict[str, Any]) -> EmbedJob | Reply:
         return bind_legacy(data)
+
+    def too_long(self, profile: Profile) -> Reply:
+        return error(500, TOO_LONG)
+
+    def crashed(self, profile: Profile, port: int) -> Reply:
+        return error(500, runner_crashed(port))
 
     def dimensions(self, job: EmbedJob, spec: ModelSpec) -> int | None:
         return None
@@ -112,6 +135,7 @@ class EmbedPipeline:
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self._ports = random.Random()  # the port of a fresh runner, named in a crash's error
 
     def find_model(self, name: Any) -> ModelSpec | Reply:
         if not isinstance(name, str) or not name:
@@ -122,6 +146,9 @@ class EmbedPipeline:
         return spec
 
     def run(self, body: bytes, wire: Wire) -> Reply:
+        return wire.wrap(self._run(body, wire))
+
+    def _run(self, body: bytes, wire: Wire) -> Reply:
         start_ns = time.perf_counter_ns()
         state, control = self.state, self.state.control
         with state.counters.embed_request():
@@ -139,26 +166,27 @@ class EmbedPipeline:
             if isinstance(spec, Reply):
                 return spec
             state.counters.record_last(job.data)
-            window = state.profile.window(spec, job.options, faults)
-            if isinstance(window, Reply):
-                return window
+            limits = state.profile.limits(spec, job.options, faults)
+            if isinstance(limits, Reply):
+                return limits
             if (status := control.failure_status(faults, seq)) is not None:
                 return error(status, "server overloaded")
             hits = {name: any(m in t for t in job.texts) for name, m in faults.markers.items()}
             if hits.get("bad_request_marker"):
                 return error(400, "invalid input")
-            state.residency.acquire(spec, window, faults.load_ms)
+            state.residency.acquire(spec, limits.window, faults.load_ms)
             try:
                 load_ns = time.perf_counter_ns() - start_ns
                 if not job.texts:
                     return wire.empty(job)
                 backend, chars = state.vectorizer.backend, self._char_limit(faults)
-                fitted = state.profile.fit(job.texts, window, job.truncate, faults, backend, chars)
+                fitted = state.profile.fit(job.texts, limits, job.truncate, wire.handler, faults, backend, chars)
                 if fitted is None:
-                    return error(wire.too_long_status, TOO_LONG)
+                    return wire.too_long(state.profile)
                 if control.hangs(faults, seq):
                     control.wait_while_hung()
                 with control.slot():
+                    state.residency.wait_ready(spec)
                     parts = self._evaluate(job, spec, fitted, wire, faults, hits)
                 if isinstance(parts, Reply):
                     return parts
@@ -181,6 +209,9 @@ class EmbedPipeline:
         delay = faults.latency_ms + faults.per_text_ms * len(job.texts)
         if delay and self.state.stop.wait(delay / 1000):
             raise Stopping
+        if fitted.crash:  # llama-server aborts; the model reloads before anything else is evaluated
+            self.state.residency.crash(spec, self.state.profile.reload_ms / 1000)
+            return wire.crashed(self.state.profile, self._ports.randint(32768, 60999))
         if hits.get("error_marker"):
             return error(500, RUNNER_TERMINATED)
         if hits.get("non_json_marker"):
@@ -193,4 +224,5 @@ class EmbedPipeline:
             return endless_reply(job.model, self.state.stop)
         dims = wire.dimensions(job, spec)
         salt = self.state.control.current.model_salt
-        return self.state.vectorizer.vectors(spec, fitted.inputs, job.texts, faults.markers, dims, salt)
+        serial = faults.serial_inputs
+        return self.state.vectorizer.vectors(spec, fitted.inputs, job.texts, faults.markers, dims, salt, serial)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import threading
 import typing
 from collections.abc import Iterator, Mapping
@@ -22,8 +23,10 @@ from wiki_embeddings.devtools.ollama_dev.replies import Stopping
 class Faults:
     """Injectable misbehaviour; all off by default (except ``slots=1``, which is Ollama's behaviour).
 
-    Periodic faults (``fail_every_n``, ``hang_after_n``) count embed requests (both endpoints) since
-    the faults were last set, so a pattern set at runtime starts from its first request.
+    Periodic faults (``fail_every_n``, ``hang_after_n``) count embed requests (every embed endpoint) since
+    the faults were last set, so a pattern set at runtime starts from its first request. ``fail_rate`` fails
+    that share of them, chosen by a hash of (``fail_seed``, request number): the same seed fails the same
+    request numbers, whatever the timing.
     Marker faults trigger when any input text *contains* the marker string.
     """
 
@@ -31,8 +34,11 @@ class Faults:
     per_text_ms: float = 0.0  # extra latency per input text of an embed request, spent while holding a slot
     load_ms: float = 0.0  # model load time, paid by the first request and again after the model unloaded
     slots: int = 1  # embed requests processed at once (0 = unlimited); Ollama runs one per model
+    serial_inputs: bool = False  # a request's inputs evaluated one after another, none cached (Ollama's cost)
     fail_every_n: int = 0  # every Nth embed request answers fail_status
-    fail_status: int = 503
+    fail_status: int = 503  # the status of fail_every_n and fail_rate
+    fail_rate: float = 0.0  # this share of embed requests (0-1, seeded, reproducible) answers fail_status
+    fail_seed: int = 0
     hang: bool = False  # embed requests never answer until cleared or the server stops
     hang_after_n: int | None = None  # hang every embed request after the first N
     trickle_ms: float = 0.0  # embed response bodies are sent one byte every trickle_ms
@@ -66,6 +72,8 @@ class Faults:
             raise ValueError("latency_ms, per_text_ms, load_ms and trickle_ms must be >= 0")
         if self.slots < 0 or self.fail_every_n < 0:
             raise ValueError("slots and fail_every_n must be >= 0")
+        if not 0.0 <= self.fail_rate <= 1.0:
+            raise ValueError("fail_rate must be between 0 and 1")
         if not 100 <= self.fail_status <= 599:
             raise ValueError("fail_status must be an HTTP status (100-599)")
         if self.hang_after_n is not None and self.hang_after_n < 0:
@@ -100,6 +108,12 @@ class Faults:
             for f in dataclasses.fields(self)
             if f.name.endswith("_marker") and (value := getattr(self, f.name)) is not None
         }
+
+
+def draw(seed: int, seq: int) -> float:
+    """A number in [0, 1) fixed by (seed, request number): the seeded failure rate's die."""
+    digest = hashlib.blake2b(f"{seed}:{seq}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
 
 
 def _check_type(name: str, hint: Any, value: Any) -> Any:
@@ -163,6 +177,8 @@ class FaultControl:
     def failure_status(faults: Faults, seq: int) -> int | None:
         """The status an injected failure answers for the ``seq``th request, or None (no failure due)."""
         if faults.fail_every_n and seq % faults.fail_every_n == 0:
+            return faults.fail_status
+        if faults.fail_rate and draw(faults.fail_seed, seq) < faults.fail_rate:
             return faults.fail_status
         return None
 

@@ -21,9 +21,15 @@ RUNNING = b"Ollama is running"
 HTML_ERROR = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 BUSY = "server busy, please try again.  maximum pending requests exceeded"  # real Ollama's 503 text
 TOO_LONG = "the input length exceeds the context length"  # the runner's text (400 on /api/embed)
+OLD_TOO_LONG = "input exceeds maximum context length"  # /api/embed with truncate:false before 0.13.5
 NAN_ERROR = "failed to encode response: json: unsupported value: NaN"  # Go's encoder on a NaN, as a 500
 RUNNER_TERMINATED = "llama runner process has terminated"
 PULL_UNKNOWN = "pull model manifest: file does not exist"
+
+
+def runner_crashed(port: int) -> str:
+    """What Ollama 0.30+ answers when llama-server aborts on an input (its request to the runner meets EOF)."""
+    return f'do embedding request: Post "http://127.0.0.1:{port}/v1/embeddings": EOF'
 
 
 class Stopping(Exception):

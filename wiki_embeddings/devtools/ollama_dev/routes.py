@@ -1,16 +1,18 @@
 """Routes: every path the server answers, as Ollama answers it, and the control paths of the dev server.
 
 Ollama's paths: ``GET|HEAD /``, ``GET|HEAD /api/version``, ``GET|HEAD /api/tags``, ``POST /api/pull``,
-``POST /api/show``, ``GET /api/ps``, ``POST /api/embed`` and legacy ``POST /api/embeddings``. A known
-path asked with another method answers 405 ``405 method not allowed`` with an ``Allow`` header, as
-Ollama's gin router does; an unknown path 404 ``404 page not found``. Control paths (``/_control/...``)
-set faults and read or reset the counters; they are not counted themselves.
+``POST /api/show``, ``GET /api/ps``, ``POST /api/embed``, legacy ``POST /api/embeddings``, and the
+OpenAI-compatible ``POST /v1/embeddings``, ``GET /v1/models`` and ``GET /v1/models/{model}`` (module
+``openai``). A known path asked with another method answers 405 ``405 method not allowed`` with an
+``Allow`` header, as Ollama's gin router does; an unknown path 404 ``404 page not found``. Control paths
+(``/_control/...``) set faults and read or reset the counters; they are not counted themselves.
 """
 
 from __future__ import annotations
 
 import hashlib
 import traceback
+import urllib.parse
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +28,7 @@ from wiki_embeddings.devtools.ollama_dev.binding import (
 )
 from wiki_embeddings.devtools.ollama_dev.embed import EMBED, LEGACY, EmbedPipeline
 from wiki_embeddings.devtools.ollama_dev.models import canonical_name, digest, name_parts, parameter_count
+from wiki_embeddings.devtools.ollama_dev.openai import OPENAI, list_models, retrieve_model
 from wiki_embeddings.devtools.ollama_dev.replies import (
     NDJSON,
     NOT_ALLOWED,
@@ -39,7 +42,8 @@ from wiki_embeddings.devtools.ollama_dev.replies import (
 )
 from wiki_embeddings.devtools.ollama_dev.state import ServerState
 
-TRICKLED = frozenset({"/api/embed", "/api/embeddings"})  # the paths whose answers fault trickle_ms slows
+TRICKLED = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})  # the paths fault trickle_ms slows
+MODEL_PATH = "/v1/models/"  # GET /v1/models/{model}: one path segment, as gin's :model matches
 
 
 class Routes:
@@ -51,6 +55,10 @@ class Routes:
 
     def respond(self, method: str, path: str, body: bytes) -> tuple[Reply, float]:
         """The reply to ``method path`` and the trickle (ms per byte) to send it with."""
+        name = path[len(MODEL_PATH) :]
+        if path.startswith(MODEL_PATH) and name and "/" not in name:
+            # Ollama's RetrieveMiddleware hands its show handler {"name": model} as the body.
+            path, body = MODEL_PATH + ":model", orjson.dumps({"name": urllib.parse.unquote(name)})
         route = ROUTES.get((method, path))
         if route is None:
             allowed = ALLOWED.get(path)
@@ -84,6 +92,8 @@ class Routes:
             "faults": self.state.control.current.to_dict(),
             **self.state.counters.last_request(),
             "loaded_models": sorted(self.state.residency.names()),
+            "runner_crashes": self.state.residency.crashes,
+            "profile": self.state.profile.describe(),
         }
 
     def reset_stats(self) -> None:
@@ -215,6 +225,17 @@ class Routes:
     def embeddings(self, body: bytes) -> Reply:
         return self.pipeline.run(body, LEGACY)
 
+    # --- OpenAI-compatible
+
+    def v1_embeddings(self, body: bytes) -> Reply:
+        return self.pipeline.run(body, OPENAI)
+
+    def v1_models(self, body: bytes) -> Reply:
+        return list_models(self.state.catalog, self.state.started_at)
+
+    def v1_model(self, body: bytes) -> Reply:
+        return retrieve_model(self.state.catalog, self.state.started_at, body)
+
 
 Route = Callable[[Routes, bytes], Reply]
 ROUTES: dict[tuple[str, str], Route] = {
@@ -229,6 +250,9 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/ps"): Routes.ps,
     ("POST", "/api/embed"): Routes.embed,
     ("POST", "/api/embeddings"): Routes.embeddings,
+    ("POST", "/v1/embeddings"): Routes.v1_embeddings,
+    ("GET", "/v1/models"): Routes.v1_models,
+    ("GET", MODEL_PATH + ":model"): Routes.v1_model,
     ("GET", "/_control/faults"): Routes.get_faults,
     ("POST", "/_control/faults"): Routes.set_faults,
     ("GET", "/_control/stats"): Routes.get_stats,

@@ -1,7 +1,10 @@
 """The server in a thread: :class:`OllamaServer` assembles the parts and serves them on a daemon thread.
 
 Tests start it in-process (``with OllamaServer(...) as srv``); the CLI and :func:`start_subprocess` run
-the same class in its own process (:mod:`wiki_embeddings.devtools.ollama_dev.process`).
+the same class in its own process (:mod:`wiki_embeddings.devtools.ollama_dev.process`). Every instance has
+its own faults, counters, models and generation, so several in one process stand for several Ollama
+servers, each healthy, failing or dead (stopped: connection refused; :meth:`OllamaServer.start` again serves
+on the same port).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from wiki_embeddings.devtools.ollama_dev.faults import FaultControl, Faults
 from wiki_embeddings.devtools.ollama_dev.models import (
     DEFAULT_HASH_MODELS,
     DEFAULT_MINILM_MODELS,
+    DEFAULT_NUM_CTX,
     MINILM_CONTEXT_TOKENS,
     MINILM_DIM,
     Catalog,
     ModelSpec,
 )
-from wiki_embeddings.devtools.ollama_dev.profiles import CURRENT, Profile
+from wiki_embeddings.devtools.ollama_dev.profiles import DEFAULT_NUM_BATCH, DEFAULT_RELOAD_MS, Profile
 from wiki_embeddings.devtools.ollama_dev.routes import Routes
 from wiki_embeddings.devtools.ollama_dev.state import Counters, Residency, ServerState
 from wiki_embeddings.devtools.ollama_dev.transport import HTTPServer, make_server
@@ -67,11 +71,20 @@ class OllamaServer:
         cache_entries: int = 200_000,
         cache_mb: int = 512,
         verbose: bool = False,
-        profile: Profile = CURRENT,
+        ollama_version: str = "0.20",
+        num_ctx: int = DEFAULT_NUM_CTX,
+        num_batch: int = DEFAULT_NUM_BATCH,
+        reload_ms: float = DEFAULT_RELOAD_MS,
+        crash_status: int = 400,
+        profile: Profile | None = None,
     ) -> None:
         """``context_tokens``: every model's context in tokens (replacing the table's context_length and
-        default num_ctx; the minilm backend caps it at 256); ``context_chars``: an extra limit in characters;
-        ``profile``: the Ollama generation's rules (today only :data:`~.profiles.CURRENT`)."""
+        default num_ctx; the minilm backend caps it at 256); ``context_chars``: an extra limit in characters.
+
+        The Ollama generation whose rules apply (:mod:`~.profiles`): ``ollama_version`` (``0.12``, ``0.20``,
+        ``0.30``, ``0.31-crash`` or a full version), with this server's default ``num_ctx`` (for models
+        whose Modelfile sets none) and ``num_batch``, and the crash mode's ``reload_ms`` and
+        ``crash_status``; or a ready ``profile``, which overrides them all."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (hash or minilm)")
         if context_tokens is not None and context_tokens < 3:
@@ -79,6 +92,10 @@ class OllamaServer:
         if context_chars is not None and context_chars < 1:
             raise ValueError("context_chars must be >= 1")
         specs = _specs(backend, models, context_tokens)
+        profile = profile or Profile.of(
+            ollama_version, num_ctx=num_ctx, num_batch=num_batch, reload_ms=reload_ms, crash_status=crash_status
+        )
+        self.profile = profile
         self.host = host
         self.port = port
         self.backend_name = backend
@@ -103,14 +120,22 @@ class OllamaServer:
         self._routes = Routes(state)
         self._httpd: HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._loaded = False
 
     # --- lifecycle
 
     def start(self) -> OllamaServer:
-        """Load the backend, bind and serve on a daemon thread; returns self once ready."""
+        """Load the backend, bind and serve on a daemon thread; returns self once ready.
+
+        After :meth:`stop` it serves again on the same port (a server that died and came back), with its
+        faults, counters and cache as they were.
+        """
         if self._httpd is not None:
             raise RuntimeError("server already started")
-        self._backend.load()
+        if not self._loaded:
+            self._backend.load()
+            self._loaded = True
+        self._stop_event.clear()
         httpd = make_server(self.host, self.port, self._routes, self._stop_event, self.verbose)
         self._httpd = httpd
         self.port = httpd.server_address[1]

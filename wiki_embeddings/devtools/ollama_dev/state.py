@@ -3,7 +3,8 @@ the bundle of every part a request is served from.
 
 Residency follows Ollama's ``keep_alive``: a model is loaded by its first request (paying fault
 ``load_ms``), stays loaded while requests use it and for ``keep_alive`` seconds idle after the last one
-(0: unloaded at once, negative: forever), and ``/api/ps`` lists what is loaded.
+(0: unloaded at once, negative: forever), and ``/api/ps`` lists what is loaded. A runner crash (the
+``0.31-crash`` generation) reloads the model: every request evaluated before the reload ends waits for it.
 """
 
 from __future__ import annotations
@@ -106,6 +107,27 @@ class Residency:
         self._load_lock = threading.Lock()  # Ollama loads one model at a time
         # name -> [requests using it, expiry (monotonic), expires_at (wall), context it was loaded with]
         self._loaded: dict[str, list[Any]] = {}
+        self._ready_at: dict[str, float] = {}  # name -> when its reload after a runner crash ends (monotonic)
+        self._crashes = 0
+
+    @property
+    def crashes(self) -> int:
+        """Runner crashes since start."""
+        with self._lock:
+            return self._crashes
+
+    def crash(self, spec: ModelSpec, reload_s: float) -> None:
+        """The runner serving ``spec`` aborted: the model reloads for ``reload_s`` seconds from now."""
+        with self._lock:
+            self._crashes += 1
+            self._ready_at[spec.name] = max(self._ready_at.get(spec.name, 0.0), time.monotonic() + reload_s)
+
+    def wait_ready(self, spec: ModelSpec) -> None:
+        """Wait while ``spec`` reloads after a runner crash, as a load is waited for (raises Stopping)."""
+        with self._lock:
+            delay = self._ready_at.get(spec.name, 0.0) - time.monotonic()
+        if delay > 0 and self._stop.wait(delay):
+            raise Stopping
 
     def _names_locked(self) -> list[str]:
         now = time.monotonic()

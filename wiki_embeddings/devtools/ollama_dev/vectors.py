@@ -77,25 +77,25 @@ class Vectorizer:
         markers: dict[str, str],
         dims: int | None = None,
         salt: str | None = None,
+        serial: bool = False,
     ) -> list[bytes]:
         """JSON arrays for ``inputs`` (as evaluated); vector marker faults are checked on ``originals``.
 
         ``dims``: Matryoshka truncation to the first ``dims`` values, re-normalised to unit length.
-        ``salt`` (fault ``model_salt``): other weights behind the name, so other vectors.
+        ``salt`` (fault ``model_salt``): other weights behind the name, so other vectors. ``serial`` (fault
+        ``serial_inputs``): every input computed on its own, one after another, and the cache neither read
+        nor filled, as Ollama evaluates a request's inputs.
         """
         special = VECTOR_MARKERS & markers.keys()
         keys = [(spec.name if salt is None else f"{spec.name}#{salt}", t) for t in inputs]
-        parts = self.cache.get_many(keys)
+        if serial:
+            parts: list[bytes | None] = [self._serialised(spec, [text], salt)[0] for text in inputs]
+        else:
+            parts = self.cache.get_many(keys)
         missing = [i for i, p in enumerate(parts) if p is None]
         if missing:
-            texts = [inputs[i] for i in missing]
-            if salt is None and not spec.is_hash_model:
-                vectors = self.backend.embed(spec, texts)
-            elif salt is None:  # a `hash-*` model: random vectors beside the real one (retrieval tests)
-                vectors = [hash_vector(spec.name, t, spec.dim) for t in texts]
-            else:  # fault model_salt: the weights behind the name changed
-                vectors = [hash_vector(f"{spec.name}#{salt}", t, spec.dim) for t in texts]
-            fresh = [(keys[i], orjson.dumps(v, option=_NUMPY)) for i, v in zip(missing, vectors, strict=True)]
+            computed = self._serialised(spec, [inputs[i] for i in missing], salt)
+            fresh = list(zip([keys[i] for i in missing], computed, strict=True))
             self.cache.put_many(fresh)
             for i, (_, value) in zip(missing, fresh, strict=True):
                 parts[i] = value
@@ -105,6 +105,16 @@ class Vectorizer:
         if special:
             out = [faulty_vector(part, text, markers) for part, text in zip(out, originals, strict=True)]
         return out
+
+    def _serialised(self, spec: ModelSpec, texts: list[str], salt: str | None) -> list[bytes]:
+        """The vectors of ``texts`` computed now, as JSON arrays."""
+        if salt is None and not spec.is_hash_model:
+            vectors = self.backend.embed(spec, texts)
+        elif salt is None:  # a `hash-*` model: random vectors beside the real one (retrieval tests)
+            vectors = [hash_vector(spec.name, t, spec.dim) for t in texts]
+        else:  # fault model_salt: the weights behind the name changed
+            vectors = [hash_vector(f"{spec.name}#{salt}", t, spec.dim) for t in texts]
+        return [orjson.dumps(v, option=_NUMPY) for v in vectors]
 
 
 def shorten(part: bytes, dims: int) -> bytes:
