@@ -351,6 +351,12 @@ class Settings:
     )
 
     @property
+    def model_api(self) -> str:
+        """The API the model servers speak, for the model-name rule: Ollama's grammar applies to Ollama only
+        (`WIKI_EMBED_API`, where that setting exists; else "ollama")."""
+        return str(getattr(self, "api", "ollama"))
+
+    @property
     def ollama_urls(self) -> list[str]:
         return [u.strip().rstrip("/") for u in self.ollama_url.split(",") if u.strip()]
 
@@ -372,7 +378,7 @@ class Settings:
         if self.ollama_model is not None:
             from wiki_embeddings.core.modelname import check_model_name
 
-            check_model_name(self.ollama_model, "ollama", setting_label("ollama_model"))
+            check_model_name(self.ollama_model, self.model_api, setting_label("ollama_model"))
         if not self.ollama_urls:
             raise ValueError("OLLAMA_URL is empty")
         for url in self.ollama_urls:

@@ -12,6 +12,7 @@ import pytest
 
 from wiki_embeddings.checks import BOOL_WORDS, FALSE_WORDS, TRUE_WORDS, Range, parse_bool
 from wiki_embeddings.cli import main
+from wiki_embeddings.core import operations
 from wiki_embeddings.core.readiness import ReadinessSettings
 from wiki_embeddings.defs.config import MaintenanceConfig, RangeRunConfig
 from wiki_embeddings.defs.resources import OllamaResource, WikiDatabaseResource, run_settings
@@ -152,3 +153,9 @@ def test_the_readiness_restart_timeout_is_finite_and_positive():
     with pytest.raises(ValueError, match="WIKI_EMBEDDINGS_RESTART_TIMEOUT_SEC='soon'"):
         ReadinessSettings.from_env({"WIKI_EMBEDDINGS_RESTART_TIMEOUT_SEC": "soon"})
     assert ReadinessSettings.from_env({"WIKI_EMBEDDINGS_RESTART_TIMEOUT_SEC": "30"}).restart_timeout_sec == 30
+
+
+def test_the_swaps_self_test_figures_are_checked_for_both_front_ends_before_the_database_is_asked():
+    for sample, margin, named in ((0, 0.02, "--quality-sample"), (100, math.inf, "--quality-margin")):
+        with pytest.raises(ValueError, match=named):
+            operations.swap(Settings(database_url=DEAD_DB), force=False, sample=sample, margin=margin, log=print)
