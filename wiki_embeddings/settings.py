@@ -35,6 +35,10 @@ MAX_BATCH_SIZE = 4096
 LONG_TEXT_CHOICES = ("pool", "cut")
 # Polite mode's default target request duration: a live query waits behind about this much of a batch.
 DEFAULT_TARGET_REQUEST_SEC = 0.5
+# The model servers' APIs (WIKI_EMBED_API): Ollama's own, or the OpenAI-compatible `/v1/embeddings` (TEI, vLLM,
+# infinity-emb, llama.cpp, Ollama's /v1, hosted APIs). OLLAMA_URL holds the server URLs for either.
+APIS = ("ollama", "openai")
+DEFAULT_KEEP_ALIVE = "30m"
 
 # The smallest context window (tokens) a run accepts: below it a chunk is embedded from a few characters
 # (WIKI_EMBED_NUM_CTX=1 embedded every chunk from one character and reported `completed`).
@@ -68,6 +72,7 @@ class Option:
     negative_help: str | None = None
     metavar: str | None = None
     parse: Callable[[str], Any] | None = None  # text -> value, for the flag and the environment variable
+    choices: tuple[str, ...] | None = None  # the flag's allowed values (after `parse`)
     resume: bool = False  # replayed by `resume` (core/db runs.options)
     range: Range | None = None  # the values a number may take (checks.Range: finite, bounds): CLI, env, Dagster
 
@@ -131,6 +136,20 @@ class Settings:
         help="[OLLAMA_MODEL]; unset: the model of the last run",
         resume=True,
     )
+    # Which API the model servers speak (APIS); under `openai`, --num-ctx is the window in tokens when the server
+    # publishes none, --keep-alive is ignored, --with-ollama refused.
+    api: str = _setting(
+        "ollama",
+        env="WIKI_EMBED_API",
+        group="common",
+        parse=lambda raw: raw.strip().lower(),
+        choices=APIS,
+        help="the servers' API: ollama, or openai (OpenAI-compatible /v1/embeddings: TEI, vLLM, infinity-emb, "
+        "llama.cpp; URLs still in OLLAMA_URL, bearer key in WIKI_EMBED_API_KEY) [WIKI_EMBED_API] (ollama)",
+        resume=True,
+    )
+    # The bearer key of an OpenAI-compatible server: environment only (never a flag), never printed or stored.
+    api_key: str | None = field(default=None, repr=False, metadata={"option": Option(env="WIKI_EMBED_API_KEY")})
     text_prefix: str = _setting(
         "",
         env="WIKI_EMBED_TEXT_PREFIX",
@@ -210,7 +229,8 @@ class Settings:
         False,
         env="OLALA_START_OLLAMA",
         group="runbook",
-        help="start a local embedding service when OLLAMA_URL does not answer [OLALA_START_OLLAMA=1]",
+        help="start a local embedding service when OLLAMA_URL does not answer (refused under --api openai) "
+        "[OLALA_START_OLLAMA=1]",
         resume=True,
     )
     stop_file: str = _setting(DEFAULT_STOP_FILE, env="EMBED_STOP_FILE", resume=True)
@@ -296,10 +316,11 @@ class Settings:
     # The model server (real Ollama's knobs).
     # sent with every request so the model stays loaded between batches ("-1": forever)
     keep_alive: str = _setting(
-        "30m",
+        DEFAULT_KEEP_ALIVE,
         env="WIKI_EMBED_KEEP_ALIVE",
         group="server",
-        help="sent with every request so the model stays loaded between batches [WIKI_EMBED_KEEP_ALIVE] (30m)",
+        help="sent with every request so the model stays loaded between batches (ignored, with a note, under "
+        "--api openai) [WIKI_EMBED_KEEP_ALIVE] (30m)",
         resume=True,
     )
     # options.num_ctx: raise the window up to the model's own maximum
@@ -307,7 +328,8 @@ class Settings:
         None,
         env="WIKI_EMBED_NUM_CTX",
         group="server",
-        help="options.num_ctx: the context window in tokens, up to the model's maximum [WIKI_EMBED_NUM_CTX] "
+        help="options.num_ctx: the context window in tokens, up to the model's maximum; under --api openai the "
+        "model's window in tokens where the server publishes none (a cap where it does) [WIKI_EMBED_NUM_CTX] "
         "(the modelfile's default)",
         resume=True,
         range=Range(MIN_NUM_CTX, 2**22),
@@ -318,7 +340,7 @@ class Settings:
         env="WIKI_EMBED_REQUEST_DIMENSIONS",
         group="server",
         help="ask a Matryoshka model for `dimensions: D` when the column's vector(D) is narrower than its output "
-        "[WIKI_EMBED_REQUEST_DIMENSIONS]",
+        "(either API) [WIKI_EMBED_REQUEST_DIMENSIONS]",
         resume=True,
     )
     # allowance for the run's first request, which may pay the model's load
@@ -351,12 +373,6 @@ class Settings:
     )
 
     @property
-    def model_api(self) -> str:
-        """The API the model servers speak, for the model-name rule: Ollama's grammar applies to Ollama only
-        (`WIKI_EMBED_API`, where that setting exists; else "ollama")."""
-        return str(getattr(self, "api", "ollama"))
-
-    @property
     def ollama_urls(self) -> list[str]:
         return [u.strip().rstrip("/") for u in self.ollama_url.split(",") if u.strip()]
 
@@ -365,30 +381,8 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def validate(self) -> Settings:
-        """Refuse what cannot be meant, before anything is written: every number finite and inside the range on its
-        `Option` (named by its flag and environment variable), the model name, the URLs, the run window."""
-        if self.batch_size > MAX_BATCH_SIZE:
-            raise ValueError(
-                f"batch-size must be at most {MAX_BATCH_SIZE} chunks per request, got {self.batch_size} "
-                "(64 to 256 is typical; use --concurrency for more throughput)"
-            )
-        for name, option in OPTIONS.items():
-            if option.range is not None:
-                check_number(setting_label(name), getattr(self, name), option.range)
-        if self.ollama_model is not None:
-            from wiki_embeddings.core.modelname import check_model_name
-
-            check_model_name(self.ollama_model, self.model_api, setting_label("ollama_model"))
-        if not self.ollama_urls:
-            raise ValueError("OLLAMA_URL is empty")
-        for url in self.ollama_urls:
-            check_http_url(url)
-        if self.long_text not in LONG_TEXT_CHOICES:
-            raise ValueError(f"long-text must be one of {', '.join(LONG_TEXT_CHOICES)}, got {self.long_text!r}")
-        if self.until is not None:
-            from wiki_embeddings.core.window import parse_until
-
-            parse_until(self.until)  # a clear ValueError for a malformed time
+        """Refuse what cannot be meant, before anything is written (`check_settings`); returns self."""
+        check_settings(self)
         return self
 
     def run_deadline(self, now: float | None = None) -> tuple[float, str] | None:
@@ -411,7 +405,51 @@ class Settings:
         out = dataclasses.asdict(self)
         out["database_url"] = mask_url(self.database_url) if self.database_url else None
         out["ollama_url"] = ",".join(mask_url(u) for u in self.ollama_urls)
+        out["api_key"] = "***" if self.api_key else None
         return out
+
+    def api_warnings(self) -> list[str]:
+        """What the settings ask that the chosen API cannot do (said once at a run's start)."""
+        if self.api == "openai" and self.keep_alive != DEFAULT_KEEP_ALIVE:
+            return [
+                "note: --keep-alive (WIKI_EMBED_KEEP_ALIVE) is Ollama's and is ignored under WIKI_EMBED_API=openai "
+                "(the server keeps its model loaded)"
+            ]
+        return []
+
+
+def check_settings(s: Settings) -> None:
+    """Every number finite and inside the range on its `Option` (named by its flag and environment variable, for the
+    CLI, the environment and Dagster alike), the API and the model name it allows, the URLs, the run window."""
+    if s.batch_size > MAX_BATCH_SIZE:
+        raise ValueError(
+            f"batch-size must be at most {MAX_BATCH_SIZE} chunks per request, got {s.batch_size} "
+            "(64 to 256 is typical; use --concurrency for more throughput)"
+        )
+    if s.api not in APIS:
+        raise ValueError(f"WIKI_EMBED_API (--api) must be one of {', '.join(APIS)}, got {s.api!r}")
+    if s.api == "openai" and s.with_ollama:
+        raise ValueError(
+            "--with-ollama (OLALA_START_OLLAMA) starts a local Ollama-protocol server: it cannot stand in for "
+            "an OpenAI-compatible server (WIKI_EMBED_API=openai); start that server and set OLLAMA_URL to it"
+        )
+    for name, option in OPTIONS.items():
+        if option.range is not None:
+            check_number(setting_label(name), getattr(s, name), option.range)
+    if s.ollama_model is not None:
+        from wiki_embeddings.core.modelname import check_model_name
+
+        check_model_name(s.ollama_model, s.api, setting_label("ollama_model"))
+    if not s.ollama_urls:
+        raise ValueError("OLLAMA_URL is empty")
+    for url in s.ollama_urls:
+        check_http_url(url)
+    if s.long_text not in LONG_TEXT_CHOICES:
+        raise ValueError(f"long-text must be one of {', '.join(LONG_TEXT_CHOICES)}, got {s.long_text!r}")
+    if s.until is not None:
+        from wiki_embeddings.core.window import parse_until
+
+        parse_until(s.until)  # a clear ValueError for a malformed time
 
 
 #: Each field's `Option` (an empty one where the field has none).

@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
         settings = settings_from_args(args)
         secrets = list(url_secrets(settings.database_url))
         secrets += [secret for url in settings.ollama_urls for secret in url_secrets(url)]
+        secrets.append(settings.api_key)
         return COMMANDS[args.command](settings, args, out)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

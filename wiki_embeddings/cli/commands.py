@@ -19,6 +19,7 @@ from wiki_embeddings.cli.runs import cmd_runs
 from wiki_embeddings.core import control, importer, operations, verify
 from wiki_embeddings.core.context import format_preflight
 from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.embedders import EmbedFailure
 from wiki_embeddings.core.factories import (
     build_client,
     build_store,
@@ -155,7 +156,12 @@ def cmd_import(s: Settings, args: argparse.Namespace, out: Any) -> int:
 
 def _dimensions_for_new_table(s: Settings, store: Store) -> int:
     model = resolve_model(s, store, local_default=s.with_ollama)
-    if answers(s.ollama_urls[0]):
+    if s.api != "ollama":  # no cheap "are you there" in that API: ask the model; unreachable falls through
+        try:
+            return probe_model_dimensions(s, model)
+        except EmbedFailure:
+            pass
+    elif answers(s.ollama_urls[0]):
         return probe_model_dimensions(s, model)
     base = model.split(":")[0]
     if base in KNOWN_DIMENSIONS:

@@ -28,6 +28,8 @@ def add_setting(group: Any, name: str, **changes: Any) -> None:
         kwargs["type"] = option.parse or kind
     if option.metavar:
         kwargs["metavar"] = option.metavar
+    if option.choices:
+        kwargs["choices"] = option.choices
     group.add_argument(option.flag or "--" + name.replace("_", "-"), **{**kwargs, **changes})
     if option.negative:
         group.add_argument(option.negative, dest=name, action="store_false", default=None, help=option.negative_help)

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from wiki_embeddings.core import identity
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.embedders import EmbedFailure, InputRejected, InvalidVectors, ModelNotFound
 from wiki_embeddings.core.factories import build_client
@@ -92,6 +93,8 @@ class VerifyReport:
     model_missing: bool = False  # not evaluated because the server does not have the model (exit 4)
     digest: str | None = None  # the model's digest as /api/tags reports it now
     recorded_digest: str | None = None  # the digest recorded by the last run of the model that reported one
+    api: str = identity.DEFAULT_API  # the API the sample was re-embedded through (WIKI_EMBED_API)
+    api_accepted: bool = False  # a match through another API than the column's: that API is now the column's
     message: str = ""
 
     @property
@@ -123,6 +126,7 @@ def verify(
 ) -> VerifyReport:
     """Re-embed a sample (or, with `full`, every vector) of the store's column with `model` and compare."""
     report = VerifyReport("not_evaluated", model, store.table.embedding_column, threshold=threshold, full=full)
+    report.api = settings.api
     cosines: list[tuple[int, float]] = []
     lengths: list[tuple[int, int]] = []  # (stored, fresh) of each vector answered with another length
     skipped: dict[str, int] = defaultdict(int)
@@ -352,6 +356,12 @@ def _other_length(report: VerifyReport, cosines: list[tuple[int, float]], length
 
 
 def _finish(store: Store, report: VerifyReport, record: bool) -> None:
+    if record and report.verdict == "match" and identity.accept_api(store, report.model, report.api):
+        report.api_accepted = True
+        report.message += (
+            f"; made through another API before, they are reproduced through the {report.api} API "
+            "(WIKI_EMBED_API), which is now accepted for this column"
+        )
     if record:
         store.record_trust("verify", report.as_dict(), model=report.model)
 

@@ -37,6 +37,7 @@ from wiki_embeddings.defs.outcomes import (
 )
 from wiki_embeddings.defs.partitions import LAST_RANGE_ID, id_ranges, key_for_id, range_bounds
 from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource, run_settings
+from wiki_embeddings.defs.spread import server_share
 
 TARGET_TAG = "wiki_embeddings/target_model"
 AUTO_SWAP_ENV = "WIKI_EMBED_AUTO_SWAP"
@@ -124,10 +125,11 @@ def fill_shadow_range(
     key = context.partition_key
     id_min, id_max = range_bounds(key, key)
     mode = f"dagster migrate {key}"
-    settings = run_settings(database, ollama, id_min=id_min, id_max=id_max, **config.engine_settings())
-    with run_failures(mode, settings):
-        overrides = operations.active_shadow(settings)
-        report = operations.fill_shadow(settings, overrides, mode=mode, log=context.log.info)
+    with server_share(context, database, ollama) as servers:
+        settings = run_settings(database, ollama, id_min=id_min, id_max=id_max, **config.engine_settings(), **servers)
+        with run_failures(mode, settings):
+            overrides = operations.active_shadow(settings)
+            report = operations.fill_shadow(settings, overrides, mode=mode, log=context.log.info)
     target, shadow = overrides["ollama_model"], overrides["embedding_column"]
     what = f"migration to {target} range {key}"
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max, "shadow_column": shadow}

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from wiki_embeddings.core import control
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.embedders import OllamaClient
+from wiki_embeddings.core.embedders import PooledClient
 from wiki_embeddings.core.factories import build_store, probe_model_dimensions
 from wiki_embeddings.core.operations import default_client
 from wiki_embeddings.core.readiness import ReadinessSettings
@@ -97,7 +97,8 @@ class OllamaResource(dg.ConfigurableResource):
 
     url: str | None = Field(
         default=None,
-        description="[OLLAMA_URL] (http://ollama:11434); comma-separated for several servers, used round-robin",
+        description="[OLLAMA_URL] (http://ollama:11434); comma-separated for several servers, used round-robin (pool "
+        "`ollama` above 1: each run leases its share of them, docs/dagster.md)",
     )
     model: str | None = Field(
         default=None, description="[OLLAMA_MODEL]; unset: the model recorded for the table by its last run"
@@ -118,11 +119,15 @@ class OllamaResource(dg.ConfigurableResource):
     query_prefix: str | None = Field(
         default=None, description="the model's query prefix, e.g. 'search_query: ' [WIKI_EMBED_QUERY_PREFIX]"
     )
+    api: str | None = Field(default=None, description="ollama, or openai (/v1/embeddings) [WIKI_EMBED_API] (ollama)")
+    api_key: str | None = Field(
+        default=None, description="bearer key of an OpenAI-compatible server, via dg.EnvVar [WIKI_EMBED_API_KEY]"
+    )
 
     def overrides(self) -> dict[str, Any]:
         return _overrides(self, url="ollama_url", model="ollama_model")
 
-    def client(self, settings: Settings, store: Store) -> OllamaClient:
+    def client(self, settings: Settings, store: Store) -> PooledClient:
         """A client for the model to use: the configured one, else the one recorded for the table."""
         return default_client(settings, store)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from wiki_embeddings.core.backfill import cuts
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.outcomes import Batch
 from wiki_embeddings.core.backfill.worker import CANARY_TEXT, EmbedWorker
@@ -210,7 +211,10 @@ def test_a_batch_refused_for_length_sends_the_risky_texts_alone():
 
 def test_a_batch_refused_for_length_with_no_risky_text_is_halved():
     worker = EmbedWorker(FakeEmbedder())
-    assert worker.split_after_refusal(["a", "b", "c", "d", "e"]) == [[0, 1], [2, 3, 4]]  # window unknown
+    assert cuts.split_after_refusal(worker.window, worker.estimator, ["a", "b", "c", "d", "e"]) == [
+        [0, 1],
+        [2, 3, 4],
+    ]  # window unknown
 
 
 def test_silent_truncation_is_caught_the_window_learned_and_the_text_embedded_again_cut_by_us():

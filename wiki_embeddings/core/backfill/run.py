@@ -117,7 +117,7 @@ class Backfill:
         s, store, client = self.s, self.store, self.client
         self._build_stages()  # a fresh run: its stop event belongs to this event loop
         dimensions = await asyncio.to_thread(prepare.prepare_database, store)
-        shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix)
+        shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix, s.api)
         await asyncio.to_thread(prepare.check_long_text, store, s)
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=client.model, dimensions=dimensions)
@@ -143,7 +143,7 @@ class Backfill:
             await asyncio.to_thread(store.record_model, client.model, dimensions)
         digest = None
         if not idle:  # the column's identity (core/identity.py) and the model's digest (`verify` shows it)
-            await asyncio.to_thread(identity.record, store, client.model, dimensions, s.text_prefix, s.query_prefix)
+            await asyncio.to_thread(identity.record, store, client.model, dimensions, s)
             digest = await client.model_digest()
         self.writer.provenance = Provenance(client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence) and
@@ -244,8 +244,7 @@ class Backfill:
         self._log(report.summary())
 
     async def _record_silent_window(self, run_id: int | None) -> None:
-        """The server was found cutting silently: vectors written before then from texts that long may be of less
-        text than recorded; status counts them (suspect_truncated) and --reembed-cut re-embeds them."""
+        """A silent cutter found: earlier vectors of texts that long may be suspect (status, --reembed-cut)."""
         worker = self.worker
         if worker.silent_found_at is None or not worker.window.tokens or worker.silent_found_at == self._recorded:
             return

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from wiki_embeddings.core.backfill import cuts, silent
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
 from wiki_embeddings.core.backfill.pooler import Pooler
@@ -46,17 +47,9 @@ from wiki_embeddings.core.embedders import (
 CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
 # Failures decided from the text alone: recorded without asking the server whether it is well.
 TEXT_ERRORS = {"empty_text", "invalid_utf8", "write_error"}
-# A batch whose `prompt_eval_count` is below this share of its estimated tokens is checked text by text; a text
-# whose own count is below this share of its estimate is checked with a shorter prefix of it.
+# A batch whose `prompt_eval_count` is below this share of its estimated tokens is checked text by text.
 BATCH_TRUST_SHARE = 0.85
-TEXT_TRUST_SHARE = 0.9
-PROBE_SHARE = 0.95  # the window probe's text: this share of the window the server describes
 WINDOW_PROBE_TEXTS = 3  # texts (one a request) the window probe sends at a run's start
-PROBE_SLACK = 2  # tokens of slack when comparing counts (special tokens, a word split differently)
-REFIT_TRIES = 4
-REFIT_SHRINK = 0.85  # a refit that still reaches the window is cut by this much more
-ESTIMATE_MARGIN = 1.5  # a text's estimate times this bounds its real count (for a silent cutter's window)
-RISKY_SHARE = 0.6  # after a refusal of length, texts estimated over this share of the window go alone
 
 Emit = Callable[[Embedded | Isolated], Awaitable[None]]
 
@@ -69,6 +62,7 @@ class EmbedWorker:
         embedder: Embedder,
         *,
         num_ctx: int | None = None,
+        max_chars: int = 2000,
         sleep_ms: int = 0,
         log: Callable[[str], None] = lambda _line: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -77,8 +71,7 @@ class EmbedWorker:
         self.embedder = embedder
         self.window = Window(num_ctx=num_ctx)  # the model's context as this run understands it
         self.estimator = TokenEstimator()  # tokens per text, learned from the server's counts
-        # --long-text pool: chunks longer than the window go out as pieces and come back as one pooled vector.
-        self.pooler = Pooler(self.estimator) if long_text == "pool" else None
+        self.pooler = Pooler(self.estimator) if long_text == "pool" else None  # long chunks as pieces, pooled
         self._learned_from_refusal = False
         self.known_good: str | None = None  # a text the server embedded: tells a sick server from a bad chunk
         self.sleep_ms = sleep_ms
@@ -89,6 +82,8 @@ class EmbedWorker:
         self.fit_found = 0  # searches that found a prefix the server takes
         self.server_truncated = 0  # chunks the server was caught truncating silently
         self.silent_cut = False  # the server cuts over-long input silently (learned): long texts are counted alone
+        self.max_chars = max_chars  # the longest text the run sends (the silent-cut probe must be as long)
+        self.twin_check = False  # a silent cutter without token counts: texts near the window are checked by twins
         self.silent_found_at: float | None = None  # when (epoch seconds) that was found: recorded by the run
 
     async def embed(self, batch: Batch, emit: Emit) -> None:
@@ -119,7 +114,7 @@ class EmbedWorker:
         """A chunk that does not fit the window (or may reach a silent cutter's) as its pieces; else itself."""
         assert self.pooler is not None and self.window.tokens
         text = row[1]
-        if not text.strip() or (self._fit(text) == text and not (self.silent_cut and self._may_reach_window(text))):
+        if not text.strip() or (self._fit(text) == text and not (self.silent_cut and self._may_reach(text))):
             return [row]
         return self.pooler.expand(row, self.embedder.text_prefix, self.window.tokens)
 
@@ -172,7 +167,7 @@ class EmbedWorker:
         # Pool mode never cuts: what was judged to fit (or made a piece) goes whole; a refusal splits it.
         sent = [r[1] for r in rows] if self.pooler is not None else [self._fit(r[1]) for r in rows]
         if self.silent_cut and len(rows) > 1:
-            risky = [k for k, text in enumerate(sent) if self._may_reach_window(text)]
+            risky = [k for k, text in enumerate(sent) if self._may_reach(text)]
             if risky:  # a server known to cut silently: texts that may reach its window are counted alone
                 for k in risky:
                     await self._embed_rows([rows[k]], emit)
@@ -191,7 +186,7 @@ class EmbedWorker:
             elif len(rows) == 1:
                 await self._fit_one(rows[0], len(sent[0]), exc, emit)
             else:
-                for part in self.split_after_refusal(sent):
+                for part in cuts.split_after_refusal(self.window, self.estimator, sent):
                     await self._embed_rows([rows[k] for k in part], emit)
             return
         except InvalidVectors as exc:
@@ -219,47 +214,45 @@ class EmbedWorker:
             return
         self.known_good = sent[0]
         embedded = _embedded(rows, sent, answer.vectors, list(range(len(rows))))
-        if answer.tokens is not None:
-            if len(rows) == 1 and self.silent_cut and self._at_window(answer.tokens):
-                await self._refit_alone(rows[0], embedded)
+        if answer.tokens is None and self.twin_check:
+            await self._check_twins(embedded, sent)
+        elif answer.tokens is not None:
+            if len(rows) == 1 and self.silent_cut and cuts.at_window(self.window, answer.tokens):
+                refit = await self._refit(embedded_text(rows[0], embedded))  # reached it: cut by us until whole
+                if refit is not None:
+                    embedded.vectors[0], embedded.chars[0] = refit
+                    embedded.cut[0] = embedded.chars[0] < len(rows[0][1])
             else:
                 await self._check_truncation(embedded, sent, answer.tokens)
         await emit(embedded)
-
-    def split_after_refusal(self, sent: list[str]) -> list[list[int]]:
-        """A batch refused as too long: the estimate was short for some text. The texts nearest the window go
-        alone, the rest together; with none (or all) of them near it, the batch is halved."""
-        budget = (self.window.tokens or 0) * SAFETY
-        risky = [k for k, t in enumerate(sent) if budget and self.estimator.estimate(t) >= RISKY_SHARE * budget]
-        if not risky or len(risky) == len(sent):
-            half = len(sent) // 2
-            return [list(range(half)), list(range(half, len(sent)))]
-        alone = set(risky)
-        return [[k] for k in risky] + [[k for k in range(len(sent)) if k not in alone]]
 
     # ------------------------------------------------------------ truncation and context
     async def probe_window(self) -> None:
         """Does the server take the whole window it describes? One known text repeated to just under it: a server
         that cuts silently (Ollama before 0.13.5 past num_ctx; 0.30+ past its physical batch, 2,048 tokens, whatever
         num_ctx says) answers with fewer tokens than it was sent, and from then on every text is cut to what it
-        really takes, so each vector is of exactly the characters recorded. Three requests a run."""
+        really takes, so each vector is of exactly the characters recorded. Three requests a run. A server that
+        reports no counts is probed by its vectors instead (silent.py)."""
         believed = self.window.tokens
-        if not believed:
-            return
         try:
             one = (await self._call([CANARY_TEXT])).tokens
-            two = (await self._call([CANARY_TEXT + " " + CANARY_TEXT])).tokens
-            if one is None or two is None or two <= one:
-                return  # the server reports no counts: truncation is judged batch by batch
-            per, fixed = two - one, 2 * one - two
-            repeats = max(1, int((believed * PROBE_SHARE - fixed) / per))
-            expected = fixed + repeats * per
-            got = (await self._call([" ".join([CANARY_TEXT] * repeats)])).tokens
+            if one is None:
+                longest = len(self.embedder.text_prefix) + self.max_chars
+                self.twin_check = await silent.probe(self._call, self.estimator, longest, believed, self.embedder.where)
+                if self.twin_check:
+                    self._log(
+                        f"the server cuts silently and counts no tokens: texts near {believed} tokens are checked"
+                    )
+                return
+            if not believed:
+                return
+            found = await cuts.probe_counts(self._call, CANARY_TEXT, one, believed)
         except ContextExceeded:
             return  # refused rather than cut: the prefix search learns the real window when it matters
         except EmbedFailure:
             return
-        if got is not None and got < expected - PROBE_SLACK:
+        if found is not None:
+            expected, got = found
             self._found_silent(got)
             self._log(
                 f"the server evaluated {got} of the {expected} tokens of a window probe: it cuts silently; texts are "
@@ -280,11 +273,15 @@ class EmbedWorker:
             self.estimator.observe([prefix + t for t in sent], count)
             return
         for k in range(len(sent)):
-            cut_at = await self._cut_by_server(sent[k], estimates[k])
+            cut_at = await cuts.cut_by_server(
+                self._call, self.estimator, self.embedder.text_prefix, sent[k], estimates[k]
+            )
             if cut_at is None:
                 continue
             self._found_silent(cut_at)
-            refit = await self._refit(sent[k])
+            refit = await cuts.refit(
+                self._call, self._fit, self.window, self.estimator, self.embedder.text_prefix, sent[k]
+            )
             if refit is None:
                 continue  # the batch's vector stands; only the flag is unknown (the run goes on)
             embedded.vectors[k], embedded.chars[k] = refit
@@ -297,23 +294,27 @@ class EmbedWorker:
                 f"they have); embedded again cut to {self.window.tokens} tokens, recorded as server_truncated"
             )
 
-    async def _cut_by_server(self, text: str, estimate: float) -> int | None:
-        """The count at which the server cut `text`, or None when it took it whole (the estimator learns)."""
-        prefix = self.embedder.text_prefix
-        try:
-            own = (await self._call([text])).tokens
-            if own is None or own >= TEXT_TRUST_SHARE * estimate:
-                if own:
-                    self.estimator.observe([prefix + text], own)
-                return None
-            shorter = text[: max(1, int(len(text) * 0.8))]
-            again = (await self._call([shorter])).tokens
-        except EmbedFailure:
-            return None
-        if again is not None and again >= own - PROBE_SLACK:
-            return own  # a fifth less text, as many tokens: both stopped at the server's window
-        self.estimator.observe([prefix + text], own)  # the estimate was long for this text; it is whole
-        return None
+    async def _check_twins(self, embedded: Embedded, sent: list[str]) -> None:
+        """A silent cutter without counts: each text that may reach the window gets the vector of a prefix of it
+        proven whole (silent.py), with exactly that prefix's characters recorded."""
+        risky = [k for k, text in enumerate(sent) if self._may_reach(text)]
+        if not risky:
+            return
+        found = await silent.twins(self._call, [sent[k] for k in risky], [embedded.vectors[k] for k in risky])
+        for k, proven in zip(risky, found, strict=True):
+            if proven is not None:
+                embedded.vectors[k], embedded.chars[k] = proven
+                embedded.cut[k] = True
+
+    @property
+    def _prefix(self) -> str:
+        return self.embedder.text_prefix
+
+    def _may_reach(self, text: str) -> bool:
+        return cuts.may_reach(self.window, self.estimator, self._prefix, text)
+
+    async def _refit(self, text: str) -> tuple[np.ndarray, int] | None:
+        return await cuts.refit(self._call, self._fit, self.window, self.estimator, self._prefix, text)
 
     def _found_silent(self, tokens: int) -> None:
         self.window.learn(tokens)
@@ -321,70 +322,19 @@ class EmbedWorker:
             self.silent_cut = True
             self.silent_found_at = time.time()
 
-    def _may_reach_window(self, text: str) -> bool:
-        """Could the server's window cut this text? (its estimate errs by up to ~30 %: taken with a margin)"""
-        window = self.window.tokens
-        if not window:
-            return False
-        full = self.embedder.text_prefix + text
-        if len(full) * MAX_TOKENS_PER_CHAR < window - PROBE_SLACK:
-            return False
-        return self.estimator.estimate(full) * ESTIMATE_MARGIN >= window - PROBE_SLACK
-
-    def _at_window(self, tokens: int) -> bool:
-        """A count at the window: the text may have been cut there (a count below it was evaluated whole)."""
-        window = self.window.tokens
-        return window is not None and tokens >= window - PROBE_SLACK
-
-    async def _refit_alone(self, row: tuple[int, str], embedded: Embedded) -> None:
-        """A text counted alone reached a silent cutter's window: embedded again, cut by us until it is whole."""
-        refit = await self._refit(embedded_text(row, embedded))
-        if refit is None:
-            return
-        embedded.vectors[0], embedded.chars[0] = refit
-        embedded.cut[0] = embedded.chars[0] < len(row[1])
-
-    async def _refit(self, text: str) -> tuple[np.ndarray, int] | None:
-        """`text` cut by us to the learned window and embedded; (vector, characters sent) once its count is below
-        the window (a cut that still reaches it is cut further)."""
-        cut = self._fit(text)
-        if cut == text:  # the estimate says it fits, the count said it reached the window: cut a little
-            cut = text[: max(1, int(len(text) * REFIT_SHRINK))]
-        for _ in range(REFIT_TRIES):
-            try:
-                answer = await self._call([cut])
-            except EmbedFailure:
-                return None
-            if answer.tokens is None or not self._at_window(answer.tokens):
-                if answer.tokens:
-                    self.estimator.observe([self.embedder.text_prefix + cut], answer.tokens)
-                return answer.vectors[0], len(cut)
-            cut = cut[: max(1, int(len(cut) * REFIT_SHRINK))]
-        return None
-
     async def _learn_window(self, text: str, exc: ContextExceeded) -> None:
         """The longest prefix of a refused text the server takes, searched only to learn its real window."""
-
-        async def embed_one(prefix: str) -> tuple[np.ndarray, int | None]:
-            try:
-                answer = await self._call([prefix])
-            except ContextExceeded as refused:
-                raise ContextRefused(refused.message) from refused
-            return answer.vectors[0], answer.tokens
-
         try:
-            found = await fit_prefix(text, embed_one, window_tokens=self.window.tokens, estimator=self.estimator)
+            tokens = await cuts.longest_fit_tokens(self._call, self.window, self.estimator, text)
         except ServerUnavailable as failure:
             raise Fatal("server_unavailable", failure.message) from failure
         except ModelNotFound as failure:
             raise Fatal("model_not_found", failure.message) from failure
         except EmbedFailure:
             return  # the halves are embedded anyway; only the window stays unknown
-        if found is not None and found.tokens:
-            self.window.learn(found.tokens)
-            self._log(
-                f"the server refused a text as too long ({exc.message}); its window is about {found.tokens} tokens"
-            )
+        if tokens:
+            self.window.learn(tokens)
+            self._log(f"the server refused a text as too long ({exc.message}); its window is about {tokens} tokens")
 
     async def _fit_one(self, row: tuple[int, str], refused_chars: int, exc: ContextExceeded, emit: Emit) -> None:
         """One chunk refused as over the context: embed the longest prefix the server takes (>= 90 % of it)."""

@@ -23,6 +23,7 @@ from wiki_embeddings.core.db.errors import (
 )
 from wiki_embeddings.core.db.failures import FailuresMixin
 from wiki_embeddings.core.db.indexes import IndexesMixin
+from wiki_embeddings.core.db.leases import LeasesMixin
 from wiki_embeddings.core.db.records import (
     Claim,
     Provenance,
@@ -73,6 +74,7 @@ class Store(
     RunsMixin,
     StatsMixin,
     TrustMixin,
+    LeasesMixin,
     StoreBase,
 ):
     """Owns the database side of the pipeline. One instance per process; connections are opened per role."""
