@@ -14,6 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from wiki_embeddings.checks import (
+    AT_LEAST_ONE,
+    BIGINT,
+    NOT_NEGATIVE,
+    POSITIVE_SECONDS,
+    SECONDS,
+    Range,
+    check_number,
+    parse_bool,
+)
+
 DEFAULT_OLLAMA_URL = "http://ollama:11434"
 DEFAULT_MODEL = "nomic-embed-text"
 LOCAL_SERVER_MODEL = "all-minilm"
@@ -29,11 +40,17 @@ DEFAULT_TARGET_REQUEST_SEC = 0.5
 APIS = ("ollama", "openai")
 DEFAULT_KEEP_ALIVE = "30m"
 
+# The smallest context window (tokens) a run accepts: below it a chunk is embedded from a few characters
+# (WIKI_EMBED_NUM_CTX=1 embedded every chunk from one character and reported `completed`).
+MIN_NUM_CTX = 64
+
+
 _TRUE = {"1", "true", "yes", "on"}
 
 
 def is_true(raw: str | None) -> bool:
-    """How every boolean setting and flag value is read: 1/true/yes/on, any case and spacing."""
+    """A lenient reading of a value in a file the operators edit (the readiness flag): 1/true/yes/on, any case and
+    spacing. A setting is read strictly instead (`checks.parse_bool`: anything else is refused, naming it)."""
     return raw is not None and raw.strip().lower() in _TRUE
 
 
@@ -57,6 +74,7 @@ class Option:
     parse: Callable[[str], Any] | None = None  # text -> value, for the flag and the environment variable
     choices: tuple[str, ...] | None = None  # the flag's allowed values (after `parse`)
     resume: bool = False  # replayed by `resume` (core/db runs.options)
+    range: Range | None = None  # the values a number may take (checks.Range: finite, bounds): CLI, env, Dagster
 
 
 #: The CLI's argument groups, keyed by `Option.group`.
@@ -152,6 +170,7 @@ class Settings:
         group="common",
         help="failures of the same text before quarantine (3)",
         resume=True,
+        range=Range(1, 1000),
     )
     # The runbook's flags.
     batch_size: int = _setting(
@@ -159,16 +178,31 @@ class Settings:
         group="runbook",
         help="most chunks per request (64); trouble (503, timeouts) shrinks batches, success grows them back",
         resume=True,
+        range=Range(1, MAX_BATCH_SIZE),
     )
-    report_every: int = _setting(10, group="runbook", help="a progress line every N batches (10)", resume=True)
+    report_every: int = _setting(
+        10, group="runbook", help="a progress line every N batches (10)", resume=True, range=AT_LEAST_ONE
+    )
     timeout_sec: float = _setting(
-        120.0, group="runbook", help="deadline for one whole embedding request (120)", resume=True
+        120.0,
+        group="runbook",
+        help="deadline for one whole embedding request (120)",
+        resume=True,
+        range=POSITIVE_SECONDS,
     )
     sleep_ms: int = _setting(
-        0, group="runbook", help="pause after each request (0); > 0 means one request in flight", resume=True
+        0,
+        group="runbook",
+        help="pause after each request (0); > 0 means one request in flight",
+        resume=True,
+        range=Range(0, 3_600_000),
     )
     max_chars: int = _setting(
-        2000, group="runbook", help="text cut to this many characters before sending (2000)", resume=True
+        2000,
+        group="runbook",
+        help="text cut to this many characters before sending (2000)",
+        resume=True,
+        range=Range(1, 2**31 - 1),
     )
     failure_log: str | None = _setting(
         None,
@@ -178,7 +212,7 @@ class Settings:
         resume=True,
     )
     max_chunks: int | None = _setting(
-        None, group="runbook", help="stop after this many chunks (maintenance)", resume=True
+        None, group="runbook", help="stop after this many chunks (maintenance)", resume=True, range=NOT_NEGATIVE
     )
     # Run window (core/window.py): the run ends safely, as on the stop file, at `until` (HH:MM local time, or
     # HH:MM+09:00 / HH:MMZ with an explicit offset: its next occurrence) or after `max_minutes`.
@@ -188,7 +222,9 @@ class Settings:
         metavar="HH:MM",
         help="end the run safely at this time (local, or with an offset: 06:00+09:00)",
     )
-    max_minutes: float | None = _setting(None, group="runbook", help="end the run safely after this many minutes")
+    max_minutes: float | None = _setting(
+        None, group="runbook", help="end the run safely after this many minutes", range=Range(0, 525_600, low_open=True)
+    )
     with_ollama: bool = _setting(
         False,
         env="OLALA_START_OLLAMA",
@@ -208,6 +244,7 @@ class Settings:
         help="requests in flight per Ollama server: N pins it; auto (default) starts at 1 and adds a queued request "
         "while the server idles between requests, backing off on 503/429/timeouts and latency growth",
         resume=True,
+        range=Range(0, 1024),
     )
     # Polite mode (live queries share the server): batches sized to `target_request_sec` at depth 1.
     # None: on for maintenance runs (--max-chunks) once the readiness flag is set, or when a target is given.
@@ -229,6 +266,7 @@ class Settings:
         help="polite mode: the longest a request of ours should hold the server, so a user's query waits about "
         "that long at most (0.5; giving it turns polite mode on) [WIKI_EMBED_TARGET_REQUEST_SEC]",
         resume=True,
+        range=Range(0, 3600, low_open=True),
     )
     retries: int = _setting(
         5,
@@ -236,9 +274,14 @@ class Settings:
         group="more",
         help="retries of transport errors / overload before stopping (5)",
         resume=True,
+        range=Range(0, 100),
     )
-    id_min: int | None = _setting(None, group="more", help="only chunks with id >= this", resume=True)  # inclusive
-    id_max: int | None = _setting(None, group="more", help="only chunks with id <= this", resume=True)  # inclusive
+    id_min: int | None = _setting(
+        None, group="more", help="only chunks with id >= this", resume=True, range=BIGINT
+    )  # inclusive
+    id_max: int | None = _setting(
+        None, group="more", help="only chunks with id <= this", resume=True, range=BIGINT
+    )  # inclusive
     retry_failed: bool = _setting(
         False, group="more", help="only the recorded failures, quarantined included (re-run from the failure log)"
     )
@@ -258,18 +301,18 @@ class Settings:
         negative_help="skip that pass",
         resume=True,
     )
-    backoff_base_sec: float = _setting(0.5, env="WIKI_EMBED_BACKOFF_BASE_SEC")
-    backoff_max_sec: float = _setting(30.0, env="WIKI_EMBED_BACKOFF_MAX_SEC")
+    backoff_base_sec: float = _setting(0.5, env="WIKI_EMBED_BACKOFF_BASE_SEC", range=Range(0, 3600))
+    backoff_max_sec: float = _setting(30.0, env="WIKI_EMBED_BACKOFF_MAX_SEC", range=Range(0, 3600))
     include_quarantined: bool = False
     maintenance_work_mem: str = "512MB"  # for rebuilding a dropped vector index
     # how long a run waits for a lost database before stopping
-    db_reconnect_sec: float = _setting(60.0, env="WIKI_EMBED_DB_RECONNECT_SEC")
+    db_reconnect_sec: float = _setting(60.0, env="WIKI_EMBED_DB_RECONNECT_SEC", range=SECONDS)
     # how long a run retries chunks another session holds before ending `locked`
-    busy_wait_sec: float = _setting(30.0, env="WIKI_EMBED_BUSY_WAIT_SEC")
+    busy_wait_sec: float = _setting(30.0, env="WIKI_EMBED_BUSY_WAIT_SEC", range=SECONDS)
     # server-side bound of a pipeline statement; the client adds 5 s
-    db_statement_timeout_sec: float = _setting(60.0, env="WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC")
+    db_statement_timeout_sec: float = _setting(60.0, env="WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC", range=POSITIVE_SECONDS)
     # How long a run waits while every model server is out of the rotation (core/health.py) before exit 3.
-    server_wait_sec: float = _setting(300.0, env="WIKI_EMBED_SERVER_WAIT_SEC")
+    server_wait_sec: float = _setting(300.0, env="WIKI_EMBED_SERVER_WAIT_SEC", range=POSITIVE_SECONDS)
     # The model server (real Ollama's knobs).
     # sent with every request so the model stays loaded between batches ("-1": forever)
     keep_alive: str = _setting(
@@ -289,6 +332,7 @@ class Settings:
         "model's window in tokens where the server publishes none (a cap where it does) [WIKI_EMBED_NUM_CTX] "
         "(the modelfile's default)",
         resume=True,
+        range=Range(MIN_NUM_CTX, 2**22),
     )
     # ask a Matryoshka model for `dimensions: D` when the column is narrower
     request_dimensions: bool = _setting(
@@ -306,6 +350,7 @@ class Settings:
         group="server",
         help="allowance for the first request, which may pay the model's load time [WIKI_EMBED_LOAD_TIMEOUT_SEC] (300)",
         resume=True,
+        range=POSITIVE_SECONDS,
     )
     # also re-embed chunks embedded from a cut (context) or truncated by the server
     reembed_cut: bool = _setting(
@@ -336,48 +381,8 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def validate(self) -> Settings:
-        if self.concurrency < 0:
-            raise ValueError(f"concurrency must be 'auto' (0) or at least 1, got {self.concurrency}")
-        if self.target_request_sec is not None and self.target_request_sec <= 0:
-            raise ValueError(f"target-request-sec must be positive, got {self.target_request_sec}")
-        for name in ("batch_size", "report_every", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size > MAX_BATCH_SIZE:
-            raise ValueError(
-                f"batch-size must be at most {MAX_BATCH_SIZE} chunks per request, got {self.batch_size} "
-                "(64 to 256 is typical; use --concurrency for more throughput)"
-            )
-        for name in ("timeout_sec", "max_chars"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.sleep_ms < 0:
-            raise ValueError(f"sleep-ms must not be negative, got {self.sleep_ms}")
-        if self.max_chunks is not None and self.max_chunks < 0:
-            raise ValueError(f"max-chunks must not be negative, got {self.max_chunks}")
-        if self.api not in APIS:
-            raise ValueError(f"WIKI_EMBED_API (--api) must be one of {', '.join(APIS)}, got {self.api!r}")
-        if self.api == "openai" and self.with_ollama:
-            raise ValueError(
-                "--with-ollama (OLALA_START_OLLAMA) starts a local Ollama-protocol server: it cannot stand in for "
-                "an OpenAI-compatible server (WIKI_EMBED_API=openai); start that server and set OLLAMA_URL to it"
-            )
-        if not self.ollama_urls:
-            raise ValueError("OLLAMA_URL is empty")
-        for url in self.ollama_urls:
-            check_http_url(url)
-        if self.long_text not in LONG_TEXT_CHOICES:
-            raise ValueError(f"long-text must be one of {', '.join(LONG_TEXT_CHOICES)}, got {self.long_text!r}")
-        if self.num_ctx is not None and self.num_ctx < 1:
-            raise ValueError(f"num-ctx must be at least 1, got {self.num_ctx}")
-        if self.load_timeout_sec <= 0:
-            raise ValueError(f"load-timeout-sec must be positive, got {self.load_timeout_sec}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max-minutes must be positive, got {self.max_minutes}")
-        if self.until is not None:
-            from wiki_embeddings.core.window import parse_until
-
-            parse_until(self.until)  # a clear ValueError for a malformed time
+        """Refuse what cannot be meant, before anything is written (`check_settings`); returns self."""
+        check_settings(self)
         return self
 
     def run_deadline(self, now: float | None = None) -> tuple[float, str] | None:
@@ -413,6 +418,40 @@ class Settings:
         return []
 
 
+def check_settings(s: Settings) -> None:
+    """Every number finite and inside the range on its `Option` (named by its flag and environment variable, for the
+    CLI, the environment and Dagster alike), the API and the model name it allows, the URLs, the run window."""
+    if s.batch_size > MAX_BATCH_SIZE:
+        raise ValueError(
+            f"batch-size must be at most {MAX_BATCH_SIZE} chunks per request, got {s.batch_size} "
+            "(64 to 256 is typical; use --concurrency for more throughput)"
+        )
+    if s.api not in APIS:
+        raise ValueError(f"WIKI_EMBED_API (--api) must be one of {', '.join(APIS)}, got {s.api!r}")
+    if s.api == "openai" and s.with_ollama:
+        raise ValueError(
+            "--with-ollama (OLALA_START_OLLAMA) starts a local Ollama-protocol server: it cannot stand in for "
+            "an OpenAI-compatible server (WIKI_EMBED_API=openai); start that server and set OLLAMA_URL to it"
+        )
+    for name, option in OPTIONS.items():
+        if option.range is not None:
+            check_number(setting_label(name), getattr(s, name), option.range)
+    if s.ollama_model is not None:
+        from wiki_embeddings.core.modelname import check_model_name
+
+        check_model_name(s.ollama_model, s.api, setting_label("ollama_model"))
+    if not s.ollama_urls:
+        raise ValueError("OLLAMA_URL is empty")
+    for url in s.ollama_urls:
+        check_http_url(url)
+    if s.long_text not in LONG_TEXT_CHOICES:
+        raise ValueError(f"long-text must be one of {', '.join(LONG_TEXT_CHOICES)}, got {s.long_text!r}")
+    if s.until is not None:
+        from wiki_embeddings.core.window import parse_until
+
+        parse_until(s.until)  # a clear ValueError for a malformed time
+
+
 #: Each field's `Option` (an empty one where the field has none).
 OPTIONS: dict[str, Option] = {f.name: f.metadata.get("option") or Option() for f in dataclasses.fields(Settings)}
 #: Environment variable for each setting that has one.
@@ -429,13 +468,22 @@ def value_type(name: str) -> type:
     return float if "float" in kind else str
 
 
+def setting_label(name: str) -> str:
+    """How an error names a setting: its flag and environment variable (`--retries / WIKI_EMBED_RETRIES`), or the
+    field's name where it has neither (Dagster's run config and resources use the field names)."""
+    option = OPTIONS[name]
+    flag = option.flag or ("--" + name.replace("_", "-") if option.group else None)
+    return " / ".join(x for x in (flag, option.env) if x) or name
+
+
 def parse_value(name: str, raw: str) -> Any:
-    """A setting's value from text (an environment variable, a flag), the same way for both."""
+    """A setting's value from text (an environment variable, a flag), the same way for both: a boolean strictly
+    (`checks.parse_bool`; empty: None, the default), numbers as `int` / `float` (ranges: `Settings.validate`)."""
     parse = OPTIONS[name].parse
     if parse is not None:
         return parse(raw)
     kind = value_type(name)
-    return is_true(raw) if kind is bool else kind(raw)
+    return parse_bool(raw) if kind is bool else kind(raw)
 
 
 def only_settings(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -449,8 +497,13 @@ def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     values: dict[str, Any] = {}
     for name, var in ENV_VARS.items():
         raw = env.get(var)
-        if raw is not None and raw != "":
+        if raw is None or raw == "" or (raw.strip() == "" and value_type(name) is not str):
+            continue  # empty: the default
+        try:
             values[name] = parse_value(name, raw)
+        except ValueError as exc:
+            raise ValueError(f"{var}={raw!r} is not a valid value: {exc}") from None
+    values = {k: v for k, v in values.items() if v is not None}
     settings = Settings(**values)
     return settings.replace(**overrides)
 

@@ -13,11 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from wiki_embeddings.checks import AT_LEAST_ONE, Range, check_number
 from wiki_embeddings.core import identity, migration, quality
 from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.embedders import PooledClient
 from wiki_embeddings.core.factories import build_client, build_store, probe_model_dimensions, resolve_model
+from wiki_embeddings.core.modelname import InvalidModelName, check_model_name
 from wiki_embeddings.core.progress import Reporter
 from wiki_embeddings.settings import Settings
 
@@ -172,6 +174,10 @@ def migration_settings(settings: Settings, target: str) -> Settings:
     with."""
     if not target.strip():
         raise migration.MigrationError("the target model is empty: name the Ollama model to migrate to")
+    try:  # before the database or the server is asked anything: a name no server means is never recorded
+        check_model_name(target, settings.api, "the target model (--to / to_model)")
+    except InvalidModelName as exc:
+        raise migration.MigrationError(str(exc)) from None
     with _store(settings) as store:
         store.migrate()
         store.column_dimensions()  # a clear error when the table or its column is absent
@@ -211,6 +217,8 @@ def swap(
 ) -> str:
     """The retrieval self-test (QualityRefused, with the recorded figures, unless it passes or `force`), then the
     swap of the complete shadow column in one transaction. `gated` sees the self-test's report before the swap."""
+    check_number("quality sample (--quality-sample / quality_sample)", sample, AT_LEAST_ONE)
+    check_number("quality margin (--quality-margin / quality_margin)", margin, Range(0, 1))
     with _store(settings) as store:
         store.migrate()
         store.column_dimensions()  # a clear error when the table or its column is absent

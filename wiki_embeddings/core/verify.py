@@ -24,7 +24,8 @@ against MiniLM: |cosine| < 0.25; different trained models: typically below 0.9).
 
 The sample is spread over the whole id range (`Store.sample_ids`: one primary-key probe per stratum), so it
 costs `sample` embeddings and reads whatever the table's size; `full=True` walks every embedded chunk instead.
-Exit codes: 0 match or nothing to verify, 1 model_changed / mismatch, 3 not evaluated (`EXIT_CODES`).
+Exit codes: 0 match or nothing to verify, 8 model_changed, 1 mismatch, 3 not evaluated (4: the model is not on the
+server) (`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np
 
 from wiki_embeddings.core import identity
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.embedders import EmbedFailure, InputRejected, InvalidVectors
+from wiki_embeddings.core.embedders import EmbedFailure, InputRejected, InvalidVectors, ModelNotFound
 from wiki_embeddings.core.factories import build_client
 from wiki_embeddings.core.modelname import same_model
 from wiki_embeddings.core.pooling import Pooling
@@ -52,7 +53,10 @@ from wiki_embeddings.settings import Settings
 MIN_COSINE = 0.995
 DEFAULT_SAMPLE = 200
 FULL_PAGE = 1000
-EXIT_CODES = {"match": 0, "nothing_to_verify": 0, "model_changed": 1, "mismatch": 1, "not_evaluated": 3}
+#: The commands' one exit-code table (README "Exit codes", cli/exits.py): `model_changed` is 8 as for a backfill whose
+#: column changed model; `not_evaluated` 3 as for a server that did not answer, 4 when the model is not on it.
+EXIT_CODES = {"match": 0, "nothing_to_verify": 0, "model_changed": 8, "mismatch": 1, "not_evaluated": 3}
+MODEL_NOT_FOUND_EXIT = 4
 #: Verdicts that say something about the stored vectors (a later one replaces an earlier one); the others
 #: (`not_evaluated`, `nothing_to_verify`) say nothing and change nothing (core/readiness.py).
 DECISIVE = ("match", "model_changed", "mismatch")
@@ -86,6 +90,7 @@ class VerifyReport:
     other_length: int = 0  # re-embedded vectors whose length differs from the stored one (no cosine computed)
     stored_length: int | None = None  # set when other_length > 0: the stored vectors' length ...
     server_length: int | None = None  # ... and the length the server answers with now
+    model_missing: bool = False  # not evaluated because the server does not have the model (exit 4)
     digest: str | None = None  # the model's digest as /api/tags reports it now
     recorded_digest: str | None = None  # the digest recorded by the last run of the model that reported one
     api: str = identity.DEFAULT_API  # the API the sample was re-embedded through (WIKI_EMBED_API)
@@ -94,6 +99,8 @@ class VerifyReport:
 
     @property
     def exit_code(self) -> int:
+        if self.verdict == "not_evaluated" and self.model_missing:
+            return MODEL_NOT_FOUND_EXIT
         return EXIT_CODES.get(self.verdict, 1)
 
     @property
@@ -144,6 +151,7 @@ def verify(
             if todo:
                 cosines += asyncio.run(_compare(settings, model, todo, skipped, lengths))
     except EmbedFailure as exc:
+        report.model_missing = isinstance(exc, ModelNotFound)
         report.message = (
             f"not evaluated: the model server did not re-embed the sample ({exc.message}); this says nothing about "
             "the stored vectors"

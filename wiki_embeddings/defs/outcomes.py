@@ -41,7 +41,7 @@ def run_failures(mode: str, settings: Settings) -> Iterator[None]:
         raise EmbeddingServiceUnavailable(f"{mode}: database unavailable: {_line(exc, secrets)}") from None
     except DataRefused as exc:
         raise dg.Failure(description=f"{mode}: database: {_line(exc, secrets)}", allow_retries=False) from None
-    except (DimensionMismatch, StoreError, MigrationError) as exc:  # configuration: retrying cannot help
+    except (DimensionMismatch, StoreError, MigrationError, ValueError) as exc:  # configuration: retrying cannot help
         raise dg.Failure(description=redact(str(exc), secrets), allow_retries=False) from None
 
 

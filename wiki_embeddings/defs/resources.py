@@ -10,7 +10,7 @@ Precedence for one run: run config > resource field > environment variable > cor
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -67,8 +67,8 @@ class WikiDatabaseResource(dg.ConfigurableResource):
         return _overrides(self)
 
     def settings(self, **run: Any) -> Settings:
-        """Environment, then this resource's fields, then `run` (run config) on top."""
-        return from_env(**{**self.overrides(), **_set(**run)})
+        """Environment, then this resource's fields, then `run` (run config) on top; checked (`checked`)."""
+        return checked(lambda: from_env(**{**self.overrides(), **_set(**run)}))
 
     @contextlib.contextmanager
     def store(self, settings: Settings | None = None) -> Iterator[Store]:
@@ -169,6 +169,16 @@ class ReadinessResource(dg.ConfigurableResource):
 
 def run_settings(database: WikiDatabaseResource, ollama: OllamaResource, **run: Any) -> Settings:
     """The settings of one run of a core operation: environment, both resources' fields, then `run` (run config),
-    validated, with the database URL resolved (the embedded PostgreSQL when empty)."""
-    settings = from_env(**{**database.overrides(), **ollama.overrides(), **_set(**run)})
-    return settings.replace(database_url=database_url(settings)).validate()
+    checked (`checked`), with the database URL resolved (the embedded PostgreSQL when empty)."""
+    settings = checked(lambda: from_env(**{**database.overrides(), **ollama.overrides(), **_set(**run)}))
+    return settings.replace(database_url=database_url(settings))
+
+
+def checked(build: Callable[[], Settings]) -> Settings:
+    """Settings built and validated (`Settings.validate`: ranges, names, URLs) before anything is written; a value
+    refused is a failure naming the setting that no retry can help (the step's RetryPolicy would retry a plain
+    error)."""
+    try:
+        return build().validate()
+    except ValueError as exc:
+        raise dg.Failure(description=f"a setting is refused: {exc}", allow_retries=False) from None

@@ -13,6 +13,7 @@ EXIT_CODES = {
     "failure_log_error": 6,
     "locked": 7,
     "model_changed": 8,
+    "released": 9,
 }
 
 

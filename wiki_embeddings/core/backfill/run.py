@@ -25,12 +25,13 @@ from wiki_embeddings.core.backfill.endstate import RunCounts, end_state
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.failures import FailureRecorder
 from wiki_embeddings.core.backfill.halt import Halt
-from wiki_embeddings.core.backfill.liveness import heartbeats_of, install_signal_handlers
+from wiki_embeddings.core.backfill.liveness import heartbeats_of, install_signal_handlers, record_end
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
 from wiki_embeddings.core.backfill.report import RunReport
 from wiki_embeddings.core.backfill.worker import CANARY_TEXT, EmbedWorker
 from wiki_embeddings.core.backfill.writer import Writer
-from wiki_embeddings.core.db import DatabaseError, ModelMismatch, Provenance, Store
+from wiki_embeddings.core.db import DatabaseError, ModelMismatch, Provenance, RunReleased, Store
+from wiki_embeddings.core.db.runs import run_session_name
 from wiki_embeddings.core.embedders import Embedder, EmbedFailure, ModelNotFound, ServerUnavailable
 from wiki_embeddings.core.failure_log import FailureLog
 from wiki_embeddings.core.progress import LineReporter, Progress, Reporter, servers_note
@@ -152,6 +153,7 @@ class Backfill:
             report.run_id = run_id = await asyncio.to_thread(
                 store.start_run, self.mode, s.options_for_resume(), client.model, self.db.conns["run"]
             )
+            self.writer.run_id, self.db.application_name = run_id, run_session_name(run_id)  # release finds them
             self.db.on_reconnect["run"] = lambda fresh: self.db.thread(store.hold_run_lock, fresh, run_id)
             if digest:
                 record = store.record_trust
@@ -177,7 +179,9 @@ class Backfill:
         self.started = time.perf_counter()
         removers = install_signal_handlers(self.request_stop) if self.handle_signals else []
         heartbeats = asyncio.create_task(
-            heartbeats_of(report, self.store, self.db, self.client, lambda: self.recorder.failed, self.started)
+            heartbeats_of(
+                report, self.store, self.db, self.client, lambda: self.recorder.failed, self.started, self.halt
+            )
         )
         try:
             await self._pipeline(report)
@@ -235,27 +239,7 @@ class Backfill:
             end.locked,
             end.stop_reason,
         )
-        run_id = report.run_id
-        assert run_id is not None  # recorded before the pipeline started
-        try:
-            await self.db.call(
-                "store",
-                lambda _c: store.finish_run(
-                    run_id,
-                    report.state,
-                    report.embedded,
-                    report.failed,
-                    report.chunks_per_s,
-                    report.message,
-                    report.locked,
-                    self.client.server_states(),
-                ),
-            )
-        except Fatal:
-            self._log(
-                "could not record the end of the run (database gone); status will show it as abandoned, or as "
-                "stalled while the server keeps its session"
-            )
+        await record_end(report, store, self.db, self.client.server_states(), self._log)
         self.reporter.finish()
         self._log(report.summary())
 
@@ -295,7 +279,7 @@ class Backfill:
             self.claimer.forget_all()
 
     async def _should_stop(self) -> bool:
-        return await self.halt.should_stop(lambda: self.db.call("run", self.store.stop_requested))
+        return await self.halt.should_stop(lambda: self.db.call("run", self.store.run_signal, self.writer.run_id))
 
     async def _produce(self, todo: asyncio.Queue[Batch | None], workers_n: int) -> None:
         try:
@@ -348,8 +332,8 @@ class Backfill:
                 for chunk in written.refused:
                     await self.recorder.record(chunk, report.run_id)
                 await claimer.release(item.ids)
-            except ModelMismatch as exc:
-                self.halt.fail(Fatal("model_changed", str(exc)))
+            except (ModelMismatch, RunReleased) as exc:  # the column changed model, or an operator released the run
+                self.halt.fail(Fatal("released" if isinstance(exc, RunReleased) else "model_changed", str(exc)))
                 continue
             except Fatal as exc:
                 self.halt.fail(exc)

@@ -17,6 +17,7 @@ from wiki_embeddings.core.db.errors import (
     DatabaseUnavailable,
     DataRefused,
     ModelMismatch,
+    RunReleased,
     StoreError,
     translate_driver_errors,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "DatabaseUnavailable",
     "ModelMismatch",
     "Provenance",
+    "RunReleased",
     "Store",
     "StoreError",
     "TableRef",
