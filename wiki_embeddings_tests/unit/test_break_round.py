@@ -1,5 +1,5 @@
 """Defects found by the outside try of issues 19/20 (the `break` branch): each test states the behaviour the issue
-asks for and is marked xfail(strict) until the lead fixes it."""
+asks for (fixed: the checks of a batch go to the server that answered it)."""
 
 from __future__ import annotations
 

@@ -41,9 +41,11 @@ from wiki_embeddings.core.embedders import (
     InputRejected,
     InvalidVectors,
     ModelNotFound,
+    RunnerCrashed,
     ServerUnavailable,
 )
 
+CRASH_PLAN_SHARE = 0.75  # after a runner crash (a reload each), pieces are planned for this share of the window
 ALONE_TRIES = 5  # tries alone of a chunk that met a server-side error, before the canary decides
 CANARY_TRIES = 3  # a known-good text's tries before its server is taken for sick
 # Failures decided from the text alone: recorded without asking the server whether it is well.
@@ -74,6 +76,7 @@ class EmbedWorker:
         self.estimator = TokenEstimator()  # tokens per text, learned from the server's counts
         self.pooler = Pooler(self.estimator) if long_text == "pool" else None  # long chunks as pieces, pooled
         self._learned_from_refusal = False
+        self.plan_share = 1.0  # of the window that pieces are planned for (less once the server crashed on one)
         self.known_good: str | None = None  # a text the server embedded: tells a sick server from a bad chunk
         self.sleep_ms = sleep_ms
         self._log = log
@@ -120,12 +123,14 @@ class EmbedWorker:
         text = row[1]
         if not text.strip() or (self._fit(text) == text and not (self.silent_cut and self._may_reach(text))):
             return [row]
-        return self.pooler.expand(row, self.embedder.text_prefix, self.window.tokens)
+        return self.pooler.expand(row, self.embedder.text_prefix, int(self.window.tokens * self.plan_share))
 
     async def _split_refused(self, row: tuple[int, str], exc: ContextExceeded, emit: Emit) -> None:
         """Pool mode never cuts: a piece (or a chunk estimated to fit) the server refused as too long is split in
         two, each embedded (and split again if need be); a piece of one character fails its chunk."""
         assert self.pooler is not None
+        if isinstance(exc, RunnerCrashed):
+            self.plan_share = CRASH_PLAN_SHARE  # each crash costs a model reload: pieces planned with room to spare
         if not self._learned_from_refusal:  # once a run: the server's real window, as cut mode learns it
             self._learned_from_refusal = True
             await self._learn_window(row[1], exc)
