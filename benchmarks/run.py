@@ -1,12 +1,15 @@
 """Run every benchmark once, print the results table and write benchmarks/RESULTS.md.
 
-    bash benchmarks/run.sh [--quick] [--only saturation,tuning,write,memory,model,index,weather] [--no-pgai] [--profile]
+    bash benchmarks/run.sh [--quick] [--only saturation,tuning,write,memory,model,index,long_text,weather]
+                           [--no-pgai] [--profile]
 
-Every figure is a ratio of two things measured in this same run. The weather section (benchmarks/bench_weather.py)
-has its own block in RESULTS.md: `--only weather` rewrites that block and keeps the rest of the file as it was, and a
-run without the weather section keeps the block. PostgreSQL is the project's embedded
+Every figure is a ratio of two things measured in this same run. PostgreSQL is the project's embedded
 server in a fresh data dir under /tmp, started here and stopped at the end; the Ollama-protocol server
 runs in its own process. Sizes are scaled down 10x by --quick.
+
+The long_text and weather sections (bench_long_text.py, bench_weather.py) each have their own block in RESULTS.md:
+`--only weather` (or `--only long_text`) rewrites that block and keeps the rest of the file as it was; a run without
+one of them keeps its block.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from benchmarks import (
     bench_index,
+    bench_long_text,
     bench_memory,
     bench_model,
     bench_saturation,
@@ -45,8 +49,9 @@ from benchmarks.common import (
 )
 from wiki_embeddings.settings import Settings
 
-SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index", "weather")
-MAIN = tuple(s for s in SECTIONS if s != "weather")  # the sections of the main results table
+SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index", "long_text", "weather")
+# The sections of the main results table; long_text and weather write their own blocks of RESULTS.md.
+MAIN = tuple(s for s in SECTIONS if s not in ("long_text", "weather"))
 
 METHOD = """\
 ## How each figure is measured
@@ -108,6 +113,10 @@ METHOD = """\
   (batch 64) into a table with an HNSW index (`vector_cosine_ops`, defaults m=16, ef_construction=64)
   vs the same writes without it, and the time to build the index over the written rows afterwards
   (`Store.create_index`, maintenance_work_mem 512MB).
+- **long text**: retrieval of head and tail sentences of long chunks with the real all-MiniLM-L6-v2, chunks cut to
+  the window (today) vs pooled over window-sized pieces (core/pooling.py), per language; its own section below
+  ("Long texts"), which `python -m benchmarks.bench_long_text` also rewrites alone. How the queries are made and
+  the default chosen: that module's docstring.
 """
 
 
@@ -185,8 +194,9 @@ def write_results(
     ran: list[str],
     weather_notes: list[str],
 ) -> None:
-    """The main part (sections other than weather) and the weather block, each rewritten only when its sections ran:
-    `--only weather` keeps the main part's figures, a run of the other sections keeps the weather block."""
+    """The main part (the sections of MAIN) and the weather block, each rewritten only when its sections ran:
+    `--only weather` keeps the main part's figures, a run of the other sections keeps the weather block. (The
+    long_text block is put back by bench_long_text.write_section after this.)"""
     cmd = "bash benchmarks/run.sh" + (" " + " ".join(argv) if argv else "")
     old_main, old_block = bench_weather.split_results(path.read_text() if path.exists() else "")
     main = old_main or "# Benchmark results\n"
@@ -257,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     results_path = args.results or REPO_ROOT / "benchmarks" / "RESULTS.md"
+    long_text = bench_long_text.read_section(results_path)  # kept when this run does not measure it
 
     started = time.perf_counter()
     bench = start_postgres(args.quick, args.keep)
@@ -279,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": lambda: bench_model.run(bench),
             "index": lambda: bench_index.run(bench),
             "weather": lambda: bench_weather.run(bench),
+            "long_text": lambda: bench_long_text.run(bench),
         }
         for name in SECTIONS:
             if name not in only:
@@ -291,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"== {name} (other processes were using {busy:.2f} cores just before)")
             monitor = bench.monitor()
             try:
-                runners[name]()
+                block = runners[name]()
+                if name == "long_text":
+                    long_text = block
             except Exception as exc:  # one failing section must not lose the others' figures
                 traceback.print_exc()
                 errors.append(f"{name}: {type(exc).__name__}: {exc}")
@@ -334,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             "those figures are less reliable (rerun them with --only when the machine is quiet)."
         )
     write_results(results_path, bench, info, argv, seconds, errors, list(took), weather_notes)
+    if long_text:
+        bench_long_text.write_section(results_path, long_text)
     log(f"wrote {results_path} ({seconds / 60:.1f} min)")
     return 1 if errors else 0
 

@@ -24,7 +24,12 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             state_schema=_env("WIKI_EMBED_STATE_SCHEMA"),
             stop_file=_env("EMBED_STOP_FILE"),
         ),
-        "ollama": OllamaResource(url=_env("OLLAMA_URL"), model=_env("OLLAMA_MODEL")),
+        "ollama": OllamaResource(
+            url=_env("OLLAMA_URL"),
+            model=_env("OLLAMA_MODEL"),
+            api=_env("WIKI_EMBED_API"),
+            api_key=_env("WIKI_EMBED_API_KEY"),
+        ),
         "readiness": ReadinessResource(
             env_file=_env("WIKI_EMBEDDINGS_ENV_FILE"),
             restart_cmd=_env("WIKI_EMBEDDINGS_RESTART_CMD"),

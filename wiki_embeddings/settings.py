@@ -14,6 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from wiki_embeddings.checks import (
+    AT_LEAST_ONE,
+    BIGINT,
+    NOT_NEGATIVE,
+    POSITIVE_SECONDS,
+    SECONDS,
+    Range,
+    check_number,
+    parse_bool,
+)
+
 DEFAULT_OLLAMA_URL = "http://ollama:11434"
 DEFAULT_MODEL = "nomic-embed-text"
 LOCAL_SERVER_MODEL = "all-minilm"
@@ -21,14 +32,25 @@ DEFAULT_STOP_FILE = "/tmp/wiki-embed.stop"
 # One request embeds at most this many chunks: a batch is one HTTP body, one claim and one write transaction
 # (an absurd value used to end deep in SQL as `bigint out of range`).
 MAX_BATCH_SIZE = 4096
+LONG_TEXT_CHOICES = ("pool", "cut")
 # Polite mode's default target request duration: a live query waits behind about this much of a batch.
 DEFAULT_TARGET_REQUEST_SEC = 0.5
+# The model servers' APIs (WIKI_EMBED_API): Ollama's own, or the OpenAI-compatible `/v1/embeddings` (TEI, vLLM,
+# infinity-emb, llama.cpp, Ollama's /v1, hosted APIs). OLLAMA_URL holds the server URLs for either.
+APIS = ("ollama", "openai")
+DEFAULT_KEEP_ALIVE = "30m"
+
+# The smallest context window (tokens) a run accepts: below it a chunk is embedded from a few characters
+# (WIKI_EMBED_NUM_CTX=1 embedded every chunk from one character and reported `completed`).
+MIN_NUM_CTX = 64
+
 
 _TRUE = {"1", "true", "yes", "on"}
 
 
 def is_true(raw: str | None) -> bool:
-    """How every boolean setting and flag value is read: 1/true/yes/on, any case and spacing."""
+    """A lenient reading of a value in a file the operators edit (the readiness flag): 1/true/yes/on, any case and
+    spacing. A setting is read strictly instead (`checks.parse_bool`: anything else is refused, naming it)."""
     return raw is not None and raw.strip().lower() in _TRUE
 
 
@@ -50,7 +72,9 @@ class Option:
     negative_help: str | None = None
     metavar: str | None = None
     parse: Callable[[str], Any] | None = None  # text -> value, for the flag and the environment variable
+    choices: tuple[str, ...] | None = None  # the flag's allowed values (after `parse`)
     resume: bool = False  # replayed by `resume` (core/db runs.options)
+    range: Range | None = None  # the values a number may take (checks.Range: finite, bounds): CLI, env, Dagster
 
 
 #: The CLI's argument groups, keyed by `Option.group`.
@@ -112,6 +136,20 @@ class Settings:
         help="[OLLAMA_MODEL]; unset: the model of the last run",
         resume=True,
     )
+    # Which API the model servers speak (APIS); under `openai`, --num-ctx is the window in tokens when the server
+    # publishes none, --keep-alive is ignored, --with-ollama refused.
+    api: str = _setting(
+        "ollama",
+        env="WIKI_EMBED_API",
+        group="common",
+        parse=lambda raw: raw.strip().lower(),
+        choices=APIS,
+        help="the servers' API: ollama, or openai (OpenAI-compatible /v1/embeddings: TEI, vLLM, infinity-emb, "
+        "llama.cpp; URLs still in OLLAMA_URL, bearer key in WIKI_EMBED_API_KEY) [WIKI_EMBED_API] (ollama)",
+        resume=True,
+    )
+    # The bearer key of an OpenAI-compatible server: environment only (never a flag), never printed or stored.
+    api_key: str | None = field(default=None, repr=False, metadata={"option": Option(env="WIKI_EMBED_API_KEY")})
     text_prefix: str = _setting(
         "",
         env="WIKI_EMBED_TEXT_PREFIX",
@@ -132,6 +170,7 @@ class Settings:
         group="common",
         help="failures of the same text before quarantine (3)",
         resume=True,
+        range=Range(1, 1000),
     )
     # The runbook's flags.
     batch_size: int = _setting(
@@ -139,16 +178,31 @@ class Settings:
         group="runbook",
         help="most chunks per request (64); trouble (503, timeouts) shrinks batches, success grows them back",
         resume=True,
+        range=Range(1, MAX_BATCH_SIZE),
     )
-    report_every: int = _setting(10, group="runbook", help="a progress line every N batches (10)", resume=True)
+    report_every: int = _setting(
+        10, group="runbook", help="a progress line every N batches (10)", resume=True, range=AT_LEAST_ONE
+    )
     timeout_sec: float = _setting(
-        120.0, group="runbook", help="deadline for one whole embedding request (120)", resume=True
+        120.0,
+        group="runbook",
+        help="deadline for one whole embedding request (120)",
+        resume=True,
+        range=POSITIVE_SECONDS,
     )
     sleep_ms: int = _setting(
-        0, group="runbook", help="pause after each request (0); > 0 means one request in flight", resume=True
+        0,
+        group="runbook",
+        help="pause after each request (0); > 0 means one request in flight",
+        resume=True,
+        range=Range(0, 3_600_000),
     )
     max_chars: int = _setting(
-        2000, group="runbook", help="text cut to this many characters before sending (2000)", resume=True
+        2000,
+        group="runbook",
+        help="text cut to this many characters before sending (2000)",
+        resume=True,
+        range=Range(1, 2**31 - 1),
     )
     failure_log: str | None = _setting(
         None,
@@ -158,7 +212,7 @@ class Settings:
         resume=True,
     )
     max_chunks: int | None = _setting(
-        None, group="runbook", help="stop after this many chunks (maintenance)", resume=True
+        None, group="runbook", help="stop after this many chunks (maintenance)", resume=True, range=NOT_NEGATIVE
     )
     # Run window (core/window.py): the run ends safely, as on the stop file, at `until` (HH:MM local time, or
     # HH:MM+09:00 / HH:MMZ with an explicit offset: its next occurrence) or after `max_minutes`.
@@ -168,12 +222,15 @@ class Settings:
         metavar="HH:MM",
         help="end the run safely at this time (local, or with an offset: 06:00+09:00)",
     )
-    max_minutes: float | None = _setting(None, group="runbook", help="end the run safely after this many minutes")
+    max_minutes: float | None = _setting(
+        None, group="runbook", help="end the run safely after this many minutes", range=Range(0, 525_600, low_open=True)
+    )
     with_ollama: bool = _setting(
         False,
         env="OLALA_START_OLLAMA",
         group="runbook",
-        help="start a local embedding service when OLLAMA_URL does not answer [OLALA_START_OLLAMA=1]",
+        help="start a local embedding service when OLLAMA_URL does not answer (refused under --api openai) "
+        "[OLALA_START_OLLAMA=1]",
         resume=True,
     )
     stop_file: str = _setting(DEFAULT_STOP_FILE, env="EMBED_STOP_FILE", resume=True)
@@ -187,6 +244,7 @@ class Settings:
         help="requests in flight per Ollama server: N pins it; auto (default) starts at 1 and adds a queued request "
         "while the server idles between requests, backing off on 503/429/timeouts and latency growth",
         resume=True,
+        range=Range(0, 1024),
     )
     # Polite mode (live queries share the server): batches sized to `target_request_sec` at depth 1.
     # None: on for maintenance runs (--max-chunks) once the readiness flag is set, or when a target is given.
@@ -208,6 +266,7 @@ class Settings:
         help="polite mode: the longest a request of ours should hold the server, so a user's query waits about "
         "that long at most (0.5; giving it turns polite mode on) [WIKI_EMBED_TARGET_REQUEST_SEC]",
         resume=True,
+        range=Range(0, 3600, low_open=True),
     )
     retries: int = _setting(
         5,
@@ -215,9 +274,14 @@ class Settings:
         group="more",
         help="retries of transport errors / overload before stopping (5)",
         resume=True,
+        range=Range(0, 100),
     )
-    id_min: int | None = _setting(None, group="more", help="only chunks with id >= this", resume=True)  # inclusive
-    id_max: int | None = _setting(None, group="more", help="only chunks with id <= this", resume=True)  # inclusive
+    id_min: int | None = _setting(
+        None, group="more", help="only chunks with id >= this", resume=True, range=BIGINT
+    )  # inclusive
+    id_max: int | None = _setting(
+        None, group="more", help="only chunks with id <= this", resume=True, range=BIGINT
+    )  # inclusive
     retry_failed: bool = _setting(
         False, group="more", help="only the recorded failures, quarantined included (re-run from the failure log)"
     )
@@ -237,25 +301,26 @@ class Settings:
         negative_help="skip that pass",
         resume=True,
     )
-    backoff_base_sec: float = _setting(0.5, env="WIKI_EMBED_BACKOFF_BASE_SEC")
-    backoff_max_sec: float = _setting(30.0, env="WIKI_EMBED_BACKOFF_MAX_SEC")
+    backoff_base_sec: float = _setting(0.5, env="WIKI_EMBED_BACKOFF_BASE_SEC", range=Range(0, 3600))
+    backoff_max_sec: float = _setting(30.0, env="WIKI_EMBED_BACKOFF_MAX_SEC", range=Range(0, 3600))
     include_quarantined: bool = False
     maintenance_work_mem: str = "512MB"  # for rebuilding a dropped vector index
     # how long a run waits for a lost database before stopping
-    db_reconnect_sec: float = _setting(60.0, env="WIKI_EMBED_DB_RECONNECT_SEC")
+    db_reconnect_sec: float = _setting(60.0, env="WIKI_EMBED_DB_RECONNECT_SEC", range=SECONDS)
     # how long a run retries chunks another session holds before ending `locked`
-    busy_wait_sec: float = _setting(30.0, env="WIKI_EMBED_BUSY_WAIT_SEC")
+    busy_wait_sec: float = _setting(30.0, env="WIKI_EMBED_BUSY_WAIT_SEC", range=SECONDS)
     # server-side bound of a pipeline statement; the client adds 5 s
-    db_statement_timeout_sec: float = _setting(60.0, env="WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC")
+    db_statement_timeout_sec: float = _setting(60.0, env="WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC", range=POSITIVE_SECONDS)
     # How long a run waits while every model server is out of the rotation (core/health.py) before exit 3.
-    server_wait_sec: float = _setting(300.0, env="WIKI_EMBED_SERVER_WAIT_SEC")
+    server_wait_sec: float = _setting(300.0, env="WIKI_EMBED_SERVER_WAIT_SEC", range=POSITIVE_SECONDS)
     # The model server (real Ollama's knobs).
     # sent with every request so the model stays loaded between batches ("-1": forever)
     keep_alive: str = _setting(
-        "30m",
+        DEFAULT_KEEP_ALIVE,
         env="WIKI_EMBED_KEEP_ALIVE",
         group="server",
-        help="sent with every request so the model stays loaded between batches [WIKI_EMBED_KEEP_ALIVE] (30m)",
+        help="sent with every request so the model stays loaded between batches (ignored, with a note, under "
+        "--api openai) [WIKI_EMBED_KEEP_ALIVE] (30m)",
         resume=True,
     )
     # options.num_ctx: raise the window up to the model's own maximum
@@ -263,9 +328,11 @@ class Settings:
         None,
         env="WIKI_EMBED_NUM_CTX",
         group="server",
-        help="options.num_ctx: the context window in tokens, up to the model's maximum [WIKI_EMBED_NUM_CTX] "
+        help="options.num_ctx: the context window in tokens, up to the model's maximum; under --api openai the "
+        "model's window in tokens where the server publishes none (a cap where it does) [WIKI_EMBED_NUM_CTX] "
         "(the modelfile's default)",
         resume=True,
+        range=Range(MIN_NUM_CTX, 2**22),
     )
     # ask a Matryoshka model for `dimensions: D` when the column is narrower
     request_dimensions: bool = _setting(
@@ -273,7 +340,7 @@ class Settings:
         env="WIKI_EMBED_REQUEST_DIMENSIONS",
         group="server",
         help="ask a Matryoshka model for `dimensions: D` when the column's vector(D) is narrower than its output "
-        "[WIKI_EMBED_REQUEST_DIMENSIONS]",
+        "(either API) [WIKI_EMBED_REQUEST_DIMENSIONS]",
         resume=True,
     )
     # allowance for the run's first request, which may pay the model's load
@@ -283,6 +350,7 @@ class Settings:
         group="server",
         help="allowance for the first request, which may pay the model's load time [WIKI_EMBED_LOAD_TIMEOUT_SEC] (300)",
         resume=True,
+        range=POSITIVE_SECONDS,
     )
     # also re-embed chunks embedded from a cut (context) or truncated by the server
     reembed_cut: bool = _setting(
@@ -290,6 +358,18 @@ class Settings:
         group="server",
         help="also re-embed chunks that were cut to fit the context or truncated by the server (e.g. after "
         "raising --num-ctx)",
+    )
+
+    # Texts longer than the model's window (issue 23): "pool" embeds them whole in window-sized pieces and stores the
+    # pieces' mean (core/pooling.py; chosen by benchmarks/bench_long_text.py); "cut" embeds the first window only.
+    long_text: str = _setting(
+        "pool",
+        env="WIKI_EMBED_LONG_TEXT",
+        group="server",
+        help="texts longer than the model's window: pool (embedded whole in window-sized pieces, their mean stored) "
+        "or cut (the first window only) [WIKI_EMBED_LONG_TEXT] (pool)",
+        metavar="pool|cut",
+        resume=True,
     )
 
     @property
@@ -301,39 +381,8 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def validate(self) -> Settings:
-        if self.concurrency < 0:
-            raise ValueError(f"concurrency must be 'auto' (0) or at least 1, got {self.concurrency}")
-        if self.target_request_sec is not None and self.target_request_sec <= 0:
-            raise ValueError(f"target-request-sec must be positive, got {self.target_request_sec}")
-        for name in ("batch_size", "report_every", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size > MAX_BATCH_SIZE:
-            raise ValueError(
-                f"batch-size must be at most {MAX_BATCH_SIZE} chunks per request, got {self.batch_size} "
-                "(64 to 256 is typical; use --concurrency for more throughput)"
-            )
-        for name in ("timeout_sec", "max_chars"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.sleep_ms < 0:
-            raise ValueError(f"sleep-ms must not be negative, got {self.sleep_ms}")
-        if self.max_chunks is not None and self.max_chunks < 0:
-            raise ValueError(f"max-chunks must not be negative, got {self.max_chunks}")
-        if not self.ollama_urls:
-            raise ValueError("OLLAMA_URL is empty")
-        for url in self.ollama_urls:
-            check_http_url(url)
-        if self.num_ctx is not None and self.num_ctx < 1:
-            raise ValueError(f"num-ctx must be at least 1, got {self.num_ctx}")
-        if self.load_timeout_sec <= 0:
-            raise ValueError(f"load-timeout-sec must be positive, got {self.load_timeout_sec}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max-minutes must be positive, got {self.max_minutes}")
-        if self.until is not None:
-            from wiki_embeddings.core.window import parse_until
-
-            parse_until(self.until)  # a clear ValueError for a malformed time
+        """Refuse what cannot be meant, before anything is written (`check_settings`); returns self."""
+        check_settings(self)
         return self
 
     def run_deadline(self, now: float | None = None) -> tuple[float, str] | None:
@@ -356,7 +405,51 @@ class Settings:
         out = dataclasses.asdict(self)
         out["database_url"] = mask_url(self.database_url) if self.database_url else None
         out["ollama_url"] = ",".join(mask_url(u) for u in self.ollama_urls)
+        out["api_key"] = "***" if self.api_key else None
         return out
+
+    def api_warnings(self) -> list[str]:
+        """What the settings ask that the chosen API cannot do (said once at a run's start)."""
+        if self.api == "openai" and self.keep_alive != DEFAULT_KEEP_ALIVE:
+            return [
+                "note: --keep-alive (WIKI_EMBED_KEEP_ALIVE) is Ollama's and is ignored under WIKI_EMBED_API=openai "
+                "(the server keeps its model loaded)"
+            ]
+        return []
+
+
+def check_settings(s: Settings) -> None:
+    """Every number finite and inside the range on its `Option` (named by its flag and environment variable, for the
+    CLI, the environment and Dagster alike), the API and the model name it allows, the URLs, the run window."""
+    if s.batch_size > MAX_BATCH_SIZE:
+        raise ValueError(
+            f"batch-size must be at most {MAX_BATCH_SIZE} chunks per request, got {s.batch_size} "
+            "(64 to 256 is typical; use --concurrency for more throughput)"
+        )
+    if s.api not in APIS:
+        raise ValueError(f"WIKI_EMBED_API (--api) must be one of {', '.join(APIS)}, got {s.api!r}")
+    if s.api == "openai" and s.with_ollama:
+        raise ValueError(
+            "--with-ollama (OLALA_START_OLLAMA) starts a local Ollama-protocol server: it cannot stand in for "
+            "an OpenAI-compatible server (WIKI_EMBED_API=openai); start that server and set OLLAMA_URL to it"
+        )
+    for name, option in OPTIONS.items():
+        if option.range is not None:
+            check_number(setting_label(name), getattr(s, name), option.range)
+    if s.ollama_model is not None:
+        from wiki_embeddings.core.modelname import check_model_name
+
+        check_model_name(s.ollama_model, s.api, setting_label("ollama_model"))
+    if not s.ollama_urls:
+        raise ValueError("OLLAMA_URL is empty")
+    for url in s.ollama_urls:
+        check_http_url(url)
+    if s.long_text not in LONG_TEXT_CHOICES:
+        raise ValueError(f"long-text must be one of {', '.join(LONG_TEXT_CHOICES)}, got {s.long_text!r}")
+    if s.until is not None:
+        from wiki_embeddings.core.window import parse_until
+
+        parse_until(s.until)  # a clear ValueError for a malformed time
 
 
 #: Each field's `Option` (an empty one where the field has none).
@@ -375,13 +468,22 @@ def value_type(name: str) -> type:
     return float if "float" in kind else str
 
 
+def setting_label(name: str) -> str:
+    """How an error names a setting: its flag and environment variable (`--retries / WIKI_EMBED_RETRIES`), or the
+    field's name where it has neither (Dagster's run config and resources use the field names)."""
+    option = OPTIONS[name]
+    flag = option.flag or ("--" + name.replace("_", "-") if option.group else None)
+    return " / ".join(x for x in (flag, option.env) if x) or name
+
+
 def parse_value(name: str, raw: str) -> Any:
-    """A setting's value from text (an environment variable, a flag), the same way for both."""
+    """A setting's value from text (an environment variable, a flag), the same way for both: a boolean strictly
+    (`checks.parse_bool`; empty: None, the default), numbers as `int` / `float` (ranges: `Settings.validate`)."""
     parse = OPTIONS[name].parse
     if parse is not None:
         return parse(raw)
     kind = value_type(name)
-    return is_true(raw) if kind is bool else kind(raw)
+    return parse_bool(raw) if kind is bool else kind(raw)
 
 
 def only_settings(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -395,8 +497,13 @@ def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     values: dict[str, Any] = {}
     for name, var in ENV_VARS.items():
         raw = env.get(var)
-        if raw is not None and raw != "":
+        if raw is None or raw == "" or (raw.strip() == "" and value_type(name) is not str):
+            continue  # empty: the default
+        try:
             values[name] = parse_value(name, raw)
+        except ValueError as exc:
+            raise ValueError(f"{var}={raw!r} is not a valid value: {exc}") from None
+    values = {k: v for k, v in values.items() if v is not None}
     settings = Settings(**values)
     return settings.replace(**overrides)
 

@@ -22,7 +22,15 @@ from wiki_embeddings.core.readiness import ENV_VARS as READINESS_ENV_VARS
 from wiki_embeddings.settings import DEFAULT_STOP_FILE
 
 # Tests never talk to the operators' services, whatever the shell exported.
-for _var in ("DATABASE_URL", "OLLAMA_URL", "OLLAMA_MODEL", "OLALA_START_OLLAMA", "WIKI_EMBED_TABLE"):
+for _var in (
+    "DATABASE_URL",
+    "OLLAMA_URL",
+    "OLLAMA_MODEL",
+    "OLALA_START_OLLAMA",
+    "WIKI_EMBED_TABLE",
+    "WIKI_EMBED_API",
+    "WIKI_EMBED_API_KEY",
+):
     os.environ.pop(_var, None)
 
 # ...nor touch the operators' files: every default path a run, a stop, the readiness sensor or the embedded

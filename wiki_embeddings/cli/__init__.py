@@ -7,17 +7,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from wiki_embeddings.checks import one_line
 from wiki_embeddings.cli.commands import COMMANDS
-from wiki_embeddings.cli.output import EXIT_ERROR, CliError
+from wiki_embeddings.cli.exits import INTERRUPTED, exit_of
 from wiki_embeddings.cli.parser import build_parser, settings_from_args
-from wiki_embeddings.core.backfill import DimensionMismatch
-from wiki_embeddings.core.db import DatabaseError, StoreError
 from wiki_embeddings.settings import redact, url_secrets
 
 __all__ = ["COMMANDS", "build_parser", "main", "settings_from_args"]
 
 
 def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
+    """Run one command: its exit code (cli/exits.py `TABLE`); any error it meets is one `error:` line on stderr,
+    with no password in it, never a traceback."""
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
     secrets: list[str | None] = []
@@ -25,13 +26,12 @@ def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
         settings = settings_from_args(args)
         secrets = list(url_secrets(settings.database_url))
         secrets += [secret for url in settings.ollama_urls for secret in url_secrets(url)]
+        secrets.append(settings.api_key)
         return COMMANDS[args.command](settings, args, out)
-    except DatabaseError as exc:  # the driver's message may span lines: the first, without a password
-        print(f"error: database: {redact(exc.first_line, secrets)}", file=sys.stderr)
-        return EXIT_ERROR
-    except (CliError, StoreError, DimensionMismatch, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {redact(str(exc), secrets)}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every failure class ends as one line and its documented code
+        code, line = exit_of(exc)
+        print(f"error: {one_line(redact(line, secrets))}", file=sys.stderr)
+        return code

@@ -10,12 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wiki_embeddings.checks import one_line
+from wiki_embeddings.cli.exits import SERVER_UNAVAILABLE
 from wiki_embeddings.cli.migrate import cmd_migrate_model
 from wiki_embeddings.cli.output import BarReporter, CliError, failure_row, printer
 from wiki_embeddings.cli.parser import given_settings
+from wiki_embeddings.cli.runs import cmd_runs
 from wiki_embeddings.core import control, importer, operations, verify
 from wiki_embeddings.core.context import format_preflight
 from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.embedders import EmbedFailure
 from wiki_embeddings.core.factories import (
     build_client,
     build_store,
@@ -55,7 +59,7 @@ def cmd_backfill(s: Settings, args: argparse.Namespace, out: Any) -> int:
         )
     report = outcome.last
     if report.exit_code:
-        print(f"error: {report.message}", file=sys.stderr)
+        print(f"error: {one_line(report.message)}", file=sys.stderr)
     return report.exit_code
 
 
@@ -92,7 +96,8 @@ def cmd_status(s: Settings, args: argparse.Namespace, out: Any) -> int:
     if ready is None:
         return 0
     # The one readiness decision (core/readiness.py), as the Dagster check and the readiness sensor make it.
-    print(f"check: {'ready' if ready.ready else 'not ready'}: {ready.reason}", file=sys.stderr if args.json else out)
+    reason = one_line(ready.reason)
+    print(f"check: {'ready' if ready.ready else 'not ready'}: {reason}", file=sys.stderr if args.json else out)
     return 0 if ready.ready else 1
 
 
@@ -151,13 +156,19 @@ def cmd_import(s: Settings, args: argparse.Namespace, out: Any) -> int:
 
 def _dimensions_for_new_table(s: Settings, store: Store) -> int:
     model = resolve_model(s, store, local_default=s.with_ollama)
-    if answers(s.ollama_urls[0]):
+    if s.api != "ollama":  # no cheap "are you there" in that API: ask the model; unreachable falls through
+        try:
+            return probe_model_dimensions(s, model)
+        except EmbedFailure:
+            pass
+    elif answers(s.ollama_urls[0]):
         return probe_model_dimensions(s, model)
     base = model.split(":")[0]
     if base in KNOWN_DIMENSIONS:
         return KNOWN_DIMENSIONS[base]
     raise CliError(
-        f"cannot learn the vector length of model {model!r}: OLLAMA_URL does not answer; pass --dimensions D"
+        f"cannot learn the vector length of model {model!r}: OLLAMA_URL does not answer; pass --dimensions D",
+        SERVER_UNAVAILABLE,
     )
 
 
@@ -210,4 +221,5 @@ COMMANDS = {
     "config": cmd_config,
     "migrate-model": cmd_migrate_model,
     "verify": cmd_verify,
+    "runs": cmd_runs,
 }

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from wiki_embeddings.checks import one_line
 from wiki_embeddings.cli.output import BarReporter, printer
 from wiki_embeddings.core import migration, operations, quality
 from wiki_embeddings.core.db import Store
@@ -39,12 +40,17 @@ def cmd_migrate_model(s: Settings, args: argparse.Namespace, out: Any) -> int:
         else:
             if not info["target_model"]:
                 print("no model migration in progress", file=out)
-            print("\n".join(f"{k}={v}" for k, v in info.items()), file=out)
+            print("\n".join(f"{k}={one_line(str(v))}" for k, v in info.items()), file=out)
         return 0
     if args.abort:
         with _checked_store(s) as store:
             dropped = store.abort_migration()
-        print(f"migration aborted; shadow column {dropped or '-'} dropped", file=out)
+        print(
+            f"migration aborted; shadow column {dropped} dropped"
+            if dropped
+            else "no model migration in progress: nothing to abort",
+            file=out,
+        )
         return 0
     if args.check_quality:
         try:

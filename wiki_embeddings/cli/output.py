@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from wiki_embeddings.cli.exits import BAD_SETTING, CliError
 from wiki_embeddings.core.progress import LineReporter, Progress
 
-EXIT_ERROR = 2
-
-
-class CliError(Exception):
-    """A one-line error for the operator; exit code 2."""
+EXIT_ERROR = BAD_SETTING
+__all__ = ["EXIT_ERROR", "BarReporter", "CliError", "failure_row", "printer"]
 
 
 def printer(out: Any) -> Callable[[str], None]:

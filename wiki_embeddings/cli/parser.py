@@ -8,8 +8,13 @@ import argparse
 from typing import Any
 
 from wiki_embeddings import __version__
+from wiki_embeddings.checks import AT_LEAST_ONE, BIGINT, Range, number_type
 from wiki_embeddings.core import importer, quality, verify
 from wiki_embeddings.settings import FLAG_GROUPS, OPTIONS, Settings, from_env, only_settings, value_type
+
+#: Flags of one command (not settings) that take numbers: parsed and range-checked by argparse (exit 2 naming them).
+COUNT = number_type(int, AT_LEAST_ONE)
+DIMENSIONS = number_type(int, Range(1, 16_000))  # pgvector's vector(D) takes at most 16,000 dimensions
 
 
 def add_setting(group: Any, name: str, **changes: Any) -> None:
@@ -23,6 +28,8 @@ def add_setting(group: Any, name: str, **changes: Any) -> None:
         kwargs["type"] = option.parse or kind
     if option.metavar:
         kwargs["metavar"] = option.metavar
+    if option.choices:
+        kwargs["choices"] = option.choices
     group.add_argument(option.flag or "--" + name.replace("_", "-"), **{**kwargs, **changes})
     if option.negative:
         group.add_argument(option.negative, dest=name, action="store_false", default=None, help=option.negative_help)
@@ -80,16 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="create the table if absent and load the wiki sample (idempotent)")
     _common(p)
     p.add_argument("--wiki-dir", help="folder with kowiki/enwiki_sample.jsonl.gz [WIKI_DATA_DIR]")
-    p.add_argument("--limit", type=int, default=2000, help="about this many chunks (2000); --all for all")
+    p.add_argument("--limit", type=COUNT, default=2000, help="about this many chunks (2000); --all for all")
     p.add_argument("--all", action="store_true", help="the whole sample")
-    p.add_argument("--dimensions", type=int, help="vector(D) for a new table; default: asked of the model")
-    p.add_argument("--chunk-chars", type=int, default=importer.DEFAULT_MAX_CHARS, help="max chunk size")
+    p.add_argument("--dimensions", type=DIMENSIONS, help="vector(D) for a new table; default: asked of the model")
+    p.add_argument("--chunk-chars", type=COUNT, default=importer.DEFAULT_MAX_CHARS, help="max chunk size")
     add_setting(p, "with_ollama", help=None)
 
     p = sub.add_parser("failures", help="list recorded failures, or `failures clear [ids]`")
     _common(p)
     p.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
-    p.add_argument("ids", nargs="*", type=int)
+    p.add_argument("ids", nargs="*", type=number_type(int, BIGINT))
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser(
@@ -112,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="--status as one JSON object")
     p.add_argument("--force", action="store_true", help="--swap even when the retrieval self-test refuses (recorded)")
-    p.add_argument("--quality-sample", type=int, default=quality.DEFAULT_SAMPLE, help="chunks in the self-test (2000)")
+    p.add_argument(
+        "--quality-sample", type=COUNT, default=quality.DEFAULT_SAMPLE, help="chunks in the self-test (2000)"
+    )
     p.add_argument(
         "--quality-margin",
-        type=float,
+        type=number_type(float, Range(0, 1)),
         default=quality.DEFAULT_MARGIN,
         help="refuse the swap when the shadow's recall@10 or MRR is lower than the live one's by more (0.02)",
     )
@@ -123,18 +132,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify",
         help="re-embed a sample of stored vectors and compare: did the model change under its name?",
-        description="Exit 0: the stored vectors match the live model; 1: they do not (model changed, or some "
-        "vectors differ / have norm 0); 3: not evaluated (the model server did not answer).",
+        description="Exit 0: the stored vectors match the live model (or there is none yet); 8: the model changed "
+        "under its name; 1: some vectors differ or have norm 0; 3: not evaluated (the model server did not answer; "
+        "4: it lacks the model).",
     )
     _common(p)
-    p.add_argument("--sample", type=int, default=verify.DEFAULT_SAMPLE, help="vectors re-embedded (200)")
+    p.add_argument("--sample", type=COUNT, default=verify.DEFAULT_SAMPLE, help="vectors re-embedded (200)")
     p.add_argument("--full", action="store_true", help="every embedded chunk instead of a sample (a full scan)")
     p.add_argument(
-        "--min-cosine", type=float, default=verify.MIN_COSINE, help=f"threshold per vector ({verify.MIN_COSINE})"
+        "--min-cosine",
+        type=number_type(float, Range(-1, 1)),
+        default=verify.MIN_COSINE,
+        help=f"threshold per vector ({verify.MIN_COSINE})",
     )
     add_setting(p, "batch_size", help="texts per request (64)")
     add_setting(p, "timeout_sec", help="deadline for one request (120)")
     p.add_argument("--json", action="store_true", help="one JSON object")
+
+    p = sub.add_parser(
+        "runs",
+        help="the table's runs, newest first (state, host, pid, heartbeat age), or `runs release RUN_ID`",
+        description="`runs` lists the table's runs; `runs release RUN_ID` releases a stalled one: marks it released "
+        "(a process that wakes ends without writing) and ends its database sessions so its claims are free "
+        "(pg_terminate_backend: superuser, membership in the sessions' role, or pg_signal_backend).",
+    )
+    _common(p)
+    p.add_argument("action", nargs="?", choices=["list", "release"], default="list")
+    p.add_argument("run_id", nargs="?", type=number_type(int, BIGINT), metavar="RUN_ID")
+    p.add_argument("--limit", type=COUNT, default=20, help="runs listed (20)")
+    p.add_argument("--force", action="store_true", help="release a run even while its heartbeat is fresh")
+    p.add_argument("--json", action="store_true", help="one JSON list")
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     _common(p)

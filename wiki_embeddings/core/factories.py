@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from wiki_embeddings.core.context import PREFLIGHT_SAMPLE, TokenEstimator, preflight, window_from_show
+from wiki_embeddings.core.context import PREFLIGHT_SAMPLE, TokenEstimator, Window, preflight
 from wiki_embeddings.core.db import Store, TableRef
-from wiki_embeddings.core.embedders import OllamaClient
+from wiki_embeddings.core.embedders import OllamaClient, OpenAIClient, PooledClient
 from wiki_embeddings.core.tuning import Tuning
 from wiki_embeddings.settings import DEFAULT_MODEL, DEFAULT_TARGET_REQUEST_SEC, LOCAL_SERVER_MODEL, Settings
 
@@ -47,17 +47,18 @@ def probe_model_dimensions(settings: Settings, model: str) -> int:
 
 
 def preflight_estimate(settings: Settings, store: Store, model: str) -> dict[str, Any]:
-    """The pre-flight estimate without a run (`--dry-run`): the model's window from the server (`/api/show`, a
-    read; nothing is embedded) and a sample of the missing chunks. An unreachable server gives an unknown window."""
+    """The pre-flight estimate without a run (`--dry-run`): the model's window from the server (`/api/show`, or what
+    an OpenAI-compatible server publishes: a read; nothing is embedded) and a sample of the missing chunks. An
+    unreachable server gives an unknown window."""
     client = build_client(settings, model)
 
-    async def ask() -> dict[str, object]:
+    async def ask() -> Window:
         try:
-            return await client.show()
+            return await client.context_window(settings.num_ctx)
         finally:
             await client.aclose()
 
-    window = window_from_show(asyncio.run(ask()), settings.num_ctx)
+    window = asyncio.run(ask())
     sample = store.sample_texts(PREFLIGHT_SAMPLE, settings.max_chars)
     return preflight(sample, window, TokenEstimator(), settings.max_chars, settings.text_prefix)
 
@@ -99,22 +100,22 @@ def build_tuning(settings: Settings, servers: int) -> Tuning:
     )
 
 
-def build_client(settings: Settings, model: str, urls: list[str] | None = None) -> OllamaClient:
+def build_client(settings: Settings, model: str, urls: list[str] | None = None) -> PooledClient:
+    """The embedder for WIKI_EMBED_API: Ollama's API, or the OpenAI-compatible one (same servers, OLLAMA_URL)."""
     urls = urls or settings.ollama_urls
-    return OllamaClient(
-        urls,
-        model,
-        timeout_sec=settings.timeout_sec,
-        retries=settings.retries,
-        backoff_base_sec=settings.backoff_base_sec,
-        backoff_max_sec=settings.backoff_max_sec,
-        tuning=build_tuning(settings, len(urls)),
-        text_prefix=settings.text_prefix,
-        keep_alive=settings.keep_alive,
-        num_ctx=settings.num_ctx,
-        load_timeout_sec=settings.load_timeout_sec,
-        server_wait_sec=settings.server_wait_sec,
-    )
+    common: dict[str, Any] = {
+        "timeout_sec": settings.timeout_sec,
+        "retries": settings.retries,
+        "backoff_base_sec": settings.backoff_base_sec,
+        "backoff_max_sec": settings.backoff_max_sec,
+        "tuning": build_tuning(settings, len(urls)),
+        "text_prefix": settings.text_prefix,
+        "load_timeout_sec": settings.load_timeout_sec,
+        "server_wait_sec": settings.server_wait_sec,
+    }
+    if settings.api == "openai":
+        return OpenAIClient(urls, model, api_key=settings.api_key, num_ctx=settings.num_ctx, **common)
+    return OllamaClient(urls, model, keep_alive=settings.keep_alive, num_ctx=settings.num_ctx, **common)
 
 
 def build_store(settings: Settings, database_url: str) -> Store:

@@ -36,6 +36,7 @@ class ServerHealth:
     failures_in_a_row: int = 0
     failures: int = 0
     successes: int = 0
+    responded: int = 0  # overload answers (429/503...): the server is there, only busy
     last_success: float | None = None
     streak_since: float = 0.0  # when the current streak of failures began
     blocked_until: float = float("-inf")
@@ -67,10 +68,12 @@ class ServerHealth:
         if self.state != IN:
             self._move(IN, "answered again")
 
-    def failure(self, why: str, retry_after: float | None = None) -> None:
-        """A transport error, an overload answer or a timeout: back off; out when it keeps failing."""
+    def failure(self, why: str, retry_after: float | None = None, *, answered: bool = False) -> None:
+        """A transport error, an overload answer (`answered`: the server is there, busy) or a timeout: back off;
+        out when it keeps failing."""
         now = self.clock()
         self.failures += 1
+        self.responded += int(answered)
         self.failures_in_a_row += 1
         if retry_after is not None and retry_after >= 0:
             pause = min(retry_after, self.backoff_max_sec)
@@ -90,7 +93,7 @@ class ServerHealth:
         failing_for = now - self.streak_since
         # Out after a few failures in a row if it never answered, else once they have lasted OUT_AFTER_SEC (a steady
         # error rate makes short streaks that must not cost a server its place).
-        lasting = failing_for >= OUT_AFTER_SEC or not self.successes
+        lasting = failing_for >= OUT_AFTER_SEC or not (self.successes or self.responded)
         if self.state == IN and self.failures_in_a_row >= OUT_AFTER_FAILURES and lasting:
             self.take_out(f"{self.failures_in_a_row} failures in a row over {failing_for:.1f} s: {why}")
 

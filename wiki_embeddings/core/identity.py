@@ -10,6 +10,12 @@ The identity is recorded per column attnum in `<state schema>.column_identity` (
 a swap's renames), together with the model's *query* prefix (`--query-prefix`), which the retrieval self-test
 before a swap uses. A column without a record (vectors written before this was recorded) falls back to its
 provenance. No SQL here: the store owns it.
+
+The API the vectors were made through (`WIKI_EMBED_API`: `ollama` or `openai`) is recorded with it. The same model
+name served by another program is not the same model until shown to be: quantisation, pooling, normalisation or a
+tokenizer setting may differ. So a run through another API than the recorded one is refused like another model,
+until `verify` through the new API finds the stored vectors reproduced (a `match`), which records that API as
+accepted for the column. A record without an API (made before it was recorded) was made through Ollama's.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from typing import Any
 
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.modelname import same_model, same_prefix
+from wiki_embeddings.settings import Settings
+
+DEFAULT_API = "ollama"
 
 
 def recorded(store: Store) -> dict[str, Any] | None:
@@ -28,7 +37,37 @@ def recorded(store: Store) -> dict[str, Any] | None:
     found = store.provenance_prefix()
     if found is None:
         return None
-    return {"model": found[0], "dimensions": None, "text_prefix": found[1], "query_prefix": ""}
+    return {"model": found[0], "dimensions": None, "text_prefix": found[1], "query_prefix": "", "api": None}
+
+
+def recorded_api(identity: dict[str, Any]) -> str:
+    return str(identity.get("api") or DEFAULT_API)
+
+
+def api_problem(store: Store, model: str, api: str) -> str | None:
+    """Why a run of `model` through `api` may not write this column (another API than its vectors'), or None."""
+    identity = recorded(store)
+    if identity is None or not same_model(identity["model"], model):
+        return None
+    have = recorded_api(identity)
+    if have == api:
+        return None
+    column = f"{store.table.qualified}.{store.table.embedding_column}"
+    return (
+        f"{column} holds vectors of model {model!r} made through the {have} API; this run uses the {api} API "
+        f"(WIKI_EMBED_API), whose server may embed the same name differently, so it is refused like another model "
+        f"and nothing was written. Run `wiki-embeddings verify` with WIKI_EMBED_API={api} (--api {api}): when the "
+        f"vectors match, the {api} API is accepted for this column; otherwise change the model with "
+        f"`wiki-embeddings migrate-model --to {model}` through the new server (then --swap)"
+    )
+
+
+def accept_api(store: Store, model: str, api: str) -> bool:
+    """`verify` matched through `api`: record it as the column's API (True when it changed)."""
+    identity = store.column_identity()
+    if identity is None or not same_model(identity["model"], model) or recorded_api(identity) == api:
+        return False
+    return store.record_column_api(api)
 
 
 def prefix_problem(store: Store, model: str, text_prefix: str, *, shadow: bool) -> str | None:
@@ -55,8 +94,11 @@ def prefix_problem(store: Store, model: str, text_prefix: str, *, shadow: bool) 
     )
 
 
-def record(store: Store, model: str, dimensions: int, text_prefix: str, query_prefix: str = "") -> None:
-    store.record_column_identity(model, dimensions, text_prefix or "", query_prefix or "")
+def record(store: Store, model: str, dimensions: int, settings: Settings) -> None:
+    """The column's identity as a run (or a migration's start) with `settings` makes its vectors."""
+    store.record_column_identity(
+        model, dimensions, settings.text_prefix or "", settings.query_prefix or "", settings.api
+    )
 
 
 def query_prefix(store: Store, fallback: str = "") -> str:

@@ -13,15 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from wiki_embeddings.checks import AT_LEAST_ONE, Range, check_number
 from wiki_embeddings.core import identity, migration, quality
 from wiki_embeddings.core.backfill import Backfill, RunReport
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.embedders import OllamaClient
+from wiki_embeddings.core.embedders import PooledClient
 from wiki_embeddings.core.factories import build_client, build_store, probe_model_dimensions, resolve_model
+from wiki_embeddings.core.modelname import InvalidModelName, check_model_name
 from wiki_embeddings.core.progress import Reporter
 from wiki_embeddings.settings import Settings
 
-ClientFactory = Callable[[Settings, Store], OllamaClient]
+ClientFactory = Callable[[Settings, Store], PooledClient]
 ReporterFactory = Callable[[], Reporter | None]
 Log = Callable[[str], None]
 #: End states after which a maintenance run goes on to the migration's shadow column: a clean end that was not
@@ -29,7 +31,7 @@ Log = Callable[[str], None]
 SHADOW_AFTER = {"completed", "max_chunks"}
 
 
-def default_client(settings: Settings, store: Store) -> OllamaClient:
+def default_client(settings: Settings, store: Store) -> PooledClient:
     """The configured model (OLLAMA_MODEL), else the one recorded for the table, at OLLAMA_URL."""
     return build_client(settings, resolve_model(settings, store))
 
@@ -51,6 +53,8 @@ def run_backfill(
     handle_signals: bool = False,
 ) -> RunReport:
     """One engine run on its own store (connections) and client; `settings.database_url` must be resolved."""
+    for warning in settings.api_warnings():
+        log(warning)
     with _store(settings) as store:
         engine = Backfill(
             settings,
@@ -170,6 +174,10 @@ def migration_settings(settings: Settings, target: str) -> Settings:
     with."""
     if not target.strip():
         raise migration.MigrationError("the target model is empty: name the Ollama model to migrate to")
+    try:  # before the database or the server is asked anything: a name no server means is never recorded
+        check_model_name(target, settings.api, "the target model (--to / to_model)")
+    except InvalidModelName as exc:
+        raise migration.MigrationError(str(exc)) from None
     with _store(settings) as store:
         store.migrate()
         store.column_dimensions()  # a clear error when the table or its column is absent
@@ -194,7 +202,7 @@ def start_migration(
         started = migration.start(store, target, dimensions, log=log, text_prefix=settings.text_prefix)
         with store.for_column(started.shadow_column) as shadow:
             if identity.recorded(shadow) is None:  # a continued migration keeps what it was started with
-                identity.record(shadow, target, dimensions, settings.text_prefix, settings.query_prefix)
+                identity.record(shadow, target, dimensions, settings)
     return started
 
 
@@ -209,6 +217,8 @@ def swap(
 ) -> str:
     """The retrieval self-test (QualityRefused, with the recorded figures, unless it passes or `force`), then the
     swap of the complete shadow column in one transaction. `gated` sees the self-test's report before the swap."""
+    check_number("quality sample (--quality-sample / quality_sample)", sample, AT_LEAST_ONE)
+    check_number("quality margin (--quality-margin / quality_margin)", margin, Range(0, 1))
     with _store(settings) as store:
         store.migrate()
         store.column_dimensions()  # a clear error when the table or its column is absent

@@ -29,10 +29,12 @@ import stat
 import subprocess
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from wiki_embeddings.checks import POSITIVE_SECONDS, UNPRINTABLE, check_number, one_line
 from wiki_embeddings.settings import is_true
 
 READY_KEY = "WIKI_EMBEDDINGS_READY"
@@ -68,7 +70,7 @@ class ReadinessSettings:
         for name, var in ENV_VARS.items():
             raw = env.get(var)
             if raw is not None and raw.strip() != "":
-                values[name] = float(raw) if name == "restart_timeout_sec" else raw.strip()
+                values[name] = _restart_timeout(var, raw) if name == "restart_timeout_sec" else raw.strip()
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()  # type: ignore[arg-type]
 
@@ -77,8 +79,7 @@ class ReadinessSettings:
             raise ValueError(
                 f"{ENV_VARS['on_regression']} must be one of {', '.join(POLICIES)}, got {self.on_regression!r}"
             )
-        if self.restart_timeout_sec <= 0:
-            raise ValueError(f"restart timeout must be positive, got {self.restart_timeout_sec}")
+        check_number(ENV_VARS["restart_timeout_sec"], self.restart_timeout_sec, POSITIVE_SECONDS)
         if not self.env_file:
             raise ValueError(f"{ENV_VARS['env_file']} is empty")
         return self
@@ -87,6 +88,13 @@ class ReadinessSettings:
     def env_path(self) -> Path:
         """Absolute path (a relative one is taken from the current directory: say which in every log line)."""
         return Path(os.path.abspath(os.path.expanduser(self.env_file)))
+
+
+def _restart_timeout(var: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not a number of seconds") from None
 
 
 # ---------------------------------------------------------------------------- readiness of the vectors
@@ -304,20 +312,21 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
 
     The file is handled as the shell reads it: bytes, lines split on b"\n" only. In each line assigning
     `key` only the value's bytes change (its quotes, an `export ` prefix, a BOM, an inline comment and a
-    CRLF ending stay); every other byte of the file is kept exactly, undecodable ones too. When no line
-    assigns `key`, one is appended (CRLF if the file uses CRLF). A missing file is created with mode 0600.
+    CRLF ending stay); every other byte of the file is kept exactly, undecodable ones too. The value is written so
+    that sourcing the file can never run it (`shell_value`). When no line assigns `key`, one is appended (CRLF if
+    the file uses CRLF). A missing file is created with mode 0600.
     Raises `ReadinessError` (one line naming the path and the reason) when the file cannot be written.
     """
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     data, st = _read_no_follow(p)
-    raw_key, value = key.encode("ascii"), wanted.encode("utf-8")
+    raw_key = key.encode("ascii")
     lines = (data or b"").split(b"\n")
     replaced = False
     for number, line in enumerate(lines):
         m = _match(line, number == 0)
         if m and m.group("key") == raw_key:
             blanks, quote, old, rest = _split_value(m.group("value"))
-            new_value = quote + value + quote
+            new_value = shell_value(p, key, wanted, quote)
             # `KEY= # note` has no value: write it right after `=` so the comment stays a comment.
             new_value = blanks + new_value if old or quote else new_value + blanks
             lines[number] = line[: m.start("value")] + new_value + rest
@@ -329,11 +338,40 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
             new += b"\n"
         elif new and not new.endswith(b"\n"):
             new += newline
-        new += raw_key + b"=" + value + newline
+        new += raw_key + b"=" + shell_value(p, key, wanted, b"") + newline
     if data is not None and new == data:
         return False, False
     _atomic_write(p, new, st)
     return True, data is None
+
+
+#: A value written without quotes: nothing in it means anything to a shell.
+BARE_VALUE = re.compile(r"[A-Za-z0-9._:/@-]*")
+#: What a double-quoted shell value interprets (or ends on): refused there rather than escaped.
+_DOUBLE_QUOTE_SPECIAL = '"$`\\'
+
+
+def shell_value(path: Path, key: str, value: str, quote: bytes) -> bytes:
+    """`value` as `KEY=` writes it in the line's own quoting style (`quote`: b"'", b'"' or b"" for none), so that
+    `source`-ing the file sets it and never runs anything: bare only when it is `BARE_VALUE`; in single quotes when
+    it holds no `'`; in double quotes when it holds none of `"`, `$`, a backquote, a backslash. Anything else - and
+    any control, newline or format character, in any style - is refused (ReadinessError naming the key)."""
+    refused = None
+    if any(unicodedata.category(c) in UNPRINTABLE for c in value):
+        refused = "a control, newline or format character"
+    elif quote == b'"' and any(c in _DOUBLE_QUOTE_SPECIAL for c in value):
+        refused = 'a character a double-quoted shell value interprets (", $, `, \\)'
+    elif quote != b'"' and "'" in value:
+        refused = "a single quote"
+    if refused:
+        raise ReadinessError(
+            f"refusing to write {key}={one_line(value)} into {path}: the value holds {refused}, which sourcing the "
+            "file could run or split; nothing was written"
+        )
+    if not quote and BARE_VALUE.fullmatch(value):
+        return value.encode("utf-8")
+    quote = quote or b"'"
+    return quote + value.encode("utf-8") + quote
 
 
 def _atomic_write(path: Path, data: bytes, st: os.stat_result | None) -> None:

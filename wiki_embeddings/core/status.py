@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
 from typing import Any
 
+from wiki_embeddings.checks import one_line
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.migration import shadow_status
 from wiki_embeddings.core.progress import describe_servers
 from wiki_embeddings.core.readiness import Readiness, assess
+from wiki_embeddings.core.runs import RUN_LEASE_SEC as RUN_LEASE_SEC  # where status used to define it
+from wiki_embeddings.core.runs import run_state, runs_in_flight
 from wiki_embeddings.core.verify import STATUS_KEYS as VERIFY_STATUS_KEYS
 from wiki_embeddings.core.verify import drift_figures
 from wiki_embeddings.core.verify import status_figures as verify_figures
@@ -27,6 +29,7 @@ STATUS_KEYS = [
     "stale_text_scanned_at",
     "unverified",
     "cut_for_context",
+    "pooled",
     "server_truncated",
     "suspect_truncated",
     "locked",
@@ -41,6 +44,8 @@ STATUS_KEYS = [
     "last_run_chunks_per_s",
     "last_run_heartbeat",
     "last_run_servers",
+    "running_runs",  # runs of the table running or stalled now (alive sessions), and each of them:
+    "runs_in_flight",  # id, state, host, pid, heartbeat age, embedded, servers (text: a `running_run_<id>=` line each)
     "migration_model",
     "migration_embedded",
     "migration_missing",
@@ -76,13 +81,15 @@ def collect_status(store: Store, settings: Settings) -> dict[str, Any]:
     finished = last["finished_at"] if last else None
     status["last_run_finished"] = finished.isoformat(timespec="seconds") if finished else ""
     status["last_run_embedded"] = last["embedded"] if last else 0
-    # Chunks another session held when the last run ended (state `locked`): a re-run takes them.
-    status["locked"] = int(last.get("locked") or 0) if last and last["state"] == "locked" else 0
+    # Missing chunks whose claim a session holds right now: runs under way, or a stalled one (`runs release`).
+    status["locked"] = store.claimed_now()
     rate = last["chunks_per_s"] if last else None
     status["last_run_chunks_per_s"] = f"{rate:.1f}" if rate is not None else ""
     status["last_run_heartbeat"] = last["heartbeat_at"].isoformat(timespec="seconds") if last else ""
     # The model servers as the last run's heartbeat saw them (in the rotation or out, and why): no HTTP here.
     status["last_run_servers"] = describe_servers(last.get("servers")) if last else ""
+    status["runs_in_flight"] = runs_in_flight(store)
+    status["running_runs"] = len(status["runs_in_flight"])
     status.update(migration_figures(store))
     invalid = store.invalid_indexes()  # left by an interrupted CREATE INDEX CONCURRENTLY; dropped by the next swap
     status["invalid_indexes"] = len(invalid)
@@ -110,26 +117,22 @@ def migration_figures(store: Store) -> dict[str, Any]:
     }
 
 
-RUN_LEASE_SEC = 90.0  # a running run touches its row every 10 s (core/backfill/liveness.py: HEARTBEAT_EVERY_SEC)
-
-
-def run_state(run: dict[str, Any]) -> str:
-    """A run recorded as `running` whose database session is gone (its liveness lock is free) is `abandoned`:
-    its process was killed or lost. Its claims died with that session, so a new run may start at once.
-
-    One whose session still looks alive but whose heartbeat is older than its lease is `stalled`: its process
-    froze, or the network to it went silent (the server keeps such a session until its own TCP keepalive ends
-    it). Status never shows `running` with a frozen heartbeat."""
-    if run["state"] == "running" and not run.get("alive", True):
-        return "abandoned"
-    beat = run.get("heartbeat_at")
-    if run["state"] == "running" and beat is not None and (datetime.now(UTC) - beat).total_seconds() > RUN_LEASE_SEC:
-        return "stalled"
-    return str(run["state"])
-
-
 def format_status(status: dict[str, Any]) -> str:
-    def show(v: Any) -> str:
-        return str(v).lower() if isinstance(v, bool) else str(v)
+    """`key=value` lines, one per key: every value is shown as one line (`checks.one_line`), so a value recorded by
+    an old version (a model name holding a newline) can never print a second `missing=0`."""
 
-    return "\n".join(f"{k}={show(v)}" for k, v in status.items())
+    def show(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else one_line(str(v))
+
+    lines = []
+    for key, value in status.items():
+        if key == "runs_in_flight":  # one line per run: `running_run_<id>=state=... host=... pid=...`
+            lines += [f"running_run_{run['run_id']}={format_run(run)}" for run in value]
+        else:
+            lines.append(f"{key}={show(value)}")
+    return "\n".join(lines)
+
+
+def format_run(run: dict[str, Any]) -> str:
+    """A run's summary (`run_summary`) as `name=value` words on one line; the servers last, as they may hold blanks."""
+    return " ".join(f"{k}={one_line('' if v is None else str(v))}" for k, v in run.items() if k != "run_id")

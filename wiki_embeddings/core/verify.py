@@ -24,7 +24,8 @@ against MiniLM: |cosine| < 0.25; different trained models: typically below 0.9).
 
 The sample is spread over the whole id range (`Store.sample_ids`: one primary-key probe per stratum), so it
 costs `sample` embeddings and reads whatever the table's size; `full=True` walks every embedded chunk instead.
-Exit codes: 0 match or nothing to verify, 1 model_changed / mismatch, 3 not evaluated (`EXIT_CODES`).
+Exit codes: 0 match or nothing to verify, 8 model_changed, 1 mismatch, 3 not evaluated (4: the model is not on the
+server) (`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from wiki_embeddings.core import identity
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.embedders import EmbedFailure, InputRejected, InvalidVectors
+from wiki_embeddings.core.embedders import EmbedFailure, InputRejected, InvalidVectors, ModelNotFound
 from wiki_embeddings.core.factories import build_client
 from wiki_embeddings.core.modelname import same_model
+from wiki_embeddings.core.pooling import Pooling
 from wiki_embeddings.core.readiness import BLOCKING_DRIFT
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings
@@ -50,7 +53,10 @@ from wiki_embeddings.settings import Settings
 MIN_COSINE = 0.995
 DEFAULT_SAMPLE = 200
 FULL_PAGE = 1000
-EXIT_CODES = {"match": 0, "nothing_to_verify": 0, "model_changed": 1, "mismatch": 1, "not_evaluated": 3}
+#: The commands' one exit-code table (README "Exit codes", cli/exits.py): `model_changed` is 8 as for a backfill whose
+#: column changed model; `not_evaluated` 3 as for a server that did not answer, 4 when the model is not on it.
+EXIT_CODES = {"match": 0, "nothing_to_verify": 0, "model_changed": 8, "mismatch": 1, "not_evaluated": 3}
+MODEL_NOT_FOUND_EXIT = 4
 #: Verdicts that say something about the stored vectors (a later one replaces an earlier one); the others
 #: (`not_evaluated`, `nothing_to_verify`) say nothing and change nothing (core/readiness.py).
 DECISIVE = ("match", "model_changed", "mismatch")
@@ -84,12 +90,17 @@ class VerifyReport:
     other_length: int = 0  # re-embedded vectors whose length differs from the stored one (no cosine computed)
     stored_length: int | None = None  # set when other_length > 0: the stored vectors' length ...
     server_length: int | None = None  # ... and the length the server answers with now
+    model_missing: bool = False  # not evaluated because the server does not have the model (exit 4)
     digest: str | None = None  # the model's digest as /api/tags reports it now
     recorded_digest: str | None = None  # the digest recorded by the last run of the model that reported one
+    api: str = identity.DEFAULT_API  # the API the sample was re-embedded through (WIKI_EMBED_API)
+    api_accepted: bool = False  # a match through another API than the column's: that API is now the column's
     message: str = ""
 
     @property
     def exit_code(self) -> int:
+        if self.verdict == "not_evaluated" and self.model_missing:
+            return MODEL_NOT_FOUND_EXIT
         return EXIT_CODES.get(self.verdict, 1)
 
     @property
@@ -115,6 +126,7 @@ def verify(
 ) -> VerifyReport:
     """Re-embed a sample (or, with `full`, every vector) of the store's column with `model` and compare."""
     report = VerifyReport("not_evaluated", model, store.table.embedding_column, threshold=threshold, full=full)
+    report.api = settings.api
     cosines: list[tuple[int, float]] = []
     lengths: list[tuple[int, int]] = []  # (stored, fresh) of each vector answered with another length
     skipped: dict[str, int] = defaultdict(int)
@@ -139,6 +151,7 @@ def verify(
             if todo:
                 cosines += asyncio.run(_compare(settings, model, todo, skipped, lengths))
     except EmbedFailure as exc:
+        report.model_missing = isinstance(exc, ModelNotFound)
         report.message = (
             f"not evaluated: the model server did not re-embed the sample ({exc.message}); this says nothing about "
             "the stored vectors"
@@ -169,8 +182,9 @@ def _pages(store: Store, settings: Settings, sample: int, full: bool, seed: int 
 
 def _comparable(
     rows: list[dict[str, Any]], model: str, skipped: dict[str, int], report: VerifyReport
-) -> list[tuple[int, str, str, np.ndarray]]:
-    """(id, prefix, text as sent, stored vector) of the rows whose provenance says how they were made."""
+) -> list[tuple[int, str, str, np.ndarray, Pooling | None]]:
+    """(id, prefix, text as sent, stored vector, how it was pooled) of the rows whose provenance says how they were
+    made (a pooled vector is rebuilt from its recorded pieces and weights: one embedding per piece)."""
     out = []
     for r in rows:
         stored = r["vector"]
@@ -186,7 +200,8 @@ def _comparable(
         elif not (r["text"] or "").strip():
             skipped["empty_text"] += 1
         else:
-            out.append((int(r["id"]), r["text_prefix"] or "", clean_text(r["text"]), stored))
+            pooling = Pooling.from_json(r["pooling"]) if r.get("pooling") else None
+            out.append((int(r["id"]), r["text_prefix"] or "", clean_text(r["text"]), stored, pooling))
     return out
 
 
@@ -201,29 +216,53 @@ async def _digest(settings: Settings, model: str) -> str | None:
 async def _compare(
     settings: Settings,
     model: str,
-    todo: list[tuple[int, str, str, np.ndarray]],
+    todo: list[tuple[int, str, str, np.ndarray, Pooling | None]],
     skipped: dict[str, int],
     lengths: list[tuple[int, int]],
 ) -> list[tuple[int, float]]:
-    """Cosine of each stored vector with the live model's vector of the same text (grouped by prefix); a fresh
-    vector of another length gets no cosine: its (stored, fresh) lengths go to `lengths`."""
-    by_prefix: dict[str, list[tuple[int, str, np.ndarray]]] = defaultdict(list)
-    for cid, prefix, text, stored in todo:
-        by_prefix[prefix].append((cid, text, stored))
+    """Cosine of each stored vector with the live model's vector of the same text (grouped by prefix; a pooled one
+    rebuilt from its recorded pieces); a fresh vector of another length gets no cosine: its (stored, fresh) lengths
+    go to `lengths`."""
+    by_prefix: dict[str, list[tuple[int, str, np.ndarray, Pooling | None]]] = defaultdict(list)
+    for cid, prefix, text, stored, pooling in todo:
+        by_prefix[prefix].append((cid, text, stored, pooling))
     out: list[tuple[int, float]] = []
     for prefix, rows in by_prefix.items():
         client = build_client(settings.replace(text_prefix=prefix), model)
         try:
             for k in range(0, len(rows), settings.batch_size):
                 batch = rows[k : k + settings.batch_size]
-                fresh = await _embed(client, [t for _, t, _ in batch], skipped)
-                for (cid, _, stored), vector in zip(batch, fresh, strict=True):
+                for (cid, _, stored, _), vector in zip(batch, await _fresh(client, batch, skipped), strict=True):
                     if vector is not None and vector.shape != stored.shape and vector.size > 1:
                         lengths.append((int(stored.shape[0]), int(vector.shape[0])))
                     elif vector is not None:
                         out.append((cid, cosine(stored, vector)))
         finally:
             await client.aclose()
+    return out
+
+
+async def _fresh(
+    client: Any, batch: list[tuple[int, str, np.ndarray, Pooling | None]], skipped: dict[str, int]
+) -> list[np.ndarray | None]:
+    """The live model's vector of each row as it was made: its text, or its recorded pieces pooled."""
+    texts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for _, text, _, pooling in batch:
+        pieces = pooling.texts(text) if pooling is not None else [text]
+        spans.append((len(texts), len(texts) + len(pieces)))
+        texts += pieces
+    vectors = await _embed(client, texts, skipped)
+    out: list[np.ndarray | None] = []
+    for (start, end), (_, _, _, pooling) in zip(spans, batch, strict=True):
+        got = vectors[start:end]
+        whole = [v for v in got if v is not None]
+        if pooling is None:
+            out.append(got[0])
+        elif len(whole) < len(got) or len({v.shape for v in whole}) > 1 or any(v.size <= 1 for v in whole):
+            out.append(next((v for v in got if v is None or v.size <= 1), None))  # a piece refused or invalid
+        else:
+            out.append(pooling.combine(whole))
     return out
 
 
@@ -317,6 +356,12 @@ def _other_length(report: VerifyReport, cosines: list[tuple[int, float]], length
 
 
 def _finish(store: Store, report: VerifyReport, record: bool) -> None:
+    if record and report.verdict == "match" and identity.accept_api(store, report.model, report.api):
+        report.api_accepted = True
+        report.message += (
+            f"; made through another API before, they are reproduced through the {report.api} API "
+            "(WIKI_EMBED_API), which is now accepted for this column"
+        )
     if record:
         store.record_trust("verify", report.as_dict(), model=report.model)
 

@@ -42,6 +42,7 @@ from wiki_embeddings.defs.outcomes import (
 )
 from wiki_embeddings.defs.partitions import BACKFILL_POLICY, RANGE_WIDTH, id_ranges, key_bounds
 from wiki_embeddings.defs.resources import OllamaResource, WikiDatabaseResource, run_settings
+from wiki_embeddings.defs.spread import server_share
 
 GROUP = "wiki_embeddings"
 
@@ -141,9 +142,21 @@ def wiki_chunk_embeddings(
     missing (an empty one) costs one query; each completed range is materialized at once; the run fails at
     the end naming the ranges that still miss chunks, which alone show as failed.
     """
-    keys = list(context.partition_keys)
+    with server_share(context, database, ollama) as servers:
+        yield from _embed_ranges(context, config, database, ollama, list(context.partition_keys), servers)
+
+
+def _embed_ranges(
+    context: dg.AssetExecutionContext,
+    config: RangeRunConfig,
+    database: WikiDatabaseResource,
+    ollama: OllamaResource,
+    keys: list[str],
+    servers: dict[str, Any],
+) -> Iterator[dg.AssetObservation | dg.AssetMaterialization | dg.MaterializeResult]:
+    """The ranges of one run, one at a time (`servers`: the run's share of the model servers, core/spread.py)."""
     if len(keys) == 1:
-        yield from _embed_one_range(context, config, database, ollama, keys[0])
+        yield from _embed_one_range(context, config, database, ollama, keys[0], servers)
         return
     with database.store() as store:
         missing_by_start = dict(store.missing_by_range(RANGE_WIDTH))
@@ -154,7 +167,7 @@ def wiki_chunk_embeddings(
             continue
         ended = False
         try:
-            for event in _embed_one_range(context, config, database, ollama, key):
+            for event in _embed_one_range(context, config, database, ollama, key, servers):
                 if isinstance(event, dg.MaterializeResult):
                     event = dg.AssetMaterialization(  # type: ignore[assignment]  # re-keyed to its partition
                         asset_key=context.asset_key, partition=key, metadata=event.metadata
@@ -199,11 +212,12 @@ def _embed_one_range(
     database: WikiDatabaseResource,
     ollama: OllamaResource,
     key: str,
+    servers: dict[str, Any],
 ) -> Iterator[dg.AssetObservation | dg.MaterializeResult]:
     id_min, id_max = key_bounds(key)
     what = f"range {key}"
     mode = f"dagster {what}"
-    settings = run_settings(database, ollama, id_min=id_min, id_max=id_max, **config.engine_settings())
+    settings = run_settings(database, ollama, id_min=id_min, id_max=id_max, **config.engine_settings(), **servers)
     with run_failures(mode, settings):
         report = operations.run_backfill(settings, mode=mode, log=context.log.info, client=ollama.client)
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max}
@@ -254,16 +268,17 @@ def wiki_chunk_embeddings_maintenance(
     a run sets retry_quarantined.
     """
     mode = "dagster maintenance"
-    settings = run_settings(database, ollama, **config.engine_settings())
-    with run_failures(mode, settings):
-        outcome = operations.backfill(
-            settings,
-            mode=mode,
-            log=context.log.info,
-            maintenance=True,
-            client=ollama.client,
-            shadow_mode="dagster maintenance (migration)",
-        )
+    with server_share(context, database, ollama) as servers:
+        settings = run_settings(database, ollama, **config.engine_settings(), **servers)
+        with run_failures(mode, settings):
+            outcome = operations.backfill(
+                settings,
+                mode=mode,
+                log=context.log.info,
+                maintenance=True,
+                client=ollama.client,
+                shadow_mode="dagster maintenance (migration)",
+            )
     report = outcome.live
     metadata = report_metadata(report, settings)
     raise_on_trouble(report, metadata, "maintenance")

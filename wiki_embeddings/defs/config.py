@@ -67,6 +67,11 @@ class RangeRunConfig(dg.Config):
         "the range is left resumable (not materialized, not failed)",
     )
     max_minutes: float | None = Field(default=None, description="run window: end safely after this many minutes")
+    long_text: str | None = Field(
+        default=None,
+        description="texts longer than the model's window: pool (embedded whole in pieces, their mean stored) or "
+        "cut (the first window only); null: WIKI_EMBED_LONG_TEXT (pool)",
+    )
 
     def engine_settings(self) -> dict[str, Any]:
         """The run's settings: every field named like a setting, and `retry_quarantined` (include_quarantined)."""

@@ -83,7 +83,9 @@ def status_metadata(status: dict[str, Any]) -> dict[str, Any]:
     for key, value in status.items():
         if value is None or value == "":
             continue
-        if key in _FLOAT_KEYS:
+        if isinstance(value, list):  # runs_in_flight: a table (empty when nothing runs: the type stays)
+            out[key] = runs_table(value)
+        elif key in _FLOAT_KEYS:
             try:
                 out[key] = dg.MetadataValue.float(float(value))
             except (TypeError, ValueError):
@@ -97,6 +99,31 @@ def status_metadata(status: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = dg.MetadataValue.text(str(value))
     return out
+
+
+RUN_COLUMNS = {
+    "run_id": "int",
+    "state": "string",
+    "host": "string",
+    "pid": "int",
+    "heartbeat_age_s": "int",
+    "embedded": "int",
+    "servers": "string",
+}
+
+
+def runs_table(runs: list[dict[str, Any]]) -> dg.MetadataValue:
+    """The runs running or stalled now (core/status.py `runs_in_flight`): where each runs (host, pid), how long
+    since its heartbeat, what it embedded, its model servers; `wiki-embeddings runs release ID` frees a stalled one."""
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, t) for c, t in RUN_COLUMNS.items()])
+    records = [dg.TableRecord({c: _cell(run.get(c), t) for c, t in RUN_COLUMNS.items()}) for run in runs]
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def _cell(value: Any, kind: str) -> Any:
+    if kind == "int":
+        return int(value) if value is not None else 0
+    return "" if value is None else str(value)
 
 
 def progress(missing: int, running: int, rate: float) -> dict[str, Any]:

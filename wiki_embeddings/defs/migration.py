@@ -18,9 +18,10 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from wiki_embeddings.checks import one_line, parse_bool
 from wiki_embeddings.core import migration, operations, quality
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.readiness import MODEL_KEY, restart_backend, set_value
+from wiki_embeddings.core.readiness import MODEL_KEY, ReadinessError, restart_backend, set_value
 from wiki_embeddings.core.status import migration_figures
 from wiki_embeddings.defs.assets import embedding_coverage
 from wiki_embeddings.defs.config import OLLAMA_POOL, TRANSIENT_RETRY, RangeRunConfig
@@ -36,7 +37,7 @@ from wiki_embeddings.defs.outcomes import (
 )
 from wiki_embeddings.defs.partitions import LAST_RANGE_ID, id_ranges, key_for_id, range_bounds
 from wiki_embeddings.defs.resources import OllamaResource, ReadinessResource, WikiDatabaseResource, run_settings
-from wiki_embeddings.settings import is_true
+from wiki_embeddings.defs.spread import server_share
 
 TARGET_TAG = "wiki_embeddings/target_model"
 AUTO_SWAP_ENV = "WIKI_EMBED_AUTO_SWAP"
@@ -124,10 +125,11 @@ def fill_shadow_range(
     key = context.partition_key
     id_min, id_max = range_bounds(key, key)
     mode = f"dagster migrate {key}"
-    settings = run_settings(database, ollama, id_min=id_min, id_max=id_max, **config.engine_settings())
-    with run_failures(mode, settings):
-        overrides = operations.active_shadow(settings)
-        report = operations.fill_shadow(settings, overrides, mode=mode, log=context.log.info)
+    with server_share(context, database, ollama) as servers:
+        settings = run_settings(database, ollama, id_min=id_min, id_max=id_max, **config.engine_settings(), **servers)
+        with run_failures(mode, settings):
+            overrides = operations.active_shadow(settings)
+            report = operations.fill_shadow(settings, overrides, mode=mode, log=context.log.info)
     target, shadow = overrides["ollama_model"], overrides["embedding_column"]
     what = f"migration to {target} range {key}"
     metadata = {**report_metadata(report, settings), "id_min": id_min, "id_max": id_max, "shadow_column": shadow}
@@ -267,7 +269,11 @@ def model_rollback_job() -> None:
 
 
 def _auto_swap_default() -> dg.DefaultSensorStatus:
-    on = is_true(os.environ.get(AUTO_SWAP_ENV))
+    raw = os.environ.get(AUTO_SWAP_ENV, "")
+    try:
+        on = parse_bool(raw)
+    except ValueError as exc:
+        raise ValueError(f"{AUTO_SWAP_ENV}: {exc}") from None
     return dg.DefaultSensorStatus.RUNNING if on else dg.DefaultSensorStatus.STOPPED
 
 
@@ -314,9 +320,13 @@ def after_swap_sensor(
     with database.store() as store:
         model, _ = store.recorded_model()
     settings = readiness.settings()
-    changed, created = set_value(settings.env_path, MODEL_KEY, model or "")
+    try:
+        changed, created = set_value(settings.env_path, MODEL_KEY, model or "")
+    except ReadinessError as exc:  # a name recorded by an old version that sourcing could run: never written
+        context.log.error(f"after the swap: {exc}; set {MODEL_KEY} by hand and restart the backend")
+        return dg.RunRequest(run_key=f"after-swap:{context.dagster_run.run_id}")
     context.log.info(
-        f"after the swap: {MODEL_KEY}={model} in {settings.env_path}"
+        f"after the swap: {MODEL_KEY}={one_line(model or '')} in {settings.env_path}"
         f"{' (file created)' if created else '' if changed else ' (already set)'}"
     )
     if changed:

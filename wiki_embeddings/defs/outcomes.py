@@ -41,7 +41,7 @@ def run_failures(mode: str, settings: Settings) -> Iterator[None]:
         raise EmbeddingServiceUnavailable(f"{mode}: database unavailable: {_line(exc, secrets)}") from None
     except DataRefused as exc:
         raise dg.Failure(description=f"{mode}: database: {_line(exc, secrets)}", allow_retries=False) from None
-    except (DimensionMismatch, StoreError, MigrationError) as exc:  # configuration: retrying cannot help
+    except (DimensionMismatch, StoreError, MigrationError, ValueError) as exc:  # configuration: retrying cannot help
         raise dg.Failure(description=redact(str(exc), secrets), allow_retries=False) from None
 
 
@@ -94,4 +94,7 @@ def report_metadata(report: RunReport, settings: Settings) -> dict[str, Any]:
         "state": report.state,
         "failure_log": dg.MetadataValue.path(settings.failure_log or ""),
         "failed_ids": dg.MetadataValue.json(report.failed_ids[:100]),
+        # Each model server as the run ended: in the rotation or out (and why), depth, batch size (URLs masked).
+        "servers": dg.MetadataValue.json(report.servers),
+        "server_truncated": report.server_truncated,
     }

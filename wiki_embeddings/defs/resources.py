@@ -10,7 +10,7 @@ Precedence for one run: run config > resource field > environment variable > cor
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -18,7 +18,7 @@ from pydantic import Field
 
 from wiki_embeddings.core import control
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.embedders import OllamaClient
+from wiki_embeddings.core.embedders import PooledClient
 from wiki_embeddings.core.factories import build_store, probe_model_dimensions
 from wiki_embeddings.core.operations import default_client
 from wiki_embeddings.core.readiness import ReadinessSettings
@@ -67,8 +67,8 @@ class WikiDatabaseResource(dg.ConfigurableResource):
         return _overrides(self)
 
     def settings(self, **run: Any) -> Settings:
-        """Environment, then this resource's fields, then `run` (run config) on top."""
-        return from_env(**{**self.overrides(), **_set(**run)})
+        """Environment, then this resource's fields, then `run` (run config) on top; checked (`checked`)."""
+        return checked(lambda: from_env(**{**self.overrides(), **_set(**run)}))
 
     @contextlib.contextmanager
     def store(self, settings: Settings | None = None) -> Iterator[Store]:
@@ -97,7 +97,8 @@ class OllamaResource(dg.ConfigurableResource):
 
     url: str | None = Field(
         default=None,
-        description="[OLLAMA_URL] (http://ollama:11434); comma-separated for several servers, used round-robin",
+        description="[OLLAMA_URL] (http://ollama:11434); comma-separated for several servers, used round-robin (pool "
+        "`ollama` above 1: each run leases its share of them, docs/dagster.md)",
     )
     model: str | None = Field(
         default=None, description="[OLLAMA_MODEL]; unset: the model recorded for the table by its last run"
@@ -118,11 +119,15 @@ class OllamaResource(dg.ConfigurableResource):
     query_prefix: str | None = Field(
         default=None, description="the model's query prefix, e.g. 'search_query: ' [WIKI_EMBED_QUERY_PREFIX]"
     )
+    api: str | None = Field(default=None, description="ollama, or openai (/v1/embeddings) [WIKI_EMBED_API] (ollama)")
+    api_key: str | None = Field(
+        default=None, description="bearer key of an OpenAI-compatible server, via dg.EnvVar [WIKI_EMBED_API_KEY]"
+    )
 
     def overrides(self) -> dict[str, Any]:
         return _overrides(self, url="ollama_url", model="ollama_model")
 
-    def client(self, settings: Settings, store: Store) -> OllamaClient:
+    def client(self, settings: Settings, store: Store) -> PooledClient:
         """A client for the model to use: the configured one, else the one recorded for the table."""
         return default_client(settings, store)
 
@@ -164,6 +169,16 @@ class ReadinessResource(dg.ConfigurableResource):
 
 def run_settings(database: WikiDatabaseResource, ollama: OllamaResource, **run: Any) -> Settings:
     """The settings of one run of a core operation: environment, both resources' fields, then `run` (run config),
-    validated, with the database URL resolved (the embedded PostgreSQL when empty)."""
-    settings = from_env(**{**database.overrides(), **ollama.overrides(), **_set(**run)})
-    return settings.replace(database_url=database_url(settings)).validate()
+    checked (`checked`), with the database URL resolved (the embedded PostgreSQL when empty)."""
+    settings = checked(lambda: from_env(**{**database.overrides(), **ollama.overrides(), **_set(**run)}))
+    return settings.replace(database_url=database_url(settings))
+
+
+def checked(build: Callable[[], Settings]) -> Settings:
+    """Settings built and validated (`Settings.validate`: ranges, names, URLs) before anything is written; a value
+    refused is a failure naming the setting that no retry can help (the step's RetryPolicy would retry a plain
+    error)."""
+    try:
+        return build().validate()
+    except ValueError as exc:
+        raise dg.Failure(description=f"a setting is refused: {exc}", allow_retries=False) from None

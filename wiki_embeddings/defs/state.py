@@ -26,6 +26,7 @@ from typing import Any
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
+from wiki_embeddings.checks import Range, check_number
 from wiki_embeddings.defs.assets import wiki_chunk_embeddings
 from wiki_embeddings.defs.metadata import observe_table
 from wiki_embeddings.defs.partitions import RANGE_COUNT, RANGE_WIDTH, id_ranges, key_bounds
@@ -37,7 +38,14 @@ SENSOR_INTERVAL_ENV = "WIKI_EMBED_SENSOR_INTERVAL_SEC"
 
 def sensor_interval(default: int) -> int:
     raw = os.environ.get(SENSOR_INTERVAL_ENV, "").strip()
-    return max(1, int(raw)) if raw else default
+    if not raw:
+        return default
+    try:
+        seconds = int(raw)
+    except ValueError:
+        raise ValueError(f"{SENSOR_INTERVAL_ENV}={raw!r} is not a whole number of seconds") from None
+    check_number(SENSOR_INTERVAL_ENV, seconds, Range(1, 86_400))
+    return seconds
 
 
 STATE_INTERVAL_SEC = sensor_interval(60)

@@ -97,7 +97,10 @@ def test_a_poisoned_chunk_fails_its_range_after_everything_else_is_written(make_
     ollama.reset_faults()
     again = run_range(table, ollama, instance, FIRST)
     assert again.success and FIRST in materialized(instance)
-    assert again.asset_materializations_for_node("wiki_chunk_embeddings")[0].metadata["embedded"].value == 1
+    metadata = again.asset_materializations_for_node("wiki_chunk_embeddings")[0].metadata
+    assert metadata["embedded"].value == 1
+    servers = metadata["servers"].value  # each model server's standing as the run ended (issue 20)
+    assert [s["state"] for s in servers] == ["in"] and servers[0]["url"] == ollama.url
 
 
 def test_a_stop_file_ends_a_range_after_its_batch_and_resume_job_lets_it_finish(make_table, ollama, instance):

@@ -38,7 +38,7 @@ def test_every_generation_embeds_every_chunk_of_exactly_its_recorded_characters(
     status = collect_status(table.store, table.settings)
     assert status["failed"] == 0 and status["quarantined"] == 0 and status["missing"] == 0
     assert wrong_vectors(table) == [], "each stored vector is the model's vector of exactly its recorded cut"
-    long_chunks = max(status["cut_for_context"], 1)
+    long_chunks = max(status["cut_for_context"] + status["pooled"], 1)  # cut (--long-text cut) or pooled
     requests = generation.stats()["requests"]
     baseline = math.ceil(len(chunks) / BATCH) + 5  # one request a batch, the start-up probes
     assert (requests - baseline) / long_chunks <= 4, f"{requests} requests for {long_chunks} long chunks"

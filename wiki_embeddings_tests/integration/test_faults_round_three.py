@@ -221,7 +221,7 @@ def test_status_check_fails_on_a_standing_drift_verdict_says_why_and_a_later_mat
     )
 
     ollama.set_faults(model_salt="pulled")  # an `ollama pull` replaced the weights behind the name
-    assert run_cli(table, "verify").returncode == 1
+    assert run_cli(table, "verify").returncode == 8  # model_changed: 8, as for a backfill
     code, line = _check(table)
     assert code == 1, "the runbook's operators decide readiness by this command"
     assert line.startswith("check: not ready: drift:") and "said model_changed" in line, line
@@ -251,7 +251,7 @@ def test_a_mismatch_is_cleared_by_a_re_embed_and_model_changed_by_the_swap(make_
     assert _check(table)[0] == 0, "the re-embed cleared the mismatch"
 
     ollama.set_faults(model_salt="pulled")
-    assert run_cli(table, "verify").returncode == 1
+    assert run_cli(table, "verify").returncode == 8
     assert _check(table)[0] == 1
     _cli_ok(table, "migrate-model", "--to", "all-minilm")  # allowed after model_changed: re-embeds with the new weights
     assert _check(table)[0] == 1, "the shadow does not count until the swap"
@@ -274,7 +274,7 @@ def test_the_dagster_check_and_the_readiness_sensor_make_the_same_decision_as_st
     table.load([(i, f"chunk {i}") for i in range(1, 21)])
     assert table.backfill().state == "completed"
     ollama.set_faults(model_salt="pulled")
-    assert run_cli(table, "verify", env=cli_env(table, WIKI_EMBED_STATE_SCHEMA=state)).returncode == 1
+    assert run_cli(table, "verify", env=cli_env(table, WIKI_EMBED_STATE_SCHEMA=state)).returncode == 8
     env_file = table.tmp / ".env.beta"
     resources = resources_for(table, ollama, env_file=env_file)
     s = table.settings
@@ -320,7 +320,7 @@ def test_verify_against_a_server_whose_vectors_have_another_length_names_both_le
     with OllamaServer(backend="hash", models=["all-minilm:16"]) as other:  # another model answers under the name
         done = run_cli(table, "verify", env=cli_env(table, OLLAMA_URL=other.url))
         as_json = run_cli(table, "verify", "--json", env=cli_env(table, OLLAMA_URL=other.url))
-    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.returncode == 8, done.stdout + done.stderr  # model_changed: 8, as for a backfill
     assert "verify: model_changed" in done.stdout
     assert "vectors of length 16, the stored vectors have length 384" in done.stdout, done.stdout
     assert "min_cosine= " in done.stdout, "no cosine is invented across lengths"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
+from wiki_embeddings.core.pooling import rebuild
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.devtools.ollama_server import hash_vector
 from wiki_embeddings_tests.integration.conftest import TEST_DIM, TEST_MODEL
@@ -127,11 +128,20 @@ def expected_matrix(
     model: str = TEST_MODEL,
     dim: int = TEST_DIM,
     sent: list[int | None] | None = None,
+    pooling: list[dict | None] | None = None,
 ) -> np.ndarray:
     """The hash server's vectors for the texts as the engine sends them: cut to max_chars, cleaned, and cut again
     to the characters provenance says were sent (a cut to fit the model's context)."""
     sent = sent or [None] * len(texts)
-    return np.stack([hash_vector(model, clean_text(t[:max_chars])[:n], dim) for t, n in zip(texts, sent, strict=True)])
+    pooled = pooling or [None] * len(texts)
+    out = []
+    for t, n, description in zip(texts, sent, pooled, strict=True):
+        text = clean_text(t[:max_chars])[:n]
+        if description is None:
+            out.append(hash_vector(model, text, dim))
+        else:  # a pooled vector: the recorded pieces' vectors, pooled with the recorded weights (core/pooling.py)
+            out.append(rebuild(description, text, lambda pieces: [hash_vector(model, p, dim) for p in pieces]))
+    return np.stack(out)
 
 
 def wrong_vectors(table, max_chars: int | None = None, model: str = TEST_MODEL, dim: int = TEST_DIM) -> list[int]:
@@ -143,7 +153,7 @@ def wrong_vectors(table, max_chars: int | None = None, model: str = TEST_MODEL, 
         register_vector(conn)
         schema, name = table.settings.table.split(".")
         rows = conn.execute(
-            f"SELECT t.id, t.content, t.embedding, p.chars_sent FROM {table.settings.table} t"
+            f"SELECT t.id, t.content, t.embedding, p.chars_sent, p.pooling FROM {table.settings.table} t"
             f" LEFT JOIN {table.settings.state_schema}.embedding_provenance p ON p.table_name = %s"
             " AND p.chunk_id = t.id AND p.column_attnum = (SELECT attnum FROM pg_attribute"
             " WHERE attrelid = %s::regclass AND attname = 'embedding')"
@@ -153,7 +163,7 @@ def wrong_vectors(table, max_chars: int | None = None, model: str = TEST_MODEL, 
     if not rows:
         return []
     got = np.stack([r[2].to_numpy() for r in rows])
-    want = expected_matrix([r[1] for r in rows], max_chars, model, dim, [r[3] for r in rows])
+    want = expected_matrix([r[1] for r in rows], max_chars, model, dim, [r[3] for r in rows], [r[4] for r in rows])
     bad = ~np.all(np.isclose(got, want, atol=1e-6), axis=1)
     return [int(rows[i][0]) for i in np.flatnonzero(bad)]
 

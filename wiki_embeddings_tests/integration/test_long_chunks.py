@@ -39,7 +39,7 @@ def provenance(table) -> list[tuple[int, int, bool, bool, str]]:
 def test_korean_and_english_wiki_chunks_are_never_failed_for_being_long(make_table, small_context):
     """The runbook's bootstrap flags (batch 64, --max-chars 2000) against a 128-token model: everything embedded."""
     lines: list[str] = []
-    table = make_table(ollama_url=small_context.url, batch_size=64, max_chars=2000)
+    table = make_table(long_text="cut", ollama_url=small_context.url, batch_size=64, max_chars=2000)
     chunks = table.load_wiki(400)
     s = table.settings
     from wiki_embeddings.core.backfill import Backfill
@@ -65,7 +65,7 @@ def test_korean_and_english_wiki_chunks_are_never_failed_for_being_long(make_tab
 
 def test_a_server_that_takes_less_than_it_says_is_learned_from_its_refusals(make_table, ollama):
     """`/api/show` says 512 tokens, the server refuses past 100 (OLLAMA_CONTEXT_LENGTH set lower, say)."""
-    table = make_table(batch_size=32)
+    table = make_table(long_text="cut", batch_size=32)
     chunks = table.load_wiki(120)
     ollama.set_faults(max_input_tokens=100)
     report = table.backfill()
@@ -93,7 +93,7 @@ def test_a_server_that_cuts_silently_below_the_window_it_describes_is_found_out_
     0.30+ past its physical batch): the run's window probe sees it, every text is cut by us to fit, and every stored
     vector is of exactly the characters its provenance records (issue 20: 71 of 79 cut chunks went unrecorded)."""
     lines: list[str] = []
-    table = make_table(batch_size=16)
+    table = make_table(long_text="cut", batch_size=16)
     chunks = table.load_wiki(60)
     ollama.set_faults(max_input_tokens=60, silent_truncate=True, ignore_truncate=True)
     s = table.settings
@@ -115,7 +115,7 @@ def test_a_server_that_starts_cutting_silently_mid_run_is_found_out_text_by_text
     """The probe at the start saw a whole window; then the server (replaced behind a proxy, say) cuts silently at 60
     tokens. Suspect batches are counted text by text, with no cap: each cut chunk is found, the window learned, the
     chunk embedded again from our own cut, recorded server_truncated; no vector of less text than recorded."""
-    table = make_table(batch_size=16)
+    table = make_table(long_text="cut", batch_size=16)
     chunks = table.load_wiki(160)
     ollama.set_faults(latency_ms=20)
     start = ollama.stats()["requests"]
@@ -145,7 +145,7 @@ def test_vectors_written_before_a_silent_cutter_was_found_are_counted_and_re_emb
     cut silently. Once a run finds the server cutting at 60 tokens, `status` counts the vectors written before that
     from texts long enough to have been cut (`suspect_truncated`), and `--reembed-cut` re-embeds them from our own
     cut: afterwards every vector is of exactly its recorded characters."""
-    table = make_table(batch_size=16)
+    table = make_table(long_text="cut", batch_size=16)
     chunks = table.load_wiki(80)
     ollama.set_faults(max_input_tokens=60, silent_truncate=True, ignore_truncate=True)
     from wiki_embeddings.core.backfill.worker import EmbedWorker
@@ -173,7 +173,7 @@ def test_vectors_written_before_a_silent_cutter_was_found_are_counted_and_re_emb
 def test_maintenance_re_embeds_cut_chunks_on_request_after_num_ctx_was_raised(make_table):
     spec = ModelSpec("all-minilm:latest", 384, context_length=1024, num_ctx=128)
     with OllamaServer(backend="hash", models=[spec]) as server:
-        table = make_table(ollama_url=server.url, batch_size=32)
+        table = make_table(long_text="cut", ollama_url=server.url, batch_size=32)
         table.load_wiki(80)
         first = table.backfill()
         cut_before = collect_status(table.store, table.settings)["cut_for_context"]

@@ -48,7 +48,7 @@ def test_verify_matches_then_catches_a_model_changed_under_its_name(make_table, 
 
     ollama.set_faults(model_salt="pulled")  # `ollama pull` replaced the weights under the same name
     report = verify.verify(t.store, t.settings, TEST_MODEL, sample=40, seed=2)
-    assert report.verdict == "model_changed" and report.exit_code == 1
+    assert report.verdict == "model_changed" and report.exit_code == 8  # as for a backfill whose column changed model
     assert report.below_threshold == report.compared and report.digest_changed is True
     assert f"the model answering as {TEST_MODEL!r} changed" in report.message and "migrate-model" in report.message
     status = collect_status(t.store, t.settings)
@@ -56,7 +56,7 @@ def test_verify_matches_then_catches_a_model_changed_under_its_name(make_table, 
     assert status["verify_at"] and status["model_digest"]
 
     code, out = _cli(["verify", "--sample", "20", "--json"], t)
-    assert code == 1 and json.loads(out)["verdict"] == "model_changed"
+    assert code == 8 and json.loads(out)["verdict"] == "model_changed"
 
 
 def test_verify_unreachable_server_is_not_evaluated_never_model_changed(make_table, ollama):

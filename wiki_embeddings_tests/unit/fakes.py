@@ -450,6 +450,7 @@ class FakeWriteStore:
         provenance: Provenance | None,
         replace: bool,
         notes: VectorNotes | None,
+        run_id: int | None = None,
     ) -> WriteResult:
         self.writes.append(Write(list(ids), list(vectors), md5s, provenance, replace, notes))
         if self.swapped:

@@ -45,7 +45,7 @@ class ConnStore:
         self.opened: list[Conn] = []
         self.down = False
 
-    def connect(self, *, statement_timeout_sec: float) -> Conn:
+    def connect(self, *, statement_timeout_sec: float, application_name: str | None = None) -> Conn:
         if self.down:
             raise DatabaseUnavailable("connection refused")
         conn = Conn(f"conn{len(self.opened)}")

@@ -265,11 +265,13 @@ def test_a_server_answering_503_to_every_try_leaves_the_rotation_and_with_none_l
         calls += 1
         return httpx.Response(503, json={"error": "server busy, please try again"})
 
-    c = client(handler, servers=1)
+    c = client(handler, servers=1, server_wait_sec=0.2)
     with pytest.raises(ServerUnavailable) as down:
         embed(c, ["x"])
     assert calls == 3  # retries=2: three attempts, each after a backoff
     assert "unreachable or overloaded" in down.value.message and "OLLAMA_URL" in down.value.message
+    # A 503 is an answer (the server is there, busy): the run waits for it, then gives up naming the setting.
+    assert "WIKI_EMBED_SERVER_WAIT_SEC" in down.value.message
     assert c.tuning.controls[0].health.state == "out"
 
 

@@ -105,3 +105,30 @@ def test_a_sleep_without_a_stop_lasts_its_time():
         return time.monotonic() - began
 
     assert run(scenario()) >= 0.04  # (the loop may wake a timer up to its clock resolution early)
+
+
+def test_a_run_released_by_an_operator_ends_fatally_and_that_explains_any_other_error():
+    """`runs release` while the run was frozen: its stop check hears "released" (core/db runs.run_signal); the end
+    is `released` whatever else it met on waking (timeouts, lost sessions)."""
+    halt = Halt()
+
+    async def released() -> str:
+        return "released"
+
+    assert run(halt.should_stop(released)) and halt.halted and not halt.stop_requested
+    assert halt.fatal is not None and halt.fatal.state == "released"
+    halt.fail(Fatal("database_unavailable", "later"))
+    assert halt.fatal.state == "released", "the release stays the run's end"
+
+    woke = Halt()  # a write or a heartbeat learns of the release after waking met a timeout first
+    woke.fail(Fatal("server_unavailable", "timed out while frozen"))
+    woke.fail(Fatal("released", "released by an operator"))
+    assert woke.fatal is not None and woke.fatal.state == "released"
+
+    stop_only = Halt()
+
+    async def stop() -> str:
+        return "stop"
+
+    assert run(stop_only.should_stop(stop)) and stop_only.reason == "stop request in the database"
+    assert stop_only.fatal is None

@@ -114,7 +114,11 @@ class Claimer:
                 id_max=self.s.id_max,
                 mode=self.mode,
                 max_attempts=self.s.max_attempts,
-                **({"include_cut": True} if refresh and self.s.reembed_cut else {}),
+                **(
+                    {"include_cut": True, "include_pooled": self.s.long_text == "cut"}
+                    if refresh and self.s.reembed_cut
+                    else {}
+                ),
             )
             if claim.last_scanned_id is None:
                 self.scan_complete = True

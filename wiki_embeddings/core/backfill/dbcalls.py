@@ -121,10 +121,14 @@ class DbCalls:
         self._stop_waiter: tuple[asyncio.Event, asyncio.Future] | None = None
         self._silent = False  # a call went unanswered after a stop request: later calls get no grace
         self._reconnecting: dict[str, asyncio.Lock] = {}
+        self.application_name: str | None = None  # once the run is recorded: its sessions carry its name
 
     def connect(self) -> Any:
-        """A pipeline connection: statement_timeout and lock_timeout set, keepalives on (core/db/connection.py)."""
-        return self.store.connect(statement_timeout_sec=self.statement_timeout_sec)
+        """A pipeline connection: statement_timeout and lock_timeout set, keepalives on (core/db/connection.py),
+        named after the run once it is recorded (`runs release` ends the run's sessions by that name)."""
+        return self.store.connect(
+            statement_timeout_sec=self.statement_timeout_sec, application_name=self.application_name
+        )
 
     async def open(self, *roles: str) -> None:
         """Open the roles' connections at once (each takes a few ms that the first batch would otherwise wait)."""

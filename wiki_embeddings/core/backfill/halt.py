@@ -53,8 +53,9 @@ class Halt:
             self.event.set()
 
     def fail(self, fatal: Fatal) -> None:
-        """Record a fatal error; the first one is the run's end state."""
-        if self.fatal is None:
+        """Record a fatal error; the first one is the run's end state - unless an operator released the run, which
+        explains whatever else it saw (a released run wakes to timeouts and lost sessions)."""
+        if self.fatal is None or (fatal.state == "released" and self.fatal.state != "released"):
             self.fatal = fatal
 
     def stopping(self) -> bool:
@@ -69,14 +70,20 @@ class Halt:
             return True
         return False
 
-    async def should_stop(self, stop_in_database: Callable[[], Awaitable[bool]]) -> bool:
-        """`stopping()`, plus the database's stop request, read at most once a second (runs on other machines)."""
+    async def should_stop(self, stop_in_database: Callable[[], Awaitable[bool | str]]) -> bool:
+        """`stopping()`, plus the database's word, read at most once a second (runs on other machines): a stop
+        request (True or "stop"), or "released": an operator released this run (`wiki-embeddings runs release`)
+        while it was stalled, so it ends at once without writing (`released`, a fatal end)."""
         if self.stopping():
             return True
         now = self._monotonic()
         if now - self._last_db_check >= DB_STOP_CHECK_EVERY_SEC:
             self._last_db_check = now
-            if await stop_in_database():
+            heard = await stop_in_database()
+            if heard == "released":
+                self.fail(Fatal("released", "released by an operator (`wiki-embeddings runs release`) while stalled"))
+                return True
+            if heard:
                 self.request_stop("stop request in the database")
                 return True
         return False

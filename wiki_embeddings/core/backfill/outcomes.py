@@ -28,6 +28,7 @@ class Embedded:
     chars: list[int]  # characters sent (after any cut)
     cut: list[bool]  # cut below the text to fit the model's context
     truncated: list[bool]  # the server was caught cutting it further, silently
+    pooling: list[str | None] | None = None  # how a pooled vector was made (core/pooling.py JSON); None: one piece
 
     def keep(self, positions: list[int]) -> Embedded:
         return Embedded(
@@ -36,6 +37,7 @@ class Embedded:
             [self.chars[k] for k in positions],
             [self.cut[k] for k in positions],
             [self.truncated[k] for k in positions],
+            None if self.pooling is None else [self.pooling[k] for k in positions],
         )
 
 

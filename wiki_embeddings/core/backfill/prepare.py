@@ -1,7 +1,7 @@
 """Before the first claim: the checks that refuse a run before anything is written, and the bulk-load policy.
 
 - the bookkeeping schema is current and the column's vector length is read (`vector(D)`);
-- the column's recorded model (or a migration's target for a shadow column) and text prefix must match;
+- the column's recorded model (or a migration's target for a shadow column), text prefix and API must match;
 - the model's vectors must have the column's length (a Matryoshka model may be asked for it, opt-in);
 - the model's context window is read and a pre-flight estimate of the cuts printed;
 - with --drop-vector-index, HNSW/IVFFlat indexes are dropped for the run and rebuilt after.
@@ -32,7 +32,7 @@ def prepare_database(store: Store) -> int:
     return store.column_dimensions()
 
 
-def check_recorded_model(store: Store, model: str, text_prefix: str) -> bool:
+def check_recorded_model(store: Store, model: str, text_prefix: str, api: str = identity.DEFAULT_API) -> bool:
     """The column's model is recorded in the database: another model is refused before anything is written.
 
     The live column takes only the live model (a change of model goes through `migrate-model`); a migration's
@@ -57,7 +57,30 @@ def check_recorded_model(store: Store, model: str, text_prefix: str) -> bool:
     prefix = identity.prefix_problem(store, model, text_prefix, shadow=is_shadow)
     if prefix:  # identity is model + dimensions + text prefix
         raise ModelChanged(prefix)
+    other_api = identity.api_problem(store, model, api)
+    if other_api:  # ... made through one API: another is another model until `verify` matches
+        raise ModelChanged(other_api)
     return is_shadow
+
+
+def check_long_text(store: Store, settings: Settings) -> None:
+    """How long texts are embedded (`--long-text`) is part of a column's identity like its prefix: a column whose
+    long texts were pooled takes no cut ones and the other way round (a silent mix retrieves worse than either).
+    Changing it is a re-embed: `--reembed-cut` re-embeds the chunks made the other way, in place."""
+    if settings.reembed_cut:
+        return
+    cut, pooled = store.made_by()
+    made = "pool" if pooled else "cut" if cut else None
+    if made is None or made == settings.long_text:
+        return
+    column = f"{store.table.qualified}.{store.table.embedding_column}"
+    count = pooled if made == "pool" else cut
+    raise ModelChanged(
+        f"{column} holds {count} vectors of long texts made with --long-text {made}; this run's is "
+        f"{settings.long_text!r} (WIKI_EMBED_LONG_TEXT) and a column must not mix them; nothing was written. Keep "
+        f"--long-text {made}, or change it with one run of `wiki-embeddings backfill --long-text {settings.long_text}"
+        f" --reembed-cut`, which re-embeds those {count} chunks in place"
+    )
 
 
 async def check_dimensions(embedder: Embedder, dimensions: int, column: str, request_dimensions: bool) -> None:
@@ -92,6 +115,7 @@ async def learn_context(
 ) -> dict[str, Any]:
     """Ask the server for the model's window (the worker cuts to it) and print the pre-flight estimate."""
     worker.window = await worker.embedder.context_window(settings.num_ctx)
+    worker.max_chars = settings.max_chars  # the longest text of the run: the silent-cut probe is as long
     await worker.probe_window()
     try:
         sample = await asyncio.to_thread(store.sample_texts, PREFLIGHT_SAMPLE, settings.max_chars)

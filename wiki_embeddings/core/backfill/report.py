@@ -13,6 +13,7 @@ EXIT_CODES = {
     "failure_log_error": 6,
     "locked": 7,
     "model_changed": 8,
+    "released": 9,
 }
 
 
@@ -42,10 +43,13 @@ class RunReport:
     server_truncated: int = 0  # chunks the server was caught truncating silently
     fit_searches: int = 0  # refused chunks whose longest fitting prefix was searched
     fit_requests: int = 0  # requests the successful searches sent (average = fit_requests / fit_found)
+    pooled: int = 0  # long chunks embedded whole from pieces (--long-text pool)
+    pieces: int = 0  # the pieces embedded for them
     fit_found: int = 0  # searches that found a prefix the server takes (the others are recorded failed)
     preflight: dict[str, Any] = field(default_factory=dict)
     stop_reason: str = ""  # why a `stopped` run stopped (stop file, signal, run window: core/window.py)
     tuning: dict[str, Any] = field(default_factory=dict)  # depth per server and batch size (core/tuning.py)
+    servers: list[dict[str, Any]] = field(default_factory=list)  # each server's state at the end (URLs masked)
 
     @property
     def chunks_per_s(self) -> float:
@@ -67,7 +71,7 @@ class RunReport:
             f"{self.mode} {self.state}: embedded={self.embedded} failed={self.failed} "
             f"remaining={self.remaining} refreshed={self.refreshed} seconds={self.seconds:.1f} "
             f"chunks/s={self.chunks_per_s:.1f} cut_for_context={self.context_cut} "
-            f"server_truncated={self.server_truncated}{self._fit_summary()}. {self.message}"
+            f"server_truncated={self.server_truncated} pooled={self.pooled}{self._fit_summary()}. {self.message}"
         )
 
     def _fit_summary(self) -> str:

@@ -25,12 +25,13 @@ from wiki_embeddings.core.backfill.endstate import RunCounts, end_state
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.failures import FailureRecorder
 from wiki_embeddings.core.backfill.halt import Halt
-from wiki_embeddings.core.backfill.liveness import heartbeats_of, install_signal_handlers
+from wiki_embeddings.core.backfill.liveness import heartbeats_of, install_signal_handlers, record_end
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
 from wiki_embeddings.core.backfill.report import RunReport
 from wiki_embeddings.core.backfill.worker import CANARY_TEXT, EmbedWorker
 from wiki_embeddings.core.backfill.writer import Writer
-from wiki_embeddings.core.db import DatabaseError, ModelMismatch, Provenance, Store
+from wiki_embeddings.core.db import DatabaseError, ModelMismatch, Provenance, RunReleased, Store
+from wiki_embeddings.core.db.runs import run_session_name
 from wiki_embeddings.core.embedders import Embedder, EmbedFailure, ModelNotFound, ServerUnavailable
 from wiki_embeddings.core.failure_log import FailureLog
 from wiki_embeddings.core.progress import LineReporter, Progress, Reporter, servers_note
@@ -76,7 +77,9 @@ class Backfill:
             log=self._log,
         )
         self.claimer = Claimer(self.store, self.db.call, s, lambda: self.client.tuning.batch_size, log=self._log)
-        self.worker = EmbedWorker(self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log)
+        self.worker = EmbedWorker(
+            self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log, long_text=s.long_text
+        )
         self.writer = Writer(self.store, self.db.call, None)
         self.recorder = FailureRecorder(
             self.store,
@@ -114,7 +117,8 @@ class Backfill:
         s, store, client = self.s, self.store, self.client
         self._build_stages()  # a fresh run: its stop event belongs to this event loop
         dimensions = await asyncio.to_thread(prepare.prepare_database, store)
-        shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix)
+        shadow = await asyncio.to_thread(prepare.check_recorded_model, store, client.model, client.text_prefix, s.api)
+        await asyncio.to_thread(prepare.check_long_text, store, s)
         self.failure_log.check()  # a symlink planted at the path is refused before anything is sent
         report = RunReport(state="running", mode=self.mode, model=client.model, dimensions=dimensions)
         idle = not prepare.refresh_wanted(s) and await asyncio.to_thread(prepare.count_remaining, store, s) == 0
@@ -139,7 +143,7 @@ class Backfill:
             await asyncio.to_thread(store.record_model, client.model, dimensions)
         digest = None
         if not idle:  # the column's identity (core/identity.py) and the model's digest (`verify` shows it)
-            await asyncio.to_thread(identity.record, store, client.model, dimensions, s.text_prefix, s.query_prefix)
+            await asyncio.to_thread(identity.record, store, client.model, dimensions, s)
             digest = await client.model_digest()
         self.writer.provenance = Provenance(client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence) and
@@ -149,6 +153,7 @@ class Backfill:
             report.run_id = run_id = await asyncio.to_thread(
                 store.start_run, self.mode, s.options_for_resume(), client.model, self.db.conns["run"]
             )
+            self.writer.run_id, self.db.application_name = run_id, run_session_name(run_id)  # release finds them
             self.db.on_reconnect["run"] = lambda fresh: self.db.thread(store.hold_run_lock, fresh, run_id)
             if digest:
                 record = store.record_trust
@@ -174,7 +179,9 @@ class Backfill:
         self.started = time.perf_counter()
         removers = install_signal_handlers(self.request_stop) if self.handle_signals else []
         heartbeats = asyncio.create_task(
-            heartbeats_of(report, self.store, self.db, self.client, lambda: self.recorder.failed, self.started)
+            heartbeats_of(
+                report, self.store, self.db, self.client, lambda: self.recorder.failed, self.started, self.halt
+            )
         )
         try:
             await self._pipeline(report)
@@ -232,33 +239,12 @@ class Backfill:
             end.locked,
             end.stop_reason,
         )
-        run_id = report.run_id
-        assert run_id is not None  # recorded before the pipeline started
-        try:
-            await self.db.call(
-                "store",
-                lambda _c: store.finish_run(
-                    run_id,
-                    report.state,
-                    report.embedded,
-                    report.failed,
-                    report.chunks_per_s,
-                    report.message,
-                    report.locked,
-                    self.client.server_states(),
-                ),
-            )
-        except Fatal:
-            self._log(
-                "could not record the end of the run (database gone); status will show it as abandoned, or as "
-                "stalled while the server keeps its session"
-            )
+        await record_end(report, store, self.db, self.client.server_states(), self._log)
         self.reporter.finish()
         self._log(report.summary())
 
     async def _record_silent_window(self, run_id: int | None) -> None:
-        """The server was found cutting silently: vectors written before then from texts that long may be of less
-        text than recorded; status counts them (suspect_truncated) and --reembed-cut re-embeds them."""
+        """A silent cutter found: earlier vectors of texts that long may be suspect (status, --reembed-cut)."""
         worker = self.worker
         if worker.silent_found_at is None or not worker.window.tokens or worker.silent_found_at == self._recorded:
             return
@@ -293,7 +279,7 @@ class Backfill:
             self.claimer.forget_all()
 
     async def _should_stop(self) -> bool:
-        return await self.halt.should_stop(lambda: self.db.call("run", self.store.stop_requested))
+        return await self.halt.should_stop(lambda: self.db.call("run", self.store.run_signal, self.writer.run_id))
 
     async def _produce(self, todo: asyncio.Queue[Batch | None], workers_n: int) -> None:
         try:
@@ -346,8 +332,8 @@ class Backfill:
                 for chunk in written.refused:
                     await self.recorder.record(chunk, report.run_id)
                 await claimer.release(item.ids)
-            except ModelMismatch as exc:
-                self.halt.fail(Fatal("model_changed", str(exc)))
+            except (ModelMismatch, RunReleased) as exc:  # the column changed model, or an operator released the run
+                self.halt.fail(Fatal("released" if isinstance(exc, RunReleased) else "model_changed", str(exc)))
                 continue
             except Fatal as exc:
                 self.halt.fail(exc)
@@ -394,8 +380,11 @@ def counts_into(
     """What the stages counted, into the run's report."""
     report.requests = client.stats.requests
     report.tuning = client.tuning.snapshot()
+    report.servers = client.server_states()
     report.failed, report.failed_ids = recorder.failed, recorder.failed_ids
     report.skipped_busy = claimer.skipped_busy
+    if worker.pooler is not None:
+        report.pooled, report.pieces = worker.pooler.pooled, worker.pooler.pieces
     report.server_truncated = worker.server_truncated
     report.fit_searches, report.fit_requests, report.fit_found = (
         worker.fit_searches,

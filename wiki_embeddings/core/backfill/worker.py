@@ -14,20 +14,22 @@ The server being down or the model missing ends the run (errors.Fatal); everythi
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from wiki_embeddings.core.backfill import cuts, probe, silent
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
+from wiki_embeddings.core.backfill.pooler import Pooler
+from wiki_embeddings.core.backfill.probe import CANARY_TEXT
 from wiki_embeddings.core.context import (
     MAX_TOKENS_PER_CHAR,
     SAFETY,
-    ContextRefused,
     TokenEstimator,
     Window,
-    fit_prefix,
     fit_text,
 )
 from wiki_embeddings.core.embedders import (
@@ -39,23 +41,18 @@ from wiki_embeddings.core.embedders import (
     InputRejected,
     InvalidVectors,
     ModelNotFound,
+    RunnerCrashed,
     ServerUnavailable,
 )
 
-CANARY_TEXT = "The quick brown fox jumps over the lazy dog."
+CRASH_PLAN_SHARE = 0.75  # after a runner crash (a reload each), pieces are planned for this share of the window
+ALONE_TRIES = 5  # tries alone of a chunk that met a server-side error, before the canary decides
+CANARY_TRIES = 3  # a known-good text's tries before its server is taken for sick
 # Failures decided from the text alone: recorded without asking the server whether it is well.
 TEXT_ERRORS = {"empty_text", "invalid_utf8", "write_error"}
-# A batch whose `prompt_eval_count` is below this share of its estimated tokens is checked text by text; a text
-# whose own count is below this share of its estimate is checked with a shorter prefix of it.
+# A batch whose `prompt_eval_count` is below this share of its estimated tokens is checked text by text.
 BATCH_TRUST_SHARE = 0.85
-TEXT_TRUST_SHARE = 0.9
-PROBE_SHARE = 0.95  # the window probe's text: this share of the window the server describes
 WINDOW_PROBE_TEXTS = 3  # texts (one a request) the window probe sends at a run's start
-PROBE_SLACK = 2  # tokens of slack when comparing counts (special tokens, a word split differently)
-REFIT_TRIES = 4
-REFIT_SHRINK = 0.85  # a refit that still reaches the window is cut by this much more
-ESTIMATE_MARGIN = 1.5  # a text's estimate times this bounds its real count (for a silent cutter's window)
-RISKY_SHARE = 0.6  # after a refusal of length, texts estimated over this share of the window go alone
 
 Emit = Callable[[Embedded | Isolated], Awaitable[None]]
 
@@ -68,13 +65,18 @@ class EmbedWorker:
         embedder: Embedder,
         *,
         num_ctx: int | None = None,
+        max_chars: int = 2000,
         sleep_ms: int = 0,
         log: Callable[[str], None] = lambda _line: None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        long_text: str = "cut",
     ):
         self.embedder = embedder
         self.window = Window(num_ctx=num_ctx)  # the model's context as this run understands it
         self.estimator = TokenEstimator()  # tokens per text, learned from the server's counts
+        self.pooler = Pooler(self.estimator) if long_text == "pool" else None  # long chunks as pieces, pooled
+        self._learned_from_refusal = False
+        self.plan_share = 1.0  # of the window that pieces are planned for (less once the server crashed on one)
         self.known_good: str | None = None  # a text the server embedded: tells a sick server from a bad chunk
         self.sleep_ms = sleep_ms
         self._log = log
@@ -84,13 +86,72 @@ class EmbedWorker:
         self.fit_found = 0  # searches that found a prefix the server takes
         self.server_truncated = 0  # chunks the server was caught truncating silently
         self.silent_cut = False  # the server cuts over-long input silently (learned): long texts are counted alone
+        # The window probe saw the whole window taken and a longer text refused: nothing can be cut silently, so
+        # batches are not counted text by text (their counts still teach the estimator).
+        self.refuses_over_window = False
+        self.max_chars = max_chars  # the longest text the run sends (the silent-cut probe must be as long)
+        self.twin_check = False  # a silent cutter without token counts: texts near the window are checked by twins
         self.silent_found_at: float | None = None  # when (epoch seconds) that was found: recorded by the run
 
     async def embed(self, batch: Batch, emit: Emit) -> None:
         """Every chunk of the batch ends as one outcome handed to `emit` (or the run ends: errors.Fatal)."""
         for cid, reason, size in batch.invalid:
             await emit(Isolated(cid, "invalid_utf8", reason, None, size))
-        await self._embed_rows(batch.rows, emit)
+        rows = batch.rows
+        if self.pooler is not None:
+            emit = self._pooled(emit)
+            if self.window.tokens:
+                rows = [piece for row in rows for piece in self._pieces_of(row)]
+        await self._embed_rows(rows, emit)
+
+    # ------------------------------------------------------------ long texts, pooled
+    def _pooled(self, emit: Emit) -> Emit:
+        """`emit` behind the pooler: pieces' outcomes become their chunk's; pieces the server cut go again, split."""
+        assert self.pooler is not None
+        pooler = self.pooler
+
+        async def through_pooler(outcome: Embedded | Isolated) -> None:
+            again = await pooler.take(outcome, emit)
+            if again:
+                await self._embed_rows(again, through_pooler)
+
+        return through_pooler
+
+    def _pieces_of(self, row: tuple[int, str]) -> list[tuple[int, str]]:
+        """A chunk that does not fit the window (or may reach a silent cutter's) as its pieces; else itself."""
+        assert self.pooler is not None and self.window.tokens
+        text = row[1]
+        if not text.strip() or (self._fit(text) == text and not (self.silent_cut and self._may_reach(text))):
+            return [row]
+        return self.pooler.expand(row, self.embedder.text_prefix, int(self.window.tokens * self.plan_share))
+
+    async def _split_refused(self, row: tuple[int, str], exc: ContextExceeded, emit: Emit) -> None:
+        """Pool mode never cuts: a piece (or a chunk estimated to fit) the server refused as too long is split in
+        two, each embedded (and split again if need be); a piece of one character fails its chunk."""
+        assert self.pooler is not None
+        if isinstance(exc, RunnerCrashed):
+            self.plan_share = CRASH_PLAN_SHARE  # each crash costs a model reload: pieces planned with room to spare
+        if not self._learned_from_refusal:  # once a run: the server's real window, as cut mode learns it
+            self._learned_from_refusal = True
+            await self._learn_window(row[1], exc)
+            if not self.pooler.is_piece(row[0]) and self.window.tokens:
+                pieces = self.pooler.expand(row, self.embedder.text_prefix, self.window.tokens)
+                if pieces != [row]:
+                    await self._embed_rows(pieces, emit)
+                    return
+        halves = self.pooler.split(row[0]) if self.pooler.is_piece(row[0]) else self.pooler.halves(row)
+        if halves:
+            await self._embed_rows(halves, emit)
+        else:
+            await emit(
+                Isolated(
+                    row[0],
+                    exc.kind,
+                    f"no piece of this chunk fits the model's context: {exc.message}",
+                    400,
+                    len(row[1]),
+                )
+            )
 
     # ------------------------------------------------------------ requests
     async def _call(self, texts: list[str], server: int | None = None) -> Answer:
@@ -112,9 +173,10 @@ class EmbedWorker:
         rows = [r for r in rows if r[1].strip()]
         if not rows:
             return
-        sent = [self._fit(r[1]) for r in rows]
+        # Pool mode never cuts: what was judged to fit (or made a piece) goes whole; a refusal splits it.
+        sent = [r[1] for r in rows] if self.pooler is not None else [self._fit(r[1]) for r in rows]
         if self.silent_cut and len(rows) > 1:
-            risky = [k for k, text in enumerate(sent) if self._may_reach_window(text)]
+            risky = [k for k, text in enumerate(sent) if self._may_reach(text)]
             if risky:  # a server known to cut silently: texts that may reach its window are counted alone
                 for k in risky:
                     await self._embed_rows([rows[k]], emit)
@@ -128,10 +190,12 @@ class EmbedWorker:
         except ModelNotFound as exc:
             raise Fatal("model_not_found", exc.message) from exc
         except ContextExceeded as exc:
-            if len(rows) == 1:
+            if len(rows) == 1 and self.pooler is not None:
+                await self._split_refused(rows[0], exc, emit)
+            elif len(rows) == 1:
                 await self._fit_one(rows[0], len(sent[0]), exc, emit)
             else:
-                for part in self.split_after_refusal(sent):
+                for part in cuts.split_after_refusal(self.window, self.estimator, sent):
                     await self._embed_rows([rows[k] for k in part], emit)
             return
         except InvalidVectors as exc:
@@ -150,6 +214,8 @@ class EmbedWorker:
             if isinstance(exc, AmbiguousFailure) and not await self._server_well(exc.server):
                 await self._server_sick(exc.server, exc.message, rows, emit)
                 return
+            if len(rows) == 1 and isinstance(exc, AmbiguousFailure) and await self._alone_again(rows[0], sent[0], emit):
+                return  # a sporadic server error: the chunk embeds on another try
             if len(rows) == 1:
                 await self._isolate(rows[0], exc.kind, exc.message, exc.http_status, exc.server, emit)
             else:
@@ -159,54 +225,38 @@ class EmbedWorker:
             return
         self.known_good = sent[0]
         embedded = _embedded(rows, sent, answer.vectors, list(range(len(rows))))
-        if answer.tokens is not None:
-            if len(rows) == 1 and self.silent_cut and self._at_window(answer.tokens):
-                await self._refit_alone(rows[0], embedded)
+        if answer.tokens is None and self.twin_check:
+            await self._check_twins(embedded, sent)
+        elif answer.tokens is not None:
+            if len(rows) == 1 and self.silent_cut and cuts.at_window(self.window, answer.tokens):
+                refit = await self._refit(embedded_text(rows[0], embedded), answer.server)  # cut by us until whole
+                if refit is not None:
+                    embedded.vectors[0], embedded.chars[0] = refit
+                    embedded.cut[0] = embedded.chars[0] < len(rows[0][1])
             else:
-                await self._check_truncation(embedded, sent, answer.tokens)
+                await self._check_truncation(embedded, sent, answer.tokens, answer.server)
         await emit(embedded)
-
-    def split_after_refusal(self, sent: list[str]) -> list[list[int]]:
-        """A batch refused as too long: the estimate was short for some text. The texts nearest the window go
-        alone, the rest together; with none (or all) of them near it, the batch is halved."""
-        budget = (self.window.tokens or 0) * SAFETY
-        risky = [k for k, t in enumerate(sent) if budget and self.estimator.estimate(t) >= RISKY_SHARE * budget]
-        if not risky or len(risky) == len(sent):
-            half = len(sent) // 2
-            return [list(range(half)), list(range(half, len(sent)))]
-        alone = set(risky)
-        return [[k] for k in risky] + [[k for k in range(len(sent)) if k not in alone]]
 
     # ------------------------------------------------------------ truncation and context
     async def probe_window(self) -> None:
-        """Does the server take the whole window it describes? One known text repeated to just under it: a server
-        that cuts silently (Ollama before 0.13.5 past num_ctx; 0.30+ past its physical batch, 2,048 tokens, whatever
-        num_ctx says) answers with fewer tokens than it was sent, and from then on every text is cut to what it
-        really takes, so each vector is of exactly the characters recorded. Three requests a run."""
-        believed = self.window.tokens
-        if not believed:
-            return
-        try:
-            one = (await self._call([CANARY_TEXT])).tokens
-            two = (await self._call([CANARY_TEXT + " " + CANARY_TEXT])).tokens
-            if one is None or two is None or two <= one:
-                return  # the server reports no counts: truncation is judged batch by batch
-            per, fixed = two - one, 2 * one - two
-            repeats = max(1, int((believed * PROBE_SHARE - fixed) / per))
-            expected = fixed + repeats * per
-            got = (await self._call([" ".join([CANARY_TEXT] * repeats)])).tokens
-        except ContextExceeded:
-            return  # refused rather than cut: the prefix search learns the real window when it matters
-        except EmbedFailure:
-            return
-        if got is not None and got < expected - PROBE_SLACK:
+        """Each server's window probed at the start (probe.py): silent cutters found before the first batch."""
+        longest = len(self.embedder.text_prefix) + self.max_chars
+        servers = len(self.embedder.server_states())
+        found = await probe.probe_window(
+            self._call, servers, self.window.tokens, self.estimator, longest, self.embedder.where
+        )
+        self.twin_check, self.refuses_over_window = found.twin_check, found.refuses_over_window
+        if self.twin_check:
+            self._log(f"the server cuts silently and counts no tokens: texts near {self.window.tokens} are checked")
+        if found.silent_at is not None:
+            expected, got = found.silent_at
             self._found_silent(got)
             self._log(
                 f"the server evaluated {got} of the {expected} tokens of a window probe: it cuts silently; texts are "
                 f"cut to {self.window.tokens} tokens from now on"
             )
 
-    async def _check_truncation(self, embedded: Embedded, sent: list[str], count: int) -> None:
+    async def _check_truncation(self, embedded: Embedded, sent: list[str], count: int, server: int) -> None:
         """A server that cut a text silently evaluated fewer tokens than the batch has: when `prompt_eval_count` is
         short of the estimate, every text of the batch is counted alone (no cap); a text whose count stays the same
         for a shorter prefix of it was cut at that count (its window, learned); it is embedded again, cut by us to
@@ -216,15 +266,16 @@ class EmbedWorker:
         if window and (len(prefix) + max(map(len, sent), default=0)) * MAX_TOKENS_PER_CHAR <= window * SAFETY:
             return  # no text of this batch can reach the window: nothing to detect, nothing worth learning
         estimates = [self.estimator.estimate(prefix + t) for t in sent]
-        if count >= BATCH_TRUST_SHARE * sum(estimates) or len(sent) == 0:
+        if self.refuses_over_window or count >= BATCH_TRUST_SHARE * sum(estimates) or len(sent) == 0:
             self.estimator.observe([prefix + t for t in sent], count)
             return
         for k in range(len(sent)):
-            cut_at = await self._cut_by_server(sent[k], estimates[k])
+            on_it = functools.partial(self._call, server=server)  # the server that answered the batch, no other
+            cut_at = await cuts.cut_by_server(on_it, self.estimator, prefix, sent[k], estimates[k])
             if cut_at is None:
                 continue
             self._found_silent(cut_at)
-            refit = await self._refit(sent[k])
+            refit = await self._refit(sent[k], server)
             if refit is None:
                 continue  # the batch's vector stands; only the flag is unknown (the run goes on)
             embedded.vectors[k], embedded.chars[k] = refit
@@ -237,85 +288,52 @@ class EmbedWorker:
                 f"they have); embedded again cut to {self.window.tokens} tokens, recorded as server_truncated"
             )
 
-    async def _cut_by_server(self, text: str, estimate: float) -> int | None:
-        """The count at which the server cut `text`, or None when it took it whole (the estimator learns)."""
-        prefix = self.embedder.text_prefix
-        try:
-            own = (await self._call([text])).tokens
-            if own is None or own >= TEXT_TRUST_SHARE * estimate:
-                if own:
-                    self.estimator.observe([prefix + text], own)
-                return None
-            shorter = text[: max(1, int(len(text) * 0.8))]
-            again = (await self._call([shorter])).tokens
-        except EmbedFailure:
-            return None
-        if again is not None and again >= own - PROBE_SLACK:
-            return own  # a fifth less text, as many tokens: both stopped at the server's window
-        self.estimator.observe([prefix + text], own)  # the estimate was long for this text; it is whole
-        return None
+    async def _check_twins(self, embedded: Embedded, sent: list[str]) -> None:
+        """A silent cutter without counts: each text that may reach the window gets the vector of a prefix of it
+        proven whole (silent.py), with exactly that prefix's characters recorded."""
+        risky = [k for k, text in enumerate(sent) if self._may_reach(text)]
+        if not risky:
+            return
+        found = await silent.twins(self._call, [sent[k] for k in risky], [embedded.vectors[k] for k in risky])
+        for k, proven in zip(risky, found, strict=True):
+            if proven is not None:
+                embedded.vectors[k], embedded.chars[k] = proven
+                embedded.cut[k] = True
+
+    def _may_reach(self, text: str) -> bool:
+        return cuts.may_reach(self.window, self.estimator, self.embedder.text_prefix, text)
+
+    async def _refit(self, text: str, server: int | None = None) -> tuple[np.ndarray, int] | None:
+        call = functools.partial(self._call, server=server)
+        return await cuts.refit(call, self._fit, self.window, self.estimator, self.embedder.text_prefix, text)
 
     def _found_silent(self, tokens: int) -> None:
+        if tokens < cuts.MIN_CUT_TOKENS:
+            return  # never a window: a few words' count (a misreading, not a cut)
+        self.refuses_over_window = False
         self.window.learn(tokens)
         if not self.silent_cut:
             self.silent_cut = True
             self.silent_found_at = time.time()
 
-    def _may_reach_window(self, text: str) -> bool:
-        """Could the server's window cut this text? (its estimate errs by up to ~30 %: taken with a margin)"""
-        window = self.window.tokens
-        if not window:
-            return False
-        full = self.embedder.text_prefix + text
-        if len(full) * MAX_TOKENS_PER_CHAR < window - PROBE_SLACK:
-            return False
-        return self.estimator.estimate(full) * ESTIMATE_MARGIN >= window - PROBE_SLACK
-
-    def _at_window(self, tokens: int) -> bool:
-        """A count at the window: the text may have been cut there (a count below it was evaluated whole)."""
-        window = self.window.tokens
-        return window is not None and tokens >= window - PROBE_SLACK
-
-    async def _refit_alone(self, row: tuple[int, str], embedded: Embedded) -> None:
-        """A text counted alone reached a silent cutter's window: embedded again, cut by us until it is whole."""
-        refit = await self._refit(embedded_text(row, embedded))
-        if refit is None:
-            return
-        embedded.vectors[0], embedded.chars[0] = refit
-        embedded.cut[0] = embedded.chars[0] < len(row[1])
-
-    async def _refit(self, text: str) -> tuple[np.ndarray, int] | None:
-        """`text` cut by us to the learned window and embedded; (vector, characters sent) once its count is below
-        the window (a cut that still reaches it is cut further)."""
-        cut = self._fit(text)
-        if cut == text:  # the estimate says it fits, the count said it reached the window: cut a little
-            cut = text[: max(1, int(len(text) * REFIT_SHRINK))]
-        for _ in range(REFIT_TRIES):
-            try:
-                answer = await self._call([cut])
-            except EmbedFailure:
-                return None
-            if answer.tokens is None or not self._at_window(answer.tokens):
-                if answer.tokens:
-                    self.estimator.observe([self.embedder.text_prefix + cut], answer.tokens)
-                return answer.vectors[0], len(cut)
-            cut = cut[: max(1, int(len(cut) * REFIT_SHRINK))]
-        return None
+    async def _learn_window(self, text: str, exc: ContextExceeded) -> None:
+        """The longest prefix of a refused text the server takes, searched only to learn its real window."""
+        try:
+            tokens = await cuts.longest_fit_tokens(self._call, self.window, self.estimator, text)
+        except ServerUnavailable as failure:
+            raise Fatal("server_unavailable", failure.message) from failure
+        except ModelNotFound as failure:
+            raise Fatal("model_not_found", failure.message) from failure
+        except EmbedFailure:
+            return  # the halves are embedded anyway; only the window stays unknown
+        if tokens:
+            self.window.learn(tokens)
+            self._log(f"the server refused a text as too long ({exc.message}); its window is about {tokens} tokens")
 
     async def _fit_one(self, row: tuple[int, str], refused_chars: int, exc: ContextExceeded, emit: Emit) -> None:
         """One chunk refused as over the context: embed the longest prefix the server takes (>= 90 % of it)."""
-
-        async def embed_one(text: str) -> tuple[np.ndarray, int | None]:
-            try:
-                answer = await self._call([text])
-            except ContextExceeded as refused:
-                raise ContextRefused(refused.message) from refused
-            return answer.vectors[0], answer.tokens
-
         try:
-            found = await fit_prefix(
-                row[1], embed_one, window_tokens=self.window.tokens, estimator=self.estimator, refused_at=refused_chars
-            )
+            found = await cuts.fit_search(self._call, self.window, self.estimator, row[1], refused_chars)
         except ServerUnavailable as failure:
             raise Fatal("server_unavailable", failure.message) from failure
         except ModelNotFound as failure:
@@ -339,13 +357,30 @@ class EmbedWorker:
         await emit(Embedded([row[0]], [found.vector], [found.chars], [found.chars < len(row[1])], [False]))
 
     # ------------------------------------------------------------ isolation
-    async def _server_well(self, server: int | None) -> bool:
-        """Does a known-good text still embed (on `server`, the one that failed, when known)?"""
-        try:
-            await self._call([self.known_good or CANARY_TEXT], server)
+    async def _alone_again(self, row: tuple[int, str], text: str, emit: Emit) -> bool:
+        """A server-side error on one chunk: a few more tries alone before it is blamed (a steady 500 rate must
+        fail no chunk); True once it embedded."""
+        for _ in range(ALONE_TRIES):
+            try:
+                answer = await self._call([text])
+            except AmbiguousFailure:
+                continue
+            except EmbedFailure:
+                return False
+            await emit(_embedded([row], [text], answer.vectors, [0]))
             return True
-        except EmbedFailure:
-            return False
+        return False
+
+    async def _server_well(self, server: int | None) -> bool:
+        """Does a known-good text still embed (on `server`, the one that failed, when known)? Asked up to
+        CANARY_TRIES times: one sporadic error is no sick server."""
+        for _ in range(CANARY_TRIES):
+            try:
+                await self._call([self.known_good or CANARY_TEXT], server)
+                return True
+            except EmbedFailure:
+                continue
+        return False
 
     async def _isolate(
         self,

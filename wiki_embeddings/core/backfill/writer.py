@@ -32,6 +32,7 @@ class WriteStore(Protocol):
         provenance: Provenance | None,
         replace: bool,
         notes: VectorNotes | None,
+        run_id: int | None,
     ) -> WriteResult: ...
 
 
@@ -58,10 +59,12 @@ class Writer:
         self.store = store
         self.call = call
         self.provenance = provenance
+        self.run_id: int | None = None  # once recorded: a write of a run an operator released writes nothing
         self.batches = 0  # batches written (progress lines come every --report-every of them)
 
     async def write(self, item: Embedded, md5s: list[str] | None, replace: bool) -> Written:
-        """Write one batch (ModelMismatch propagates: the column changed model under the run)."""
+        """Write one batch (ModelMismatch propagates: the column changed model under the run; RunReleased: an
+        operator released the run)."""
         outcome = await self._write(item, md5s, replace)
         self.batches += 1
         return outcome
@@ -76,7 +79,8 @@ class Writer:
                 md5s,
                 self.provenance,
                 replace,
-                VectorNotes(item.chars, item.cut, item.truncated),
+                VectorNotes(item.chars, item.cut, item.truncated, item.pooling),
+                self.run_id,
             )
         except DataRefused as exc:  # not a lost connection (DbCalls handles those): this data is refused
             if len(item.ids) == 1:

@@ -17,11 +17,13 @@ from wiki_embeddings.core.db.errors import (
     DatabaseUnavailable,
     DataRefused,
     ModelMismatch,
+    RunReleased,
     StoreError,
     translate_driver_errors,
 )
 from wiki_embeddings.core.db.failures import FailuresMixin
 from wiki_embeddings.core.db.indexes import IndexesMixin
+from wiki_embeddings.core.db.leases import LeasesMixin
 from wiki_embeddings.core.db.records import (
     Claim,
     Provenance,
@@ -48,6 +50,7 @@ __all__ = [
     "DatabaseUnavailable",
     "ModelMismatch",
     "Provenance",
+    "RunReleased",
     "Store",
     "StoreError",
     "TableRef",
@@ -71,6 +74,7 @@ class Store(
     RunsMixin,
     StatsMixin,
     TrustMixin,
+    LeasesMixin,
     StoreBase,
 ):
     """Owns the database side of the pipeline. One instance per process; connections are opened per role."""

@@ -27,6 +27,14 @@ def _lock_key_sql(namespace: str) -> sql.Composable:
     return sql.SQL("hashtextextended({ns} || c.id::text, 0)").format(ns=sql.Literal(namespace))
 
 
+# The claim keys some session of this database holds (claims are bigint advisory locks: objsubid 1), as a CTE.
+_HELD_KEYS = (
+    "held AS MATERIALIZED (SELECT (l.classid::bigint << 32) | l.objid::bigint AS key FROM pg_locks l"
+    " WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+)
+
+
 class ClaimsMixin(StoreBase):
     """Claims: keyset reads of missing chunks locked with session advisory locks that die with their process."""
 
@@ -203,16 +211,28 @@ class ClaimsMixin(StoreBase):
 
     def held_claims(self: Store) -> list[int]:
         """Ids of this table whose claim lock some session holds (a full scan: for tests and diagnosis)."""
-        key = _lock_key_sql(self.table.lock_namespace)
-        rows = self.conn.execute(
-            sql.SQL(
-                "SELECT c.id FROM (SELECT {id} AS id FROM {t}) c JOIN pg_locks l ON l.locktype = 'advisory'"
-                " AND l.objsubid = 1 AND l.granted"
-                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                " AND ((l.classid::bigint << 32) | l.objid::bigint) = {key} ORDER BY 1"
-            ).format(id=self._id, t=self._t, key=key)
-        ).fetchall()
-        return [int(r[0]) for r in rows]
+        query = sql.SQL("WITH {held} SELECT id FROM {claimed} x ORDER BY 1").format(
+            held=sql.SQL(_HELD_KEYS), claimed=self._claimed(missing_only=False)
+        )
+        return [int(r[0]) for r in self.conn.execute(query).fetchall()]
+
+    def claimed_now(self: Store) -> int:
+        """Missing chunks of this table whose claim some session holds right now (`status` `locked`): the held claim
+        keys (pg_locks: as many rows as claims are held) joined with the keys of the missing chunks (the partial
+        index); nothing is scanned when no claim is held at all."""
+        query = sql.SQL(
+            "WITH {held} SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM held) THEN 0"
+            " ELSE (SELECT count(*) FROM {claimed} x) END"
+        ).format(held=sql.SQL(_HELD_KEYS), claimed=self._claimed(missing_only=True))
+        row = self.conn.execute(query).fetchone()
+        return int(row[0]) if row else 0
+
+    def _claimed(self: Store, missing_only: bool) -> sql.Composable:
+        """The ids (of missing chunks only, or of all) whose claim key is among the `held` keys."""
+        where = sql.SQL(" WHERE {emb} IS NULL").format(emb=self._emb) if missing_only else sql.SQL("")
+        return sql.SQL("(SELECT c.id FROM (SELECT {id} AS id FROM {t}{where}) c JOIN held ON held.key = {key})").format(
+            id=self._id, t=self._t, where=where, key=_lock_key_sql(self.table.lock_namespace)
+        )
 
     def release(self: Store, conn: psycopg.Connection, ids: Sequence[int]) -> None:
         """Give back claims (after their vectors are committed, or when they are skipped)."""

@@ -58,7 +58,9 @@ class StoreBase:
         self._read_statements: dict[bool, bytes] = {}
         self._release_statement: bytes | None = None
 
-    def connect(self, register: bool = True, statement_timeout_sec: float | None = None) -> psycopg.Connection:
+    def connect(
+        self, register: bool = True, statement_timeout_sec: float | None = None, application_name: str | None = None
+    ) -> psycopg.Connection:
         """A new autocommit connection (vector type registered when the extension exists).
 
         The client encoding is always UTF-8: the server converts from its own encoding, and a `SQL_ASCII`
@@ -71,7 +73,7 @@ class StoreBase:
             options = f"-c lock_timeout={lock_ms} -c statement_timeout={statement_ms}"
         try:
             params: dict[str, Any] = {
-                "application_name": self.app_name,
+                "application_name": application_name or self.app_name,
                 "connect_timeout": 10,
                 "client_encoding": "UTF8",
                 "tcp_user_timeout": TCP_USER_TIMEOUT_MS,

@@ -23,12 +23,14 @@ SUSPECT_CONDITION = sql.SQL(" OR (p.embedded_at < %(silent_at)s AND p.chars_sent
 class ContentMixin(StoreBase):
     """Content changes: embedded chunks whose text changed since (or that were cut), found by keyset windows."""
 
-    def _changed_window(self: Store, include_cut: bool = False) -> sql.Composed:
+    def _changed_window(self: Store, include_cut: bool = False, include_pooled: bool = False) -> sql.Composed:
         """Embedded rows of one keyset window whose stored text no longer matches their provenance hash (and, with
         `include_cut`, those embedded from a text cut to fit the context or truncated by the server)."""
         also: sql.Composable = sql.SQL(" OR p.context_cut OR p.server_truncated") if include_cut else sql.SQL("")
         if include_cut and self.silent_window() is not None:
             also = sql.Composed([also, SUSPECT_CONDITION])
+        if include_pooled:  # back from pooled to cut (--long-text cut --reembed-cut)
+            also = sql.Composed([also, sql.SQL(" OR p.pooling IS NOT NULL")])
         return sql.SQL(
             "WITH win AS MATERIALIZED ("
             " SELECT t.{id} AS id, md5(t.{text}) AS md5 FROM {t} t WHERE t.{emb} IS NOT NULL"
@@ -72,13 +74,14 @@ class ContentMixin(StoreBase):
         id_max: int | None = None,
         scan_window: int = 5000,
         include_cut: bool = False,
+        include_pooled: bool = False,
         **_: Any,
     ) -> Claim:
         """Keyset scan (one window of ids per call) for embedded chunks whose text changed since it was embedded;
         lock the first `limit` found. `last_scanned_id` is where the next call continues."""
         lower = after_id if after_id is not None else (id_min - 1 if id_min is not None else None)
         found = conn.execute(
-            self._changed_window(include_cut),
+            self._changed_window(include_cut, include_pooled),
             {
                 "lower": lower,
                 "upper": id_max,

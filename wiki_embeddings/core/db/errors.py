@@ -27,6 +27,10 @@ class ModelMismatch(StoreError):
     """A batch of one model's vectors met a column that now takes another model (a swap during the run)."""
 
 
+class RunReleased(StoreError):
+    """An operator released this run (`wiki-embeddings runs release`): nothing of it may be written any more."""
+
+
 class DatabaseError(StoreError):
     """A driver error, translated; `sqlstate` says which (None when the connection itself failed)."""
 

@@ -26,13 +26,15 @@ class FailuresMixin(StoreBase):
         http_status: int | None,
         run_id: int | None,
     ) -> int:
-        """Upsert a failure record; attempts count up for the same text and restart at 1 when the text changed."""
+        """Upsert a failure record; attempts count up for the same text and restart at 1 when the text changed.
+        A run an operator released records nothing (0 attempts returned)."""
         row = self.conn.execute(
             sql.SQL(
                 "INSERT INTO {s}.failures AS f (table_name, chunk_id, error, message, http_status, attempts,"
                 " text_md5, text_length, run_id)"
                 " SELECT %(table)s, t.{id}, %(error)s, %(message)s, %(status)s, 1, md5(t.{text}),"
                 " length(t.{text}), %(run)s FROM {t} t WHERE t.{id} = %(cid)s"
+                " AND NOT EXISTS (SELECT 1 FROM {s}.runs r WHERE r.run_id = %(run)s AND r.state = 'released')"
                 " ON CONFLICT (table_name, chunk_id) DO UPDATE SET error = EXCLUDED.error,"
                 " message = EXCLUDED.message, http_status = EXCLUDED.http_status, run_id = EXCLUDED.run_id,"
                 " text_length = EXCLUDED.text_length, last_seen = now(),"

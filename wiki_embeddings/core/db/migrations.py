@@ -126,4 +126,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE {s}.runs ADD COLUMN IF NOT EXISTS servers jsonb;
     """,
+    # 8: the API the column's vectors were made through (issue 22: `ollama` or `openai`; NULL: recorded before,
+    #    which was Ollama's). Another API for the same model name is refused until `verify` shows a match.
+    """
+    ALTER TABLE {s}.column_identity ADD COLUMN IF NOT EXISTS api text;
+    """,
+    # 9: how a pooled vector was made (issue 23): the pieces of a text longer than the model's window and their
+    #    weights (core/pooling.py), so verify rebuilds it exactly; NULL for a vector of one piece.
+    """
+    ALTER TABLE {s}.embedding_provenance ADD COLUMN IF NOT EXISTS pooling jsonb;
+    CREATE INDEX IF NOT EXISTS embedding_provenance_pooled_idx
+        ON {s}.embedding_provenance (table_name, column_attnum, chunk_id) WHERE pooling IS NOT NULL;
+    """,
 ]

@@ -102,6 +102,8 @@ class VectorNotes:
     chars_sent: list[int]
     context_cut: list[bool]  # cut below --max-chars to fit the model's context
     server_truncated: list[bool]  # the server evaluated fewer tokens than the text has (silent truncation)
+    # How a pooled vector was made (core/pooling.py's JSON description: pieces and weights); None: one piece.
+    pooling: list[str | None] | None = None
 
 
 def coverage_pct(embedded: int, total: int) -> str:

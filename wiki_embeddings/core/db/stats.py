@@ -46,6 +46,20 @@ class StatsMixin(StoreBase):
             "stop_requested": self.stop_requested(),
         }
 
+    def made_by(self: Store) -> tuple[int, int]:
+        """(vectors of a cut text, pooled vectors) of the column: how its long texts were embedded so far (both
+        counts use a partial index)."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT (SELECT count(*) FROM {s}.embedding_provenance WHERE table_name = %(t)s"
+                " AND column_attnum = %(a)s AND context_cut AND (context_cut OR server_truncated)),"
+                " (SELECT count(*) FROM {s}.embedding_provenance WHERE table_name = %(t)s AND column_attnum = %(a)s"
+                " AND pooling IS NOT NULL)"
+            ).format(s=self._s),
+            {"t": self.table.qualified, "a": self._current_attnum()},
+        ).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
     def model_status(self: Store) -> dict[str, Any]:
         """Beside `status`: embedded vectors of another model than the live one (from provenance, an index-only
         count) and the result of the last content-change scan (never scanned here, so status stays fast)."""
@@ -70,7 +84,15 @@ class StatsMixin(StoreBase):
             ).format(s=self._s),
             (self.table.qualified, self._current_attnum()),
         ).fetchone()
+        pooled = self.conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {s}.embedding_provenance WHERE table_name = %s AND column_attnum = %s"
+                " AND pooling IS NOT NULL"
+            ).format(s=self._s),
+            (self.table.qualified, self._current_attnum()),
+        ).fetchone()
         return {
+            "pooled": int(pooled[0]) if pooled else 0,
             "cut_for_context": int(cut[0]) if cut else 0,
             "server_truncated": int(cut[1]) if cut else 0,
             "stale_model": stale_model,

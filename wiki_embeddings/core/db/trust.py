@@ -53,7 +53,7 @@ class TrustMixin(StoreBase):
             self.conn.cursor(row_factory=dict_row)
             .execute(
                 sql.SQL(
-                    "SELECT model, dimensions, text_prefix, query_prefix, recorded_at FROM {s}.column_identity"
+                    "SELECT model, dimensions, text_prefix, query_prefix, api, recorded_at FROM {s}.column_identity"
                     " WHERE table_name = %s AND column_attnum = %s"
                 ).format(s=self._s),
                 (self.table.qualified, self._current_attnum()),
@@ -63,19 +63,33 @@ class TrustMixin(StoreBase):
         return dict(row) if row else None
 
     def record_column_identity(
-        self: Store, model: str, dimensions: int, text_prefix: str, query_prefix: str = ""
+        self: Store, model: str, dimensions: int, text_prefix: str, query_prefix: str = "", api: str | None = None
     ) -> None:
-        """Upsert the column's identity; an empty query prefix keeps the one recorded (it is not in the vectors)."""
+        """Upsert the column's identity; an empty query prefix keeps the one recorded (it is not in the vectors),
+        and so does an unnamed API."""
         self.ensure_trust_schema()
         self.conn.execute(
             sql.SQL(
                 "INSERT INTO {s}.column_identity AS c (table_name, column_attnum, model, dimensions, text_prefix,"
-                " query_prefix) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (table_name, column_attnum) DO UPDATE"
-                " SET model = EXCLUDED.model, dimensions = EXCLUDED.dimensions, text_prefix = EXCLUDED.text_prefix,"
-                " query_prefix = coalesce(nullif(EXCLUDED.query_prefix, ''), c.query_prefix), recorded_at = now()"
+                " query_prefix, api) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (table_name, column_attnum)"
+                " DO UPDATE SET model = EXCLUDED.model, dimensions = EXCLUDED.dimensions,"
+                " text_prefix = EXCLUDED.text_prefix,"
+                " query_prefix = coalesce(nullif(EXCLUDED.query_prefix, ''), c.query_prefix),"
+                " api = coalesce(EXCLUDED.api, c.api), recorded_at = now()"
             ).format(s=self._s),
-            (self.table.qualified, self._current_attnum(), model, dimensions, text_prefix, query_prefix),
+            (self.table.qualified, self._current_attnum(), model, dimensions, text_prefix, query_prefix, api),
         )
+
+    def record_column_api(self: Store, api: str) -> bool:
+        """`verify` found the column's vectors reproduced through `api`: it is accepted for the column."""
+        self.ensure_trust_schema()
+        cur = self.conn.execute(
+            sql.SQL("UPDATE {s}.column_identity SET api = %s WHERE table_name = %s AND column_attnum = %s").format(
+                s=self._s
+            ),
+            (api, self.table.qualified, self._current_attnum()),
+        )
+        return cur.rowcount > 0
 
     def forget_column_identity(self: Store) -> None:
         self.ensure_trust_schema()
@@ -223,8 +237,9 @@ class TrustMixin(StoreBase):
             .execute(
                 sql.SQL(
                     "SELECT t.{id} AS id, t.{emb} AS vector, md5(t.{text}) AS current_md5, p.model, p.text_md5,"
-                    " p.text_prefix, p.chars_sent, p.max_chars, left(t.{text}, coalesce(p.chars_sent, p.max_chars,"
-                    " %(chars)s)) AS text FROM {t} t LEFT JOIN {s}.embedding_provenance p ON p.table_name = %(tn)s"
+                    " p.text_prefix, p.chars_sent, p.max_chars, p.pooling,"
+                    " left(t.{text}, coalesce(p.chars_sent, p.max_chars, %(chars)s)) AS text FROM {t} t"
+                    " LEFT JOIN {s}.embedding_provenance p ON p.table_name = %(tn)s"
                     " AND p.column_attnum = %(att)s AND p.chunk_id = t.{id}"
                     " WHERE t.{id} = ANY(%(ids)s) AND t.{emb} IS NOT NULL ORDER BY t.{id}"
                 ).format(id=self._id, emb=self._emb, text=self._text, t=self._t, s=self._s),

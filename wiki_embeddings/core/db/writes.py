@@ -11,7 +11,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from wiki_embeddings.core.db.connection import StoreBase
-from wiki_embeddings.core.db.errors import ModelMismatch, StoreError
+from wiki_embeddings.core.db.errors import ModelMismatch, RunReleased, StoreError
 from wiki_embeddings.core.db.modelnames import canonical_sql
 from wiki_embeddings.core.db.records import Provenance, VectorNotes, WriteResult
 from wiki_embeddings.core.modelname import canonical, same_model
@@ -32,6 +32,7 @@ class WritesMixin(StoreBase):
         provenance: Provenance | None = None,
         replace: bool = False,
         notes: VectorNotes | None = None,
+        run_id: int | None = None,
     ) -> WriteResult:
         """Write one batch of vectors in one short transaction, with their provenance.
 
@@ -40,7 +41,8 @@ class WritesMixin(StoreBase):
         claimed (`md5(text) = claimed md5`). One statement does it all: an `UPDATE … FROM unnest(…)` over
         binary arrays (ids, vectors, md5s) joined on the primary key, whose RETURNING feeds the provenance
         insert and the clearing of failure records - one round trip per batch, the least client CPU measured
-        (benchmarks/RESULTS.md).
+        (benchmarks/RESULTS.md). With `run_id`, nothing is written once an operator released that run: the
+        statement itself checks, and RunReleased is raised.
         """
         if not ids:
             return WriteResult(0)
@@ -51,9 +53,11 @@ class WritesMixin(StoreBase):
             "chars": notes.chars_sent if notes is not None else [None] * len(ids),
             "cut": notes.context_cut if notes is not None else [False] * len(ids),
             "trunc": notes.server_truncated if notes is not None else [False] * len(ids),
+            "pooling": notes.pooling if notes is not None and notes.pooling is not None else [None] * len(ids),
             "failure_key": self.failure_key,
             "rel": self._rel,
             "column": self.table.embedding_column,
+            "run_id": run_id,
         }
         if provenance is not None:
             params.update(
@@ -68,6 +72,11 @@ class WritesMixin(StoreBase):
         stmt = self._write_statement(conn, replace, md5s is not None, provenance is not None)
         # One statement on an autocommit connection is its own transaction: no BEGIN/COMMIT round trips.
         row = conn.execute(stmt, params, binary=True).fetchone()
+        if row is not None and row[3]:
+            raise RunReleased(
+                f"run {run_id} was released by an operator (`wiki-embeddings runs release`) while it was stalled; "
+                "nothing of it is written any more"
+            )
         if provenance is not None:
             attnum = row[1] if row else None
             if attnum is None:
@@ -129,27 +138,32 @@ class WritesMixin(StoreBase):
             record = sql.SQL(
                 ", p AS (INSERT INTO {s}.embedding_provenance AS p (table_name, column_attnum, chunk_id, model,"
                 " dimensions, text_md5, max_chars, text_prefix, embedded_at, chars_sent, context_cut,"
-                " server_truncated)"
+                " server_truncated, pooling)"
                 " SELECT %(table)s, (SELECT attnum FROM a), w.id, %(model)s, %(dim)s, w.md5, %(max_chars)s, %(prefix)s,"
-                " now(), w.chars, w.cut, w.trunc FROM w"
+                " now(), w.chars, w.cut, w.trunc, w.pooling::jsonb FROM w"
                 " ON CONFLICT (table_name, column_attnum, chunk_id) DO UPDATE SET model = EXCLUDED.model,"
                 " dimensions = EXCLUDED.dimensions, text_md5 = EXCLUDED.text_md5,"
                 " max_chars = EXCLUDED.max_chars, text_prefix = EXCLUDED.text_prefix,"
                 " embedded_at = EXCLUDED.embedded_at, chars_sent = EXCLUDED.chars_sent,"
-                " context_cut = EXCLUDED.context_cut, server_truncated = EXCLUDED.server_truncated)"
+                " context_cut = EXCLUDED.context_cut, server_truncated = EXCLUDED.server_truncated,"
+                " pooling = EXCLUDED.pooling)"
             ).format(s=self._s)
         # Every array travels in binary (text-format array dumping is the costliest client work of a batch).
         stmt = sql.SQL(
             "WITH a AS (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%(rel)s) AND attname = %(column)s"
             " AND NOT attisdropped),{model_cte}"
+            " rr AS (SELECT EXISTS (SELECT 1 FROM {s}.runs WHERE run_id = %(run_id)s::bigint AND state = 'released')"
+            " AS released),"
             " lk AS (SELECT t.{id} AS id FROM {t} AS t WHERE t.{id} = ANY(%(ids)b::bigint[]) FOR UPDATE SKIP LOCKED),"
             " w AS (UPDATE {t} AS t SET {emb} = u.e"
             " FROM unnest(%(ids)b::bigint[], %(vectors)b::vector[], %(md5s)b::text[], %(chars)b::int[],"
-            " %(cut)b::bool[], %(trunc)b::bool[]) AS u(id, e, md5, chars, cut, trunc)"
+            " %(cut)b::bool[], %(trunc)b::bool[], %(pooling)b::text[]) AS u(id, e, md5, chars, cut, trunc, pooling)"
             " WHERE t.{id} = u.id AND t.{id} IN (SELECT id FROM lk){guard}{column_check}"
-            " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5, u.chars, u.cut, u.trunc){record},"
+            " AND NOT (SELECT released FROM rr)"
+            " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5, u.chars, u.cut, u.trunc, u.pooling)"
+            "{record},"
             " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
-            " SELECT (SELECT count(*) FROM w), {attnum_out},"
+            " SELECT (SELECT count(*) FROM w), {attnum_out}, (SELECT released FROM rr),"
             " (SELECT array_agg(x) FROM unnest(%(ids)b::bigint[]) AS x WHERE x NOT IN (SELECT id FROM lk))"
         ).format(
             t=self._t,

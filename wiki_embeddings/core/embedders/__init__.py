@@ -1,4 +1,5 @@
-"""The seam to a model server: one small protocol (base.py) and its implementations (ollama.py)."""
+"""The seam to a model server: one small protocol (base.py), the pooled HTTP client both implementations share
+(pooled.py), and the implementations: Ollama's API (ollama.py) and the OpenAI-compatible API (openai.py)."""
 
 from wiki_embeddings.core.embedders.base import (
     AmbiguousFailure,
@@ -14,6 +15,8 @@ from wiki_embeddings.core.embedders.base import (
     ServerUnavailable,
 )
 from wiki_embeddings.core.embedders.ollama import OllamaClient
+from wiki_embeddings.core.embedders.openai import OpenAIClient
+from wiki_embeddings.core.embedders.pooled import PooledClient
 
 __all__ = [
     "AmbiguousFailure",
@@ -26,6 +29,8 @@ __all__ = [
     "InvalidVectors",
     "ModelNotFound",
     "OllamaClient",
+    "OpenAIClient",
+    "PooledClient",
     "RunnerCrashed",
     "ServerUnavailable",
 ]

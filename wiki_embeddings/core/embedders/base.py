@@ -198,7 +198,7 @@ def validate_vectors(raw: list[object], expected: int, dimensions: int | None, s
 
 
 def _vector_problem(item: object, dimensions: int | None) -> str | None:
-    if not isinstance(item, list) or not item:
+    if not isinstance(item, list | np.ndarray) or not len(item):  # JSON numbers, or decoded base64 (float32)
         return "empty vector"
     try:
         arr = np.asarray(item, dtype=np.float32)

@@ -9,18 +9,24 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 import orjson
 
+from wiki_embeddings.core.embedders.base import AmbiguousFailure
 from wiki_embeddings.settings import mask_url
 
 ERROR_BODY_LIMIT = 64 * 1024  # an error answer is a line of text; more is cut off
 BYTES_PER_NUMBER = 32  # a float in JSON ("-0.012345678901234567,") with a generous margin
 UNKNOWN_DIMENSIONS = 16_384  # the answer bound before the model's vector length is known
 RESPONSE_SLACK = 64 * 1024
+# Ollama 0.31.x's runner crash on an input over its physical batch: `do embedding request: Post "…/embedding": EOF`
+# (on /api/embed and on its OpenAI-compatible /v1/embeddings alike).
+RUNNER_CRASH = re.compile(r"embedding.*\bEOF\b", re.IGNORECASE)
 
 
 class Transient(Exception):
@@ -103,6 +109,20 @@ async def post_bounded(http: httpx.AsyncClient, url: str, body: bytes, limit: in
             return HttpAnswer(resp.status_code, resp.headers, b"".join(parts)[:cap], resp.reason_phrase)
     except (httpx.TransportError, httpx.TimeoutException) as exc:
         raise Transient(f"{describe(exc)} from {mask_url(url)}") from exc
+
+
+def parse_json(resp: HttpAnswer, where: str, server: int, scrub: Callable[[str], str] = lambda text: text) -> object:
+    """A 2xx answer's JSON, or AmbiguousFailure (`bad_response`) showing what came instead (`scrub`bed of secrets)."""
+    try:
+        return loads(resp.content)
+    except ValueError as exc:
+        ctype = resp.headers.get("content-type", "?")
+        raise AmbiguousFailure(
+            f"answer from {where} is not JSON (content-type {ctype}): {scrub(resp.text[:120])!r}",
+            http_status=resp.status_code,
+            kind="bad_response",
+            server=server,
+        ) from exc
 
 
 def loads(content: bytes) -> object:

@@ -27,6 +27,7 @@ class Server:
     index: int
     active: int = 0  # our requests in flight there; at most its depth
     legacy: bool = False  # /api/embed answered 404: an older Ollama, use /api/embeddings
+    reloading: bool = False  # its runner crashed: the model reloads, the next request has the load allowance
     requests: int = 0
 
     @property
@@ -136,7 +137,7 @@ class ServerPool:
         reasons = "; ".join(f"{s.masked}: {self.health(s).reason}" for s in self.servers)
         if all(h.state == NO_MODEL for h in healths):
             raise ModelNotFound(f"no server has the model ({reasons})", http_status=404)
-        if not any(h.successes for h in healths):
+        if not any(h.successes or h.responded for h in healths):  # nobody there at all (a wrong URL): at once
             raise ServerUnavailable(
                 f"the model server(s) at {self.where} (OLLAMA_URL) are unreachable or overloaded (none answered): "
                 f"{reasons}"

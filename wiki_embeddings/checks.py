@@ -1,0 +1,123 @@
+"""How text from outside (a flag, an environment variable, a Dagster config value) becomes a setting's value, and the
+range it must fall in: one place, so the CLI, the environment and Dagster accept and refuse the same values.
+
+- Numbers are finite (`nan`, `inf` refused everywhere) and inside their `Range` (kept on the setting's `Option`).
+- Booleans are one of `BOOL_WORDS` (1/0, true/false, yes/no, on/off, any case; empty means the default);
+  anything else is refused instead of being read as "no".
+- `one_line` shows any value (a model name recorded by an old version, a server's message) as exactly one line.
+
+A leaf: no project imports.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+BOOL_WORDS = "1/0, true/false, yes/no, on/off (any case; empty: the default)"
+#: The largest id, count or chunk cap a statement can take (PostgreSQL's bigint).
+BIGINT_MAX = 2**63 - 1
+DAY_SEC = 86_400.0
+
+
+def parse_bool(raw: str) -> bool | None:
+    """A boolean from text: True, False, or None for an empty value (the default applies); ValueError otherwise."""
+    word = raw.strip().lower()
+    if word == "":
+        return None
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{raw!r} is not a boolean: write {BOOL_WORDS}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: finite, and within [low, high] (`low_open`: strictly above low)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {_show(self.low)}")
+        if self.high is not None:
+            parts.append(f"<= {_show(self.high)}")
+        return "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is refused, or None when it is in range."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be {self.describe()}, got {value}"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        return f"must be {self.describe()}, got {_show(value)}" if too_low or too_high else None
+
+
+def _show(number: float) -> str:
+    return f"{number:g}" if isinstance(number, float) else str(number)
+
+
+#: Ranges used by several settings and flags.
+POSITIVE_SECONDS = Range(0, DAY_SEC, low_open=True)  # a timeout or a wait that must end: > 0, at most a day
+SECONDS = Range(0, DAY_SEC)  # a wait that may be zero
+AT_LEAST_ONE = Range(1, BIGINT_MAX)
+NOT_NEGATIVE = Range(0, BIGINT_MAX)
+BIGINT = Range(-BIGINT_MAX - 1, BIGINT_MAX)
+
+
+def check_number(label: str, value: float | None, allowed: Range) -> None:
+    """ValueError naming `label` (the flag, variable or field) when `value` is out of `allowed`; None passes."""
+    if value is None or isinstance(value, bool):
+        return
+    problem = allowed.problem(value)
+    if problem:
+        raise ValueError(f"{label} {problem}")
+
+
+def number_type(kind: type, allowed: Range) -> Callable[[str], Any]:
+    """An argparse `type` that parses `kind` and refuses what `allowed` refuses (argparse names the flag)."""
+    import argparse
+
+    def parse(raw: str) -> Any:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {raw!r}") from None
+        problem = allowed.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid <name> value" message
+    return parse
+
+
+# ---------------------------------------------------------------------------- one line per value
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+#: Unicode categories never shown raw: controls, format characters (bidi overrides, zero-width), line and
+#: paragraph separators.
+UNPRINTABLE = ("Cc", "Cf", "Zl", "Zp")
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: a backslash, a newline, a tab and every other control, format or separator
+    character written as an escape (\\n, \\t, \\x1b, \\u202e), so a value can never fake another line."""
+    out = []
+    for char in text:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif unicodedata.category(char) in UNPRINTABLE:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)

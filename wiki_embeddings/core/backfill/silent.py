@@ -1,0 +1,118 @@
+"""A server that cuts input silently and reports no token counts: found out by its vectors, not by its counts.
+
+Most servers say how many tokens they evaluated (Ollama's `prompt_eval_count`, `usage.prompt_tokens`), and the
+embed worker finds a silent cut from those counts. Some do not, or report characters instead (infinity-emb), and
+some of those cut every input at the model's window without a word (sentence-transformers truncates at
+`max_seq_length`). The vectors still tell: a text and the same text with its end changed embed to the same vector
+exactly when the server never read the end.
+
+- `probe` (a run's start, counts absent): one request of two long texts that differ only in their last tenth, as
+  dense in tokens as any text of the run can be. Identical vectors: the server cuts silently. With no window known
+  (none published, no --num-ctx) the run is refused before anything is written (`WindowRequired`): nothing could
+  tell how much of each chunk a vector holds. With one, every text that may reach it is checked by its twin.
+- `twins` (each batch, on such a server): each text that may reach the window is sent again without its last word.
+  Different vectors prove the shorter text was read whole (the server read past its end), so its vector is stored
+  with exactly its characters; identical vectors mean both were cut: the text is cut shorter and tried again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from wiki_embeddings.core.backfill.errors import DimensionMismatch
+from wiki_embeddings.core.context import MAX_TOKENS_PER_CHAR, TokenEstimator
+from wiki_embeddings.core.embedders import Answer, ContextExceeded, EmbedFailure
+
+SAME = 1.0 - 1e-6  # cosine at or above which two vectors are one (float32 rounding of the same input)
+CHANGED_SHARE = 0.1  # the probe's texts differ in this last share of their words
+TWIN_TRIES = 4
+SHRINK = 0.85  # a text cut silently is cut by this much more before its twin is tried again
+
+Call = Callable[[list[str]], Awaitable[Answer]]
+
+
+class WindowRequired(DimensionMismatch):
+    """The server cuts silently, publishes no window and counts nothing: the run needs --num-ctx."""
+
+
+def probe_text(estimator: TokenEstimator, tokens: float, tail: str) -> str:
+    """Distinct words until the estimate reaches `tokens`; the last CHANGED_SHARE of them spelled with `tail`."""
+    words: list[str] = []
+    text = ""
+    while estimator.estimate(text) < tokens:
+        words.extend(f"w{len(words) + k}q" for k in range(64))
+        text = " ".join(words)
+    keep = int(len(words) * (1 - CHANGED_SHARE))
+    return " ".join(words[:keep] + [f"{w}{tail}" for w in words[keep:]])
+
+
+async def probe(call: Call, estimator: TokenEstimator, longest_chars: int, window: int | None, where: str) -> bool:
+    """Does the server cut silently within the longest text this run can send? (True: it does; the caller checks
+    texts by their twins.) Refused as too long, or any failure: False (refusals are handled as they come)."""
+    tokens = longest_chars * MAX_TOKENS_PER_CHAR
+    try:
+        answer = await call([probe_text(estimator, tokens, "a"), probe_text(estimator, tokens, "b")])
+    except ContextExceeded:
+        return False
+    except EmbedFailure:
+        return False
+    if cosine(answer.vectors[0], answer.vectors[1]) < SAME:
+        return False
+    if window is None:
+        raise WindowRequired(
+            f"the embedding server at {where} (OLLAMA_URL) publishes no context window and reports no token counts, "
+            "and it cut a long probe text silently (two texts that differ only in their end gave one vector): no "
+            "vector could be known to hold the text recorded for it. Give the model's window in tokens with "
+            "--num-ctx (WIKI_EMBED_NUM_CTX; e.g. 256 for all-MiniLM-L6-v2 served by sentence-transformers, its "
+            "max_seq_length); nothing was written"
+        )
+    return True
+
+
+def shorter(text: str) -> str:
+    """`text` without its last word (or its last few characters when it has no space near its end)."""
+    cut = text.rstrip()
+    space = cut.rfind(" ", max(0, len(cut) - 40))
+    return cut[:space] if space > 0 else cut[: max(1, len(cut) - 4)]
+
+
+async def twins(call: Call, texts: list[str], vectors: list[np.ndarray]) -> list[tuple[np.ndarray, int] | None]:
+    """For each text: (a vector proven to be of exactly `n` characters of it, n), or None when no cut was proven
+    whole within TWIN_TRIES (the caller keeps what it has and counts it as unknown)."""
+    out: list[tuple[np.ndarray, int] | None] = [None] * len(texts)
+    todo = list(range(len(texts)))
+    current = list(texts)
+    known = list(vectors)
+    for _ in range(TWIN_TRIES):
+        if not todo:
+            break
+        short = [shorter(current[k]) for k in todo]
+        try:
+            answer = await call(short)
+        except EmbedFailure:
+            return out
+        again: list[int] = []
+        retry: list[str] = []
+        for k, text, vector in zip(todo, short, answer.vectors, strict=True):
+            if cosine(known[k], vector) < SAME:
+                out[k] = (vector, len(text))  # the server read past its end: this one is whole
+            else:  # both stopped at the server's window: cut further and compare again
+                current[k] = text[: max(1, int(len(text) * SHRINK))]
+                again.append(k)
+                retry.append(current[k])
+        if again:
+            try:
+                refit = await call(retry)
+            except EmbedFailure:
+                return out
+            for k, vector in zip(again, refit.vectors, strict=True):
+                known[k] = vector
+        todo = again
+    return out
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(np.dot(a, b) / (na * nb)) if na and nb else 0.0

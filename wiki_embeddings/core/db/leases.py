@@ -1,0 +1,48 @@
+"""Model-server leases: which process embeds against which server, as session advisory locks in the chunk database.
+
+Several processes that each tune their own depth against the same server fight over it (each reads the other's
+load as its own overload). A process that should have a server to itself takes the server's lease: a two-int
+session advisory lock (this namespace, a hash of the server's URL) on a connection it keeps for as long as it
+uses the server. The lock dies with the session, so a killed process frees its server at once; nothing is
+written, nothing to clean up. Every process filling tables of one database sees the same leases.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import psycopg
+
+from wiki_embeddings.core.db.connection import StoreBase
+
+#: First key of every server lease (the server's URL hash is the second); not the runs' or a swap's namespace.
+LEASE_NAMESPACE = zlib.crc32(b"wiki_embeddings:model-server") & 0x7FFFFFFF
+
+
+def lease_key(url: str) -> tuple[int, int]:
+    """The advisory key of one server: the URL as the client uses it (credentials included, never stored)."""
+    return LEASE_NAMESPACE, zlib.crc32(url.rstrip("/").encode()) & 0x7FFFFFFF
+
+
+class LeasesMixin(StoreBase):
+    """Model-server leases (session advisory locks on a connection the caller keeps)."""
+
+    def try_lease(self, conn: psycopg.Connection, url: str) -> bool:
+        """Take `url`'s lease on `conn`'s session if no other session holds it (never waits)."""
+        row = conn.execute("SELECT pg_try_advisory_lock(%s::int, %s::int)", lease_key(url)).fetchone()
+        return bool(row and row[0])
+
+    def release_leases(self, conn: psycopg.Connection) -> None:
+        """Give back every lease `conn` holds now (closing it would too, but only once its backend has exited)."""
+        conn.execute("SELECT pg_advisory_unlock_all()")
+
+    def leased(self, urls: list[str]) -> list[bool]:
+        """Whether some session holds each server's lease (what a status or a test reads)."""
+        rows = self.conn.execute(
+            "SELECT classid::bigint, objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid::bigint = %s",
+            (LEASE_NAMESPACE,),
+        ).fetchall()
+        held = {(int(c), int(o)) for c, o in rows}
+        return [lease_key(u) in held for u in urls]
