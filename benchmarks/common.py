@@ -59,6 +59,7 @@ class Result:
     note: str = ""
     baseline_name: str = ""
     target_on: str = "ratio"  # "ratio" or "measured": which figure the target bounds
+    reason: str = ""  # why the figure is what it is (the weather table shows it)
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.measured is not None and self.baseline:

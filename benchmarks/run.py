@@ -1,8 +1,11 @@
 """Run every benchmark once, print the results table and write benchmarks/RESULTS.md.
 
-    bash benchmarks/run.sh [--quick] [--only saturation,write,memory,model,index,long_text] [--no-pgai] [--profile]
+    bash benchmarks/run.sh [--quick] [--only saturation,tuning,write,memory,model,index,long_text,weather] [--no-pgai]
+        [--profile]
 
-Every figure is a ratio of two things measured in this same run. PostgreSQL is the project's embedded
+Every figure is a ratio of two things measured in this same run. The weather section (benchmarks/bench_weather.py)
+has its own block in RESULTS.md: `--only weather` rewrites that block and keeps the rest of the file as it was, and a
+run without the weather section keeps the block. PostgreSQL is the project's embedded
 server in a fresh data dir under /tmp, started here and stopped at the end; the Ollama-protocol server
 runs in its own process. Sizes are scaled down 10x by --quick.
 """
@@ -27,6 +30,7 @@ from benchmarks import (
     bench_model,
     bench_saturation,
     bench_tuning,
+    bench_weather,
     bench_write,
 )
 from benchmarks.common import (
@@ -43,7 +47,9 @@ from benchmarks.common import (
 )
 from wiki_embeddings.settings import Settings
 
-SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index", "long_text")
+SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index", "long_text", "weather")
+# The sections of the main results table (long_text and weather keep blocks of their own in RESULTS.md).
+MAIN = tuple(s for s in SECTIONS if s not in ("weather", "long_text"))
 
 METHOD = """\
 ## How each figure is measured
@@ -177,9 +183,32 @@ def print_table(results: list[Result]) -> None:
 
 
 def write_results(
-    path: Path, bench: Bench, info: dict[str, str], argv: list[str], seconds: float, errors: list[str]
+    path: Path,
+    bench: Bench,
+    info: dict[str, str],
+    argv: list[str],
+    seconds: float,
+    errors: list[str],
+    ran: list[str],
+    weather_notes: list[str],
 ) -> None:
+    """The main part (sections other than weather) and the weather block, each rewritten only when its sections ran:
+    `--only weather` keeps the main part's figures, a run of the other sections keeps the weather block."""
     cmd = "bash benchmarks/run.sh" + (" " + " ".join(argv) if argv else "")
+    old_main, old_block = bench_weather.split_results(path.read_text() if path.exists() else "")
+    main = old_main or "# Benchmark results\n"
+    if any(s in ran for s in MAIN):
+        main = main_part(bench, info, cmd, seconds, [e for e in errors if not e.startswith("weather:")])
+    block = old_block
+    if "weather" in ran:
+        weather = [r for r in bench.results if r.section == bench_weather.SECTION]
+        notes = weather_notes + [f"error: {e}" for e in errors if e.startswith("weather:")]
+        block = bench_weather.block(weather, info, cmd, bench.quick, notes)
+    path.write_text(main.rstrip("\n") + "\n" + ("\n" + block if block else ""))
+
+
+def main_part(bench: Bench, info: dict[str, str], cmd: str, seconds: float, errors: list[str]) -> str:
+    results = [r for r in bench.results if r.section != bench_weather.SECTION]
     out = [
         "# Benchmark results",
         "",
@@ -192,8 +221,8 @@ def write_results(
     ]
     out += [f"- {k}: {v}" for k, v in info.items()]
     out += ["", "## Results", ""]
-    out += table_lines(bench.results)
-    missed = [r for r in bench.results if r.met == "NO"]
+    out += table_lines(results)
+    missed = [r for r in results if r.met == "NO"]
     out += ["", "## Targets not met", ""]
     out += [
         f"- {r.section}: {r.metric} — {fmt(r.ratio if r.target_on == 'ratio' else r.measured)} vs {r.target}"
@@ -204,7 +233,7 @@ def write_results(
         out += [f"- {n}" for n in bench.notes]
         out += [f"- error: {e}" for e in errors]
     out += ["", METHOD]
-    path.write_text("\n".join(out) + "\n")
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     load: dict[str, float] = {}
     foreign: dict[str, float] = {}
+    took: dict[str, float] = {}
     waited = 0.0
     try:
         info = machine_info(bench.url)
@@ -257,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": lambda: bench_model.run(bench),
             "index": lambda: bench_index.run(bench),
             "long_text": lambda: bench_long_text.run(bench),
+            "weather": lambda: bench_weather.run(bench),
         }
         for name in SECTIONS:
             if name not in only:
@@ -276,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 errors.append(f"{name}: {type(exc).__name__}: {exc}")
             foreign[name] = monitor.foreign_cores()
+            took[name] = time.perf_counter() - t0
             log(
                 f"== {name} took {time.perf_counter() - t0:.0f} s; other processes used "
                 f"{foreign[name]:.2f} cores on average meanwhile"
@@ -284,12 +316,22 @@ def main(argv: list[str] | None = None) -> int:
         stop_postgres(bench)
     seconds = time.perf_counter() - started
     print()
-    print_table(bench.results)
+    print_table([r for r in bench.results if r.section != bench_weather.SECTION])
+    weather_notes: list[str] = []
+    if "weather" in took:
+        print()
+        print("\n".join(bench_weather.table_lines([r for r in bench.results if r.section == bench_weather.SECTION])))
+        weather_notes.append(
+            f"The weather section ran {took['weather'] / 60:.1f} min; other processes used {foreign['weather']:.2f} "
+            f"cores on average meanwhile (the machine has {os.cpu_count()}; {load['weather']:.2f} just before it "
+            "started)."
+        )
+        print(weather_notes[-1])
     for note in bench.notes:
         print(note)
     for err in errors:
         print(f"error: {err}")
-    during = ", ".join(f"{k} {v:.2f}" for k, v in foreign.items())
+    during = ", ".join(f"{k} {v:.2f}" for k, v in foreign.items() if k != "weather")
     bench.notes.append(
         f"Other processes' CPU use during each section (cores, average; the machine has {os.cpu_count()}): "
         f"{during}. Before each section the benchmark waited (up to {args.wait_quiet:g} s) for the machine to "
@@ -302,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             f"WARNING: other processes used more than 0.25 cores during: {', '.join(noisy)}; "
             "those figures are less reliable (rerun them with --only when the machine is quiet)."
         )
-    write_results(results_path, bench, info, argv, seconds, errors)
+    write_results(results_path, bench, info, argv, seconds, errors, list(took), weather_notes)
     if long_text:
         bench_long_text.write_section(results_path, long_text)
     log(f"wrote {results_path} ({seconds / 60:.1f} min)")
