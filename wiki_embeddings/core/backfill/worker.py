@@ -326,7 +326,7 @@ class EmbedWorker:
             raise Fatal("model_not_found", failure.message) from failure
         except EmbedFailure:
             return  # the halves are embedded anyway; only the window stays unknown
-        if tokens:
+        if tokens and tokens >= cuts.MIN_CUT_TOKENS:  # a few words' count is no window (a misread refusal)
             self.window.learn(tokens)
             self._log(f"the server refused a text as too long ({exc.message}); its window is about {tokens} tokens")
 
@@ -349,10 +349,8 @@ class EmbedWorker:
             return
         self.fit_requests += found.requests
         self.fit_found += 1
-        believed = self.window.tokens
-        if found.tokens and (not believed or found.tokens < 0.9 * believed) and found.chars >= 0.9 * found.refused_at:
-            # The server takes less than it said (or said nothing): its window is about what this prefix used.
-            self.window.learn(found.tokens)
+        if found.tokens and cuts.shows_smaller_window(found, self.window.tokens):
+            self.window.learn(found.tokens)  # the server takes less than it said: about what this prefix used
         self.known_good = row[1][: found.chars]
         await emit(Embedded([row[0]], [found.vector], [found.chars], [found.chars < len(row[1])], [False]))
 
