@@ -3,8 +3,6 @@ broke is marked xfail(strict) with the defect it shows."""
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 
@@ -62,7 +60,9 @@ def test_verify_rebuilds_pooled_vectors_made_with_a_text_prefix(make_table, smal
 
 
 def test_kill9_with_pieces_in_flight_then_resume_leaves_every_vector_exact(
-    make_table, small_window, tmp_path  # noqa: F811
+    make_table,
+    small_window,  # noqa: F811
+    tmp_path,
 ):
     table = make_table(ollama_url=small_window.url, batch_size=8, max_chars=50000)
     _insert(table, [(cid, f"chunk {cid}. " + LONG) for cid in range(1, 41)])
