@@ -78,11 +78,6 @@ def test_kill9_with_pieces_in_flight_then_resume_leaves_every_vector_exact(
     assert status["missing"] == 0 and status["pooled"] == 40 and wrong_vectors(table, 50000) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: report.pooled counts chunks pooled in memory, not written (pooler.py:175): a chunk deleted "
-    "while its pieces are in flight shows pooled=1 with embedded=0; a released run shows pooled=16 embedded=8",
-)
 def test_pooled_counts_only_chunks_written(make_table, small_window):  # noqa: F811
     table = make_table(ollama_url=small_window.url, batch_size=8, max_chars=50000)
     _insert(table, [(1, LONG)])
