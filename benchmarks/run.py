@@ -1,7 +1,7 @@
 """Run every benchmark once, print the results table and write benchmarks/RESULTS.md.
 
-    bash benchmarks/run.sh [--quick] [--only saturation,tuning,write,memory,model,index,long_text,weather]
-                           [--no-pgai] [--profile]
+    bash benchmarks/run.sh [--quick] [--only saturation,tuning,write,memory,model,index,long_text,weather] [--no-pgai]
+        [--profile]
 
 Every figure is a ratio of two things measured in this same run. PostgreSQL is the project's embedded
 server in a fresh data dir under /tmp, started here and stopped at the end; the Ollama-protocol server
@@ -50,8 +50,8 @@ from benchmarks.common import (
 from wiki_embeddings.settings import Settings
 
 SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index", "long_text", "weather")
-# The sections of the main results table; long_text and weather write their own blocks of RESULTS.md.
-MAIN = tuple(s for s in SECTIONS if s not in ("long_text", "weather"))
+# The sections of the main results table (long_text and weather keep blocks of their own in RESULTS.md).
+MAIN = tuple(s for s in SECTIONS if s not in ("weather", "long_text"))
 
 METHOD = """\
 ## How each figure is measured
@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             "memory": lambda: bench_memory.run(bench),
             "model": lambda: bench_model.run(bench),
             "index": lambda: bench_index.run(bench),
-            "weather": lambda: bench_weather.run(bench),
             "long_text": lambda: bench_long_text.run(bench),
+            "weather": lambda: bench_weather.run(bench),
         }
         for name in SECTIONS:
             if name not in only:

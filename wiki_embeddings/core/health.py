@@ -93,7 +93,7 @@ class ServerHealth:
         failing_for = now - self.streak_since
         # Out after a few failures in a row if it never answered, else once they have lasted OUT_AFTER_SEC (a steady
         # error rate makes short streaks that must not cost a server its place).
-        lasting = failing_for >= OUT_AFTER_SEC or not (self.successes or self.responded)
+        lasting = failing_for >= OUT_AFTER_SEC or not self.successes
         if self.state == IN and self.failures_in_a_row >= OUT_AFTER_FAILURES and lasting:
             self.take_out(f"{self.failures_in_a_row} failures in a row over {failing_for:.1f} s: {why}")
 

@@ -97,7 +97,9 @@ def _tokens(texts: list[str]) -> list[int]:
 
 
 def _filled(make_table: Callable[..., ChunkTable], infinity: str) -> ChunkTable:
-    table = make_table(ollama_url=infinity, api="openai", num_ctx=WINDOW)
+    # --long-text cut: these tests check the cut each vector records against the model's own tokenizer (a pooled
+    # vector's pieces are checked by the same twins, piece by piece).
+    table = make_table(ollama_url=infinity, api="openai", num_ctx=WINDOW, long_text="cut")
     table.load_wiki(CHUNKS)
     report = table.backfill()
     assert report.exit_code == 0, report.message

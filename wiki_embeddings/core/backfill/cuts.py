@@ -146,3 +146,14 @@ async def longest_fit_tokens(call: Call, window: Window, estimator: TokenEstimat
     """The server's count for the longest prefix of `text` it takes (a refused text: its real window)."""
     found = await fit_search(call, window, estimator, text)
     return found.tokens if found is not None else None
+
+
+def shows_smaller_window(found: FitResult, believed: int | None) -> bool:
+    """Does a refused text's longest fitting prefix show the server takes less than it said (or said nothing)? Its
+    window is then about what that prefix used (never a few words' count)."""
+    return bool(
+        found.tokens
+        and found.tokens >= MIN_CUT_TOKENS
+        and (not believed or found.tokens < 0.9 * believed)
+        and found.chars >= 0.9 * found.refused_at
+    )

@@ -62,7 +62,7 @@ class Pooler:
         self.weights: WeightKind = weights
         self._next = PIECE_KEYS
         self._slots: dict[int, tuple[_Chunk, int]] = {}  # piece key -> (its chunk, position in chunk.keys)
-        self.pooled = 0  # chunks written from pieces
+        self.pooled = 0  # chunks combined from pieces (the run report counts those written)
         self.pieces = 0  # pieces embedded for them
 
     @staticmethod

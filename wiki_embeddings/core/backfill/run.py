@@ -344,6 +344,7 @@ class Backfill:
             if written.locked and not refresh:
                 claimer.busy.update(written.locked)
             report.context_cut += written.cut
+            report.pooled += written.pooled
             if refresh:
                 report.refreshed += written.written
             else:
@@ -384,7 +385,7 @@ def counts_into(
     report.failed, report.failed_ids = recorder.failed, recorder.failed_ids
     report.skipped_busy = claimer.skipped_busy
     if worker.pooler is not None:
-        report.pooled, report.pieces = worker.pooler.pooled, worker.pooler.pieces
+        report.pieces = worker.pooler.pieces
     report.server_truncated = worker.server_truncated
     report.fit_searches, report.fit_requests, report.fit_found = (
         worker.fit_searches,

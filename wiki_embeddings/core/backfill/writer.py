@@ -43,12 +43,14 @@ class Written:
     written: int = 0
     locked: set[int] = field(default_factory=set)  # rows another transaction held: retried later
     cut: int = 0  # written chunks that were cut to fit the context
+    pooled: int = 0  # written chunks pooled from pieces
     refused: list[Isolated] = field(default_factory=list)  # rows the database refused
 
     def add(self, other: Written) -> None:
         self.written += other.written
         self.locked |= other.locked
         self.cut += other.cut
+        self.pooled += other.pooled
         self.refused += other.refused
 
 
@@ -92,7 +94,9 @@ class Writer:
             return first
         locked = set(result.locked)
         cut = sum(c for cid, c in zip(item.ids, item.cut, strict=True) if cid not in locked)
-        return Written(int(result), locked, cut)
+        pooling = item.pooling or [None] * len(item.ids)
+        pooled = sum(p is not None for cid, p in zip(item.ids, pooling, strict=True) if cid not in locked)
+        return Written(int(result), locked, cut, pooled=min(pooled, int(result)))
 
 
 def _part(md5s: list[str] | None, start: int, stop: int | None) -> list[str] | None:

@@ -97,14 +97,16 @@ class OllamaClient(PooledClient):
         learned from refusals alone.
         """
         http, _ = self._ensure_open()
-        url = self._urls[0]
-        try:
-            resp = await asyncio.wait_for(
-                http.post(f"{url}/api/show", content=orjson.dumps({"model": self.model})), self._connect_timeout
-            )
-        except (httpx.HTTPError, TimeoutError):
-            return {}
-        if resp.status_code != 200:
+        for url in self._urls:  # the first server that answers (a dead first URL must not hide the window)
+            try:
+                resp = await asyncio.wait_for(
+                    http.post(f"{url}/api/show", content=orjson.dumps({"model": self.model})), self._connect_timeout
+                )
+            except (httpx.HTTPError, TimeoutError):
+                continue
+            if resp.status_code == 200:
+                break
+        else:
             return {}
         try:
             data = loads(resp.content[: ERROR_BODY_LIMIT * 16])
