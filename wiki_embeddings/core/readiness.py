@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wiki_embeddings.checks import POSITIVE_SECONDS, UNPRINTABLE, check_number, one_line
+from wiki_embeddings.core.shellword import ShellWord, scan
 from wiki_embeddings.settings import is_true
 
 READY_KEY = "WIKI_EMBEDDINGS_READY"
@@ -214,32 +215,18 @@ def decide(
 
 # ---------------------------------------------------------------------------- the env file
 #: One `KEY=value` line (bytes, without its b"\n"): blanks are space and tab only, as in the shell; a UTF-8
-#: byte order mark may open the file's first line (`_BOM`, allowed there only).
-_LINE = re.compile(rb"(?P<prefix>[ \t]*(?:export[ \t]+)?)(?P<key>[A-Za-z_][A-Za-z0-9_]*)[ \t]*=(?P<value>.*)$")
+#: byte order mark may open the file's first line (`_BOM`, allowed there only). Blanks before `=` (`gap`) make the
+#: line a command, not an assignment, in bash: such a line is rewritten whole, and never read as true.
+_LINE = re.compile(rb"(?P<prefix>[ \t]*(?:export[ \t]+)?)(?P<key>[A-Za-z_][A-Za-z0-9_]*)(?P<gap>[ \t]*)=(?P<value>.*)$")
 _BOM = b"\xef\xbb\xbf"
-_WORD = re.compile(rb"[^ \t]*")
 
 
-def _split_value(raw: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """Split what follows `KEY=` into (blanks, quote, value, rest): rest is every byte after the value.
-
-    A quoted value runs to its closing quote; an unquoted one to the next blank (the shell's word), so an
-    inline `# comment`, anything after it and the CR of a CRLF line stay in `rest`. Blanks before the value
-    are skipped (as dotenv readers do); a `#` after them starts a comment, not a value.
-    """
-    body, cr = (raw[:-1], raw[-1:]) if raw.endswith(b"\r") else (raw, b"")
-    stripped = body.lstrip(b" \t")
-    blanks, body = body[: len(body) - len(stripped)], stripped
-    quote = body[:1]
-    if quote in (b"'", b'"'):
-        close = body.find(quote, 1)
-        if close > 0:
-            return blanks, quote, body[1:close], body[close + 1 :] + cr
-    if blanks and body.startswith(b"#"):
-        return blanks, b"", b"", body + cr
-    word = _WORD.match(body)
-    end = word.end() if word else 0
-    return blanks, b"", body[:end], body[end:] + cr
+def _word(m: re.Match[bytes]) -> ShellWord:
+    """The line's value as bash reads it (`core/shellword.py`); a line with blanks before `=` is not plain."""
+    word = scan(m.group("value"))
+    if m.group("gap") and word.verdict == "plain":
+        return ShellWord("unsafe", word.end, None, b"", word.rest)
+    return word
 
 
 def _match(line: bytes, first: bool) -> re.Match[bytes] | None:
@@ -249,12 +236,13 @@ def _match(line: bytes, first: bool) -> re.Match[bytes] | None:
 
 
 def _assignments(data: bytes, key: str) -> list[bytes]:
-    """The raw values assigned to `key`, in file order."""
+    """The values bash assigns to `key`, in file order (b"" for a line whose value bash would have to run)."""
     found: list[bytes] = []
     for number, line in enumerate(data.split(b"\n")):
         m = _match(line, number == 0)
         if m and m.group("key") == key.encode("ascii"):
-            found.append(_split_value(m.group("value"))[2])
+            word = _word(m)
+            found.append(word.value if word.value is not None else b"")  # unknown without running it: not true
     return found
 
 
@@ -311,10 +299,14 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
     """Set `key=wanted` in the env file atomically; returns (changed, created).
 
     The file is handled as the shell reads it: bytes, lines split on b"\n" only. In each line assigning
-    `key` only the value's bytes change (its quotes, an `export ` prefix, a BOM, an inline comment and a
-    CRLF ending stay); every other byte of the file is kept exactly, undecodable ones too. The value is written so
-    that sourcing the file can never run it (`shell_value`). When no line assigns `key`, one is appended (CRLF if
-    the file uses CRLF). A missing file is created with mode 0600.
+    `key` only the value's bytes change, up to where bash ends the value's word (`core/shellword.py`: backslash
+    escapes, quotes and adjoining words included), so bash reads exactly what was written; its quotes when the value
+    was one quoted string, an `export ` prefix, a BOM, an inline comment and a CRLF ending stay. A line bash does not
+    read as a plain assignment (an expansion `$...`, a command after the value, blanks before `=`) is rewritten
+    whole (`export ` and the CR kept); a value whose quote or trailing backslash goes on past its line is refused,
+    since rewriting one line would leave the rest to run. Every other byte of the file is kept exactly, undecodable
+    ones too. The value is written so that sourcing the file can never run it (`shell_value`). When no line
+    assigns `key`, one is appended (CRLF if the file uses CRLF). A missing file is created with mode 0600.
     Raises `ReadinessError` (one line naming the path and the reason) when the file cannot be written.
     """
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
@@ -325,11 +317,18 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
     for number, line in enumerate(lines):
         m = _match(line, number == 0)
         if m and m.group("key") == raw_key:
-            blanks, quote, old, rest = _split_value(m.group("value"))
-            new_value = shell_value(p, key, wanted, quote)
-            # `KEY= # note` has no value: write it right after `=` so the comment stays a comment.
-            new_value = blanks + new_value if old or quote else new_value + blanks
-            lines[number] = line[: m.start("value")] + new_value + rest
+            word = _word(m)
+            if word.verdict == "multiline":
+                raise ReadinessError(
+                    f"refusing to change {key} in {p}: on line {number + 1} its value opens a quote or ends in a "
+                    "backslash that goes on past the line; fix that line by hand (nothing was written)"
+                )
+            if word.plain:  # only the word changes: what follows it (blanks, a comment, the CR) stays
+                lines[number] = line[: m.start("value")] + shell_value(p, key, wanted, word.quote) + word.rest
+            else:  # not a plain assignment: the whole line is rewritten, so nothing of it runs
+                cr = b"\r" if line.endswith(b"\r") else b""
+                new_line = m.group("prefix") + raw_key + b"=" + shell_value(p, key, wanted, b"") + cr
+                lines[number] = line[: m.start("prefix")] + new_line
             replaced = True
     new = b"\n".join(lines)
     if not replaced:
