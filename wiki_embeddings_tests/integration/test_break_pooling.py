@@ -98,18 +98,19 @@ def test_pooled_counts_only_chunks_written(make_table, small_window):  # noqa: F
     assert report.pooled <= report.embedded, "".join(report.summary())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the pre-flight line says long chunks 'are cut to fit' and 'keep 36.7%' under --long-text pool "
-    "(the default), where nothing is cut (context.py:294 format_preflight ignores long_text)",
-)
 def test_the_preflight_line_does_not_say_cut_under_pool(make_table, small_window):  # noqa: F811
     table = make_table(ollama_url=small_window.url, batch_size=8)
     _insert(table, [(cid, f"chunk {cid}. " + LONG) for cid in range(1, 5)])
+    cut = run_cli(table, "backfill", "--dry-run", env=cli_env(table, WIKI_EMBED_LONG_TEXT="cut"))
+    assert "cut to fit" in cut.stdout + cut.stderr, "under --long-text cut the line still says what is cut"
+    dry = run_cli(table, "backfill", "--dry-run")
+    assert "are pooled (--long-text pool" in dry.stdout and "cut to fit" not in dry.stdout, dry.stdout
     done = run_cli(table, "backfill")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "pooled=4" in done.stdout + done.stderr
-    assert "cut to fit" not in done.stdout + done.stderr
+    out = done.stdout + done.stderr
+    assert "pooled=4" in out
+    assert "cut to fit" not in out and "keeps" not in out, out
+    assert "are pooled (--long-text pool" in out and "extra model inputs per 1,000 chunks" in out, out
 
 
 @pytest.mark.xfail(

@@ -20,6 +20,7 @@ from wiki_embeddings.core.context import PREFLIGHT_SAMPLE, format_preflight, pre
 from wiki_embeddings.core.db import DatabaseError, Store
 from wiki_embeddings.core.embedders import Embedder, InputRejected
 from wiki_embeddings.core.modelname import same_model
+from wiki_embeddings.core.pooling import piece_counter
 from wiki_embeddings.settings import Settings
 
 
@@ -122,7 +123,9 @@ async def learn_context(
     except DatabaseError as exc:  # an estimate only: it never stops a run
         log(f"pre-flight: no sample ({type(exc).__name__}); model context {worker.window.describe()}")
         return {}
-    figures = preflight(sample, worker.window, worker.estimator, settings.max_chars, worker.embedder.text_prefix)
+    prefix = worker.embedder.text_prefix
+    pieces = piece_counter(prefix, worker.window.tokens, worker.estimator) if settings.long_text == "pool" else None
+    figures = preflight(sample, worker.window, worker.estimator, settings.max_chars, prefix, pieces)
     log(format_preflight(figures))
     return figures
 
