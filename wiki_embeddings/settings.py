@@ -22,7 +22,10 @@ from wiki_embeddings.checks import (
     SECONDS,
     Range,
     check_number,
+    choice_word,
+    keep_alive_problem,
     parse_bool,
+    parse_number,
 )
 
 DEFAULT_OLLAMA_URL = "http://ollama:11434"
@@ -56,7 +59,7 @@ def is_true(raw: str | None) -> bool:
 
 def parse_concurrency(raw: str) -> int:
     """`auto` (0: self-tuning, any case and spacing) or a number of requests in flight per server."""
-    return 0 if raw.strip().lower() == "auto" else int(raw)
+    return 0 if choice_word(raw) == "auto" else parse_number(int, raw)
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ class Settings:
         "ollama",
         env="WIKI_EMBED_API",
         group="common",
-        parse=lambda raw: raw.strip().lower(),
+        parse=choice_word,
         choices=APIS,
         help="the servers' API: ollama, or openai (OpenAI-compatible /v1/embeddings: TEI, vLLM, infinity-emb, "
         "llama.cpp; URLs still in OLLAMA_URL, bearer key in WIKI_EMBED_API_KEY) [WIKI_EMBED_API] (ollama)",
@@ -369,8 +372,14 @@ class Settings:
         help="texts longer than the model's window: pool (embedded whole in window-sized pieces, their mean stored) "
         "or cut (the first window only) [WIKI_EMBED_LONG_TEXT] (pool)",
         metavar="pool|cut",
+        parse=choice_word,
+        choices=LONG_TEXT_CHOICES,
         resume=True,
     )
+
+    def __post_init__(self) -> None:
+        for name in ("api", "long_text"):  # a choice is read in any case, however it came (env, flag, Dagster)
+            object.__setattr__(self, name, choice_word(getattr(self, name)))
 
     @property
     def ollama_urls(self) -> list[str]:
@@ -444,8 +453,12 @@ def check_settings(s: Settings) -> None:
         raise ValueError("OLLAMA_URL is empty")
     for url in s.ollama_urls:
         check_http_url(url)
+    if keep_alive_problem(s.keep_alive):
+        raise ValueError(f"{setting_label('keep_alive')}: {keep_alive_problem(s.keep_alive)}")
     if s.long_text not in LONG_TEXT_CHOICES:
-        raise ValueError(f"long-text must be one of {', '.join(LONG_TEXT_CHOICES)}, got {s.long_text!r}")
+        raise ValueError(
+            f"{setting_label('long_text')} must be one of {', '.join(LONG_TEXT_CHOICES)}, got {s.long_text!r}"
+        )
     if s.until is not None:
         from wiki_embeddings.core.window import parse_until
 
@@ -483,7 +496,7 @@ def parse_value(name: str, raw: str) -> Any:
     if parse is not None:
         return parse(raw)
     kind = value_type(name)
-    return parse_bool(raw) if kind is bool else kind(raw)
+    return parse_bool(raw) if kind is bool else parse_number(kind, raw) if kind is not str else raw
 
 
 def only_settings(values: Mapping[str, Any]) -> dict[str, Any]:

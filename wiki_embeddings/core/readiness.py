@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from wiki_embeddings.checks import POSITIVE_SECONDS, UNPRINTABLE, check_number, one_line
+from wiki_embeddings.checks import POSITIVE_SECONDS, UNPRINTABLE, check_number, choice_word, one_line, parse_number
 from wiki_embeddings.core.shellword import ShellWord, scan
 from wiki_embeddings.settings import is_true
 
@@ -75,6 +75,9 @@ class ReadinessSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()  # type: ignore[arg-type]
 
+    def __post_init__(self) -> None:  # a choice is read in any case, from the environment or Dagster alike
+        object.__setattr__(self, "on_regression", choice_word(self.on_regression))
+
     def validate(self) -> ReadinessSettings:
         if self.on_regression not in POLICIES:
             raise ValueError(
@@ -93,7 +96,7 @@ class ReadinessSettings:
 
 def _restart_timeout(var: str, raw: str) -> float:
     try:
-        return float(raw)
+        return float(parse_number(float, raw))
     except ValueError:
         raise ValueError(f"{var}={raw!r} is not a number of seconds") from None
 

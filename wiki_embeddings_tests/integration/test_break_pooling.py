@@ -113,12 +113,6 @@ def test_the_preflight_line_does_not_say_cut_under_pool(make_table, small_window
     assert "are pooled (--long-text pool" in out and "extra model inputs per 1,000 chunks" in out, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a text prefix that fills the model's window makes the canary answer 400 and the run ends "
-    "server_unavailable, exit 3, blaming the server (run.py:132-139 maps every EmbedFailure of the probe to "
-    "server_unavailable); a bad setting is exit 2 naming WIKI_EMBED_TEXT_PREFIX",
-)
 def test_a_text_prefix_that_fills_the_window_is_a_bad_setting(make_table, small_window):  # noqa: F811
     table = make_table(ollama_url=small_window.url, batch_size=4)
     table.load([(1, "hello there")])
@@ -126,11 +120,6 @@ def test_a_text_prefix_that_fills_the_window_is_a_bad_setting(make_table, small_
     assert done.returncode == 2 and "WIKI_EMBED_TEXT_PREFIX" in done.stderr, done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: WIKI_EMBED_KEEP_ALIVE=forever is not checked; Ollama answers 400 'invalid duration' to the "
-    "canary and the run ends server_unavailable, exit 3 (run.py:132-139); a bad setting is exit 2 naming it",
-)
 def test_a_keep_alive_ollama_cannot_parse_is_a_bad_setting(make_table, ollama):
     table = make_table(batch_size=4)
     table.load([(1, "hello there")])
