@@ -157,6 +157,7 @@ class Backfill:
                 store.start_run, self.mode, s.options_for_resume(), client.model, self.db.conns["run"]
             )
             self.writer.run_id, self.db.application_name = run_id, run_session_name(run_id)  # release finds them
+            self.claimer.run_id = run_id  # --reembed-cut leaves what this run cut itself
             self.db.on_reconnect["run"] = lambda fresh: self.db.thread(store.hold_run_lock, fresh, run_id)
             if digest:
                 record = store.record_trust
