@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -27,6 +27,7 @@ from wiki_embeddings.checks import (
     parse_bool,
     parse_number,
 )
+from wiki_embeddings.redaction import redact as redact  # re-exported: the CLI, the run and Dagster use it from here
 
 DEFAULT_OLLAMA_URL = "http://ollama:11434"
 DEFAULT_MODEL = "nomic-embed-text"
@@ -558,13 +559,6 @@ def check_http_url(url: str) -> None:
         raise ValueError(f"OLLAMA_URL {shown!r} has no host name")
     if port == 0:
         raise ValueError(f"OLLAMA_URL {shown!r}: port 0 is not a port a server can listen on")
-
-
-def redact(text: str, secrets: Sequence[str | None]) -> str:
-    """Remove known secret strings (e.g. the database password) from a message before it is shown."""
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
 
 
 _URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")

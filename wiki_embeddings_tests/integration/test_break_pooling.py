@@ -140,12 +140,6 @@ def test_reembed_cut_does_not_reembed_what_this_run_just_cut(make_table, small_w
     assert again.embedded == 0 and again.refreshed == cut_before > 0, "".join(again.summary())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the API key is redacted as a bare substring of every message, so a short or common key (Ollama's "
-    "own OpenAI docs use api_key='ollama'; vLLM users write 'EMPTY') masks words of the advice: key 'k' turned "
-    "`wiki-embeddings verify` into `wi***i-embeddings verify`; key 'ollama' hides `--api ollama`",
-)
 def test_a_short_api_key_does_not_mangle_messages(make_table, small_window):  # noqa: F811
     table = make_table(ollama_url=small_window.url, batch_size=8)
     table.load([(1, "short one"), (2, "short")])
