@@ -153,12 +153,6 @@ def test_a_short_api_key_does_not_mangle_messages(make_table, small_window):  # 
     assert "--api ollama" in done.stderr and "***" not in done.stderr, done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: `--batch-size` does not count pieces: a claimed batch's pieces all go in one request "
-    "(worker.py:101-105 expands rows, _embed_rows sends them whole), so 2 chunks of 20,000 characters made one "
-    "request of 52 inputs at --batch-size 8 (OpenAI's API refuses more than 2048 inputs a request)",
-)
 def test_batch_size_counts_pieces(make_table, small_window, monkeypatch):  # noqa: F811
     from wiki_embeddings.core.embedders.pooled import PooledClient
 
@@ -175,3 +169,5 @@ def test_batch_size_counts_pieces(make_table, small_window, monkeypatch):  # noq
     report = table.backfill()
     assert report.state == "completed" and report.pooled == 2
     assert max(sizes) <= 8, f"largest request: {max(sizes)} inputs"
+    assert sum(sizes) >= 2 * 8, "every piece of both chunks was sent (about 26 each), in requests of at most 8"
+    assert wrong_vectors(table, 50000) == [], "each chunk written whole, from all its pieces"

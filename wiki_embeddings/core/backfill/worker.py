@@ -98,12 +98,12 @@ class EmbedWorker:
         """Every chunk of the batch ends as one outcome handed to `emit` (or the run ends: errors.Fatal)."""
         for cid, reason, size in batch.invalid:
             await emit(Isolated(cid, "invalid_utf8", reason, None, size))
-        rows = batch.rows
-        if self.pooler is not None:
-            emit = self._pooled(emit)
+        rows, size = batch.rows, len(batch.rows)
+        if self.pooler is not None:  # --batch-size counts pieces: a batch's pieces go in requests of that many
+            emit, size = self._pooled(emit), self.embedder.tuning.batch_size
             if self.window.tokens:
                 rows = [piece for row in rows for piece in self._pieces_of(row)]
-        await self._embed_rows(rows, emit)
+        await in_requests(self._embed_rows, rows, size, emit)
 
     # ------------------------------------------------------------ long texts, pooled
     def _pooled(self, emit: Emit) -> Emit:
@@ -138,7 +138,7 @@ class EmbedWorker:
             if not self.pooler.is_piece(row[0]) and self.window.tokens:
                 pieces = self.pooler.expand(row, self.embedder.text_prefix, self.window.tokens)
                 if pieces != [row]:
-                    await self._embed_rows(pieces, emit)
+                    await in_requests(self._embed_rows, pieces, self.embedder.tuning.batch_size, emit)
                     return
         halves = self.pooler.split(row[0]) if self.pooler.is_piece(row[0]) else self.pooler.halves(row)
         if halves:
@@ -407,6 +407,18 @@ class EmbedWorker:
             raise Fatal("server_unavailable", f"the embedding server fails even on a known-good text: {message}")
         self.embedder.take_out(server, f"failed a known-good text after: {message}")
         await self._embed_rows(rows, emit)
+
+
+async def in_requests(
+    embed_rows: Callable[[list[tuple[int, str]], Emit], Awaitable[None]],
+    rows: list[tuple[int, str]],
+    size: int,
+    emit: Emit,
+) -> None:
+    """`rows` embedded in requests of at most `size` inputs (pieces count one each), one after the other."""
+    size = max(size, 1)
+    for start in range(0, max(len(rows), 1), size):
+        await embed_rows(rows[start : start + size], emit)
 
 
 def embedded_text(row: tuple[int, str], embedded: Embedded) -> str:
