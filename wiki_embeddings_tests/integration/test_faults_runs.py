@@ -29,6 +29,13 @@ def _count_writes(table) -> None:
     )
 
 
+def _reap(proc) -> None:
+    """A backfill a failed assertion left running is killed, so no test leaves a process behind."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def _writes(table) -> int:
     return int(table.sql(f"SELECT count(*) FROM {table.settings.table.split('.')[0]}.write_log")[0][0])
 
@@ -119,9 +126,7 @@ def test_a_frozen_run_is_seen_stalled_released_by_an_operator_and_ends_without_w
         os.kill(proc.pid, signal.SIGCONT)
         code = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _reap(proc)
     out = (tmp_path / "frozen.log").read_text()
     assert code == 9, out
     assert "released by an operator" in out and "Traceback" not in out
@@ -147,9 +152,7 @@ def test_a_running_run_is_not_released_without_force_and_status_shows_it(make_ta
         ollama.set_faults(latency_ms=0)
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _reap(proc)
     done = json.loads(run_cli(table, "status", "--json").stdout)
     assert done["running_runs"] == 0 and done["runs_in_flight"] == [] and done["locked"] == 0
     assert run_cli(table, "runs", "release", str(run_id)).returncode == 0, "a finished run: nothing to do"
@@ -171,9 +174,7 @@ def test_a_running_run_released_with_force_says_so_and_counts_what_it_wrote(make
         assert "stalled" not in released.stdout
         code = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _reap(proc)
     out = (tmp_path / "forced.log").read_text()
     assert code == 9 and "released by an operator" in out and "stalled" not in out, out
     state, _, embedded, message = _run_row(table, run_id)
