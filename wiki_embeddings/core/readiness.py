@@ -96,7 +96,7 @@ class ReadinessSettings:
 
 def _restart_timeout(var: str, raw: str) -> float:
     try:
-        return float(parse_number(float, raw))
+        return float(parse_number(float, raw))  # ASCII digits only
     except ValueError:
         raise ValueError(f"{var}={raw!r} is not a number of seconds") from None
 

@@ -59,15 +59,17 @@ MALFORMED = InputRejected('HTTP 400: time: invalid duration "x"', http_status=40
 
 
 def test_a_probe_refused_as_too_long_under_a_text_prefix_names_the_prefix():
-    why = refused_setting(CONTEXT, Settings(), "p " * 125)
+    why = refused_setting(CONTEXT, Settings(), "p " * 125, "m")
     assert why and why.startswith("WIKI_EMBED_TEXT_PREFIX (--text-prefix):") and "250-character" in why
-    assert refused_setting(CONTEXT, Settings(), "") is None, "no prefix: the server's window, not our setting"
+    assert refused_setting(CONTEXT, Settings(), "", "m") is None, "no prefix: the server's window, not our setting"
 
 
 def test_a_probe_refused_as_malformed_names_what_every_request_carries():
-    why = refused_setting(MALFORMED, Settings(num_ctx=512), "q: ")
-    assert why and "WIKI_EMBED_KEEP_ALIVE='30m'" in why and "WIKI_EMBED_NUM_CTX=512" in why and "'q: '" in why
-    assert "KEEP_ALIVE" not in (refused_setting(MALFORMED, Settings(api="openai"), "") or "x KEEP_ALIVE")
+    why = refused_setting(MALFORMED, Settings(num_ctx=512), "q: ", "all-minilm")
+    assert why and "(OLLAMA_MODEL='all-minilm', WIKI_EMBED_KEEP_ALIVE='30m', WIKI_EMBED_TEXT_PREFIX='q: '" in why
+    assert "WIKI_EMBED_NUM_CTX=512" in why and "nothing was written" in why
+    openai = refused_setting(MALFORMED, Settings(api="openai"), "", "m")
+    assert openai and "(OLLAMA_MODEL='m')" in openai, "keep-alive is not sent under --api openai"
 
 
 @pytest.mark.parametrize(
@@ -79,7 +81,7 @@ def test_a_probe_refused_as_malformed_names_what_every_request_carries():
     ],
 )
 def test_other_probe_failures_stay_the_servers(exc):
-    assert refused_setting(exc, Settings(), "prefix: ") is None
+    assert refused_setting(exc, Settings(), "prefix: ", "m") is None
 
 
 # ------------------------------------------------------------------------------ numbers in ASCII only

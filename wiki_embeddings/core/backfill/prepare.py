@@ -111,7 +111,7 @@ async def check_dimensions(embedder: Embedder, dimensions: int, column: str, req
     embedder.expect_dimensions(dimensions)
 
 
-def refused_setting(exc: EmbedFailure, settings: Settings, prefix: str) -> str | None:
+def refused_setting(exc: EmbedFailure, settings: Settings, prefix: str, model: str) -> str | None:
     """Why the start probe's refusal is our setting's fault (a bad setting: exit 2, naming it), or None.
 
     The probe is a short known-good text: refused as over the window only when the text prefix before it (nearly)
@@ -127,15 +127,14 @@ def refused_setting(exc: EmbedFailure, settings: Settings, prefix: str) -> str |
             "prefix alone (nearly) fills the window, so no chunk could be embedded; shorten it, or raise --num-ctx "
             "(WIKI_EMBED_NUM_CTX); nothing was written"
         )
-    sent = [f"WIKI_EMBED_TEXT_PREFIX={prefix!r}"] if prefix else []
+    sent = [f"OLLAMA_MODEL={model!r}"] + ([f"WIKI_EMBED_TEXT_PREFIX={prefix!r}"] if prefix else [])
     if settings.api == "ollama":
-        sent.insert(0, f"WIKI_EMBED_KEEP_ALIVE={settings.keep_alive!r}")
+        sent.insert(1, f"WIKI_EMBED_KEEP_ALIVE={settings.keep_alive!r}")
     if settings.num_ctx:
         sent.append(f"WIKI_EMBED_NUM_CTX={settings.num_ctx}")
-    carried = f" ({', '.join(sent)})" if sent else ""
     return (
         f"the model server refused a known-good probe request as malformed ({exc.message}): a setting every request "
-        f"carries{carried} is one the server does not take; nothing was written"
+        f"carries ({', '.join(sent)}) is one the server does not take; nothing was written"
     )
 
 

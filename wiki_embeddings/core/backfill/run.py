@@ -130,7 +130,7 @@ class Backfill:
                 report.preflight = await prepare.learn_context(self.worker, store, s, self._log)
                 report.context_tokens = self.worker.window.tokens
         except EmbedFailure as exc:
-            refused = prepare.refused_setting(exc, s, client.text_prefix)
+            refused = prepare.refused_setting(exc, s, client.text_prefix, client.model)
             if refused:  # our own setting, not the server: exit 2 naming it
                 raise BadSetting(refused) from exc
             report.state = "model_not_found" if isinstance(exc, ModelNotFound) else "server_unavailable"
