@@ -75,6 +75,8 @@ class Pooler:
         """A chunk or piece that does not fit the window as its pieces, else itself. On a `hard` window (a silent
         cutter's, a crashing runner's) also one that may reach it, and the pieces are planned well below it
         (cuts.plan_window): none needs a count of its own, none costs a crash."""
+        if self.is_piece(row[0]) and row[0] not in self._slots:
+            return []  # a piece of a chunk that already failed: nothing to send
         text, tokens = row[1], window.tokens
         if not tokens or not text.strip():
             return [row]
@@ -117,6 +119,8 @@ class Pooler:
 
     def split(self, key: int) -> list[tuple[int, str]]:
         """A piece refused (or cut) by the server: its two halves as new piece rows; [] when it cannot be split."""
+        if key not in self._slots:
+            return []  # its chunk already failed
         chunk, _ = self._slots[key]
         halves = split_piece(chunk.text, self._piece_of(chunk, key))
         if len(halves) < 2:
