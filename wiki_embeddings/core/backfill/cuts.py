@@ -94,8 +94,8 @@ class Bracket:
 
     def next_try(self) -> int | None:
         """The count to try next: the geometric middle of the bracket (a crash costs a model reload, so the bracket
-        narrows by ratios: from 22 and 7,800 tokens to within a tenth of 2,048 in six tries, three of them crashes); None
-        once settled."""
+        narrows by ratios: from 22 and 7,800 tokens to within a tenth of 2,048 in six tries, three of them crashes);
+        None once settled."""
         if self.settled or self.crashed is None:
             return None
         return int(math.sqrt(max(self.answered, 1) * self.crashed))
