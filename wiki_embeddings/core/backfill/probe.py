@@ -131,7 +131,7 @@ class CrashProbes:
         """The window probe's findings (a crash at the start is a crash like any)."""
         self.brackets.update(found.brackets)
         self.counts.update(found.counts)
-        self.seen = self.seen or found.crash_at is not None
+        self.seen = self.seen or bool(found.brackets)
 
     async def settled(self) -> None:
         """Returns once no search is in progress."""

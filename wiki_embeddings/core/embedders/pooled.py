@@ -290,64 +290,64 @@ class PooledClient(ABC):
         """Send `texts` to `server` in pieces of its batch size; every piece is one request the tuning and the
         server's health hear about."""
         size = max(1, self.tuning.size_for(server.index))
+        health = self.tuning.controls[server.index].health
         raws: list[object] = []
         counts: list[int | None] = []
         for start in range(0, len(texts), size):
-            raw, count = await self._attempt(server, texts[start : start + size])
+            piece = texts[start : start + size]
+            # After a runner crash the model reloads: one request at a time waits it out (with the load allowance),
+            # the others wait for that one instead of timing out into the reload; its answer ends the reload.
+            lock = server.reload_lock if server.reloading else None
+            if lock is not None:
+                await lock.acquire()
+                if not server.reloading:  # the one before it ended the reload: no need to go one at a time
+                    lock.release()
+                    lock = None
+            reload = lock is not None
+            crashes = server.crashes
+            ticket = self.tuning.sent(server.index, len(piece), server.active)
+            outcome = tune.ERROR
+            # The first request may load the model, and so may the first after a runner crash (a reload): both
+            # get the load allowance, and their time is no evidence against the server.
+            loading = self._probing or reload
+            try:
+                async with asyncio.timeout(self.load_timeout_sec if loading else self.timeout_sec):
+                    raw, count = await self._send(server, piece)
+                outcome = tune.IGNORE if loading else tune.OK
+                if reload:
+                    server.reloading = False
+            except TimeoutError as exc:
+                outcome = tune.IGNORE if loading else tune.SLOW
+                if not loading and (server.reloading or server.crashes != crashes):
+                    # In flight when the runner crashed: it waited for the reload, not for a sick server.
+                    outcome = tune.IGNORE
+                    raise ReloadWait(f"{server.masked} reloaded its model after a runner crash") from exc
+                if not loading:
+                    health.failure(f"no answer within {self._deadline_name} {self.timeout_sec:g}")
+                    self._timed_out(server)
+                raise
+            except RunnerCrashed:
+                server.reloading = True
+                server.crashes += 1
+                raise
+            except Transient as exc:
+                if exc.http_status == 413:
+                    outcome = tune.SLOW  # refused as too large: a smaller batch is the cure, the server is well
+                else:
+                    outcome = (
+                        tune.TROUBLE if exc.http_status is None or exc.http_status in OVERLOAD_STATUSES else outcome
+                    )
+                    health.failure(str(exc), exc.retry_after, answered=exc.http_status is not None)
+                raise
+            finally:
+                seconds = self.tuning.done(ticket, outcome)
+                self.stats.seconds_waiting += seconds
+                if lock is not None:
+                    lock.release()
+            health.success(seconds)
             raws.extend(raw)
             counts.append(count)
         return raws, (None if any(c is None for c in counts) else sum(c for c in counts if c is not None))
-
-    async def _attempt(self, server: Server, piece: list[str]) -> tuple[list[object], int | None]:
-        """One request. After a runner crash the model reloads: one request at a time waits it out with the load
-        allowance (the first may load the model too), the others wait for that one instead of timing out into the
-        reload; the answer ends the reload."""
-        if server.reloading:
-            async with server.reload_lock:
-                if server.reloading:
-                    return await self._timed(server, piece, reload=True)
-        return await self._timed(server, piece, reload=False)
-
-    async def _timed(self, server: Server, piece: list[str], reload: bool) -> tuple[list[object], int | None]:
-        """One request under its deadline, heard by the tuning and the server's health: the first request and the
-        one after a crash have the load allowance, and their time is no evidence against the server; neither is
-        a timeout of a request that was in flight when the runner crashed (it waited for the reload: ReloadWait)."""
-        health = self.tuning.controls[server.index].health
-        ticket = self.tuning.sent(server.index, len(piece), server.active)
-        outcome = tune.ERROR
-        loading = self._probing or reload
-        crashes = server.crashes
-        try:
-            async with asyncio.timeout(self.load_timeout_sec if loading else self.timeout_sec):
-                raw, count = await self._send(server, piece)
-            outcome = tune.IGNORE if loading else tune.OK
-            if reload:
-                server.reloading = False
-        except TimeoutError as exc:
-            outcome = tune.IGNORE if loading else tune.SLOW
-            if not loading and (server.reloading or server.crashes != crashes):
-                outcome = tune.IGNORE
-                raise ReloadWait(f"{server.masked} reloaded its model after a runner crash") from exc
-            if not loading:
-                health.failure(f"no answer within {self._deadline_name} {self.timeout_sec:g}")
-                self._timed_out(server)
-            raise
-        except RunnerCrashed:
-            server.reloading = True
-            server.crashes += 1
-            raise
-        except Transient as exc:
-            if exc.http_status == 413:
-                outcome = tune.SLOW  # refused as too large: a smaller batch is the cure, the server is well
-            else:
-                outcome = tune.TROUBLE if exc.http_status is None or exc.http_status in OVERLOAD_STATUSES else outcome
-                health.failure(str(exc), exc.retry_after, answered=exc.http_status is not None)
-            raise
-        finally:
-            seconds = self.tuning.done(ticket, outcome)
-            self.stats.seconds_waiting += seconds
-        health.success(seconds)
-        return raw, count
 
     async def _send(self, server: Server, texts: list[str]) -> tuple[list[object], int | None]:
         """Count the request, then hand it to the subclass."""
