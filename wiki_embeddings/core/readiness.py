@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import signal
@@ -30,7 +31,7 @@ import subprocess
 import tempfile
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,14 +307,65 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
     escapes, quotes and adjoining words included), so bash reads exactly what was written; its quotes when the value
     was one quoted string, an `export ` prefix, a BOM, an inline comment and a CRLF ending stay. A line bash does not
     read as a plain assignment (an expansion `$...`, a command after the value, blanks before `=`) is rewritten
-    whole (`export ` and the CR kept); a value whose quote or trailing backslash goes on past its line is refused,
-    since rewriting one line would leave the rest to run. Every other byte of the file is kept exactly, undecodable
-    ones too. The value is written so that sourcing the file can never run it (`shell_value`). When no line
-    assigns `key`, one is appended (CRLF if the file uses CRLF). A missing file is created with mode 0600.
-    Raises `ReadinessError` (one line naming the path and the reason) when the file cannot be written.
+    whole (`export ` and the CR kept); a statement that goes on past its line (an open quote or `$'...'`, `$(`, a
+    backquote, a here-document, a compound command, a trailing backslash or `|`/`&&`) is refused, since rewriting
+    one line would leave the rest to run. Two writers take turns (a `flock` on the directory), and a file changed
+    between the read and the replace (an operator's editor) is read again, so no write is lost. Every other byte of
+    the file is kept exactly, undecodable ones too. The value is written so that sourcing the file can never run it
+    (`shell_value`). When no line assigns `key`, one is appended (CRLF if the file uses CRLF). A missing file is
+    created with mode 0600. Raises `ReadinessError` (one line naming the path and the reason) when the file cannot
+    be written.
     """
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
-    data, st = _read_no_follow(p)
+    with _directory_lock(p.parent):
+        for _ in range(_EDIT_RETRIES):
+            data, st = _read_no_follow(p)
+            new = _with_value(p, data, key, wanted)
+            if data is not None and new == data:
+                return False, False
+            if _same_file(p, st):  # nobody (an operator's editor) changed it since we read it
+                _atomic_write(p, new, st)
+                return True, data is None
+        raise ReadinessError(f"refusing to change {key} in {p}: the file keeps changing while it is written")
+
+
+#: How often a file changed under the writer (an operator's editor) is read again before giving up.
+_EDIT_RETRIES = 5
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive `flock` on the env file's directory for one read-change-replace: two writers (the readiness
+    sensor and the after-swap sensor, two processes) never both read the old file and the later one's replace
+    drops the other's line. No lock (the directory cannot be opened or locked): one writer is assumed."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # also releases the flock
+
+
+def _same_file(path: Path, st: os.stat_result | None) -> bool:
+    """Whether the file is still the one read as `st` (None: still absent)."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return st is None
+    except OSError:
+        return True  # _atomic_write says what is wrong
+    if st is None:
+        return False
+    return (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _with_value(p: Path, data: bytes | None, key: str, wanted: str) -> bytes:
+    """The file's bytes with `key=wanted` set as `set_value` says (ReadinessError when it cannot be)."""
     raw_key = key.encode("ascii")
     lines = (data or b"").split(b"\n")
     replaced = False
@@ -323,8 +375,9 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
             word = _word(m)
             if word.verdict == "multiline":
                 raise ReadinessError(
-                    f"refusing to change {key} in {p}: on line {number + 1} its value opens a quote or ends in a "
-                    "backslash that goes on past the line; fix that line by hand (nothing was written)"
+                    f"refusing to change {key} in {p}: on line {number + 1} its value opens a quote, a substitution, a "
+                    "here-document or a compound command, or ends in a backslash or an operator, that goes on past "
+                    "the line; fix that line by hand (nothing was written)"
                 )
             if word.plain:  # only the word changes: what follows it (blanks, a comment, the CR) stays
                 lines[number] = line[: m.start("value")] + shell_value(p, key, wanted, word.quote) + word.rest
@@ -341,10 +394,7 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
         elif new and not new.endswith(b"\n"):
             new += newline
         new += raw_key + b"=" + shell_value(p, key, wanted, b"") + newline
-    if data is not None and new == data:
-        return False, False
-    _atomic_write(p, new, st)
-    return True, data is None
+    return new
 
 
 #: A value written without quotes: nothing in it means anything to a shell.

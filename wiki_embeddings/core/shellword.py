@@ -76,6 +76,114 @@ def _double(body: bytes, i: int) -> tuple[int, bytes, bool] | None:
     return None
 
 
+#: Words that open (or go on with) a compound command: bash reads on past the line for them.
+_COMPOUND_WORDS = {
+    b"if",
+    b"then",
+    b"elif",
+    b"else",
+    b"while",
+    b"until",
+    b"for",
+    b"do",
+    b"case",
+    b"select",
+    b"function",
+    b"{",
+    b"[[",
+}
+
+
+def _ansi_c(body: bytes, i: int) -> int | None:
+    """`$'...'` whose `'` is at `i`: the index after its close (a backslash escapes any byte), None if unclosed."""
+    j = i + 1
+    while j < len(body):
+        if body[j : j + 1] == b"\\":
+            j += 2
+        elif body[j : j + 1] == b"'":
+            return j + 1
+        else:
+            j += 1
+    return None
+
+
+def _continues(body: bytes) -> bool:
+    """Whether bash may read this line's statement on past its end: an open quote (`$'...'` included), an unclosed
+    `$(`, `(`, `${` or backquote, a here-document, a compound command or a trailing `|`, `&&`, `||` or backslash.
+    Conservative (True when unsure): a line that is True here is refused, not rewritten, since rewriting one line
+    would leave the rest of its statement to run as commands."""
+    stack: list[bytes] = []  # open contexts: b"(" b"{" b"`" b'"'
+    word, last, i = bytearray(), b"", 0
+    while i < len(body):
+        c, two = body[i : i + 1], body[i : i + 2]
+        top = stack[-1] if stack else b""
+        if c == b"\\":
+            if i + 1 >= len(body):
+                return True
+            word += b"x"
+            i += 2
+            continue
+        if top == b'"':
+            if c == b'"':
+                stack.pop()
+            elif two in (b"$(", b"${"):
+                stack.append(two[1:2])
+                i += 1
+            elif c == b"`":
+                stack.append(c)
+            i += 1
+            continue
+        if two in (b"&&", b"||"):
+            if bytes(word) in _COMPOUND_WORDS and top != b"{":
+                return True
+            word, last = bytearray(), two
+            i += 2
+            continue
+        if c in _BLANKS or c in b";&|()<>`" or (c == b"}" and top == b"{"):
+            if bytes(word) in _COMPOUND_WORDS and top != b"{":
+                return True
+            word = bytearray()
+        if c == b"#" and (i == 0 or body[i - 1 : i] in _BLANKS + b";&|(") and top != b"{":
+            break  # a comment: the rest of the line is not read
+        if two == b"$'":
+            end = _ansi_c(body, i + 1)
+            if end is None:
+                return True
+            word += b"x"
+            i = end
+            continue
+        if c == b"'":
+            close = body.find(b"'", i + 1)
+            if close < 0:
+                return True
+            word += b"x"
+            i = close + 1
+            continue
+        if two in (b"$(", b"${"):
+            stack.append(two[1:2])
+            i += 2
+            continue
+        if c == b'"' or c == b"(":
+            stack.append(c)
+        elif (c == b")" and top == b"(") or (c == b"}" and top == b"{") or (c == b"`" and top == b"`"):
+            stack.pop()
+        elif c == b"`":
+            stack.append(c)
+        elif two == b"<<" and body[i + 2 : i + 3] != b"<":
+            return True  # a here-document: its body is the next lines
+        elif two == b"<<":
+            i += 3  # a here-string: one line
+            continue
+        elif c not in _BLANKS and c not in b";&|<>":
+            word += c
+        if c not in _BLANKS:
+            last = c
+        i += 1
+    if bytes(word) in _COMPOUND_WORDS:
+        return True
+    return bool(stack) or last in (b"|", b"&&", b"||")
+
+
 def scan(raw: bytes) -> ShellWord:
     """Scan `raw`, the bytes after `KEY=` up to (not including) the line's b"\\n"."""
     cr = b"\r" if raw.endswith(b"\r") else b""
@@ -115,6 +223,6 @@ def scan(raw: bytes) -> ShellWord:
     rest = body[i:] + cr
     after = body[i:].lstrip(_BLANKS)
     if expands or (after and not after.startswith(b"#")):  # a `#` here follows a blank: a comment
-        return ShellWord("unsafe", i, None, b"", rest)
+        return ShellWord("multiline" if _continues(body) else "unsafe", i, None, b"", rest)
     quote = segments[0] if len(segments) == 1 else b""
     return ShellWord("plain", i, bytes(out), quote, rest)
