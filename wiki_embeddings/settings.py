@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from wiki_embeddings.checks import (
     AT_LEAST_ONE,
@@ -27,7 +26,9 @@ from wiki_embeddings.checks import (
     parse_bool,
     parse_number,
 )
-from wiki_embeddings.redaction import redact as redact  # re-exported: the CLI, the run and Dagster use it from here
+from wiki_embeddings.redaction import mask_url as mask_url  # re-exported: the CLI, the run and Dagster use them
+from wiki_embeddings.redaction import redact as redact
+from wiki_embeddings.redaction import url_secrets as url_secrets
 
 DEFAULT_OLLAMA_URL = "http://ollama:11434"
 DEFAULT_MODEL = "nomic-embed-text"
@@ -522,26 +523,6 @@ def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     return settings.replace(**overrides)
 
 
-_PASSWORD_IN_URL = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
-
-
-def mask_url(url: str) -> str:
-    """Hide a password in a libpq/HTTP URL (userinfo or `password=` parameter)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            user, _ = userinfo.split(":", 1)
-            userinfo = f"{user}:***"
-        netloc = f"{userinfo}@{host}"
-    masked = urlunsplit((parts.scheme, netloc, parts.path, _PASSWORD_IN_URL.sub(r"\1***", parts.query), ""))
-    return masked
-
-
 def check_http_url(url: str) -> None:
     """A model-server URL must be `http(s)://host[:port]`: anything else is a configuration error, said plainly
     (masked), instead of a traceback or six retries against an address that cannot exist."""
@@ -550,6 +531,11 @@ def check_http_url(url: str) -> None:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a port out of range or not a number
     except ValueError as exc:
+        if "@" in url:  # the parser's reason would quote the password as a port
+            raise ValueError(
+                f"OLLAMA_URL {shown!r} is not a valid URL: a /, ?, # or @ in its user name or password must be "
+                "percent-encoded (%2F, %3F, %23, %40)"
+            ) from None
         raise ValueError(f"OLLAMA_URL {shown!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError(
@@ -559,31 +545,3 @@ def check_http_url(url: str) -> None:
         raise ValueError(f"OLLAMA_URL {shown!r} has no host name")
     if port == 0:
         raise ValueError(f"OLLAMA_URL {shown!r}: port 0 is not a port a server can listen on")
-
-
-_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")
-_URL_PASSWORD_PARAM = re.compile(r"[?&]password=([^&#\s]*)", re.IGNORECASE)
-_KEYWORD_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def url_secrets(url: str | None) -> list[str]:
-    """Every spelling of the password in a libpq URL or `key=value` string, as written and percent-decoded.
-
-    Read with plain patterns, not a URL parser: libpq echoes a malformed URL whole in its error message
-    (`invalid IPv6 host address in URI: "postgresql://u:PW@[..."`), exactly when a parser gives up.
-    """
-    if not url:
-        return []
-    found: list[str] = []
-    userinfo = _URL_USERINFO.match(url)
-    if userinfo and ":" in userinfo.group(1):
-        found.append(userinfo.group(1).split(":", 1)[1])
-    found += _URL_PASSWORD_PARAM.findall(url)
-    for value in _KEYWORD_PASSWORD.findall(url):
-        found.append(value[1:-1] if value.startswith("'") and value.endswith("'") and len(value) > 1 else value)
-    out: list[str] = []
-    for secret in found:
-        for spelling in (secret, unquote(secret)):
-            if spelling and spelling not in out:
-                out.append(spelling)
-    return out

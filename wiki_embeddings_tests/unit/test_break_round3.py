@@ -5,6 +5,7 @@ as production would. Each test states the promise; a defect not fixed here is `x
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,46 @@ def test_set_value_keeps_a_very_long_line_and_binary_bytes(tmp_path):
     env.write_bytes(junk + b"B=\x00\xff\n" + K + b"=false\n")
     set_value(env, "WIKI_EMBEDDINGS_READY", "true")
     assert env.read_bytes() == junk + b"B=\x00\xff\n" + K + b"=true\n"
+
+
+# ---------------------------------------------------------------------------- secrets (README "Secrets in messages")
+SECRET = "Sekr3tPw9x"
+LEAKY_URLS = [
+    # a password with an unescaped / ? # (it should be percent-encoded): a URL parser ends the authority early
+    ("DATABASE_URL", f"postgresql://u:{SECRET[:6]}/{SECRET[6:]}@127.0.0.1:1/db"),
+    ("DATABASE_URL", f"postgresql://u:{SECRET[:6]}#{SECRET[6:]}@127.0.0.1:1/db"),
+    ("DATABASE_URL", f"postgresql://u:{SECRET[:6]}?{SECRET[6:]}@127.0.0.1:1/db"),
+    ("DATABASE_URL", f"host=127.0.0.1 port=1 user=u password={SECRET}"),  # libpq's key=value form
+    ("DATABASE_URL", f"host=127.0.0.1 port=1 user=u password = '{SECRET[:6]} {SECRET[6:]}'"),
+    ("OLLAMA_URL", f"http://u:{SECRET[:6]}/{SECRET[6:]}@127.0.0.1:11434"),
+    ("OLLAMA_URL", f"http://u:{SECRET[:6]}#{SECRET[6:]}@127.0.0.1:11434"),
+]
+
+
+@pytest.mark.parametrize(("var", "url"), LEAKY_URLS)
+def test_config_and_errors_never_show_a_password_written_oddly(var, url):
+    """`config` prints the effective settings "secrets masked", and an error is one redacted line: no part of the
+    password shows. Fixed: mask_url handled URLs whose authority a parser could read (a key=value DSN and a
+    password holding / ? # were printed whole), and check_http_url quoted the parser's reason (the password as a
+    port); url_secrets also reads the user-info up to the last `@`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "OLLAMA_URL")}
+    env.update({"DATABASE_URL": "postgresql://x@127.0.0.1:1/db", "OLLAMA_URL": "http://127.0.0.1:9", var: url})
+    for args in (["config"], ["backfill", "--dry-run"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "wiki_embeddings.cli", *args], capture_output=True, text=True, env=env, timeout=60
+        )
+        out = done.stdout + done.stderr
+        assert SECRET[:6] not in out and SECRET[6:] not in out, out
+        assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("url", [url for _, url in LEAKY_URLS])
+def test_url_secrets_name_the_whole_password(url):
+    """What redact() is given holds the password as written, so a message quoting it whole is redacted."""
+    from wiki_embeddings.settings import redact, url_secrets
+
+    if "password = '" in url:
+        whole = f"{SECRET[:6]} {SECRET[6:]}"
+    else:
+        whole = SECRET if "password=" in url else url.split("u:", 1)[1].rsplit("@", 1)[0]
+    assert redact(f'error near "{whole}" here', url_secrets(url)) == 'error near "***" here'
