@@ -34,7 +34,7 @@ DAY_SEC = 86_400.0
 def parse_number(kind: Callable[[str], Any], raw: str) -> Any:
     """`kind(raw)` (int or float) for text in ASCII only: ValueError for another script's digits, which Python
     would read as numbers (`int("٣")` is 3)."""
-    if not raw.isascii():
+    if not raw.isascii() or "_" in raw:  # Python also reads "5_000" as 5000 and "6_4" as 64
         raise ValueError(f"{raw!r} is not a number: write it with ASCII digits 0-9")
     return kind(raw)
 
@@ -155,6 +155,9 @@ KEEP_ALIVE_FORMS = (
 )
 
 
+_TOO_LONG = "{value!r} is longer than Go's longest duration (about 292 years): use -1 to keep the model loaded"
+
+
 def keep_alive_problem(value: str) -> str | None:
     """Why Ollama would refuse `value` as `keep_alive` (HTTP 400 "time: invalid duration"), or None.
 
@@ -162,11 +165,11 @@ def keep_alive_problem(value: str) -> str | None:
     anything else as a string, which Ollama parses with Go's time.ParseDuration ("5m", "1h30m", "0"; a bare
     "1.5" lacks a unit, "forever" is no duration; past about 292 years it overflows)."""
     text = value.strip()
-    if re.fullmatch(r"[-+]?[0-9]+", text):
-        return None
+    if re.fullmatch(r"[-+]?[0-9]+", text):  # Ollama multiplies seconds into an int64 of nanoseconds too
+        return None if int(text) <= _GO_DURATION_MAX_SEC else _TOO_LONG.format(value=value)
     if not _GO_DURATION.fullmatch(text):
         return f"{value!r} is not {KEEP_ALIVE_FORMS}"
     seconds = sum(float(number) * _UNIT_SEC[unit] for number, unit in _GO_DURATION_PART.findall(text))
     if seconds > _GO_DURATION_MAX_SEC:
-        return f"{value!r} is longer than Go's longest duration (about 292 years): use -1 to keep the model loaded"
+        return _TOO_LONG.format(value=value)
     return None

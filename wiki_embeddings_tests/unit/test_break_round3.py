@@ -207,3 +207,26 @@ def test_url_secrets_name_the_whole_password(url):
     else:
         whole = SECRET if "password=" in url else url.split("u:", 1)[1].rsplit("@", 1)[0]
     assert redact(f'error near "{whole}" here', url_secrets(url)) == 'error near "***" here'
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "9223372037", "+9300000000"])
+def test_keep_alive_seconds_past_gos_longest_duration_are_refused(value):
+    """Keep-alive is checked as Ollama parses it: Ollama turns a number of seconds into an int64 of nanoseconds,
+    as it does a duration string, which is refused past about 292 years. Fixed: a whole number was never bounded
+    (checks.keep_alive_problem returned None for any digits)."""
+    from wiki_embeddings.checks import keep_alive_problem
+
+    assert keep_alive_problem(value) is not None
+    assert keep_alive_problem("9223372036") is None and keep_alive_problem("-99999999999999999999") is None
+
+
+@pytest.mark.parametrize(
+    ("var", "raw"), [("WIKI_EMBED_NUM_CTX", "6_4"), ("WIKI_EMBED_DB_STATEMENT_TIMEOUT_SEC", "1_0.5")]
+)
+def test_a_number_with_underscores_is_refused_naming_the_variable(var, raw):
+    """Settings: numbers in ASCII digits only. Fixed: Python's int()/float() read `6_4` as 64 (checks.parse_number
+    checked the script, not the underscores)."""
+    from wiki_embeddings.settings import from_env
+
+    with pytest.raises(ValueError, match=var):
+        from_env({var: raw})
