@@ -221,7 +221,10 @@ def decide(
 #: One `KEY=value` line (bytes, without its b"\n"): blanks are space and tab only, as in the shell; a UTF-8
 #: byte order mark may open the file's first line (`_BOM`, allowed there only). Blanks before `=` (`gap`) make the
 #: line a command, not an assignment, in bash: such a line is rewritten whole, and never read as true.
-_LINE = re.compile(rb"(?P<prefix>[ \t]*(?:export[ \t]+)?)(?P<key>[A-Za-z_][A-Za-z0-9_]*)(?P<gap>[ \t]*)=(?P<value>.*)$")
+_LINE = re.compile(
+    rb"(?P<prefix>[ \t]*(?:(?:export|readonly|(?:declare|typeset)(?:[ \t]+-[A-Za-z]+)*)[ \t]+)?)"
+    rb"(?P<key>[A-Za-z_][A-Za-z0-9_]*)(?P<gap>[ \t]*)=(?P<value>.*)$"
+)
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -233,10 +236,13 @@ def _word(m: re.Match[bytes]) -> ShellWord:
     return word
 
 
-def _match(line: bytes, first: bool) -> re.Match[bytes] | None:
-    """The `KEY=value` match of a line, after the BOM when the file's first line starts with one."""
-    start = len(_BOM) if first and line.startswith(_BOM) else 0
-    return _LINE.match(line, start)  # match() anchors at `start`: no `^` in the pattern
+def _match(line: bytes, first: bool, *, past_bom: bool = False) -> re.Match[bytes] | None:
+    """The `KEY=value` match of a line. Bash does not strip a byte order mark: a first line that opens with one is
+    a command to bash, not an assignment, and is read as none; the writer (`past_bom`) finds the key behind it and
+    drops the mark, so that bash reads the line it wrote."""
+    if first and line.startswith(_BOM):
+        return _LINE.match(line, len(_BOM)) if past_bom else None
+    return _LINE.match(line)
 
 
 def _assignments(data: bytes, key: str) -> list[bytes]:
@@ -305,7 +311,8 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
     The file is handled as the shell reads it: bytes, lines split on b"\n" only. In each line assigning
     `key` only the value's bytes change, up to where bash ends the value's word (`core/shellword.py`: backslash
     escapes, quotes and adjoining words included), so bash reads exactly what was written; its quotes when the value
-    was one quoted string, an `export ` prefix, a BOM, an inline comment and a CRLF ending stay. A line bash does not
+    was one quoted string, an `export `/`readonly `/`declare -x ` prefix, an inline comment and a CRLF ending stay (a
+    BOM opening the key's line is dropped: bash reads it as part of a command). A line bash does not
     read as a plain assignment (an expansion `$...`, a command after the value, blanks before `=`) is rewritten
     whole (`export ` and the CR kept); a statement that goes on past its line (an open quote or `$'...'`, `$(`, a
     backquote, a here-document, a compound command, a trailing backslash or `|`/`&&`) is refused, since rewriting
@@ -370,8 +377,12 @@ def _with_value(p: Path, data: bytes | None, key: str, wanted: str) -> bytes:
     lines = (data or b"").split(b"\n")
     replaced = False
     for number, line in enumerate(lines):
-        m = _match(line, number == 0)
+        m = _match(line, number == 0, past_bom=True)
         if m and m.group("key") == raw_key:
+            if m.start() > 0:  # behind a BOM, which bash does not strip: dropped, or bash never sets the key
+                line = lines[number] = line[m.start() :]
+                m = _match(line, False)
+                assert m is not None
             word = _word(m)
             if word.verdict == "multiline":
                 raise ReadinessError(

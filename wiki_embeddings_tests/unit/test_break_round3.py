@@ -76,11 +76,6 @@ def test_a_one_line_statement_is_still_rewritten_whole(tmp_path, line, after):
     assert _source(env)[0] == "true"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: bash does not strip a UTF-8 BOM, so the first line `\\ufeffKEY=...` is a command, not an "
-    "assignment; readiness._match (core/readiness.py `_BOM`) reads and rewrites it as the flag, and bash never sets it",
-)
 def test_a_flag_behind_a_bom_is_what_bash_reads(tmp_path):
     env = tmp_path / "env"
     env.write_bytes(b"\xef\xbb\xbf" + K + b"=false\n")
@@ -89,12 +84,6 @@ def test_a_flag_behind_a_bom_is_what_bash_reads(tmp_path):
     assert _source(env)[0] == "true", env.read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: `readonly KEY=false` (also `declare -r`) is not read as an assignment (_LINE knows `export` "
-    "only): a `KEY=true` line is appended, bash fails on it ('readonly variable') and keeps false while read_flag "
-    "says true",
-)
 def test_a_readonly_flag_is_not_reported_true_when_bash_keeps_it_false(tmp_path):
     env = tmp_path / "env"
     env.write_bytes(b"readonly " + K + b"=false\n")
