@@ -368,6 +368,9 @@ class EmbedWorker:
                 answer = await self._call([text])
             except AmbiguousFailure:
                 continue
+            except ContextExceeded:  # too long after all (the 500 came first): split or cut as any refusal, not blamed
+                await self._embed_rows([row], emit, self._plan())
+                return True
             except EmbedFailure:
                 return False
             await emit(_embedded([row], [text], answer.vectors, [0]))
