@@ -133,3 +133,82 @@ def test_kill9_in_the_middle_of_a_chunks_pieces_under_errors_then_resume(make_ta
     assert done.returncode == 0, done.stdout + done.stderr
     assert max(counting.sizes) <= 3
     _pooled_all_whole(table)
+
+
+class _Proxy400:
+    """A reverse proxy in front of the dev server that answers every embed request itself with `status` and an
+    nginx-style HTML page (a body-size or header limit of its own), and forwards everything else."""
+
+    def __init__(self, upstream: str, status: int, body: bytes = b"") -> None:
+        import http.server
+        import urllib.request
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                data = self.rfile.read(length) if length else None
+                if self.path.startswith(("/api/embed", "/v1/embeddings")):
+                    page = proxy.body or (
+                        f"<html><head><title>{status} Bad Request</title></head><body><center><h1>{status} Bad "
+                        "Request</h1></center><hr><center>nginx</center></body></html>"
+                    ).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
+                req = urllib.request.Request(upstream + self.path, data=data, method=self.command)
+                req.add_header("Content-Type", "application/json")
+                try:
+                    with urllib.request.urlopen(req, timeout=10) as resp:
+                        code, out = resp.status, resp.read()
+                except urllib.error.HTTPError as err:
+                    code, out = err.code, err.read()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_HEAD = _answer
+
+        self.body = body
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("status_code", [400, 413, 422])
+def test_a_proxys_own_4xx_at_the_start_probe_is_not_blamed_on_our_settings(make_table, ollama, status_code):
+    proxy = _Proxy400(ollama.url, status_code)
+    try:
+        table = make_table(ollama_url=proxy.url)
+        table.load([(1, "hello there"), (2, "another")])
+        done = run_cli(table, "backfill", "--retries", "1")
+    finally:
+        proxy.close()
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out, out
+    assert done.returncode == 3, f"exit {done.returncode}: {out}"
+    assert "OLLAMA_MODEL" not in out and "setting" not in out, out
+    assert filled(table) == 0
+
+
+def test_the_model_servers_own_400_to_the_probe_is_still_a_bad_setting_naming_what_every_request_carries(
+    make_table, ollama
+):
+    table = make_table()
+    table.load([(1, "hello there")])
+    ollama.set_faults(bad_request_marker="quick brown fox")  # Ollama's JSON {"error": ...} to the probe text
+    done = run_cli(table, "backfill")
+    assert done.returncode == 2 and "OLLAMA_MODEL" in done.stderr and "Traceback" not in done.stderr, done.stderr

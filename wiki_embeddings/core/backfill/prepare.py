@@ -116,8 +116,8 @@ def refused_setting(exc: EmbedFailure, settings: Settings, prefix: str, model: s
 
     The probe is a short known-good text: refused as over the window only when the text prefix before it (nearly)
     fills the window; refused as malformed (HTTP 400) only for something every request of ours carries."""
-    if not isinstance(exc, InputRejected) or isinstance(exc, RunnerCrashed) or exc.http_status != 400:
-        return None
+    if not isinstance(exc, InputRejected) or isinstance(exc, RunnerCrashed) or exc.http_status != 400 or exc.foreign:
+        return None  # a proxy's own page (HTML, plain text) is not the model server judging our request
     if isinstance(exc, ContextExceeded):
         if not prefix:
             return None
