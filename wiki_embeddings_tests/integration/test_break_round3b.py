@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
+from wiki_embeddings.core.backfill.errors import ModelChanged
 from wiki_embeddings.core.status import collect_status
 from wiki_embeddings.core.verify import verify
 from wiki_embeddings.devtools.ollama_server import ModelSpec, OllamaServer
@@ -212,3 +213,41 @@ def test_the_model_servers_own_400_to_the_probe_is_still_a_bad_setting_naming_wh
     ollama.set_faults(bad_request_marker="quick brown fox")  # Ollama's JSON {"error": ...} to the probe text
     done = run_cli(table, "backfill")
     assert done.returncode == 2 and "OLLAMA_MODEL" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def _made(table) -> tuple[int, int]:
+    return table.store.made_by()
+
+
+def test_reembed_cut_turns_cut_chunks_into_pooled_ones_and_a_second_run_right_after_has_nothing_to_do(
+    make_table, counting
+):
+    table = make_table(ollama_url=counting.url, batch_size=4, max_chars=50000, long_text="cut")
+    _insert(table, [(cid, f"chunk {cid}. " + LONG) for cid in range(1, 9)])
+    assert table.backfill().context_cut == 8 and _made(table) == (8, 0)
+    with pytest.raises(ModelChanged, match="must not mix"):
+        table.backfill(long_text="pool")
+    first = table.backfill(long_text="pool", reembed_cut=True)
+    assert first.state == "completed" and first.refreshed == 8, first.message
+    assert _made(table) == (0, 8)
+    second = table.backfill(long_text="pool", reembed_cut=True)
+    assert second.state == "completed" and second.refreshed == 0 and second.embedded == 0, "".join(second.summary())
+    assert _made(table) == (0, 8) and wrong_vectors(table, 50000) == []
+
+
+def test_a_conversion_cut_short_is_never_left_as_a_silent_mix(make_table, counting):
+    """`--long-text pool --reembed-cut` stopped part way (here by --max-chunks) leaves cut and pooled vectors in one
+    column; the next plain run must finish the conversion or be refused, never accept the mix as it is."""
+    table = make_table(ollama_url=counting.url, batch_size=2, max_chars=50000, long_text="cut")
+    _insert(table, [(cid, f"chunk {cid}. " + LONG) for cid in range(1, 9)])
+    table.backfill()
+    part = table.backfill(long_text="pool", reembed_cut=True, max_chunks=2)
+    cut, pooled = _made(table)
+    assert pooled > 0 and cut > 0, (part.state, part.refreshed, cut, pooled)
+    with pytest.raises(ModelChanged, match="left unfinished"):
+        table.backfill(long_text="pool")
+    with pytest.raises(ModelChanged, match="left unfinished"):
+        table.backfill(long_text="cut")
+    assert _made(table) == (cut, pooled), "nothing written by the refused runs"
+    done = table.backfill(long_text="pool", reembed_cut=True)
+    assert done.state == "completed" and _made(table) == (0, 8) and wrong_vectors(table, 50000) == []

@@ -71,13 +71,18 @@ def check_long_text(store: Store, settings: Settings) -> None:
     if settings.reembed_cut:
         return
     cut, pooled = store.made_by()
-    made = "pool" if pooled else "cut" if cut else None
-    if made is None or made == settings.long_text:
+    made = "pool" if settings.long_text == "cut" else "cut"  # the other way: any vector made so is a mix
+    count = pooled if made == "pool" else cut
+    if not count:
         return
     column = f"{store.table.qualified}.{store.table.embedding_column}"
-    count = pooled if made == "pool" else cut
+    unfinished = (
+        f" (and {pooled if made == 'cut' else cut} made with --long-text {settings.long_text}: a change left unfinished)"
+        if cut and pooled
+        else ""
+    )
     raise ModelChanged(
-        f"{column} holds {count} vectors of long texts made with --long-text {made}; this run's is "
+        f"{column} holds {count} vectors of long texts made with --long-text {made}{unfinished}; this run's is "
         f"{settings.long_text!r} (WIKI_EMBED_LONG_TEXT) and a column must not mix them; nothing was written. Keep "
         f"--long-text {made}, or change it with one run of `wiki-embeddings backfill --long-text {settings.long_text}"
         f" --reembed-cut`, which re-embeds those {count} chunks in place"
