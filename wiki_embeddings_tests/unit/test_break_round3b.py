@@ -39,7 +39,8 @@ def test_until_is_wall_time_across_daylight_saving(zone: str, start: str, until:
 
 
 @pytest.mark.parametrize(
-    "text", ["24:00", "25:00", "6", "06:00:60", "06:60", "٠٦:٠٠", "０６:００", "\u200b06:00", "06:00+00:60", "06:00+0075"]
+    "text",
+    ["24:00", "25:00", "6", "06:00:60", "06:60", "٠٦:٠٠", "０６:００", "\u200b06:00", "06:00+00:60", "06:00+0075"],
 )
 def test_until_refuses_what_is_not_a_time_of_day(text: str) -> None:
     with pytest.raises(ValueError, match="until"):

@@ -76,11 +76,8 @@ def check_long_text(store: Store, settings: Settings) -> None:
     if not count:
         return
     column = f"{store.table.qualified}.{store.table.embedding_column}"
-    unfinished = (
-        f" (and {pooled if made == 'cut' else cut} made with --long-text {settings.long_text}: a change left unfinished)"
-        if cut and pooled
-        else ""
-    )
+    mine = pooled if made == "cut" else cut
+    unfinished = f" (and {mine} made with --long-text {settings.long_text}: a change left unfinished)" if mine else ""
     raise ModelChanged(
         f"{column} holds {count} vectors of long texts made with --long-text {made}{unfinished}; this run's is "
         f"{settings.long_text!r} (WIKI_EMBED_LONG_TEXT) and a column must not mix them; nothing was written. Keep "
