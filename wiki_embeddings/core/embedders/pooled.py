@@ -35,7 +35,8 @@ from wiki_embeddings.core.embedders.http import Transient, answer_limit
 from wiki_embeddings.core.embedders.servers import Server, ServerPool, Turns
 from wiki_embeddings.settings import mask_url
 
-OVERLOAD_STATUSES = {429, 502, 503, 504}  # answers that shrink depth and batch size (core/tuning.py)
+OVERLOAD_STATUSES = {429, 502, 503, 504}  # answers that lower the depth, never the batch size (core/tuning.py)
+FULL_STATUSES = {429, 503}  # of those, the server's own "I am full": one fewer in flight (502/504 halve the depth)
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."  # what an out server is asked to embed
 MAX_BATCH_TEXTS = 4096
 
@@ -232,8 +233,9 @@ class PooledClient(ABC):
         payload = [self.text_prefix + t for t in texts] if self.text_prefix else list(texts)
         attempts = timeouts = total = 0
         limit = (self.retries + 1) * len(self._urls) * 3  # a server that flaps between probe and batch ends too
+        avoid: dict[int, float] = {}  # server -> until when this request waits before it goes there again
         while True:
-            chosen = await pool.acquire(server)
+            chosen = await pool.acquire(server, avoid)
             total += 1
             try:
                 raw, count = await self._exchange(chosen, payload)
@@ -252,6 +254,7 @@ class PooledClient(ABC):
                     ) from exc
             except Transient as exc:
                 attempts += 1
+                pool.pause(avoid, chosen, exc.pause_sec)
                 failure = f"the {self.server_kind} at {chosen.masked} (OLLAMA_URL): {exc}"
                 if server is not None or total >= limit:
                     raise ServerUnavailable(failure, http_status=exc.http_status, server=chosen.index) from exc
@@ -306,10 +309,11 @@ class PooledClient(ABC):
                 if exc.http_status == 413:
                     outcome = tune.SLOW  # refused as too large: a smaller batch is the cure, the server is well
                 else:
-                    outcome = (
-                        tune.TROUBLE if exc.http_status is None or exc.http_status in OVERLOAD_STATUSES else outcome
-                    )
-                    health.failure(str(exc), exc.retry_after, answered=exc.http_status is not None)
+                    if exc.http_status in FULL_STATUSES:
+                        outcome = tune.OVERLOAD
+                    elif exc.http_status is None or exc.http_status in OVERLOAD_STATUSES:
+                        outcome = tune.TROUBLE
+                    exc.pause_sec = health.failure(str(exc), exc.retry_after, answered=exc.http_status is not None)
                 raise
             finally:
                 seconds = self.tuning.done(ticket, outcome)
