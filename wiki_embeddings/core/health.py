@@ -73,10 +73,12 @@ class ServerHealth:
         if self.state != IN:
             self._move(IN, "answered again")
 
-    def failure(self, why: str, retry_after: float | None = None, *, answered: bool = False) -> float:
+    def failure(self, why: str, retry_after: float | None = None, *, answered: bool = False, attempt: int = 1) -> float:
         """A transport error, an overload answer (`answered`: the server is there, busy) or a timeout: back off;
-        out when it keeps failing. Returns the seconds the failed request waits before it goes to this server
-        again (the whole server waits them too unless this was a lone answered failure without Retry-After)."""
+        out when it keeps failing. Returns the seconds the failed request (this was its `attempt`-th failure) waits
+        before it goes to this server again (the whole server waits them too unless this was a lone answered
+        failure without Retry-After). The pause doubles with the server's failures in a row or the request's own,
+        whichever are more: a request that keeps meeting 503s between others' good answers backs off as well."""
         now = self.clock()
         self.failures += 1
         self.responded += int(answered)
@@ -91,7 +93,7 @@ class ServerHealth:
                 if self.latency is None
                 else min(self.backoff_base_sec, max(FIRST_BACKOFF_MIN_SEC, 2 * self.latency))
             )
-            ceiling = min(self.backoff_max_sec, first * 2 ** (self.failures_in_a_row - 1))
+            ceiling = min(self.backoff_max_sec, first * 2 ** (max(self.failures_in_a_row, attempt) - 1))
             pause = ceiling * (0.5 + self.jitter() / 2)  # jitter: many workers do not retry in lockstep
         if retry_after is not None or not answered or self.failures_in_a_row >= BLOCK_AFTER_FAILURES:
             self.blocked_until = max(self.blocked_until, now + pause)

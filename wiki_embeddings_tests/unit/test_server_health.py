@@ -59,6 +59,17 @@ def test_failures_in_a_row_double_the_backoff_up_to_its_ceiling():
     assert waits[:3] == [0.5, 1.0, 2.0] and waits[3:] == [2.0, 2.0]
 
 
+def test_a_request_refused_again_and_again_waits_longer_each_time_though_the_server_answers_others():
+    clock = Clock()
+    server = health(clock, backoff_base_sec=0.5, backoff_max_sec=0.1)
+    pauses = []
+    for attempt in (1, 2, 3, 4):
+        server.success(0.02)  # others' good answers between this request's tries
+        pauses.append(round(server.failure("HTTP 503", answered=True, attempt=attempt), 3))
+    assert pauses == [0.04, 0.08, 0.1, 0.1], "doubling with the request's own failures, up to the ceiling"
+    assert server.available()
+
+
 def test_retry_after_is_honoured_within_the_ceiling():
     clock = Clock()
     server = health(clock, backoff_max_sec=30.0)
