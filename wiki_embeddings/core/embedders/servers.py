@@ -2,8 +2,9 @@
 
 `ServerPool` hands out a server for each request: round-robin among those with a free slot under their depth
 (core/tuning.py decides the depths), or one named server (the canary goes back to the server that failed). It
-also holds the turns: how many embed workers may hold a claimed batch at once (the servers' total depth), so the
-run holds no more chunks than the servers are about to take. No HTTP here: the embedder sends, the pool counts.
+also holds the turns: how many embed workers may hold a claimed batch at once (the servers' total depth, plus one
+for each request waiting out a retry pause), so the run holds no more chunks than the servers are about to take.
+No HTTP here: the embedder sends, the pool counts.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Server:
 
 
 class Turns:
-    """A semaphore whose limit can change: the embed workers that may hold a batch at once (= total depth)."""
+    """A semaphore whose limit can change: the embed workers that may hold a batch at once (the total depth, plus
+    one for each request waiting out a retry pause)."""
 
     def __init__(self, limit: int):
         self.limit = limit
