@@ -36,6 +36,7 @@ class Transient(Exception):
         super().__init__(message)
         self.http_status = http_status
         self.retry_after = retry_after  # seconds the server asked us to wait (Retry-After), if it said
+        self.pause_sec = 0.0  # set by the client: seconds the failed request waits before that server again
 
 
 @dataclass
