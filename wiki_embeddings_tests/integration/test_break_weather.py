@@ -168,13 +168,6 @@ def test_an_hour_long_retry_after_on_the_only_server_ends_the_run_within_the_ser
     assert srv.embeds < 20, "probed, not hammered"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a stop file is not honoured while every request waits for a held or out server: the run "
-    "stops only when WIKI_EMBED_SERVER_WAIT_SEC is up, as server_unavailable (measured 358 s after the stop file "
-    "with the 300 s wait) (core/embedders/servers.py ServerPool.acquire waits on the pool alone; the worker's "
-    "embed call is not raced against the halt's event: core/backfill/halt.py)",
-)
 def test_the_stop_file_is_honoured_promptly_while_the_only_server_is_held_by_retry_after(make_table, weather):
     srv = weather().start()
     table = make_table(ollama_url=srv.url, backoff_base_sec=0.5, backoff_max_sec=30.0, retries=5, server_wait_sec=20.0)
