@@ -21,6 +21,7 @@ from wiki_embeddings.checks import (
     POSITIVE_SECONDS,
     SECONDS,
     Range,
+    check_header_secret,
     check_number,
     parse_bool,
 )
@@ -428,6 +429,8 @@ def check_settings(s: Settings) -> None:
         )
     if s.api not in APIS:
         raise ValueError(f"WIKI_EMBED_API (--api) must be one of {', '.join(APIS)}, got {s.api!r}")
+    if s.api == "openai" and s.api_key:  # sent only under openai
+        check_header_secret("WIKI_EMBED_API_KEY", s.api_key)
     if s.api == "openai" and s.with_ollama:
         raise ValueError(
             "--with-ollama (OLALA_START_OLLAMA) starts a local Ollama-protocol server: it cannot stand in for "

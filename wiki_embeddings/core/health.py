@@ -40,6 +40,9 @@ class ServerHealth:
     last_success: float | None = None
     streak_since: float = 0.0  # when the current streak of failures began
     blocked_until: float = float("-inf")
+    # Until when the server itself asked for quiet (`Retry-After`): an answer to a request sent before it (several in
+    # flight) ends our own backoff, never the server's request.
+    asked_until: float = float("-inf")
     out_since: float | None = None
     last_probe: float = float("-inf")
     latency: float | None = None  # a recent good answer's seconds (sizes the first backoff)
@@ -51,11 +54,11 @@ class ServerHealth:
 
     def available(self) -> bool:
         """In the rotation and past its backoff."""
-        return self.state == IN and self.clock() >= self.blocked_until
+        return self.state == IN and self.clock() >= max(self.blocked_until, self.asked_until)
 
     def wait(self) -> float:
         """Seconds until the backoff ends (0 when free)."""
-        return max(0.0, self.blocked_until - self.clock())
+        return max(0.0, max(self.blocked_until, self.asked_until) - self.clock())
 
     def success(self, seconds: float | None = None) -> None:
         now = self.clock()
@@ -77,6 +80,7 @@ class ServerHealth:
         self.failures_in_a_row += 1
         if retry_after is not None and retry_after >= 0:
             pause = min(retry_after, self.backoff_max_sec)
+            self.asked_until = max(self.asked_until, now + pause)
         else:
             # Near one request's time after a good answer (one 503 in five must not cost seconds); the configured
             # base before any (a server starting up).
