@@ -15,14 +15,14 @@ in the Authorization header, never shown (every message is scrubbed of it) and n
 
 Failures are classed as base.py says: a 400/413/422/500 that says the input is too long (vLLM's "maximum context
 length", TEI's "must have less than N tokens", llama.cpp's 500 "input is too large to process") is a refusal of
-length (cut to fit); TEI's "batch size N > maximum allowed batch size M" caps that server's batch at M; any other
-413 is a request too large (the batch shrinks); TEI's 424 (its backend failed) is a server error like a 500;
-408/429/502/503/504 are overload (backoff, `Retry-After` honoured, out of the rotation when they persist); 404 is a
-model this server does not serve; 401/403 a key refused (the run stops, nothing marked failed). The model's window
-is what the server publishes (TEI `GET /info` `max_input_length`, vLLM `GET /v1/models` `max_model_len`), else
-`--num-ctx` (WIKI_EMBED_NUM_CTX) read as the window in tokens, else unknown (learned from refusals;
-core/backfill/probe.py and silent.py find a server that cuts silently). There is no model digest: drift is what
-`verify`'s sampled re-embed sees.
+length (cut to fit); TEI's "batch size N > maximum allowed batch size M" (OpenAI's "array too long. Expected an
+array with maximum length M") caps that server's batch at M; any other 413 is a request too large (the batch
+shrinks); TEI's 424 (its backend failed) is a server error like a 500; 408/429/502/503/504 are overload (backoff,
+`Retry-After` honoured, out of the rotation when they persist); 404 is a model this server does not serve; 401/403 a
+key refused (the run stops, nothing marked failed). The model's window is what the server publishes (TEI `GET /info`
+`max_input_length`, vLLM `GET /v1/models` `max_model_len`), else `--num-ctx` (WIKI_EMBED_NUM_CTX) read as the window
+in tokens, else unknown (learned from refusals; core/backfill/probe.py and silent.py find a server that cuts
+silently). There is no model digest: drift is what `verify`'s sampled re-embed sees.
 """
 
 from __future__ import annotations
@@ -58,7 +58,12 @@ CONTEXT_REFUSAL = re.compile(
 CONTEXT_STATUSES = {400, 413, 422, 500}
 # More inputs than the server takes in one request: TEI's 422 "batch size 64 > maximum allowed batch size 32"
 # (--max-client-batch-size), the same words from hosted gateways. Not the input's fault: that server's batch shrinks.
-TOO_MANY_INPUTS = re.compile(r"batch size \d+ > maximum allowed batch size (\d+)", re.IGNORECASE)
+# OpenAI's own: 400 "Invalid 'input': array too long. Expected an array with maximum length 2048, ..." (its "too
+# long" is about the list, not a text: checked before the refusals of length).
+TOO_MANY_INPUTS = re.compile(
+    r"batch size \d+ > maximum allowed batch size (\d+)|array too long\. Expected an array with maximum length (\d+)",
+    re.IGNORECASE,
+)
 # TEI's answer when its model backend fails (CUDA out of memory, a device error): 424 Failed Dependency. The server's
 # failure, like a 500: ambiguous (the canary decides), never the input's at once.
 BACKEND_FAILED = 424
@@ -252,11 +257,12 @@ class OpenAIClient(PooledClient):
             # Ollama 0.31's runner crash on an input over its physical batch (its /v1 handler answers it as a 400):
             # a length problem, never the chunk's fault.
             raise base.RunnerCrashed(f"HTTP {status}: {text}", http_status=status, server=index)
+        if status in (400, 413, 422) and (most := TOO_MANY_INPUTS.search(text)):
+            inputs = int(most.group(1) or most.group(2))
+            self.tuning.controls[index].sizer.limit(inputs, f"the server takes at most {inputs} inputs a request")
+            raise wire.Transient(f"HTTP {status} from {where}: {text}", http_status=413)
         if status in CONTEXT_STATUSES and CONTEXT_REFUSAL.search(text):
             raise base.ContextExceeded(f"HTTP {status}: {text}", http_status=status, server=index)
-        if status in (400, 413, 422) and (most := TOO_MANY_INPUTS.search(text)):
-            self.tuning.controls[index].sizer.limit(int(most.group(1)), f"the server takes at most {most.group(1)}")
-            raise wire.Transient(f"HTTP {status} from {where}: {text}", http_status=413)
         if status == 413:  # too large, not too long: a smaller batch is the cure
             raise wire.Transient(f"HTTP 413 from {where}: {text}", http_status=413, retry_after=resp.retry_after())
         if status == 404:
