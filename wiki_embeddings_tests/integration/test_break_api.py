@@ -453,7 +453,8 @@ def vllm(
             if tokens(text) > window:
                 message = (
                     f"This model's maximum context length is {window} tokens. However, you requested "
-                    f"{tokens(text)} tokens in the input for embedding generation. Please reduce the length of the input."
+                    f"{tokens(text)} tokens in the input for embedding generation. Please reduce the length of the "
+                    "input."
                 )
                 error = {"message": message, "type": "BadRequestError", "param": None, "code": 400}
                 return 400, {}, ({"error": error} if new_shape else {"object": "error", **error})
