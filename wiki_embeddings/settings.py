@@ -516,6 +516,8 @@ _PASSWORD_IN_URL = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
 
 def mask_url(url: str) -> str:
     """Hide a password in a libpq/HTTP URL (userinfo or `password=` parameter)."""
+    if loose := _loose_userinfo(url):  # a password with / ? or # unencoded: hidden up to the URL's last @
+        return loose.group(1) + loose.group(2) + ":***@" + _PASSWORD_IN_URL.sub(r"\1***", loose.group(4))
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -536,6 +538,8 @@ def check_http_url(url: str) -> None:
     (masked), instead of a traceback or six retries against an address that cannot exist."""
     shown = mask_url(url)
     try:
+        if _loose_userinfo(url):  # read otherwise as another host, port or path: never used as it would be misread
+            raise ValueError("a password must spell / ? # as %2F %3F %23")
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a port out of range or not a number
     except ValueError as exc:
@@ -558,8 +562,16 @@ def redact(text: str, secrets: Sequence[str | None]) -> str:
 
 
 _URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")
+#: `scheme://user:password@host...` split at the LAST @, for a password holding `/`, `?` or `#` unencoded (generated
+#: ones do): a URL parser ends the authority there and reads the password as a port or a path.
+_LOOSE_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#:@]*):(.*[/?#].*)@([^@]*)$")
 _URL_PASSWORD_PARAM = re.compile(r"[?&]password=([^&#\s]*)", re.IGNORECASE)
 _KEYWORD_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def _loose_userinfo(url: str) -> re.Match[str] | None:
+    netloc = urlsplit(url).netloc if "[" not in url else ""  # a parser that found the userinfo needs no help
+    return None if "@" in netloc else _LOOSE_USERINFO.match(url)
 
 
 def url_secrets(url: str | None) -> list[str]:
@@ -574,6 +586,8 @@ def url_secrets(url: str | None) -> list[str]:
     userinfo = _URL_USERINFO.match(url)
     if userinfo and ":" in userinfo.group(1):
         found.append(userinfo.group(1).split(":", 1)[1])
+    if loose := _loose_userinfo(url):
+        found.append(loose.group(3))
     found += _URL_PASSWORD_PARAM.findall(url)
     for value in _KEYWORD_PASSWORD.findall(url):
         found.append(value[1:-1] if value.startswith("'") and value.endswith("'") and len(value) > 1 else value)
