@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from wiki_embeddings.core.backfill import ModelChanged
+from wiki_embeddings.core.backfill.silent import WindowRequired
 from wiki_embeddings.devtools.ollama_server import hash_vector
 from wiki_embeddings_tests.integration.conftest import TEST_DIM, TEST_MODEL
 from wiki_embeddings_tests.integration.test_faults_support import wrong_vectors
@@ -523,3 +524,31 @@ def test_a_run_that_lost_its_lease_session_takes_its_server_again(make_table, ol
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def silent_cutter(window: int) -> Callable[[int, list[str], dict[str, Any]], Reply]:
+    """infinity-emb / sentence-transformers: every input cut at the model's max_seq_length without a word, and
+    `usage.prompt_tokens` the characters sent (infinity counts `len(text)`)."""
+    keep = (window - 2) * 3  # the stand-ins' tokenizer: a token per 3 characters, plus [CLS] and [SEP]
+
+    def embed(n: int, texts: list[str], body: dict[str, Any]) -> Reply:
+        answer = openai_answer(TEST_MODEL, [t[:keep] for t in texts], body.get("encoding_format") or "float")
+        chars = sum(len(t) for t in texts)
+        answer["usage"] = {"prompt_tokens": chars, "total_tokens": chars}
+        return 200, {}, answer
+
+    return embed
+
+
+def test_a_window_given_larger_than_the_silent_cutters_is_not_trusted(make_table, stand_in):
+    """all-MiniLM-L6-v2's config.json says max_position_embeddings 512; sentence-transformers (infinity-emb) cuts at
+    its max_seq_length, 256, silently. An operator who gives --num-ctx 512 from the model card: the run's own probe
+    sees the server cut silently (it says so), yet stored vectors of texts between 256 and ~480 tokens as if read
+    whole (7 of 40 wiki chunks through the real infinity-emb). README: 'no stored vector comes from less text than
+    its chars_sent records'; a silent cutter must be given its window or the run refuses to start."""
+    server = stand_in(silent_cutter(256))
+    table = make_table(ollama_url=server.url, api="openai", num_ctx=512, long_text="cut")
+    table.load_wiki(40)
+    with contextlib.suppress(WindowRequired):  # refused before anything is written: as good
+        table.backfill()
+    assert wrong_vectors(table) == [], "vectors of less text than their chars_sent records"
