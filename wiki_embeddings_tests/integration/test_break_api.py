@@ -552,3 +552,33 @@ def test_a_window_given_larger_than_the_silent_cutters_is_not_trusted(make_table
     with contextlib.suppress(WindowRequired):  # refused before anything is written: as good
         table.backfill()
     assert wrong_vectors(table) == [], "vectors of less text than their chars_sent records"
+
+
+def test_weather_on_two_openai_servers_one_of_them_sick(make_table, stand_in):
+    """A hosted-style API at a steady 20 % error rate (500s, 503s, 429 with Retry-After) beside a replica that
+    answers nothing but 502 (a gateway in front of a dead backend). README: one sick server leaves the rotation, a
+    steady error rate marks no chunk failed, nothing is lost, every vector is its chunk's."""
+    import random
+
+    def weather(n: int, texts: list[str], body: dict[str, Any]) -> Reply:
+        draw = random.Random(11 * 1_000_003 + n).random()
+        if n > 2 and draw < 0.1:
+            return 500, {}, {"error": {"message": "The server had an error while processing your request."}}
+        if n > 2 and draw < 0.15:
+            return 503, {}, {"error": {"message": "The engine is currently overloaded, please try again later"}}
+        if n > 2 and draw < 0.2:
+            return 429, {"retry-after": "1"}, {"error": {"message": "Rate limit reached for requests"}}
+        return well()(n, texts, body)
+
+    def gateway(_n: int, _texts: list[str], _body: dict[str, Any]) -> Reply:
+        return 502, {}, {"error": {"message": "Bad Gateway"}}
+
+    good, sick = stand_in(weather), stand_in(gateway)
+    table = make_table(
+        ollama_url=f"{sick.url},{good.url}", api="openai", num_ctx=512, long_text="cut", server_wait_sec=30.0
+    )
+    chunks = table.load_wiki(60)
+    report = table.backfill()
+    assert failures(table) == []
+    assert report.state == "completed" and report.embedded == len(chunks), report.message
+    assert wrong_vectors(table) == []
