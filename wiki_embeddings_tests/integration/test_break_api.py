@@ -582,3 +582,23 @@ def test_weather_on_two_openai_servers_one_of_them_sick(make_table, stand_in):
     assert failures(table) == []
     assert report.state == "completed" and report.embedded == len(chunks), report.message
     assert wrong_vectors(table) == []
+
+
+def test_a_migration_begun_through_ollama_cannot_be_finished_through_openai_and_says_the_way_out(make_table, capsys):
+    """An operator starts `migrate-model --to` on Ollama, then moves to a batching server to finish faster. The
+    shadow is refused (its vectors were made through the other API: right), but the refusal said to run `verify`,
+    which compares the live column only: a dead end (the shadow stayed refused after a `match`). README (issue 22):
+    switching API is a model change unless shown otherwise; the way out must be one that works."""
+    from wiki_embeddings_tests.integration.test_cli import run_cli
+
+    table = make_table()
+    table.load_wiki(20)
+    assert run_cli(table, "backfill", "--model", TEST_MODEL)[0] == 0
+    assert run_cli(table, "migrate-model", "--to", "nomic-embed-text", "--max-chunks", "8")[0] == 0
+    openai = {"WIKI_EMBED_API": "openai", "WIKI_EMBED_NUM_CTX": "2048"}
+    code, _ = run_cli(table, "migrate-model", "--to", "nomic-embed-text", env=openai)
+    err = capsys.readouterr().err
+    assert code == 2 and "--abort" in err and "verify" not in err, err
+    assert run_cli(table, "migrate-model", "--abort")[0] == 0  # the way out it names, followed
+    code, out = run_cli(table, "migrate-model", "--to", "nomic-embed-text", env=openai)
+    assert code == 0 and "coverage_pct=100.00" in out, out + capsys.readouterr().err
