@@ -485,7 +485,7 @@ def test_vllm_with_a_denser_tokenizer_than_estimated(make_table, stand_in, long_
 
 @pytest.mark.xfail(
     strict=True,
-    reason="defect: a run's server lease lives on an idle connection nobody watches (core/spread.py:51-75): a "
+    reason="defect: a run's server lease lives on an idle connection nobody watches (core/spread.py:52-77): a "
     "database restart or failover ends that session, the run reconnects its own sessions and embeds on, and its "
     "server shows free: the next run leases it and two runs' self-tuning fight over one server",
 )
