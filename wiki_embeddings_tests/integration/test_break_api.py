@@ -526,12 +526,17 @@ def test_a_run_that_lost_its_lease_session_takes_its_server_again(make_table, ol
         proc.wait(10)
 
 
-def silent_cutter(window: int) -> Callable[[int, list[str], dict[str, Any]], Reply]:
+def silent_cutter(
+    window: int, chars_per_token: int = 3, fails: Callable[[int], bool] = lambda _n: False
+) -> Callable[[int, list[str], dict[str, Any]], Reply]:
     """infinity-emb / sentence-transformers: every input cut at the model's max_seq_length without a word, and
-    `usage.prompt_tokens` the characters sent (infinity counts `len(text)`)."""
-    keep = (window - 2) * 3  # the stand-ins' tokenizer: a token per 3 characters, plus [CLS] and [SEP]
+    `usage.prompt_tokens` the characters sent (infinity counts `len(text)`); request n answers a 500 when
+    `fails(n)`."""
+    keep = (window - 2) * chars_per_token  # the stand-in's tokenizer, plus [CLS] and [SEP]
 
     def embed(n: int, texts: list[str], body: dict[str, Any]) -> Reply:
+        if fails(n):
+            return 500, {}, {"detail": "Internal Server Error"}
         answer = openai_answer(TEST_MODEL, [t[:keep] for t in texts], body.get("encoding_format") or "float")
         chars = sum(len(t) for t in texts)
         answer["usage"] = {"prompt_tokens": chars, "total_tokens": chars}
@@ -602,3 +607,34 @@ def test_a_migration_begun_through_ollama_cannot_be_finished_through_openai_and_
     assert run_cli(table, "migrate-model", "--abort")[0] == 0  # the way out it names, followed
     code, out = run_cli(table, "migrate-model", "--to", "nomic-embed-text", env=openai)
     assert code == 0 and "coverage_pct=100.00" in out, out + capsys.readouterr().err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a failed twin request leaves the batch's vector (perhaps of a cut text) stored as of the whole "
+    "text: silent.py:124 twins returns at the first EmbedFailure with the text unproven, and worker.py "
+    "_check_twins keeps the unproven vector with chars_sent = the whole text",
+)
+def test_a_silent_cutters_500_on_a_twin_never_stores_an_unproven_vector(make_table, stand_in):
+    """A silent cutter without counts (infinity-emb) at its right window, whose 500s (one request in seven or so
+    under load) happen to hit a twin request. README: every text that may reach the window is sent again without
+    its last word, and only a vector proven to be of the whole shorter text is stored, with exactly its characters.
+    Here each text's first twin request fails once (a 500), deterministically."""
+    cutter = silent_cutter(256, chars_per_token=5)  # about BERT's 0.21 tokens a character in English
+    seen: set[str] = set()
+    failed: set[str] = set()
+
+    def embed(n: int, texts: list[str], body: dict[str, Any]) -> Reply:
+        twins = [t for t in texts if any(s.startswith(t) and len(s) > len(t) for s in seen)]
+        if twins and not failed.issuperset(twins):
+            failed.update(twins)
+            return 500, {}, {"detail": "Internal Server Error"}
+        seen.update(texts)
+        return cutter(n, texts, body)
+
+    server = stand_in(embed)
+    table = make_table(ollama_url=server.url, api="openai", num_ctx=256, long_text="cut", server_wait_sec=30.0)
+    table.load_wiki(40)
+    table.backfill()
+    assert failed, "no twin request was made"
+    assert wrong_vectors(table) == [], "vectors of less text than their chars_sent records"
