@@ -705,18 +705,19 @@ METHOD = f"""\
   the full rate.
 - *Silent truncation / runner crash*: servers describing a {WINDOW}-token window (`--context-tokens {WINDOW}`: the
   client sends no `num_batch`, which it does only over 2048) with `--num-batch {NUM_BATCH}`: generation 0.30 cuts an
-  input over {NUM_BATCH} tokens silently (the window probe at the run's start finds it; the risky texts are then
-  counted alone), 0.31-crash aborts the runner on it (400 `… EOF`, then a {RELOAD_MS:g} ms reload that every
-  request waits for); and, with no fault, a 0.20 server with the same {WINDOW}-token window (nomic-embed-text's
-  default num_ctx), which takes all but the few chunks over 2048 tokens (the client cuts those). The baseline: the
-  same texts on a server with a 4096-token window (every text whole, and no text can reach the window, so none is
-  checked). Long chunks: those over the server's real limit as the dev server counts them; requests per long chunk =
-  the embed requests the server received beyond the baseline run's, over the long chunks. Every stored vector is
-  recomputed: the chunk cut to --max-chars, cleaned, cut to provenance's `chars_sent`, embedded on the 4096-token
-  server (a pooled vector rebuilt from its recorded pieces and weights); it must equal the stored vector (atol 1e-5).
-  The window each run learned (the worker's at its end) is compared with what the server really takes; with
-  `--long-text cut` a window learned far too small loses text (cut chunks that kept under half of it are counted),
-  with `--long-text pool` (the default) it splits long chunks into that many more pieces.
+  input over {NUM_BATCH} tokens silently, 0.31-crash aborts the runner on it (400 `… EOF`, then a {RELOAD_MS:g} ms
+  reload that every request waits for); the window probe at the run's start finds either (the crash's window by a few
+  crash probes), and long chunks are then pooled from pieces planned below it; and, with no fault, a 0.20 server with
+  the same {WINDOW}-token window (nomic-embed-text's default num_ctx), which takes all but the few chunks over 2048
+  tokens (the client cuts those). The baseline: the same texts on a server with a 4096-token window (every text whole,
+  and no text can reach the window, so none is checked). Long chunks: those over the server's real limit as the dev
+  server counts them; requests per long chunk = the embed requests the server received beyond the baseline run's, over
+  the long chunks. Every stored vector is recomputed: the chunk cut to --max-chars, cleaned, cut to provenance's
+  `chars_sent`, embedded on the 4096-token server (a pooled vector rebuilt from its recorded pieces and weights); it
+  must equal the stored vector (atol 1e-5). The window each run learned (the worker's at its end) is compared with
+  what the server really takes; with `--long-text cut` a window learned far too small loses text (cut chunks that kept
+  under half of it are counted), with `--long-text pool` (the default) it splits long chunks into that many more
+  pieces.
 """
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from wiki_embeddings.checks import (
     AT_LEAST_ONE,
@@ -23,8 +22,14 @@ from wiki_embeddings.checks import (
     Range,
     check_header_secret,
     check_number,
+    choice_word,
+    keep_alive_problem,
     parse_bool,
+    parse_number,
 )
+from wiki_embeddings.redaction import mask_url as mask_url  # re-exported: the CLI, the run and Dagster use them
+from wiki_embeddings.redaction import redact as redact
+from wiki_embeddings.redaction import url_secrets as url_secrets
 
 DEFAULT_OLLAMA_URL = "http://ollama:11434"
 DEFAULT_MODEL = "nomic-embed-text"
@@ -57,7 +62,7 @@ def is_true(raw: str | None) -> bool:
 
 def parse_concurrency(raw: str) -> int:
     """`auto` (0: self-tuning, any case and spacing) or a number of requests in flight per server."""
-    return 0 if raw.strip().lower() == "auto" else int(raw)
+    return 0 if choice_word(raw) == "auto" else parse_number(int, raw)
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ class Settings:
         "ollama",
         env="WIKI_EMBED_API",
         group="common",
-        parse=lambda raw: raw.strip().lower(),
+        parse=choice_word,
         choices=APIS,
         help="the servers' API: ollama, or openai (OpenAI-compatible /v1/embeddings: TEI, vLLM, infinity-emb, "
         "llama.cpp; URLs still in OLLAMA_URL, bearer key in WIKI_EMBED_API_KEY) [WIKI_EMBED_API] (ollama)",
@@ -370,8 +375,14 @@ class Settings:
         help="texts longer than the model's window: pool (embedded whole in window-sized pieces, their mean stored) "
         "or cut (the first window only) [WIKI_EMBED_LONG_TEXT] (pool)",
         metavar="pool|cut",
+        parse=choice_word,
+        choices=LONG_TEXT_CHOICES,
         resume=True,
     )
+
+    def __post_init__(self) -> None:
+        for name in ("api", "long_text"):  # a choice is read in any case, however it came (env, flag, Dagster)
+            object.__setattr__(self, name, choice_word(getattr(self, name)))
 
     @property
     def ollama_urls(self) -> list[str]:
@@ -447,8 +458,12 @@ def check_settings(s: Settings) -> None:
         raise ValueError("OLLAMA_URL is empty")
     for url in s.ollama_urls:
         check_http_url(url)
+    if keep_alive_problem(s.keep_alive):
+        raise ValueError(f"{setting_label('keep_alive')}: {keep_alive_problem(s.keep_alive)}")
     if s.long_text not in LONG_TEXT_CHOICES:
-        raise ValueError(f"long-text must be one of {', '.join(LONG_TEXT_CHOICES)}, got {s.long_text!r}")
+        raise ValueError(
+            f"{setting_label('long_text')} must be one of {', '.join(LONG_TEXT_CHOICES)}, got {s.long_text!r}"
+        )
     if s.until is not None:
         from wiki_embeddings.core.window import parse_until
 
@@ -486,7 +501,7 @@ def parse_value(name: str, raw: str) -> Any:
     if parse is not None:
         return parse(raw)
     kind = value_type(name)
-    return parse_bool(raw) if kind is bool else kind(raw)
+    return parse_bool(raw) if kind is bool else parse_number(kind, raw) if kind is not str else raw
 
 
 def only_settings(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -511,38 +526,21 @@ def from_env(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     return settings.replace(**overrides)
 
 
-_PASSWORD_IN_URL = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
-
-
-def mask_url(url: str) -> str:
-    """Hide a password in a libpq/HTTP URL (userinfo or `password=` parameter)."""
-    if loose := _loose_userinfo(url):  # a password with / ? or # unencoded: hidden up to the URL's last @
-        return loose.group(1) + loose.group(2) + ":***@" + _PASSWORD_IN_URL.sub(r"\1***", loose.group(4))
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            user, _ = userinfo.split(":", 1)
-            userinfo = f"{user}:***"
-        netloc = f"{userinfo}@{host}"
-    masked = urlunsplit((parts.scheme, netloc, parts.path, _PASSWORD_IN_URL.sub(r"\1***", parts.query), ""))
-    return masked
-
-
 def check_http_url(url: str) -> None:
     """A model-server URL must be `http(s)://host[:port]`: anything else is a configuration error, said plainly
     (masked), instead of a traceback or six retries against an address that cannot exist."""
     shown = mask_url(url)
     try:
-        if _loose_userinfo(url):  # read otherwise as another host, port or path: never used as it would be misread
-            raise ValueError("a password must spell / ? # as %2F %3F %23")
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a port out of range or not a number
+        if "@" in url and "@" not in parts.netloc:  # `http://op:1234/pw@host` read as host op, port 1234: refused
+            raise ValueError("user-info misread as a host")
     except ValueError as exc:
+        if "@" in url:  # the parser's reason would quote the password as a port
+            raise ValueError(
+                f"OLLAMA_URL {shown!r} is not a valid URL: a /, ?, # or @ in its user name or password must be "
+                "percent-encoded (%2F, %3F, %23, %40)"
+            ) from None
         raise ValueError(f"OLLAMA_URL {shown!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError(
@@ -552,48 +550,3 @@ def check_http_url(url: str) -> None:
         raise ValueError(f"OLLAMA_URL {shown!r} has no host name")
     if port == 0:
         raise ValueError(f"OLLAMA_URL {shown!r}: port 0 is not a port a server can listen on")
-
-
-def redact(text: str, secrets: Sequence[str | None]) -> str:
-    """Remove known secret strings (e.g. the database password) from a message before it is shown."""
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
-_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")
-#: `scheme://user:password@host...` split at the LAST @, for a password holding `/`, `?` or `#` unencoded (generated
-#: ones do): a URL parser ends the authority there and reads the password as a port or a path.
-_LOOSE_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#:@]*):(.*[/?#].*)@([^@]*)$")
-_URL_PASSWORD_PARAM = re.compile(r"[?&]password=([^&#\s]*)", re.IGNORECASE)
-_KEYWORD_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def _loose_userinfo(url: str) -> re.Match[str] | None:
-    netloc = urlsplit(url).netloc if "[" not in url else ""  # a parser that found the userinfo needs no help
-    return None if "@" in netloc else _LOOSE_USERINFO.match(url)
-
-
-def url_secrets(url: str | None) -> list[str]:
-    """Every spelling of the password in a libpq URL or `key=value` string, as written and percent-decoded.
-
-    Read with plain patterns, not a URL parser: libpq echoes a malformed URL whole in its error message
-    (`invalid IPv6 host address in URI: "postgresql://u:PW@[..."`), exactly when a parser gives up.
-    """
-    if not url:
-        return []
-    found: list[str] = []
-    userinfo = _URL_USERINFO.match(url)
-    if userinfo and ":" in userinfo.group(1):
-        found.append(userinfo.group(1).split(":", 1)[1])
-    if loose := _loose_userinfo(url):
-        found.append(loose.group(3))
-    found += _URL_PASSWORD_PARAM.findall(url)
-    for value in _KEYWORD_PASSWORD.findall(url):
-        found.append(value[1:-1] if value.startswith("'") and value.endswith("'") and len(value) > 1 else value)
-    out: list[str] = []
-    for secret in found:
-        for spelling in (secret, unquote(secret)):
-            if spelling and spelling not in out:
-                out.append(spelling)
-    return out

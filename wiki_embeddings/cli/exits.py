@@ -37,7 +37,8 @@ TABLE = {
     RUN_EXIT_CODES["locked"]: "chunks still held by another session after WIKI_EMBED_BUSY_WAIT_SEC",
     RUN_EXIT_CODES["model_changed"]: "model changed: the column was swapped to another model during the run "
     "(backfill), or the model answering under the live name no longer makes the stored vectors (verify)",
-    RELEASED: "an operator released this run (`runs release`) while it was stalled: it ended without writing",
+    RELEASED: "an operator released this run (`runs release`: a stalled run, or a running one with --force): it "
+    "ended without writing",
     INTERRUPTED: "interrupted (Ctrl-C outside a run; within a run Ctrl-C is a stop: 0)",
 }
 

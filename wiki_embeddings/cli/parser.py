@@ -8,13 +8,23 @@ import argparse
 from typing import Any
 
 from wiki_embeddings import __version__
-from wiki_embeddings.checks import AT_LEAST_ONE, BIGINT, Range, number_type
+from wiki_embeddings.checks import AT_LEAST_ONE, BIGINT, Range, number_type, parse_number
 from wiki_embeddings.core import importer, quality, verify
 from wiki_embeddings.settings import FLAG_GROUPS, OPTIONS, Settings, from_env, only_settings, value_type
 
 #: Flags of one command (not settings) that take numbers: parsed and range-checked by argparse (exit 2 naming them).
 COUNT = number_type(int, AT_LEAST_ONE)
 DIMENSIONS = number_type(int, Range(1, 16_000))  # pgvector's vector(D) takes at most 16,000 dimensions
+
+
+def _ascii_number(kind: type) -> Any:
+    """int/float from ASCII digits only (`checks.parse_number`); ranges are checked by `Settings.validate`."""
+
+    def parse(raw: str) -> Any:
+        return parse_number(kind, raw)
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value"
+    return parse
 
 
 def add_setting(group: Any, name: str, **changes: Any) -> None:
@@ -25,7 +35,7 @@ def add_setting(group: Any, name: str, **changes: Any) -> None:
     if kind is bool:
         kwargs.update(action="store_true", default=None)
     elif option.parse is not None or kind is not str:
-        kwargs["type"] = option.parse or kind
+        kwargs["type"] = option.parse or _ascii_number(kind)
     if option.metavar:
         kwargs["metavar"] = option.metavar
     if option.choices:

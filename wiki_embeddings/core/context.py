@@ -250,50 +250,80 @@ def _is_korean(text: str) -> bool:
 
 
 def preflight(
-    sample: list[str], window: Window, estimator: TokenEstimator, max_chars: int, prefix: str = ""
+    sample: list[str],
+    window: Window,
+    estimator: TokenEstimator,
+    max_chars: int,
+    prefix: str = "",
+    pieces: Callable[[str], int] | None = None,
 ) -> dict[str, object]:
-    """From a sample of chunk texts (cut to --max-chars): the share that will not fit the window, and how much
-    of a typical Korean and English chunk survives the cut, with a hint when much is lost."""
+    """From a sample of chunk texts (cut to --max-chars): the share that will not fit the window, with a hint when
+    it is large. Under `--long-text cut` (`pieces` None): how much of a typical Korean and English chunk survives
+    the cut. Under `pool` (`pieces`: a text's piece count, core/pooling.py): nothing is cut; how many pieces a
+    long chunk is embedded as, and the extra model inputs that costs per 1,000 chunks."""
     out: dict[str, object] = {"context": window.describe(), "context_tokens": window.tokens, "sample": len(sample)}
     if not sample or not window.tokens:
         out["hint"] = "" if sample else "no missing chunks to sample"
         return out
+    if pieces is not None:
+        out["long_text"] = "pool"
     over = 0
     kept: dict[str, list[float]] = {"ko": [], "en": []}
     kept_chars: dict[str, list[int]] = {"ko": [], "en": []}
+    counts: list[int] = []
     for text in sample:
         cut = fit_text(text, prefix, window.tokens, estimator)
         over += len(cut) < len(text)
+        if pieces is not None:
+            if len(cut) < len(text):
+                counts.append(pieces(text))
+            continue
         lang = "ko" if _is_korean(text) else "en"
         kept[lang].append(len(cut) / len(text))
         kept_chars[lang].append(len(cut))
     share = over / len(sample)
     out["over_context_pct"] = round(100 * share, 1)
+    if counts:
+        out["pieces_median"] = int(np.median(counts))
+        out["extra_inputs_per_1000"] = round(1000 * (sum(counts) - len(counts)) / len(sample))
     for lang in ("ko", "en"):
         if kept[lang]:
             out[f"{lang}_sample"] = len(kept[lang])
             out[f"{lang}_kept_pct"] = round(100 * float(np.median(kept[lang])), 1)
             out[f"{lang}_kept_chars"] = int(np.median(kept_chars[lang]))
-    hint = ""
-    if share >= 0.05:
-        if window.context_length and window.tokens < window.context_length:
-            hint = (
-                f"raise --num-ctx (WIKI_EMBED_NUM_CTX) up to {window.context_length}, the model's own maximum, "
-                "so fewer chunks are cut"
-            )
-        else:
-            hint = (
-                f"the model's window ({window.tokens} tokens) is shorter than many chunks at --max-chars {max_chars}: "
-                "a model with a longer context (e.g. nomic-embed-text, 8192 tokens with --num-ctx 8192) embeds "
-                "whole chunks; or re-chunk the text shorter"
-            )
-    out["hint"] = hint
+    out["hint"] = _hint(window, max_chars, pooled=pieces is not None) if share >= 0.05 else ""
     return out
+
+
+def _hint(window: Window, max_chars: int, pooled: bool) -> str:
+    """What makes fewer chunks too long for the window: a larger --num-ctx, a longer-context model, shorter chunks."""
+    effect = "need pieces (extra model calls)" if pooled else "are cut"
+    whole = "in one call each" if pooled else "whole"
+    if window.context_length and window.tokens and window.tokens < window.context_length:
+        return (
+            f"raise --num-ctx (WIKI_EMBED_NUM_CTX) up to {window.context_length}, the model's own maximum, "
+            f"so fewer chunks {effect}"
+        )
+    return (
+        f"the model's window ({window.tokens} tokens) is shorter than many chunks at --max-chars {max_chars}: "
+        "a model with a longer context (e.g. nomic-embed-text, 8192 tokens with --num-ctx 8192) embeds "
+        f"chunks {whole}; or re-chunk the text shorter"
+    )
 
 
 def format_preflight(figures: dict[str, object]) -> str:
     parts = [f"pre-flight: model context {figures['context']}"]
-    if "over_context_pct" in figures:
+    if "over_context_pct" in figures and figures.get("long_text") == "pool":
+        parts.append(
+            f"{figures['over_context_pct']}% of a sample of {figures['sample']} chunks are longer than the window and "
+            "are pooled (--long-text pool: embedded whole as window-sized pieces, nothing cut)"
+        )
+        if "pieces_median" in figures:
+            parts.append(
+                f"a typical long chunk is {figures['pieces_median']} pieces, about "
+                f"{figures['extra_inputs_per_1000']} extra model inputs per 1,000 chunks"
+            )
+    elif "over_context_pct" in figures:
         parts.append(
             f"{figures['over_context_pct']}% of a sample of {figures['sample']} chunks will not fit and are cut to fit"
         )

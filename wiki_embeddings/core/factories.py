@@ -12,6 +12,7 @@ from typing import Any
 from wiki_embeddings.core.context import PREFLIGHT_SAMPLE, TokenEstimator, Window, preflight
 from wiki_embeddings.core.db import Store, TableRef
 from wiki_embeddings.core.embedders import OllamaClient, OpenAIClient, PooledClient
+from wiki_embeddings.core.pooling import piece_counter
 from wiki_embeddings.core.tuning import Tuning
 from wiki_embeddings.settings import DEFAULT_MODEL, DEFAULT_TARGET_REQUEST_SEC, LOCAL_SERVER_MODEL, Settings
 
@@ -60,7 +61,9 @@ def preflight_estimate(settings: Settings, store: Store, model: str) -> dict[str
 
     window = asyncio.run(ask())
     sample = store.sample_texts(PREFLIGHT_SAMPLE, settings.max_chars)
-    return preflight(sample, window, TokenEstimator(), settings.max_chars, settings.text_prefix)
+    estimator, prefix = TokenEstimator(), settings.text_prefix
+    pieces = piece_counter(prefix, window.tokens, estimator) if settings.long_text == "pool" else None
+    return preflight(sample, window, estimator, settings.max_chars, prefix, pieces)
 
 
 def polite_mode(settings: Settings) -> bool:

@@ -100,6 +100,21 @@ def split_for_window(
         start, prev_end = _overlap_start(text, start, end, overlap_tokens, estimator), end
 
 
+def piece_counter(
+    prefix: str, window_tokens: int | None, estimator: TokenEstimator, overlap_tokens: int = DEFAULT_OVERLAP_TOKENS
+) -> Callable[[str], int]:
+    """How many pieces a text is embedded as under `--long-text pool` (the pre-flight's cost estimate); 1 where it
+    cannot be split (a prefix that fills the window is refused before a run: settings/the start probe)."""
+
+    def count(text: str) -> int:
+        try:
+            return len(split_for_window(text, prefix, window_tokens, estimator, overlap_tokens)) if text else 1
+        except ValueError:
+            return 1
+
+    return count
+
+
 def _fit(text: str, start: int, prefix: str, budget: float, estimator: TokenEstimator) -> int:
     """How many characters from `start` fit the budget with the prefix (at least 1). Looks at a window of text that
     grows only when all of it fits, so a 50,000-character text costs about what its pieces do."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import signal
@@ -30,11 +31,12 @@ import subprocess
 import tempfile
 import time
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from wiki_embeddings.checks import POSITIVE_SECONDS, UNPRINTABLE, check_number, one_line
+from wiki_embeddings.checks import POSITIVE_SECONDS, UNPRINTABLE, check_number, choice_word, one_line, parse_number
+from wiki_embeddings.core.shellword import ShellWord, scan
 from wiki_embeddings.settings import is_true
 
 READY_KEY = "WIKI_EMBEDDINGS_READY"
@@ -74,6 +76,9 @@ class ReadinessSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()  # type: ignore[arg-type]
 
+    def __post_init__(self) -> None:  # a choice is read in any case, from the environment or Dagster alike
+        object.__setattr__(self, "on_regression", choice_word(self.on_regression))
+
     def validate(self) -> ReadinessSettings:
         if self.on_regression not in POLICIES:
             raise ValueError(
@@ -92,7 +97,7 @@ class ReadinessSettings:
 
 def _restart_timeout(var: str, raw: str) -> float:
     try:
-        return float(raw)
+        return float(parse_number(float, raw))  # ASCII digits only
     except ValueError:
         raise ValueError(f"{var}={raw!r} is not a number of seconds") from None
 
@@ -214,47 +219,40 @@ def decide(
 
 # ---------------------------------------------------------------------------- the env file
 #: One `KEY=value` line (bytes, without its b"\n"): blanks are space and tab only, as in the shell; a UTF-8
-#: byte order mark may open the file's first line (`_BOM`, allowed there only).
-_LINE = re.compile(rb"(?P<prefix>[ \t]*(?:export[ \t]+)?)(?P<key>[A-Za-z_][A-Za-z0-9_]*)[ \t]*=(?P<value>.*)$")
+#: byte order mark may open the file's first line (`_BOM`, allowed there only). Blanks before `=` (`gap`) make the
+#: line a command, not an assignment, in bash: such a line is rewritten whole, and never read as true.
+_LINE = re.compile(
+    rb"(?P<prefix>[ \t]*(?:(?:export|readonly|(?:declare|typeset)(?:[ \t]+-[A-Za-z]+)*)[ \t]+)?)"
+    rb"(?P<key>[A-Za-z_][A-Za-z0-9_]*)(?P<gap>[ \t]*)=(?P<value>.*)$"
+)
 _BOM = b"\xef\xbb\xbf"
-_WORD = re.compile(rb"[^ \t]*")
 
 
-def _split_value(raw: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """Split what follows `KEY=` into (blanks, quote, value, rest): rest is every byte after the value.
-
-    A quoted value runs to its closing quote; an unquoted one to the next blank (the shell's word), so an
-    inline `# comment`, anything after it and the CR of a CRLF line stay in `rest`. Blanks before the value
-    are skipped (as dotenv readers do); a `#` after them starts a comment, not a value.
-    """
-    body, cr = (raw[:-1], raw[-1:]) if raw.endswith(b"\r") else (raw, b"")
-    stripped = body.lstrip(b" \t")
-    blanks, body = body[: len(body) - len(stripped)], stripped
-    quote = body[:1]
-    if quote in (b"'", b'"'):
-        close = body.find(quote, 1)
-        if close > 0:
-            return blanks, quote, body[1:close], body[close + 1 :] + cr
-    if blanks and body.startswith(b"#"):
-        return blanks, b"", b"", body + cr
-    word = _WORD.match(body)
-    end = word.end() if word else 0
-    return blanks, b"", body[:end], body[end:] + cr
+def _word(m: re.Match[bytes]) -> ShellWord:
+    """The line's value as bash reads it (`core/shellword.py`); a line with blanks before `=` is not plain."""
+    word = scan(m.group("value"))
+    if m.group("gap") and word.verdict == "plain":
+        return ShellWord("unsafe", word.end, None, b"", word.rest)
+    return word
 
 
-def _match(line: bytes, first: bool) -> re.Match[bytes] | None:
-    """The `KEY=value` match of a line, after the BOM when the file's first line starts with one."""
-    start = len(_BOM) if first and line.startswith(_BOM) else 0
-    return _LINE.match(line, start)  # match() anchors at `start`: no `^` in the pattern
+def _match(line: bytes, first: bool, *, past_bom: bool = False) -> re.Match[bytes] | None:
+    """The `KEY=value` match of a line. Bash does not strip a byte order mark: a first line that opens with one is
+    a command to bash, not an assignment, and is read as none; the writer (`past_bom`) finds the key behind it and
+    drops the mark, so that bash reads the line it wrote."""
+    if first and line.startswith(_BOM):
+        return _LINE.match(line, len(_BOM)) if past_bom else None
+    return _LINE.match(line)
 
 
 def _assignments(data: bytes, key: str) -> list[bytes]:
-    """The raw values assigned to `key`, in file order."""
+    """The values bash assigns to `key`, in file order (b"" for a line whose value bash would have to run)."""
     found: list[bytes] = []
     for number, line in enumerate(data.split(b"\n")):
         m = _match(line, number == 0)
         if m and m.group("key") == key.encode("ascii"):
-            found.append(_split_value(m.group("value"))[2])
+            word = _word(m)
+            found.append(word.value if word.value is not None else b"")  # unknown without running it: not true
     return found
 
 
@@ -311,25 +309,93 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
     """Set `key=wanted` in the env file atomically; returns (changed, created).
 
     The file is handled as the shell reads it: bytes, lines split on b"\n" only. In each line assigning
-    `key` only the value's bytes change (its quotes, an `export ` prefix, a BOM, an inline comment and a
-    CRLF ending stay); every other byte of the file is kept exactly, undecodable ones too. The value is written so
-    that sourcing the file can never run it (`shell_value`). When no line assigns `key`, one is appended (CRLF if
-    the file uses CRLF). A missing file is created with mode 0600.
-    Raises `ReadinessError` (one line naming the path and the reason) when the file cannot be written.
+    `key` only the value's bytes change, up to where bash ends the value's word (`core/shellword.py`: backslash
+    escapes, quotes and adjoining words included), so bash reads exactly what was written; its quotes when the value
+    was one quoted string, an `export `/`readonly `/`declare -x ` prefix, an inline comment and a CRLF ending stay (a
+    BOM opening the key's line is dropped: bash reads it as part of a command). A line bash does not
+    read as a plain assignment (an expansion `$...`, a command after the value, blanks before `=`) is rewritten
+    whole (`export ` and the CR kept); a statement that goes on past its line (an open quote or `$'...'`, `$(`, a
+    backquote, a here-document, a compound command, a trailing backslash or `|`/`&&`) is refused, since rewriting
+    one line would leave the rest to run. Two writers take turns (a `flock` on the directory), and a file changed
+    between the read and the replace (an operator's editor) is read again, so no write is lost. Every other byte of
+    the file is kept exactly, undecodable ones too. The value is written so that sourcing the file can never run it
+    (`shell_value`). When no line assigns `key`, one is appended (CRLF if the file uses CRLF). A missing file is
+    created with mode 0600. Raises `ReadinessError` (one line naming the path and the reason) when the file cannot
+    be written.
     """
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
-    data, st = _read_no_follow(p)
+    with _directory_lock(p.parent):
+        for _ in range(_EDIT_RETRIES):
+            data, st = _read_no_follow(p)
+            new = _with_value(p, data, key, wanted)
+            if data is not None and new == data:
+                return False, False
+            if _same_file(p, st):  # nobody (an operator's editor) changed it since we read it
+                _atomic_write(p, new, st)
+                return True, data is None
+        raise ReadinessError(f"refusing to change {key} in {p}: the file keeps changing while it is written")
+
+
+#: How often a file changed under the writer (an operator's editor) is read again before giving up.
+_EDIT_RETRIES = 5
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive `flock` on the env file's directory for one read-change-replace: two writers (the readiness
+    sensor and the after-swap sensor, two processes) never both read the old file and the later one's replace
+    drops the other's line. No lock (the directory cannot be opened or locked): one writer is assumed."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # also releases the flock
+
+
+def _same_file(path: Path, st: os.stat_result | None) -> bool:
+    """Whether the file is still the one read as `st` (None: still absent)."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return st is None
+    except OSError:
+        return True  # _atomic_write says what is wrong
+    if st is None:
+        return False
+    return (now.st_ino, now.st_size, now.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _with_value(p: Path, data: bytes | None, key: str, wanted: str) -> bytes:
+    """The file's bytes with `key=wanted` set as `set_value` says (ReadinessError when it cannot be)."""
     raw_key = key.encode("ascii")
     lines = (data or b"").split(b"\n")
     replaced = False
     for number, line in enumerate(lines):
-        m = _match(line, number == 0)
+        m = _match(line, number == 0, past_bom=True)
         if m and m.group("key") == raw_key:
-            blanks, quote, old, rest = _split_value(m.group("value"))
-            new_value = shell_value(p, key, wanted, quote)
-            # `KEY= # note` has no value: write it right after `=` so the comment stays a comment.
-            new_value = blanks + new_value if old or quote else new_value + blanks
-            lines[number] = line[: m.start("value")] + new_value + rest
+            if m.start() > 0:  # behind a BOM, which bash does not strip: dropped, or bash never sets the key
+                line = lines[number] = line[m.start() :]
+                m = _match(line, False)
+                assert m is not None
+            word = _word(m)
+            if word.verdict == "multiline":
+                raise ReadinessError(
+                    f"refusing to change {key} in {p}: on line {number + 1} its value opens a quote, a substitution, a "
+                    "here-document or a compound command, or ends in a backslash or an operator, that goes on past "
+                    "the line; fix that line by hand (nothing was written)"
+                )
+            if word.plain:  # only the word changes: what follows it (blanks, a comment, the CR) stays
+                lines[number] = line[: m.start("value")] + shell_value(p, key, wanted, word.quote) + word.rest
+            else:  # not a plain assignment: the whole line is rewritten, so nothing of it runs
+                cr = b"\r" if line.endswith(b"\r") else b""
+                new_line = m.group("prefix") + raw_key + b"=" + shell_value(p, key, wanted, b"") + cr
+                lines[number] = line[: m.start("prefix")] + new_line
             replaced = True
     new = b"\n".join(lines)
     if not replaced:
@@ -339,10 +405,7 @@ def set_value(path: str | os.PathLike[str], key: str, wanted: str) -> tuple[bool
         elif new and not new.endswith(b"\n"):
             new += newline
         new += raw_key + b"=" + shell_value(p, key, wanted, b"") + newline
-    if data is not None and new == data:
-        return False, False
-    _atomic_write(p, new, st)
-    return True, data is None
+    return new
 
 
 #: A value written without quotes: nothing in it means anything to a shell.

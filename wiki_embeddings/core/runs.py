@@ -97,7 +97,8 @@ def release_run(store: Store, run_id: int, *, force: bool = False) -> Release:
             f"{summary['pid']}): release only a stalled run (no heartbeat for {RUN_LEASE_SEC:g} s), stop a live one "
             "with `wiki-embeddings stop`, or pass --force"
         )
-    if not store.mark_released(run_id, f"released by an operator while {state}; its sessions were ended"):
+    how = "stalled" if state == "stalled" else "running, with --force"
+    if not store.mark_released(run_id, f"released by an operator while {how}; its sessions were ended"):
         return Release(run_id, False, f"run {run_id} ended meanwhile: nothing to release")
     pids = store.run_sessions(run_id)
     refused = store.end_sessions(pids)

@@ -32,7 +32,9 @@ from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from datetime import time as wall_time
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-_UNTIL = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*(Z|[+-]\d{2}:?\d{2})?\s*$", re.IGNORECASE)
+_UNTIL = re.compile(
+    r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*(Z|[+-]\d{2}:?\d{2})?\s*$", re.IGNORECASE | re.ASCII
+)  # ASCII digits only
 
 #: How a window's end is named in the stop reason (the Dagster layer recognises a window end by it).
 WINDOW_REASON = "run window ends"

@@ -16,6 +16,8 @@ import os
 
 import dagster as dg
 
+from wiki_embeddings.checks import parse_number
+
 RANGE_WIDTH_ENV = "WIKI_EMBED_RANGE_WIDTH"
 RANGE_COUNT_ENV = "WIKI_EMBED_RANGE_COUNT"
 RANGES_PER_RUN_ENV = "WIKI_EMBED_RANGES_PER_RUN"
@@ -31,7 +33,7 @@ def _int_env(name: str, default: int) -> int:
     if not raw:
         return default
     try:
-        return int(raw.replace("_", ""))
+        return int(parse_number(int, raw.replace("_", "")))
     except ValueError as exc:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 

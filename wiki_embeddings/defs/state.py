@@ -26,7 +26,7 @@ from typing import Any
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
-from wiki_embeddings.checks import Range, check_number
+from wiki_embeddings.checks import Range, check_number, parse_number
 from wiki_embeddings.defs.assets import wiki_chunk_embeddings
 from wiki_embeddings.defs.metadata import observe_table
 from wiki_embeddings.defs.partitions import RANGE_COUNT, RANGE_WIDTH, id_ranges, key_bounds
@@ -41,7 +41,7 @@ def sensor_interval(default: int) -> int:
     if not raw:
         return default
     try:
-        seconds = int(raw)
+        seconds = parse_number(int, raw)
     except ValueError:
         raise ValueError(f"{SENSOR_INTERVAL_ENV}={raw!r} is not a whole number of seconds") from None
     check_number(SENSOR_INTERVAL_ENV, seconds, Range(1, 86_400))

@@ -98,26 +98,21 @@ def test_pooled_counts_only_chunks_written(make_table, small_window):  # noqa: F
     assert report.pooled <= report.embedded, "".join(report.summary())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the pre-flight line says long chunks 'are cut to fit' and 'keep 36.7%' under --long-text pool "
-    "(the default), where nothing is cut (context.py:294 format_preflight ignores long_text)",
-)
 def test_the_preflight_line_does_not_say_cut_under_pool(make_table, small_window):  # noqa: F811
     table = make_table(ollama_url=small_window.url, batch_size=8)
     _insert(table, [(cid, f"chunk {cid}. " + LONG) for cid in range(1, 5)])
+    cut = run_cli(table, "backfill", "--dry-run", env=cli_env(table, WIKI_EMBED_LONG_TEXT="cut"))
+    assert "cut to fit" in cut.stdout + cut.stderr, "under --long-text cut the line still says what is cut"
+    dry = run_cli(table, "backfill", "--dry-run")
+    assert "are pooled (--long-text pool" in dry.stdout and "cut to fit" not in dry.stdout, dry.stdout
     done = run_cli(table, "backfill")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "pooled=4" in done.stdout + done.stderr
-    assert "cut to fit" not in done.stdout + done.stderr
+    out = done.stdout + done.stderr
+    assert "pooled=4" in out
+    assert "cut to fit" not in out and "keeps" not in out, out
+    assert "are pooled (--long-text pool" in out and "extra model inputs per 1,000 chunks" in out, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a text prefix that fills the model's window makes the canary answer 400 and the run ends "
-    "server_unavailable, exit 3, blaming the server (run.py:132-139 maps every EmbedFailure of the probe to "
-    "server_unavailable); a bad setting is exit 2 naming WIKI_EMBED_TEXT_PREFIX",
-)
 def test_a_text_prefix_that_fills_the_window_is_a_bad_setting(make_table, small_window):  # noqa: F811
     table = make_table(ollama_url=small_window.url, batch_size=4)
     table.load([(1, "hello there")])
@@ -125,11 +120,6 @@ def test_a_text_prefix_that_fills_the_window_is_a_bad_setting(make_table, small_
     assert done.returncode == 2 and "WIKI_EMBED_TEXT_PREFIX" in done.stderr, done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: WIKI_EMBED_KEEP_ALIVE=forever is not checked; Ollama answers 400 'invalid duration' to the "
-    "canary and the run ends server_unavailable, exit 3 (run.py:132-139); a bad setting is exit 2 naming it",
-)
 def test_a_keep_alive_ollama_cannot_parse_is_a_bad_setting(make_table, ollama):
     table = make_table(batch_size=4)
     table.load([(1, "hello there")])
@@ -137,26 +127,19 @@ def test_a_keep_alive_ollama_cannot_parse_is_a_bad_setting(make_table, ollama):
     assert done.returncode == 2 and "WIKI_EMBED_KEEP_ALIVE" in done.stderr, done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: `--reembed-cut` re-embeds in its refresh pass the chunks this same run has just cut (fresh "
-    "column, --long-text cut: embedded=40 refreshed=25 cut_for_context=49 of 40 chunks); content.py:29 selects "
-    "every `p.context_cut` row with no bound on when it was made; the pool->cut conversion pays it too",
-)
 def test_reembed_cut_does_not_reembed_what_this_run_just_cut(make_table, small_window):  # noqa: F811
     table = make_table(ollama_url=small_window.url, batch_size=16, long_text="cut")
     table.load_wiki(40)
     report = table.backfill(reembed_cut=True)
     assert report.embedded == 40 and report.context_cut > 0
     assert report.refreshed == 0 and report.context_cut <= report.embedded, "".join(report.summary())
+    cut_before = table.sql(
+        f"SELECT count(*) FROM {table.settings.state_schema}.embedding_provenance WHERE context_cut"
+    )[0][0]
+    again = table.backfill(reembed_cut=True)  # a later run still redoes what an earlier one cut
+    assert again.embedded == 0 and again.refreshed == cut_before > 0, "".join(again.summary())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the API key is redacted as a bare substring of every message, so a short or common key (Ollama's "
-    "own OpenAI docs use api_key='ollama'; vLLM users write 'EMPTY') masks words of the advice: key 'k' turned "
-    "`wiki-embeddings verify` into `wi***i-embeddings verify`; key 'ollama' hides `--api ollama`",
-)
 def test_a_short_api_key_does_not_mangle_messages(make_table, small_window):  # noqa: F811
     table = make_table(ollama_url=small_window.url, batch_size=8)
     table.load([(1, "short one"), (2, "short")])
@@ -170,12 +153,6 @@ def test_a_short_api_key_does_not_mangle_messages(make_table, small_window):  # 
     assert "--api ollama" in done.stderr and "***" not in done.stderr, done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: `--batch-size` does not count pieces: a claimed batch's pieces all go in one request "
-    "(worker.py:101-105 expands rows, _embed_rows sends them whole), so 2 chunks of 20,000 characters made one "
-    "request of 52 inputs at --batch-size 8 (OpenAI's API refuses more than 2048 inputs a request)",
-)
 def test_batch_size_counts_pieces(make_table, small_window, monkeypatch):  # noqa: F811
     from wiki_embeddings.core.embedders.pooled import PooledClient
 
@@ -192,3 +169,5 @@ def test_batch_size_counts_pieces(make_table, small_window, monkeypatch):  # noq
     report = table.backfill()
     assert report.state == "completed" and report.pooled == 2
     assert max(sizes) <= 8, f"largest request: {max(sizes)} inputs"
+    assert sum(sizes) >= 2 * 8, "every piece of both chunks was sent (about 26 each), in requests of at most 8"
+    assert wrong_vectors(table, 50000) == [], "each chunk written whole, from all its pieces"

@@ -29,6 +29,13 @@ def _count_writes(table) -> None:
     )
 
 
+def _reap(proc) -> None:
+    """A backfill a failed assertion left running is killed, so no test leaves a process behind."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def _writes(table) -> int:
     return int(table.sql(f"SELECT count(*) FROM {table.settings.table.split('.')[0]}.write_log")[0][0])
 
@@ -88,7 +95,8 @@ def test_a_frozen_run_is_seen_stalled_released_by_an_operator_and_ends_without_w
         ]
 
         # Before the release its chunks stay held: another run ends `locked`.
-        assert table.backfill(busy_wait_sec=0.5).state == "locked"
+        locked_run = table.backfill(busy_wait_sec=0.5)
+        assert locked_run.state == "locked"
 
         refused = run_cli(table, "runs", "release", "999999")
         assert refused.returncode == 2 and "no run 999999" in refused.stderr
@@ -101,6 +109,12 @@ def test_a_frozen_run_is_seen_stalled_released_by_an_operator_and_ends_without_w
         ), "its sessions ended"
         assert _run_row(table, run_id)[0] == "released"
         assert json.loads(run_cli(table, "status", "--json").stdout)["running_runs"] == 0
+        # Its `embedded` is what it wrote (counted as each write commits), not its last heartbeat's figure: it froze
+        # before its first beat (10 s), which left 0.
+        wrote = _writes(table) - locked_run.embedded
+        assert wrote >= 8 and _run_row(table, run_id)[2] == wrote
+        listed = {r["run_id"]: r for r in json.loads(run_cli(table, "runs", "--json").stdout)}
+        assert listed[run_id]["state"] == "released" and listed[run_id]["embedded"] == wrote
 
         ollama.set_faults(latency_ms=0)
         again = table.backfill()
@@ -112,9 +126,7 @@ def test_a_frozen_run_is_seen_stalled_released_by_an_operator_and_ends_without_w
         os.kill(proc.pid, signal.SIGCONT)
         code = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _reap(proc)
     out = (tmp_path / "frozen.log").read_text()
     assert code == 9, out
     assert "released by an operator" in out and "Traceback" not in out
@@ -140,9 +152,36 @@ def test_a_running_run_is_not_released_without_force_and_status_shows_it(make_ta
         ollama.set_faults(latency_ms=0)
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        _reap(proc)
     done = json.loads(run_cli(table, "status", "--json").stdout)
     assert done["running_runs"] == 0 and done["runs_in_flight"] == [] and done["locked"] == 0
     assert run_cli(table, "runs", "release", str(run_id)).returncode == 0, "a finished run: nothing to do"
+
+
+def test_a_running_run_released_with_force_says_so_and_counts_what_it_wrote(make_table, ollama, tmp_path):
+    """`runs release --force` on a live run (issue 21's minor findings): nothing says "while stalled", and the
+    released run's `embedded` in status is what it wrote before the release, not 0."""
+    table = make_table(batch_size=8)
+    table.load([(i, f"chunk {i} of a forced release") for i in range(1, 81)])
+    _count_writes(table)
+    ollama.set_faults(latency_ms=400)
+    proc = start_cli(table, "backfill", "--batch-size", "8", log=tmp_path / "forced.log")
+    try:
+        wait_until(lambda: filled(table) >= 8, 60, "the run to write")
+        run_id = int(table.sql(f"SELECT max(run_id) FROM {table.settings.state_schema}.runs")[0][0])
+        released = run_cli(table, "runs", "release", str(run_id), "--force")
+        assert released.returncode == 0 and f"run {run_id} released" in released.stdout, released.stderr
+        assert "stalled" not in released.stdout
+        code = proc.wait(60)
+    finally:
+        _reap(proc)
+    out = (tmp_path / "forced.log").read_text()
+    assert code == 9 and "released by an operator" in out and "stalled" not in out, out
+    state, _, embedded, message = _run_row(table, run_id)
+    assert (
+        state == "released"
+        and message == "released by an operator while running, with --force; its sessions were ended"
+    )
+    assert embedded == _writes(table) == filled(table) > 0, "what it wrote before the release, every write counted"
+    status = json.loads(run_cli(table, "status", "--json").stdout)
+    assert status["last_run_state"] == "released" and status["last_run_embedded"] == embedded

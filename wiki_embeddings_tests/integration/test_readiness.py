@@ -120,12 +120,14 @@ def test_only_a_newline_ends_a_line_so_nothing_merges_into_the_flags_value(tmp_p
     assert read_flag(env) is True
 
 
-def test_a_bom_on_the_first_line_is_kept_and_its_key_is_found_not_duplicated(tmp_path):
+def test_a_bom_before_the_key_is_read_as_bash_does_and_dropped_when_the_key_is_set(tmp_path):
+    """Bash does not strip a byte order mark: `<BOM>KEY=false` is a command to it, so the key is unset (None),
+    and the writer drops the mark when it sets the key (changed on purpose, break round 3)."""
     env = tmp_path / ".env.beta"
     env.write_bytes(b"\xef\xbb\xbfWIKI_EMBEDDINGS_READY=false\r\nA=1\r\n")
-    assert read_flag(env) is False
+    assert read_flag(env) is None
     set_flag(env, True)
-    assert env.read_bytes() == b"\xef\xbb\xbfWIKI_EMBEDDINGS_READY=true\r\nA=1\r\n"
+    assert env.read_bytes() == b"WIKI_EMBEDDINGS_READY=true\r\nA=1\r\n"
     assert env.read_bytes().count(b"WIKI_EMBEDDINGS_READY") == 1
 
 

@@ -31,6 +31,7 @@ from wiki_embeddings.core.embedders import (
     InputRejected,
     InvalidVectors,
     ModelNotFound,
+    RunnerCrashed,
     ServerUnavailable,
 )
 from wiki_embeddings.settings import Settings
@@ -108,6 +109,8 @@ class FakeEmbedder:
     - `window`: inputs over this many tokens are refused as too long (ContextExceeded, Ollama >= 0.13.5);
     - `silent_window`: inputs are cut to this many tokens silently (older Ollama): the vector is the cut text's and
       `prompt_eval_count` counts only what was kept;
+    - `crash_window`: a request holding an input over this many tokens crashes the runner (Ollama 0.31: an error
+      naming EOF, RunnerCrashed); `crashes` counts them;
     - `reject(marker)`: a 400 for any batch holding a text with the marker (InputRejected, the input's fault);
     - `fail(marker)`: a 500 for such a batch (AmbiguousFailure: the input's or the server's);
     - `nan(marker)`: the answer's vector of such a text holds NaN (InvalidVectors, the others valid);
@@ -126,6 +129,7 @@ class FakeEmbedder:
         dim: int = 8,
         window: int | None = None,
         silent_window: int | None = None,
+        crash_window: int | None = None,
         tokens: Callable[[str], int] = fake_tokens,
         report_tokens: bool = True,
         text_prefix: str = "",
@@ -138,6 +142,8 @@ class FakeEmbedder:
         self.dim = dim
         self.window = window
         self.silent_window = silent_window
+        self.crash_window = crash_window
+        self.crashes = 0
         self.tokens = tokens
         self.report_tokens = report_tokens
         self.requests: list[Request] = []
@@ -208,6 +214,10 @@ class FakeEmbedder:
                 raise ContextExceeded(
                     "HTTP 400: the input length exceeds the context length", http_status=400, server=chosen
                 )
+        if self.crash_window is not None and any(self.tokens(s) > self.crash_window for s in sent):
+            self.crashes += 1
+            message = 'HTTP 400: do embedding request: Post "http://127.0.0.1:40000/embedding": EOF'
+            raise RunnerCrashed(message, http_status=400, server=chosen)
         for marker, status in self._rejected.items():
             if any(marker in t for t in texts):
                 raise InputRejected(

@@ -66,6 +66,7 @@ class Claimer:
         self.store = store
         self.call = call
         self.s = settings
+        self.run_id: int | None = None  # the run claiming (set once started): its own cut rows are not redone
         self.batch_limit = batch_limit  # the tuning's current batch size (trouble and polite mode shrink it)
         self._log = log
         self._monotonic = monotonic
@@ -115,7 +116,7 @@ class Claimer:
                 mode=self.mode,
                 max_attempts=self.s.max_attempts,
                 **(
-                    {"include_cut": True, "include_pooled": self.s.long_text == "cut"}
+                    {"include_cut": True, "include_pooled": self.s.long_text == "cut", "run_id": self.run_id}
                     if refresh and self.s.reembed_cut
                     else {}
                 ),

@@ -4,7 +4,9 @@ a text re-embedded from our own cut until it is whole, and how a batch refused f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +31,7 @@ RISKY_SHARE = 0.6  # after a refusal of length, texts estimated over this share 
 PROBE_SHARE = 0.95  # the window probe's text: this share of the window the server describes
 OVER_SHARE = 1.15  # ... and the second one, this much past it
 MIN_CUT_TOKENS = 32  # a count this small is never taken for a window (a few words' prefix has as many tokens)
+BRACKET_SHARE = 0.9  # crash probes stop once the largest count answered is this share of the smallest that crashed
 
 Call = Callable[[list[str]], Awaitable[Answer]]
 
@@ -41,7 +44,61 @@ def may_reach(window: Window, estimator: TokenEstimator, prefix: str, text: str)
     full = prefix + text
     if len(full) * MAX_TOKENS_PER_CHAR < tokens - PROBE_SLACK:
         return False
-    return estimator.estimate(full) * ESTIMATE_MARGIN >= tokens - PROBE_SLACK
+    return estimate_may_reach(window, estimator.estimate(full))
+
+
+def estimate_may_reach(window: Window, estimate: float) -> bool:
+    """`may_reach` for a text whose estimate (with the prefix) is known."""
+    return window.tokens is not None and estimate * ESTIMATE_MARGIN >= window.tokens - PROBE_SLACK
+
+
+def plan_window(tokens: int) -> int:
+    """The window to plan texts and pieces for on a server whose window is hard (it cuts silently past it, or its
+    runner crashes and reloads): a text planned for it is estimated at most SAFETY × this, which × ESTIMATE_MARGIN
+    stays below the window, so `may_reach` says no: it needs no count of its own and costs no crash (unless the
+    estimate is off by more than the margin)."""
+    return max(1, int((tokens - PROBE_SLACK - 1) / (SAFETY * ESTIMATE_MARGIN)))
+
+
+def crash_bound(window: Window, estimator: TokenEstimator, prefix: str, sent: list[str]) -> int | None:
+    """At most how many tokens the longest text of a batch that crashed the runner has (its estimate with the
+    margin, within the window the server describes): the ceiling a crash search starts from."""
+    if not sent:
+        return None
+    bound = int(max(estimator.estimate(prefix + t) for t in sent) * ESTIMATE_MARGIN) + 1
+    return min(bound, window.tokens + 1) if window.tokens else bound
+
+
+@dataclass
+class Bracket:
+    """One server's physical window as its answers and crashes showed it, in tokens: the largest count it answered
+    and the smallest that crashed it (or was refused). Kept across probes, so each search starts where the last one
+    left off; a window learned from it is `answered`, a count the server was seen to take whole."""
+
+    answered: int = 0
+    crashed: int | None = None
+
+    def answer(self, tokens: int) -> None:
+        self.answered = max(self.answered, tokens)
+        if self.crashed is not None and self.crashed <= self.answered:
+            self.crashed = None  # an estimated bound that was too low: the answer is the fact
+
+    def crash(self, tokens: int) -> None:
+        if tokens > self.answered and (self.crashed is None or tokens < self.crashed):
+            self.crashed = tokens
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to learn: no crash seen, or the two counts within BRACKET_SHARE of each other."""
+        return self.crashed is None or self.answered >= BRACKET_SHARE * self.crashed
+
+    def next_try(self) -> int | None:
+        """The count to try next: the geometric middle of the bracket (a crash costs a model reload, so the bracket
+        narrows by ratios: from 22 and 7,800 tokens to within a tenth of 2,048 in six tries, three of them crashes);
+        None once settled."""
+        if self.settled or self.crashed is None:
+            return None
+        return int(math.sqrt(max(self.answered, 1) * self.crashed))
 
 
 def at_window(window: Window, tokens: int) -> bool:
@@ -105,13 +162,19 @@ def split_after_refusal(window: Window, estimator: TokenEstimator, sent: list[st
     return [[k] for k in risky] + [[k for k in range(len(sent)) if k not in alone]]
 
 
+def repeats_for(tokens: float, one: int, two: int, least: int = 1) -> tuple[int, int]:
+    """How many times to repeat a text (whose count alone is `one`, twice `two`) for about `tokens` tokens, and the
+    count that many repeats make (at most `tokens`, but at least `least` repeats)."""
+    per, fixed = two - one, 2 * one - two
+    repeats = max(least, int((tokens - fixed) / per))
+    return repeats, fixed + repeats * per
+
+
 async def probe_counts(call: Call, text: str, one: int, two: int, believed: int) -> tuple[int, int] | None:
     """The window probe by counts: `text` (whose count alone is `one`, twice `two`) repeated to PROBE_SHARE of the
     window the server describes. (expected, counted) when the server counted fewer tokens than it was sent (it cuts
     silently at `counted`), else None."""
-    per, fixed = two - one, 2 * one - two
-    repeats = max(1, int((believed * PROBE_SHARE - fixed) / per))
-    expected = fixed + repeats * per
+    repeats, expected = repeats_for(believed * PROBE_SHARE, one, two)
     got = (await call([" ".join([text] * repeats)])).tokens
     return (expected, got) if got is not None and got < expected - PROBE_SLACK else None
 
@@ -119,8 +182,7 @@ async def probe_counts(call: Call, text: str, one: int, two: int, believed: int)
 async def probe_over(call: Call, text: str, one: int, two: int, believed: int) -> int | None:
     """Past the window the server describes, does it refuse (None: a refusal of length is loud, nothing can be cut
     silently) or cut (the count it took: its window)?"""
-    per, fixed = two - one, 2 * one - two
-    repeats = max(2, int((believed * OVER_SHARE - fixed) / per))
+    repeats, _ = repeats_for(believed * OVER_SHARE, one, two, least=2)
     try:
         return (await call([" ".join([text] * repeats)])).tokens
     except ContextExceeded:

@@ -11,6 +11,10 @@ class ModelChanged(DimensionMismatch):
     """A run with another model than the one recorded for the column: refused before anything is written."""
 
 
+class BadSetting(ValueError):
+    """A setting of ours the model server refused at the start probe (exit 2, naming it): nothing was written."""
+
+
 class Fatal(RuntimeError):
     """Ends the run with `state` (a RunReport state: server_unavailable, database_unavailable, …)."""
 

@@ -73,7 +73,7 @@ class Halt:
     async def should_stop(self, stop_in_database: Callable[[], Awaitable[bool | str]]) -> bool:
         """`stopping()`, plus the database's word, read at most once a second (runs on other machines): a stop
         request (True or "stop"), or "released": an operator released this run (`wiki-embeddings runs release`)
-        while it was stalled, so it ends at once without writing (`released`, a fatal end)."""
+        (a stalled run, or a running one with --force), so it ends at once without writing (`released`, a fatal end)."""
         if self.stopping():
             return True
         now = self._monotonic()
@@ -81,7 +81,7 @@ class Halt:
             self._last_db_check = now
             heard = await stop_in_database()
             if heard == "released":
-                self.fail(Fatal("released", "released by an operator (`wiki-embeddings runs release`) while stalled"))
+                self.fail(Fatal("released", "released by an operator (`wiki-embeddings runs release`)"))
                 return True
             if heard:
                 self.request_stop("stop request in the database")

@@ -61,8 +61,8 @@ def install_signal_handlers(request_stop: Callable[[str], None]) -> list[Callabl
 
 def released_message(run_id: int | None) -> str:
     return (
-        f"run {run_id} was released by an operator (`wiki-embeddings runs release`) while it was stalled: it ended "
-        "without writing anything more; a new run takes its chunks"
+        f"run {run_id} was released by an operator (`wiki-embeddings runs release`): it ended without writing "
+        "anything more; a new run takes its chunks"
     )
 
 

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wiki_embeddings.core.backfill import cuts
 from wiki_embeddings.core.backfill.outcomes import Embedded, Isolated
-from wiki_embeddings.core.context import TokenEstimator
+from wiki_embeddings.core.context import TokenEstimator, Window, fit_text
 from wiki_embeddings.core.pooling import (
     DEFAULT_OVERLAP_TOKENS,
     DEFAULT_WEIGHTS,
     Piece,
     Pooling,
     WeightKind,
+    split_for_window,
     split_piece,
     weights_for,
 )
@@ -69,6 +71,22 @@ class Pooler:
     def is_piece(key: int) -> bool:
         return key >= PIECE_KEYS
 
+    def plan(self, row: tuple[int, str], prefix: str, window: Window, hard: bool) -> list[tuple[int, str]]:
+        """A chunk or piece that does not fit the window as its pieces, else itself. On a `hard` window (a silent
+        cutter's, a crashing runner's) also one that may reach it, and the pieces are planned well below it
+        (cuts.plan_window): none needs a count of its own, none costs a crash."""
+        if self.is_piece(row[0]) and row[0] not in self._slots:
+            return []  # a piece of a chunk that already failed: nothing to send
+        text, tokens = row[1], window.tokens
+        if not tokens or not text.strip():
+            return [row]
+        if fit_text(text, prefix, tokens, self.estimator) == text and not (
+            hard and cuts.may_reach(window, self.estimator, prefix, text)
+        ):
+            return [row]
+        size = cuts.plan_window(tokens) if hard else tokens
+        return self.resplit(row[0], prefix, size) if self.is_piece(row[0]) else self.expand(row, prefix, size)
+
     def expand(self, row: tuple[int, str], prefix: str, window: int) -> list[tuple[int, str]]:
         """A long row as its piece rows (a row that fits in one piece stays as it is)."""
         cid, text = row
@@ -101,18 +119,38 @@ class Pooler:
 
     def split(self, key: int) -> list[tuple[int, str]]:
         """A piece refused (or cut) by the server: its two halves as new piece rows; [] when it cannot be split."""
-        chunk, _ = self._slots.pop(key)
-        at = chunk.keys.index(key)
-        piece = self._piece_of(chunk, key)
-        halves = split_piece(chunk.text, piece)
+        if key not in self._slots:
+            return []  # its chunk already failed
+        chunk, _ = self._slots[key]
+        halves = split_piece(chunk.text, self._piece_of(chunk, key))
         if len(halves) < 2:
+            self._slots.pop(key)
             return []
+        return self._replace(chunk, key, halves)
+
+    def resplit(self, key: int, prefix: str, window: int) -> list[tuple[int, str]]:
+        """A piece planned before the server's window was known (or for a larger one) as its pieces for `window`:
+        re-planned at once rather than halved one refusal (or runner crash) at a time; itself when it fits."""
+        chunk, _ = self._slots[key]
+        piece = self._piece_of(chunk, key)
+        try:
+            parts = split_for_window(piece.of(chunk.text), prefix, window, self.estimator, self.overlap_tokens)
+        except ValueError:  # an overlap wider than a piece of this window can hold: halves will do
+            parts = [Piece(p.start - piece.start, p.end - piece.start) for p in split_piece(chunk.text, piece)]
+        if len(parts) < 2:
+            return [(key, piece.of(chunk.text))]
+        return self._replace(chunk, key, [Piece(piece.start + p.start, piece.start + p.end) for p in parts])
+
+    def _replace(self, chunk: _Chunk, key: int, pieces: list[Piece]) -> list[tuple[int, str]]:
+        """The piece under `key` replaced, in place, by `pieces` (that cover it): their new piece rows."""
+        self._slots.pop(key)
+        at = chunk.keys.index(key)
         chunk.keys.pop(at)
         chunk.pieces.pop(at)
         rows = []
-        for k, half in enumerate(halves):
-            chunk.pieces.insert(at + k, half)
-            rows.append(self._slot(chunk, half, at + k))
+        for k, piece in enumerate(pieces):
+            chunk.pieces.insert(at + k, piece)
+            rows.append(self._slot(chunk, piece, at + k))
         return rows
 
     @staticmethod
@@ -121,7 +159,8 @@ class Pooler:
 
     async def take(self, outcome: Embedded | Isolated, emit: Emit) -> list[tuple[int, str]]:
         """Route one outcome: a chunk's own goes on to `emit`; a piece's is kept until its chunk is whole (then
-        the pooled vector goes on). Returns piece rows to embed again (pieces the server cut, split in two)."""
+        the pooled vector goes on: the chunks one answer completes, as one outcome, so one write). Returns piece
+        rows to embed again (pieces the server cut, split in two)."""
         if isinstance(outcome, Isolated):
             if not self.is_piece(outcome.chunk_id):
                 await emit(outcome)
@@ -132,6 +171,7 @@ class Pooler:
         if own:
             await emit(outcome.keep(own) if len(own) < len(outcome.ids) else outcome)
         again: list[tuple[int, str]] = []
+        complete: list[_Chunk] = []
         for k, key in enumerate(outcome.ids):
             if not self.is_piece(key) or key not in self._slots:
                 continue
@@ -146,7 +186,9 @@ class Pooler:
                 continue
             chunk.vectors[key] = outcome.vectors[k]
             if chunk.complete:
-                await emit(self._pooled(chunk))
+                complete.append(chunk)
+        if complete:
+            await emit(self._pooled(complete))
         return again
 
     def _fail(self, piece: Isolated) -> Callable[[Emit], Awaitable[None]]:
@@ -166,13 +208,19 @@ class Pooler:
 
         return go
 
-    def _pooled(self, chunk: _Chunk) -> Embedded:
-        for key in chunk.keys:
-            self._slots.pop(key, None)
-        weights = weights_for(chunk.pieces, chunk.text, self.weights, self.estimator)
-        plan = Pooling(tuple(chunk.pieces), tuple(weights))
-        vector = plan.combine([chunk.vectors[k] for k in chunk.keys])
-        self.pooled += 1
-        self.pieces += len(chunk.keys)
-        description = json.dumps(plan.to_json(), separators=(",", ":"))
-        return Embedded([chunk.chunk_id], [vector], [len(chunk.text)], [False], [False], [description])
+    def _pooled(self, chunks: list[_Chunk]) -> Embedded:
+        """The complete chunks' pooled vectors, each with the description it is rebuilt from."""
+        vectors: list[np.ndarray] = []
+        descriptions: list[str | None] = []
+        for chunk in chunks:
+            for key in chunk.keys:
+                self._slots.pop(key, None)
+            weights = weights_for(chunk.pieces, chunk.text, self.weights, self.estimator)
+            plan = Pooling(tuple(chunk.pieces), tuple(weights))
+            vectors.append(plan.combine([chunk.vectors[k] for k in chunk.keys]))
+            descriptions.append(json.dumps(plan.to_json(), separators=(",", ":")))
+            self.pooled += 1
+            self.pieces += len(chunk.keys)
+        n = len(chunks)
+        ids, chars = [c.chunk_id for c in chunks], [len(c.text) for c in chunks]
+        return Embedded(ids, vectors, chars, [False] * n, [False] * n, descriptions)

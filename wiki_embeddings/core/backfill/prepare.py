@@ -18,8 +18,9 @@ from wiki_embeddings.core.backfill.errors import DimensionMismatch, ModelChanged
 from wiki_embeddings.core.backfill.worker import CANARY_TEXT, EmbedWorker
 from wiki_embeddings.core.context import PREFLIGHT_SAMPLE, format_preflight, preflight
 from wiki_embeddings.core.db import DatabaseError, Store
-from wiki_embeddings.core.embedders import Embedder, InputRejected
+from wiki_embeddings.core.embedders import ContextExceeded, Embedder, EmbedFailure, InputRejected, RunnerCrashed
 from wiki_embeddings.core.modelname import same_model
+from wiki_embeddings.core.pooling import piece_counter
 from wiki_embeddings.settings import Settings
 
 
@@ -110,6 +111,33 @@ async def check_dimensions(embedder: Embedder, dimensions: int, column: str, req
     embedder.expect_dimensions(dimensions)
 
 
+def refused_setting(exc: EmbedFailure, settings: Settings, prefix: str, model: str) -> str | None:
+    """Why the start probe's refusal is our setting's fault (a bad setting: exit 2, naming it), or None.
+
+    The probe is a short known-good text: refused as over the window only when the text prefix before it (nearly)
+    fills the window; refused as malformed (HTTP 400) only for something every request of ours carries."""
+    if not isinstance(exc, InputRejected) or isinstance(exc, RunnerCrashed) or exc.http_status != 400:
+        return None
+    if isinstance(exc, ContextExceeded):
+        if not prefix:
+            return None
+        return (
+            f"WIKI_EMBED_TEXT_PREFIX (--text-prefix): the model refused a {len(CANARY_TEXT)}-character probe text "
+            f"as longer than its window with the {len(prefix)}-character text prefix before it ({exc.message}): the "
+            "prefix alone (nearly) fills the window, so no chunk could be embedded; shorten it, or raise --num-ctx "
+            "(WIKI_EMBED_NUM_CTX); nothing was written"
+        )
+    sent = [f"OLLAMA_MODEL={model!r}"] + ([f"WIKI_EMBED_TEXT_PREFIX={prefix!r}"] if prefix else [])
+    if settings.api == "ollama":
+        sent.insert(1, f"WIKI_EMBED_KEEP_ALIVE={settings.keep_alive!r}")
+    if settings.num_ctx:
+        sent.append(f"WIKI_EMBED_NUM_CTX={settings.num_ctx}")
+    return (
+        f"the model server refused a known-good probe request as malformed ({exc.message}): a setting every request "
+        f"carries ({', '.join(sent)}) is one the server does not take; nothing was written"
+    )
+
+
 async def learn_context(
     worker: EmbedWorker, store: Store, settings: Settings, log: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -122,7 +150,9 @@ async def learn_context(
     except DatabaseError as exc:  # an estimate only: it never stops a run
         log(f"pre-flight: no sample ({type(exc).__name__}); model context {worker.window.describe()}")
         return {}
-    figures = preflight(sample, worker.window, worker.estimator, settings.max_chars, worker.embedder.text_prefix)
+    prefix = worker.embedder.text_prefix
+    pieces = piece_counter(prefix, worker.window.tokens, worker.estimator) if settings.long_text == "pool" else None
+    figures = preflight(sample, worker.window, worker.estimator, settings.max_chars, prefix, pieces)
     log(format_preflight(figures))
     return figures
 

@@ -22,7 +22,7 @@ from wiki_embeddings.core.backfill import prepare
 from wiki_embeddings.core.backfill.claimer import Claimer
 from wiki_embeddings.core.backfill.dbcalls import DbCalls
 from wiki_embeddings.core.backfill.endstate import RunCounts, end_state
-from wiki_embeddings.core.backfill.errors import Fatal
+from wiki_embeddings.core.backfill.errors import BadSetting, Fatal
 from wiki_embeddings.core.backfill.failures import FailureRecorder
 from wiki_embeddings.core.backfill.halt import Halt
 from wiki_embeddings.core.backfill.liveness import heartbeats_of, install_signal_handlers, record_end
@@ -130,6 +130,9 @@ class Backfill:
                 report.preflight = await prepare.learn_context(self.worker, store, s, self._log)
                 report.context_tokens = self.worker.window.tokens
         except EmbedFailure as exc:
+            refused = prepare.refused_setting(exc, s, client.text_prefix, client.model)
+            if refused:  # our own setting, not the server: exit 2 naming it
+                raise BadSetting(refused) from exc
             report.state = "model_not_found" if isinstance(exc, ModelNotFound) else "server_unavailable"
             report.message = self._clean(exc.message)
             if not isinstance(exc, (ServerUnavailable, ModelNotFound)):  # a hung, trickling or garbling server
@@ -154,6 +157,7 @@ class Backfill:
                 store.start_run, self.mode, s.options_for_resume(), client.model, self.db.conns["run"]
             )
             self.writer.run_id, self.db.application_name = run_id, run_session_name(run_id)  # release finds them
+            self.claimer.run_id = run_id  # --reembed-cut leaves what this run cut itself
             self.db.on_reconnect["run"] = lambda fresh: self.db.thread(store.hold_run_lock, fresh, run_id)
             if digest:
                 record = store.record_trust

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from wiki_embeddings.core.backfill.errors import DimensionMismatch
+from wiki_embeddings.core.backfill.outcomes import Embedded
 from wiki_embeddings.core.context import MAX_TOKENS_PER_CHAR, TokenEstimator
 from wiki_embeddings.core.embedders import Answer, ContextExceeded, EmbedFailure
 
@@ -141,6 +142,18 @@ async def twins(call: Call, texts: list[str], vectors: list[np.ndarray]) -> list
                 known[k] = vector
         todo = again
     return out
+
+
+async def check_twins(call: Call, embedded: Embedded, sent: list[str], risky: list[int]) -> None:
+    """A silent cutter without counts: each `risky` text (one that may reach the window) of an embedded batch gets
+    the vector of a prefix of it proven whole (`twins`), with exactly that prefix's characters recorded."""
+    if not risky:
+        return
+    found = await twins(call, [sent[k] for k in risky], [embedded.vectors[k] for k in risky])
+    for k, proven in zip(risky, found, strict=True):
+        if proven is not None:
+            embedded.vectors[k], embedded.chars[k] = proven
+            embedded.cut[k] = True
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -14,9 +14,10 @@ The server being down or the model missing ends the run (errors.Fatal); everythi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from wiki_embeddings.core.backfill import cuts, probe, silent
 from wiki_embeddings.core.backfill.errors import Fatal
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
 from wiki_embeddings.core.backfill.pooler import Pooler
-from wiki_embeddings.core.backfill.probe import CANARY_TEXT
+from wiki_embeddings.core.backfill.probe import CANARY_TEXT, CrashProbes
 from wiki_embeddings.core.context import (
     MAX_TOKENS_PER_CHAR,
     SAFETY,
@@ -45,7 +46,6 @@ from wiki_embeddings.core.embedders import (
     ServerUnavailable,
 )
 
-CRASH_PLAN_SHARE = 0.75  # after a runner crash (a reload each), pieces are planned for this share of the window
 ALONE_TRIES = 5  # tries alone of a chunk that met a server-side error, before the canary decides
 CANARY_TRIES = 3  # a known-good text's tries before its server is taken for sick
 # Failures decided from the text alone: recorded without asking the server whether it is well.
@@ -77,7 +77,7 @@ class EmbedWorker:
         self.estimator = TokenEstimator()  # tokens per text, learned from the server's counts
         self.pooler = Pooler(self.estimator) if long_text == "pool" else None  # long chunks as pieces, pooled
         self._learned_from_refusal = False
-        self.plan_share = 1.0  # of the window that pieces are planned for (less once the server crashed on one)
+        self.crash = CrashProbes()  # runner crashes: each server's window as they showed it, the search under way
         self.known_good: str | None = None  # a text the server embedded: tells a sick server from a bad chunk
         self.sleep_ms = sleep_ms
         self._log = log
@@ -101,9 +101,7 @@ class EmbedWorker:
         rows = batch.rows
         if self.pooler is not None:
             emit = self._pooled(emit)
-            if self.window.tokens:
-                rows = [piece for row in rows for piece in self._pieces_of(row)]
-        await self._embed_rows(rows, emit)
+        await self._embed_rows(rows, emit)  # planned there: long chunks as pieces in pool mode
 
     # ------------------------------------------------------------ long texts, pooled
     def _pooled(self, emit: Emit) -> Emit:
@@ -118,41 +116,40 @@ class EmbedWorker:
 
         return through_pooler
 
+    def _plan(self) -> tuple[int | None, bool]:
+        """What rows are planned for: the window, and whether it is hard (texts planned well below it)."""
+        return self.window.tokens, self.silent_cut or self.crash.seen
+
     def _pieces_of(self, row: tuple[int, str]) -> list[tuple[int, str]]:
-        """A chunk that does not fit the window (or may reach a silent cutter's) as its pieces; else itself."""
-        assert self.pooler is not None and self.window.tokens
-        text = row[1]
-        if not text.strip() or (self._fit(text) == text and not (self.silent_cut and self._may_reach(text))):
-            return [row]
-        return self.pooler.expand(row, self.embedder.text_prefix, int(self.window.tokens * self.plan_share))
+        assert self.pooler is not None
+        return self.pooler.plan(row, self.embedder.text_prefix, self.window, hard=self._plan()[1])
+
+    def _planned(self, rows: list[tuple[int, str]], planned: object) -> tuple[list[tuple[int, str]], list[str]]:
+        """`rows` re-planned when the window changed since they were planned for `planned`, and the text each
+        sends: pool mode never cuts (what was judged to fit, or made a piece, goes whole); cut mode cuts to fit."""
+        if self.pooler is None:
+            return rows, [self._fit(r[1]) for r in rows]
+        if planned != self._plan():
+            rows = [piece for row in rows for piece in self._pieces_of(row)]
+        return rows, [r[1] for r in rows]
 
     async def _split_refused(self, row: tuple[int, str], exc: ContextExceeded, emit: Emit) -> None:
         """Pool mode never cuts: a piece (or a chunk estimated to fit) the server refused as too long is split in
         two, each embedded (and split again if need be); a piece of one character fails its chunk."""
         assert self.pooler is not None
-        if isinstance(exc, RunnerCrashed):
-            self.plan_share = CRASH_PLAN_SHARE  # each crash costs a model reload: pieces planned with room to spare
-        if not self._learned_from_refusal:  # once a run: the server's real window, as cut mode learns it
-            self._learned_from_refusal = True
+        if not self._learned_from_refusal and not isinstance(exc, RunnerCrashed):  # a crash is searched by probes
+            self._learned_from_refusal = True  # once a run: the server's real window, as cut mode learns it
             await self._learn_window(row[1], exc)
-            if not self.pooler.is_piece(row[0]) and self.window.tokens:
-                pieces = self.pooler.expand(row, self.embedder.text_prefix, self.window.tokens)
-                if pieces != [row]:
-                    await self._embed_rows(pieces, emit)
-                    return
+            again = self._pieces_of(row)
+            if again != [row]:
+                await self._embed_rows(again, emit, self._plan())
+                return
         halves = self.pooler.split(row[0]) if self.pooler.is_piece(row[0]) else self.pooler.halves(row)
         if halves:
-            await self._embed_rows(halves, emit)
+            await self._embed_rows(halves, emit, self._plan())
         else:
-            await emit(
-                Isolated(
-                    row[0],
-                    exc.kind,
-                    f"no piece of this chunk fits the model's context: {exc.message}",
-                    400,
-                    len(row[1]),
-                )
-            )
+            message = f"no piece of this chunk fits the model's context: {exc.message}"
+            await emit(Isolated(row[0], exc.kind, message, 400, len(row[1])))
 
     # ------------------------------------------------------------ requests
     async def _call(self, texts: list[str], server: int | None = None) -> Answer:
@@ -165,39 +162,45 @@ class EmbedWorker:
     def _fit(self, text: str) -> str:
         return fit_text(text, self.embedder.text_prefix, self.window.tokens, self.estimator)
 
-    async def _embed_rows(self, rows: list[tuple[int, str]], emit: Emit) -> None:
-        """Embed rows; on an input-tied failure split the batch until the bad chunks stand alone."""
-        if not rows:
-            return
+    async def _embed_rows(self, rows: list[tuple[int, str]], emit: Emit, planned: object = None) -> None:
+        """Embed rows (planned for the window `planned`, see _plan: re-planned if it changed since); on an
+        input-tied failure split the batch until the bad chunks stand alone."""
+        await self.crash.settled()  # a window search under way: wait for it rather than crash the runner meanwhile
+        rows, sent = self._planned(rows, planned)
+        planned = self._plan()
         for row in [r for r in rows if not r[1].strip()]:
             await self._isolate(row, "empty_text", "text is empty or whitespace only", None, None, emit)
-        rows = [r for r in rows if r[1].strip()]
+        rows, sent = [r for r in rows if r[1].strip()], [t for r, t in zip(rows, sent, strict=True) if r[1].strip()]
         if not rows:
             return
-        # Pool mode never cuts: what was judged to fit (or made a piece) goes whole; a refusal splits it.
-        sent = [r[1] for r in rows] if self.pooler is not None else [self._fit(r[1]) for r in rows]
+        if self.pooler is not None and len(rows) > (size := max(self.embedder.tuning.batch_size, 1)):
+            for start in range(0, len(rows), size):  # --batch-size counts pieces: at most that many a request
+                await self._embed_rows(rows[start : start + size], emit, planned)
+            return
         if self.silent_cut and len(rows) > 1:
             risky = [k for k, text in enumerate(sent) if self._may_reach(text)]
             if risky:  # a server known to cut silently: texts that may reach its window are counted alone
                 for k in risky:
-                    await self._embed_rows([rows[k]], emit)
+                    await self._embed_rows([rows[k]], emit, planned)
                 alone = set(risky)
-                await self._embed_rows([r for k, r in enumerate(rows) if k not in alone], emit)
+                await self._embed_rows([r for k, r in enumerate(rows) if k not in alone], emit, planned)
                 return
         try:
-            answer = await self._call(sent)
-        except ServerUnavailable as exc:
-            raise Fatal("server_unavailable", exc.message) from exc
-        except ModelNotFound as exc:
-            raise Fatal("model_not_found", exc.message) from exc
+            with _fatal():  # the server gone or the model missing ends the run
+                answer = await self._call(sent)
         except ContextExceeded as exc:
+            if isinstance(exc, RunnerCrashed) and await self._crashed(exc, sent):
+                again, resent = self._planned(rows, None)
+                if resent != sent:  # planned for the window just learned, at once (not halved crash by crash)
+                    await self._embed_rows(again, emit, self._plan())
+                    return
             if len(rows) == 1 and self.pooler is not None:
                 await self._split_refused(rows[0], exc, emit)
             elif len(rows) == 1:
                 await self._fit_one(rows[0], len(sent[0]), exc, emit)
             else:
                 for part in cuts.split_after_refusal(self.window, self.estimator, sent):
-                    await self._embed_rows([rows[k] for k in part], emit)
+                    await self._embed_rows([rows[k] for k in part], emit, planned)
             return
         except InvalidVectors as exc:
             good = [k for k, v in enumerate(exc.vectors) if v is not None]
@@ -209,7 +212,7 @@ class EmbedWorker:
                 await self._isolate(bad[0], exc.kind, exc.reasons[0], exc.http_status, exc.server, emit)
             else:
                 for row in bad:  # each alone: a vector that is bad again is the chunk's
-                    await self._embed_rows([row], emit)
+                    await self._embed_rows([row], emit, planned)
             return
         except (InputRejected, AmbiguousFailure) as exc:
             if isinstance(exc, AmbiguousFailure) and not await self._server_well(exc.server):
@@ -221,13 +224,13 @@ class EmbedWorker:
                 await self._isolate(rows[0], exc.kind, exc.message, exc.http_status, exc.server, emit)
             else:
                 half = len(rows) // 2
-                await self._embed_rows(rows[:half], emit)
-                await self._embed_rows(rows[half:], emit)
+                await self._embed_rows(rows[:half], emit, planned)
+                await self._embed_rows(rows[half:], emit, planned)
             return
         self.known_good = sent[0]
         embedded = _embedded(rows, sent, answer.vectors, list(range(len(rows))))
-        if answer.tokens is None and self.twin_check:
-            await self._check_twins(embedded, sent)
+        if answer.tokens is None and self.twin_check:  # each text that may reach the window proven whole by twins
+            await silent.check_twins(self._call, embedded, sent, [k for k, t in enumerate(sent) if self._may_reach(t)])
         elif answer.tokens is not None:
             if len(rows) == 1 and self.silent_cut and cuts.at_window(self.window, answer.tokens):
                 refit = await self._refit(embedded_text(rows[0], embedded), answer.server)  # cut by us until whole
@@ -247,6 +250,10 @@ class EmbedWorker:
             self._call, servers, self.window.tokens, self.estimator, longest, self.embedder.where
         )
         self.twin_check, self.refuses_over_window = found.twin_check, found.refuses_over_window
+        self.crash.adopt(found)
+        if found.crash_at is not None:
+            self.window.learn(found.crash_at)
+            self._log(f"the runner crashed on a window probe: it takes about {found.crash_at} tokens")
         if self.twin_check:
             self._log(f"the server cuts silently and counts no tokens: texts near {self.window.tokens} are checked")
         if found.silent_at is not None:
@@ -267,9 +274,11 @@ class EmbedWorker:
         if window and (len(prefix) + max(map(len, sent), default=0)) * MAX_TOKENS_PER_CHAR <= window * SAFETY:
             return  # no text of this batch can reach the window: nothing to detect, nothing worth learning
         estimates = [self.estimator.estimate(prefix + t) for t in sent]
-        # A server seen refusing past its window is checked only for a large shortfall (another server put behind
-        # the same URL mid-run, say); else the estimate's own error is the bound.
-        share = LOOSE_TRUST_SHARE if self.refuses_over_window else BATCH_TRUST_SHARE
+        # A server seen refusing past its window, or a known silent cutter's batch planned below its window, is
+        # checked only for a large shortfall (another server put behind the same URL mid-run, say); else the
+        # estimate's own error is the bound.
+        below = self.silent_cut and not any(cuts.estimate_may_reach(self.window, e) for e in estimates)
+        share = LOOSE_TRUST_SHARE if self.refuses_over_window or below else BATCH_TRUST_SHARE
         if count >= share * sum(estimates) or len(sent) == 0:
             self.estimator.observe([prefix + t for t in sent], count)
             return
@@ -292,18 +301,6 @@ class EmbedWorker:
                 f"they have); embedded again cut to {self.window.tokens} tokens, recorded as server_truncated"
             )
 
-    async def _check_twins(self, embedded: Embedded, sent: list[str]) -> None:
-        """A silent cutter without counts: each text that may reach the window gets the vector of a prefix of it
-        proven whole (silent.py), with exactly that prefix's characters recorded."""
-        risky = [k for k, text in enumerate(sent) if self._may_reach(text)]
-        if not risky:
-            return
-        found = await silent.twins(self._call, [sent[k] for k in risky], [embedded.vectors[k] for k in risky])
-        for k, proven in zip(risky, found, strict=True):
-            if proven is not None:
-                embedded.vectors[k], embedded.chars[k] = proven
-                embedded.cut[k] = True
-
     def _may_reach(self, text: str) -> bool:
         return cuts.may_reach(self.window, self.estimator, self.embedder.text_prefix, text)
 
@@ -322,26 +319,30 @@ class EmbedWorker:
 
     async def _learn_window(self, text: str, exc: ContextExceeded) -> None:
         """The longest prefix of a refused text the server takes, searched only to learn its real window."""
-        try:
+        tokens = None  # unless found: the halves are embedded anyway, only the window stays unknown
+        with contextlib.suppress(EmbedFailure), _fatal():
             tokens = await cuts.longest_fit_tokens(self._call, self.window, self.estimator, text)
-        except ServerUnavailable as failure:
-            raise Fatal("server_unavailable", failure.message) from failure
-        except ModelNotFound as failure:
-            raise Fatal("model_not_found", failure.message) from failure
-        except EmbedFailure:
-            return  # the halves are embedded anyway; only the window stays unknown
         if tokens and tokens >= cuts.MIN_CUT_TOKENS:  # a few words' count is no window (a misread refusal)
             self.window.learn(tokens)
             self._log(f"the server refused a text as too long ({exc.message}); its window is about {tokens} tokens")
 
+    async def _crashed(self, exc: RunnerCrashed, sent: list[str]) -> bool:
+        """A runner crash: the server's window searched by crash probes (probe.py; other batches wait for it). True
+        when the plan changed (a window learned, or the first crash: texts planned well below it from now on)."""
+        before = self._plan()
+        upper = cuts.crash_bound(self.window, self.estimator, self.embedder.text_prefix, sent)
+        with contextlib.suppress(EmbedFailure), _fatal():  # the texts are split anyway; only the window stays unknown
+            learned = await self.crash.learn(functools.partial(self._call, server=exc.server), exc.server, upper)
+            if learned:
+                self.window.learn(learned)
+                self._log(f"the runner crashed on a text ({exc.message}); it takes about {learned} tokens")
+        return self._plan() != before
+
     async def _fit_one(self, row: tuple[int, str], refused_chars: int, exc: ContextExceeded, emit: Emit) -> None:
         """One chunk refused as over the context: embed the longest prefix the server takes (>= 90 % of it)."""
         try:
-            found = await cuts.fit_search(self._call, self.window, self.estimator, row[1], refused_chars)
-        except ServerUnavailable as failure:
-            raise Fatal("server_unavailable", failure.message) from failure
-        except ModelNotFound as failure:
-            raise Fatal("model_not_found", failure.message) from failure
+            with _fatal():
+                found = await cuts.fit_search(self._call, self.window, self.estimator, row[1], refused_chars)
         except EmbedFailure as failure:  # a real fault of this text (NaN, another 400): isolated as always
             reason = failure.reasons[0] if isinstance(failure, InvalidVectors) else failure.message
             await self._isolate(row, failure.kind, reason, failure.http_status, failure.server, emit)
@@ -407,6 +408,17 @@ class EmbedWorker:
             raise Fatal("server_unavailable", f"the embedding server fails even on a known-good text: {message}")
         self.embedder.take_out(server, f"failed a known-good text after: {message}")
         await self._embed_rows(rows, emit)
+
+
+@contextlib.contextmanager
+def _fatal() -> Iterator[None]:
+    """The server gone or the model missing ends the run (errors.Fatal); other failures pass as they are."""
+    try:
+        yield
+    except ServerUnavailable as failure:
+        raise Fatal("server_unavailable", failure.message) from failure
+    except ModelNotFound as failure:
+        raise Fatal("model_not_found", failure.message) from failure
 
 
 def embedded_text(row: tuple[int, str], embedded: Embedded) -> str:

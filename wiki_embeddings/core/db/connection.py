@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Self
 
 import psycopg
@@ -69,7 +70,8 @@ class StoreBase:
         """
         options = ""  # a pipeline connection (claims, writes, the run's row) never waits long on the server
         if statement_timeout_sec:
-            lock_ms, statement_ms = int(LOCK_TIMEOUT_SEC * 1000), int(statement_timeout_sec * 1000)
+            # Whole milliseconds, at least 1: PostgreSQL reads 0 as "no timeout" (1e-4 s must not turn it off).
+            lock_ms, statement_ms = int(LOCK_TIMEOUT_SEC * 1000), max(1, math.ceil(statement_timeout_sec * 1000))
             options = f"-c lock_timeout={lock_ms} -c statement_timeout={statement_ms}"
         try:
             params: dict[str, Any] = {

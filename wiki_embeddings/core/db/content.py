@@ -25,12 +25,23 @@ class ContentMixin(StoreBase):
 
     def _changed_window(self: Store, include_cut: bool = False, include_pooled: bool = False) -> sql.Composed:
         """Embedded rows of one keyset window whose stored text no longer matches their provenance hash (and, with
-        `include_cut`, those embedded from a text cut to fit the context or truncated by the server)."""
-        also: sql.Composable = sql.SQL(" OR p.context_cut OR p.server_truncated") if include_cut else sql.SQL("")
-        if include_cut and self.silent_window() is not None:
-            also = sql.Composed([also, SUSPECT_CONDITION])
+        `include_cut`, those embedded from a text cut to fit the context or truncated by the server; with
+        `include_pooled`, pooled ones). Cut and pooled rows count only when embedded before the run `%(run_id)s`
+        started: a `--reembed-cut` run never re-embeds what it has just written itself (a changed text still does).
+        """
+        redo: list[sql.Composable] = []
+        if include_cut:
+            redo.append(sql.SQL("p.context_cut OR p.server_truncated"))
+            if self.silent_window() is not None:
+                redo.append(sql.SQL("false") + SUSPECT_CONDITION)
         if include_pooled:  # back from pooled to cut (--long-text cut --reembed-cut)
-            also = sql.Composed([also, sql.SQL(" OR p.pooling IS NOT NULL")])
+            redo.append(sql.SQL("p.pooling IS NOT NULL"))
+        also: sql.Composable = sql.SQL("")
+        if redo:
+            also = sql.SQL(
+                " OR (({redo}) AND p.embedded_at < coalesce((SELECT r.started_at FROM {s}.runs r"
+                " WHERE r.run_id = %(run_id)s::bigint), 'infinity'))"
+            ).format(redo=sql.SQL(" OR ").join(redo), s=self._s)
         return sql.SQL(
             "WITH win AS MATERIALIZED ("
             " SELECT t.{id} AS id, md5(t.{text}) AS md5 FROM {t} t WHERE t.{emb} IS NOT NULL"
@@ -75,10 +86,12 @@ class ContentMixin(StoreBase):
         scan_window: int = 5000,
         include_cut: bool = False,
         include_pooled: bool = False,
+        run_id: int | None = None,
         **_: Any,
     ) -> Claim:
         """Keyset scan (one window of ids per call) for embedded chunks whose text changed since it was embedded;
-        lock the first `limit` found. `last_scanned_id` is where the next call continues."""
+        lock the first `limit` found. `last_scanned_id` is where the next call continues. `run_id`: the claiming
+        run, whose own cut or pooled rows are not taken again (`_changed_window`)."""
         lower = after_id if after_id is not None else (id_min - 1 if id_min is not None else None)
         found = conn.execute(
             self._changed_window(include_cut, include_pooled),
@@ -88,6 +101,7 @@ class ContentMixin(StoreBase):
                 "window": scan_window,
                 "ptable": self.table.qualified,
                 "attnum": self._current_attnum(conn),
+                "run_id": run_id,
                 **self.suspect_params(),
             },
         ).fetchall()

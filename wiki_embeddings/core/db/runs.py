@@ -124,7 +124,8 @@ class RunsMixin(StoreBase):
         released the run meanwhile (its row is left as the release wrote it): the run must end without writing."""
         row = self.conn.execute(
             sql.SQL(
-                "UPDATE {s}.runs SET heartbeat_at = now(), embedded = %s, failed = %s, chunks_per_s = %s,"
+                "UPDATE {s}.runs SET heartbeat_at = now(), embedded = greatest(embedded, %s), failed = %s,"
+                " chunks_per_s = %s,"
                 " servers = coalesce(%s::jsonb, servers) WHERE run_id = %s AND state <> %s RETURNING 1"
             ).format(s=self._s),
             (embedded, failed, chunks_per_s, json.dumps(servers) if servers is not None else None, run_id, RELEASED),

@@ -74,8 +74,8 @@ class WritesMixin(StoreBase):
         row = conn.execute(stmt, params, binary=True).fetchone()
         if row is not None and row[3]:
             raise RunReleased(
-                f"run {run_id} was released by an operator (`wiki-embeddings runs release`) while it was stalled; "
-                "nothing of it is written any more"
+                f"run {run_id} was released by an operator (`wiki-embeddings runs release`); nothing of it is "
+                "written any more"
             )
         if provenance is not None:
             attnum = row[1] if row else None
@@ -113,6 +113,16 @@ class WritesMixin(StoreBase):
         if cached is not None:
             return cached
         guard = sql.SQL("") if replace else sql.SQL(" AND t.{emb} IS NULL").format(emb=self._emb)
+        # The run's `embedded` counts its writes as they commit (heartbeats only every 10 s): a run frozen and then
+        # released (`runs release`) shows what it really wrote, not its last heartbeat's figure (or 0 before one).
+        run_count = (
+            sql.SQL("")
+            if replace
+            else sql.SQL(
+                ", rc AS (UPDATE {s}.runs SET embedded = embedded + (SELECT count(*) FROM w)"
+                " WHERE run_id = %(run_id)s::bigint AND state <> 'released')"
+            ).format(s=self._s)
+        )
         if with_md5:
             guard = sql.Composed([guard, sql.SQL(" AND md5(t.{text}) = u.md5").format(text=self._text)])
         record: sql.Composable = sql.SQL("")
@@ -163,6 +173,7 @@ class WritesMixin(StoreBase):
             " RETURNING t.{id} AS id, coalesce(u.md5, md5(t.{text})) AS md5, u.chars, u.cut, u.trunc, u.pooling)"
             "{record},"
             " d AS (DELETE FROM {s}.failures f USING w WHERE f.table_name = %(failure_key)s AND f.chunk_id = w.id)"
+            "{run_count}"
             " SELECT (SELECT count(*) FROM w), {attnum_out}, (SELECT released FROM rr),"
             " (SELECT array_agg(x) FROM unnest(%(ids)b::bigint[]) AS x WHERE x NOT IN (SELECT id FROM lk))"
         ).format(
@@ -176,6 +187,7 @@ class WritesMixin(StoreBase):
             s=self._s,
             attnum_out=attnum_out,
             model_cte=model_cte,
+            run_count=run_count,
         )
         self._write_statements[key] = stmt.as_bytes(conn)
         return self._write_statements[key]

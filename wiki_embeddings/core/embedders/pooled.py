@@ -40,6 +40,11 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog."  # what an out serve
 MAX_BATCH_TEXTS = 4096
 
 
+class ReloadWait(TimeoutError):
+    """A request timed out while its server reloaded the model after a runner crash: sent again, counted against
+    nobody (it waited for the reload, not for a sick server)."""
+
+
 class PooledClient(ABC):
     """One pooled async HTTP client over one or more model servers, used round-robin with per-server slots."""
 
@@ -240,6 +245,13 @@ class PooledClient(ABC):
                 self.stats.texts += len(texts)
                 self.last_prompt_eval_count = count
                 return Answer(validate_vectors(raw, len(texts), self.dimensions, chosen.index), count, chosen.index)
+            except ReloadWait:
+                if total >= limit:  # bounded like every retry
+                    raise AmbiguousFailure(
+                        f"no complete answer from {chosen.masked}: it kept reloading its model after runner crashes",
+                        kind="timeout",
+                        server=chosen.index,
+                    ) from None
             except TimeoutError as exc:
                 timeouts += 1
                 if server is not None or timeouts > min(1, self.retries) or total >= limit:
@@ -283,24 +295,40 @@ class PooledClient(ABC):
         counts: list[int | None] = []
         for start in range(0, len(texts), size):
             piece = texts[start : start + size]
+            # After a runner crash the model reloads: one request at a time waits it out (with the load allowance),
+            # the others wait for that one instead of timing out into the reload; its answer ends the reload.
+            lock = server.reload_lock if server.reloading else None
+            if lock is not None:
+                await lock.acquire()
+                if not server.reloading:  # the one before it ended the reload: no need to go one at a time
+                    lock.release()
+                    lock = None
+            reload = lock is not None
+            crashes = server.crashes
             ticket = self.tuning.sent(server.index, len(piece), server.active)
             outcome = tune.ERROR
             # The first request may load the model, and so may the first after a runner crash (a reload): both
             # get the load allowance, and their time is no evidence against the server.
-            loading = self._probing or server.reloading
+            loading = self._probing or reload
             try:
                 async with asyncio.timeout(self.load_timeout_sec if loading else self.timeout_sec):
                     raw, count = await self._send(server, piece)
                 outcome = tune.IGNORE if loading else tune.OK
-                server.reloading = False
-            except TimeoutError:
+                if reload:
+                    server.reloading = False
+            except TimeoutError as exc:
                 outcome = tune.IGNORE if loading else tune.SLOW
+                if not loading and (server.reloading or server.crashes != crashes):
+                    # In flight when the runner crashed: it waited for the reload, not for a sick server.
+                    outcome = tune.IGNORE
+                    raise ReloadWait(f"{server.masked} reloaded its model after a runner crash") from exc
                 if not loading:
                     health.failure(f"no answer within {self._deadline_name} {self.timeout_sec:g}")
                     self._timed_out(server)
                 raise
             except RunnerCrashed:
                 server.reloading = True
+                server.crashes += 1
                 raise
             except Transient as exc:
                 if exc.http_status == 413:
@@ -314,6 +342,8 @@ class PooledClient(ABC):
             finally:
                 seconds = self.tuning.done(ticket, outcome)
                 self.stats.seconds_waiting += seconds
+                if lock is not None:
+                    lock.release()
             health.success(seconds)
             raws.extend(raw)
             counts.append(count)

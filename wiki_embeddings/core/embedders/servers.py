@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wiki_embeddings.core import tuning as tune
 from wiki_embeddings.core.embedders.base import ModelNotFound, ServerUnavailable
@@ -28,7 +28,16 @@ class Server:
     active: int = 0  # our requests in flight there; at most its depth
     legacy: bool = False  # /api/embed answered 404: an older Ollama, use /api/embeddings
     reloading: bool = False  # its runner crashed: the model reloads, the next request has the load allowance
+    crashes: int = 0  # runner crashes seen: a request in flight across one waited for a reload, not for an answer
     requests: int = 0
+    _reload_lock: asyncio.Lock | None = field(default=None, repr=False)
+
+    @property
+    def reload_lock(self) -> asyncio.Lock:
+        """Held by the one request that waits out a reload (with the load allowance); the others wait for it."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        return self._reload_lock
 
     @property
     def masked(self) -> str:
