@@ -458,7 +458,7 @@ def add_steady_rate(bench: Bench, base: float, got: dict[str, list[Run]], rows: 
     answers = [r.server.get("status_counts", {}) for r in runs]
     n503 = statistics.median(a.get("503", 0) for a in answers)
     reqs = statistics.median(sum(a.values()) for a in answers)
-    troubles = statistics.median(r.report.tuning.get("troubles", 0) for r in runs)
+    lowered = sum(1 for r in runs for _, _, why in r.depth_changes[0] if why == "overload")
     grew = sum(1 for r in runs for _, d, _ in r.depth_changes[0] if d > 1)
     pinned, no_pause, both = (med(got[k]) / base for k in ("503 depth 2", "503 no backoff", "503 both"))
     bench.add(
@@ -471,8 +471,9 @@ def add_steady_rate(bench: Bench, base: float, got: dict[str, list[Run]], rows: 
             ">= 0.6",
             baseline_name="fault-free",
             note=f"median of {len(runs)}",
-            reason=f"{n503:.0f} of {reqs:.0f} requests answered 503; depth halved {troubles:.0f} times, grew above 1 "
-            f"{grew} times in {len(runs)} runs (final {runs[-1].report.tuning.get('depths')}); batch stays "
+            reason=f"{n503:.0f} of {reqs:.0f} requests answered 503, each delaying only its own retry; a 503 took the "
+            f"depth down by one {lowered} times, it grew above 1 again {grew} times in {len(runs)} runs (final "
+            f"{runs[-1].report.tuning.get('depths')}); batch stays "
             f"{runs[-1].report.tuning.get('batch_sizes')}; the same faults with depth pinned at 2: {pinned:.2f}, with "
             f"a 1 ms backoff: {no_pause:.2f}, with both: {both:.2f}",
         )

@@ -1,11 +1,15 @@
 """Whether a model server is in the rotation, and when it may be asked again. Pure logic: no HTTP, no SQL.
 
 The client reports every request's end (`success`, `failure`, `no_model`); the pool reads `available` before
-sending. A failure blocks the server for a backoff that starts near one request's time and doubles with each
-failure in a row (`Retry-After` when the server sends one), so one 503 in five costs a short pause, not a cliff;
-other servers take the work meanwhile. A server that fails every request for OUT_AFTER_SEC (or one request's
-every retry), refuses connections, or lacks the model leaves the rotation: it is probed every PROBE_SEC while
-others carry the work, every PROBE_ALONE_SEC while none is left, and comes back on its first good answer.
+sending. A failure earns a backoff that starts near one request's time and doubles with each failure in a row
+(`Retry-After` when the server sends one). A lone overload answer among good ones (one 503 in five) delays only the
+request that got it: the others keep the server busy (blocking the whole server for every such answer idled it, the
+cliff of issue 20). The whole server waits out the backoff when it asked to (`Retry-After`), did not answer at all
+(a refused or reset connection, a timeout), or fails BLOCK_AFTER_FAILURES times in a row (it may be failing
+everything; at one 503 in five, three in a row come once in ~125 answers); other servers take the work meanwhile.
+A server that fails every request for OUT_AFTER_SEC (or one request's every retry), refuses connections, or lacks
+the model leaves the rotation: it is probed every PROBE_SEC while others carry the work, every PROBE_ALONE_SEC
+while none is left, and comes back on its first good answer.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ OUT_AFTER_FAILURES = 3  # failures in a row ...
 OUT_AFTER_SEC = 1.0  # ... with no good answer for this long take a server out of the rotation
 PROBE_SEC = 30.0  # an out server is probed this often while others carry the work
 PROBE_ALONE_SEC = 5.0  # ... and this often while no server is left
+BLOCK_AFTER_FAILURES = 3  # answered failures in a row after which the whole server waits out the backoff
 FIRST_BACKOFF_MIN_SEC = 0.02  # the shortest pause after a failure (a server that failed once is not hammered)
 
 
@@ -60,6 +65,10 @@ class ServerHealth:
         """Seconds until the backoff ends (0 when free)."""
         return max(0.0, max(self.blocked_until, self.asked_until) - self.clock())
 
+    def asked_wait(self) -> float:
+        """Seconds until the quiet the server asked for (`Retry-After`) is over (0 when none)."""
+        return max(0.0, self.asked_until - self.clock())
+
     def success(self, seconds: float | None = None) -> None:
         now = self.clock()
         self.successes += 1
@@ -71,9 +80,12 @@ class ServerHealth:
         if self.state != IN:
             self._move(IN, "answered again")
 
-    def failure(self, why: str, retry_after: float | None = None, *, answered: bool = False) -> None:
+    def failure(self, why: str, retry_after: float | None = None, *, answered: bool = False, attempt: int = 1) -> float:
         """A transport error, an overload answer (`answered`: the server is there, busy) or a timeout: back off;
-        out when it keeps failing."""
+        out when it keeps failing. Returns the seconds the failed request (this was its `attempt`-th failure) waits
+        before it goes to this server again (the whole server waits them too unless this was a lone answered
+        failure without Retry-After). The pause doubles with the server's failures in a row or the request's own,
+        whichever are more: a request that keeps meeting 503s between others' good answers backs off as well."""
         now = self.clock()
         self.failures += 1
         self.responded += int(answered)
@@ -89,9 +101,10 @@ class ServerHealth:
                 if self.latency is None
                 else min(self.backoff_base_sec, max(FIRST_BACKOFF_MIN_SEC, 2 * self.latency))
             )
-            ceiling = min(self.backoff_max_sec, first * 2 ** (self.failures_in_a_row - 1))
+            ceiling = min(self.backoff_max_sec, first * 2 ** (max(self.failures_in_a_row, attempt) - 1))
             pause = ceiling * (0.5 + self.jitter() / 2)  # jitter: many workers do not retry in lockstep
-        self.blocked_until = max(self.blocked_until, now + pause)
+        if retry_after is not None or not answered or self.failures_in_a_row >= BLOCK_AFTER_FAILURES:
+            self.blocked_until = max(self.blocked_until, now + pause)
         if self.failures_in_a_row == 1:
             self.streak_since = now
         failing_for = now - self.streak_since
@@ -100,6 +113,7 @@ class ServerHealth:
         lasting = failing_for >= OUT_AFTER_SEC or not self.successes
         if self.state == IN and self.failures_in_a_row >= OUT_AFTER_FAILURES and lasting:
             self.take_out(f"{self.failures_in_a_row} failures in a row over {failing_for:.1f} s: {why}")
+        return pause
 
     def take_out(self, why: str, state: str = OUT) -> None:
         if self.state == IN or state != self.state:

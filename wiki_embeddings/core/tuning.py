@@ -14,10 +14,12 @@ Depth (per server, unless pinned by `--concurrency N`; `--sleep-ms > 0` and poli
   this settles at 2 (one running, one queued), against K slots at K + 1. The first added request (depth 1 -> 2)
   must raise the server's answered texts/s (goodput) by MIN_GAIN, else it is taken back and depth holds for
   NO_GAIN_HOLD_SEC: a CPU model sharing the client's cores can lose more to the overlap than the idle gap it
-  fills. A 429/503/502/504, a transport error or a timeout halves the depth and holds it for TROUBLE_HOLD clean
-  answers. Every RELEARN_SEC the base is measured again at depth 1 for BASE_SAMPLES requests (~0.2 % of the
-  time at 4 slots), so a server that got faster is seen as it is now (one that got slower shows as latency growth
-  and is re-measured anyway).
+  fills. An overload answer (429/503: the server is there and says it is full) takes one request off the depth and
+  holds it for OVERLOAD_HOLD clean answers: a full queue empties by one fewer in flight, and a steady rate of them
+  (one in five) must not pin the depth at 1, as halving with a long hold did (issue 20). A 502/504, a transport
+  error or a timeout halves the depth and holds it for TROUBLE_HOLD clean answers. Every RELEARN_SEC the base is
+  measured again at depth 1 for BASE_SAMPLES requests (~0.2 % of the time at 4 slots), so a server that got faster
+  is seen as it is now (one that got slower shows as latency growth and is re-measured anyway).
 
 Batch size (per server, all modes): the configured `--batch-size` is the maximum. Only what a batch's size
 explains shrinks it (a timeout, a refusal as too large: the cap halves); an overload answer (429/503) leaves it
@@ -44,6 +46,7 @@ SHRINK_ABOVE = 1.5  # ... above which it shrinks
 MIN_SAMPLES = 3  # answers at one depth (and batch size) before a decision (at least one per request in flight)
 BASE_SAMPLES = 2  # answers at depth 1 that measure the base latency (their fastest counts)
 TROUBLE_HOLD = 16  # clean answers after a trouble before depth may grow again
+OVERLOAD_HOLD = 2  # clean answers after an overload answer (429/503) before depth may grow again
 RELEARN_SEC = 60.0  # seconds between two re-measurements of the base latency at depth 1
 GROW_AFTER = 8  # full answers at one batch size before it may double (a goodput trial)
 MIN_GAIN = 0.02  # a request added to the queue must raise the server's answered texts/s by this share, else undone
@@ -51,7 +54,7 @@ NO_GAIN_HOLD_SEC = 300.0  # after an added request gained nothing: seconds befor
 POLITE_START = 1  # polite mode's first batch: nothing is known about the model's speed yet
 PER_CHUNK_WEIGHT = 0.5  # weight of the newest measurement in the seconds-per-chunk average
 
-OK, TROUBLE, SLOW, ERROR, IGNORE = "ok", "trouble", "slow", "error", "ignore"
+OK, OVERLOAD, TROUBLE, SLOW, ERROR, IGNORE = "ok", "overload", "trouble", "slow", "error", "ignore"
 
 
 @dataclass
@@ -111,13 +114,21 @@ class ServerDepth:
         return self.window_texts * depth / (times[-1] - times[-1 - depth])
 
     def trouble(self) -> None:
+        """A transport error, a gateway error or a timeout: half as many in flight, for a while."""
+        self._back_off(self.depth // 2, TROUBLE_HOLD, "trouble")
+
+    def overload(self) -> None:
+        """A 429/503: one fewer in flight, briefly (a steady rate of them must not pin the depth at 1)."""
+        self._back_off(self.depth - 1, OVERLOAD_HOLD, "overload")
+
+    def _back_off(self, depth: int, hold: int, why: str) -> None:
         self.troubles += 1
         if self.pinned is not None:
             return
         self.resume = None
         self.trial = None
-        self.hold = TROUBLE_HOLD
-        self._set(max(1, self.depth // 2), "trouble")
+        self.hold = max(self.hold, hold)
+        self._set(max(1, depth), why)
 
     def answered(self, ticket: Ticket, seconds: float, nominal: int) -> None:
         """A clean answer of `ticket.texts` texts after `seconds`; `nominal` is the batch size in use."""
@@ -343,10 +354,12 @@ class Tuning:
         return Ticket(server, texts, d.depth, active, d.epoch, self.clock())
 
     def done(self, ticket: Ticket, outcome: str) -> float:
-        """Record how a request ended (OK, TROUBLE, SLOW, ERROR or IGNORE); returns its duration."""
+        """Record how a request ended (OK, OVERLOAD, TROUBLE, SLOW, ERROR or IGNORE); returns its duration."""
         seconds = self.clock() - ticket.sent_at
         control = self.controls[ticket.server]
-        if outcome in (TROUBLE, SLOW):
+        if outcome == OVERLOAD:
+            control.depth.overload()  # one fewer in flight, the same batch
+        elif outcome in (TROUBLE, SLOW):
             control.depth.trouble()  # fewer in flight
             if outcome == SLOW:
                 control.sizer.shrink("timeout or too large")

@@ -57,6 +57,8 @@ def parse_until(text: str) -> tuple[int, int, int, timezone | None]:
     if zone.upper() == "Z":
         return hour, minute, second, UTC
     digits = zone[1:].replace(":", "")
+    if int(digits[2:]) > 59:
+        raise ValueError(f"until {text!r}: offset {zone} has minutes past 59")
     delta = timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
     if delta > timedelta(hours=14):
         raise ValueError(f"until {text!r}: offset {zone} is beyond +-14:00")

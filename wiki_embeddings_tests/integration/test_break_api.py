@@ -243,7 +243,8 @@ def test_tei_backend_errors_at_a_steady_rate_fail_no_chunk(make_table, stand_in)
 
 def test_429_with_retry_after_at_a_steady_rate_is_waited_out(make_table, stand_in):
     """A hosted API's rate limit: 15 % of requests answered 429 with `Retry-After: 1`. README: overload is backoff
-    (`Retry-After` honoured); nothing fails, nothing is lost, no request is sent sooner than the server asked."""
+    (`Retry-After` honoured); nothing fails, nothing is lost, no request is sent sooner than the server asked - not
+    one answered in the meantime (several in flight), nor one pinned to the server (a canary, a count recheck)."""
     import time
 
     fails = seeded(0.15, 5)

@@ -104,7 +104,7 @@ class Sim:
             elif kind == "answer":
                 i, ticket, how = data
                 self.active[i] -= 1
-                seconds = self.tuning.done(ticket, tune.TROUBLE if how == "503" else tune.OK)
+                seconds = self.tuning.done(ticket, tune.OVERLOAD if how == "503" else tune.OK)
                 if how == "ok":
                     self.latencies.append(seconds)
                     self.texts_done += ticket.texts
@@ -188,7 +188,8 @@ def test_each_server_of_a_list_gets_its_own_depth():
     assert sim.usual_depth(1000) == (2, 4)
 
 
-def test_a_503_halves_depth_but_leaves_the_batch_and_the_depth_climbs_back():
+def test_each_503_takes_one_request_off_the_depth_leaves_the_batch_and_the_depth_climbs_back():
+    """Issue 20: a 503 used to halve the depth and hold it for 16 clean answers; now one fewer in flight, briefly."""
     refuse = {401, 402}
     clock = FakeClock()
     server = ScriptedServer(4, script=lambda i: "503" if i in refuse else None)
@@ -196,11 +197,23 @@ def test_a_503_halves_depth_but_leaves_the_batch_and_the_depth_climbs_back():
     sim.run(400)
     assert sim.tuning.depth(0) == 5
     sim.run(3)
-    assert sim.tuning.depth(0) <= 2, "fewer in flight"
+    assert sim.tuning.depth(0) == 3, "two 503s: two fewer in flight, not a halving each"
     assert sim.tuning.batch_size == 64, "an overload answer says nothing about the batch's size"
-    assert sim.tuning.depths[0].changes[-1][2] == "trouble"
+    assert [why for _, _, why in sim.tuning.depths[0].changes[-2:]] == ["overload", "overload"]
+    assert sim.tuning.depths[0].hold <= tune.OVERLOAD_HOLD < tune.TROUBLE_HOLD
     sim.run(600)
     assert sim.usual_depth(300) == (5,), "and the depth climbs back once the trouble is past"
+
+
+def test_a_steady_503_rate_does_not_pin_the_depth_at_one():
+    """One 503 in five against a one-slot server: the depth keeps going back to 2 (one running, one queued), the
+    rate that halving with a 16-answer hold pinned at 1."""
+    clock = FakeClock()
+    server = ScriptedServer(1, script=lambda i: "503" if i % 5 == 0 else None)
+    sim = Sim(tune.Tuning(1, clock=clock), [server], clock)
+    sim.run(1000)
+    sent_at_two = sum(1 for (d,) in sim.depth_log[-500:] if d >= 2)
+    assert sent_at_two > 250, f"{sent_at_two} of the last 500 requests went out with depth 2 or more"
 
 
 def test_a_steady_503_rate_never_shrinks_the_batch():
@@ -241,13 +254,15 @@ def test_a_shrunk_batch_grows_back_only_while_goodput_rises():
 def test_a_timeout_halves_depth_and_batch_an_overload_only_depth_and_an_input_error_neither():
     clock = FakeClock()
     tuning = tune.Tuning(1, clock=clock)
-    tuning.depths[0].depth = 4
+    tuning.depths[0].depth = 8
     ticket = tuning.sent(0, 64, 1)
     clock.now = 120.0
     tuning.done(ticket, tune.ERROR)  # a 400 / 500: the input's business, not the server's load
-    assert tuning.depth(0) == 4 and tuning.batch_size == 64
-    tuning.done(tuning.sent(0, 64, 1), tune.TROUBLE)  # a 503: fewer in flight, the same batch
-    assert tuning.depth(0) == 2 and tuning.batch_size == 64
+    assert tuning.depth(0) == 8 and tuning.batch_size == 64
+    tuning.done(tuning.sent(0, 64, 1), tune.OVERLOAD)  # a 429/503: one fewer in flight, the same batch
+    assert tuning.depth(0) == 7 and tuning.batch_size == 64
+    tuning.done(tuning.sent(0, 64, 1), tune.TROUBLE)  # a transport or gateway error: half as many, the same batch
+    assert tuning.depth(0) == 3 and tuning.batch_size == 64
     tuning.done(tuning.sent(0, 64, 1), tune.SLOW)  # a timeout: the batch's size may be the cause
     assert tuning.depth(0) == 1 and tuning.batch_size == 32
 
@@ -303,6 +318,7 @@ def test_a_pinned_depth_never_moves():
     sim = make(1, pinned_depth=3)
     sim.run(300)
     sim.tuning.done(sim.tuning.sent(0, 64, 1), tune.TROUBLE)
+    sim.tuning.done(sim.tuning.sent(0, 64, 1), tune.OVERLOAD)
     assert set(sim.depth_log) == {(3,)} and sim.tuning.depth(0) == 3
 
 

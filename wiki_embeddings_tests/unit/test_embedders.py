@@ -296,6 +296,65 @@ def test_a_503_absorbed_by_a_retry_is_an_answer():
     assert len(embed(c, ["x"]).vectors) == 1 and c.stats.retries == 1
 
 
+def test_a_503_delays_the_request_that_got_it_not_the_next_one_to_the_same_server():
+    """Issue 20: one 503 in five used to hold the whole server for the backoff, idling it."""
+    sent: list[tuple[float, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        text = orjson.loads(request.content)["input"][0]
+        sent.append((asyncio.get_running_loop().time(), text))
+        if len(sent) == 1:
+            return httpx.Response(503, json={"error": "server busy, please try again"})
+        return answer(1)
+
+    tuning = tune.Tuning(1, pinned_depth=2, backoff_base_sec=0.2, backoff_max_sec=0.4)
+    c = OllamaClient(URLS[:1], "all-minilm", transport=httpx.MockTransport(handler), retries=2, tuning=tuning)
+
+    async def scenario() -> None:
+        try:
+            first = asyncio.ensure_future(c.embed_texts(["first"]))
+            await asyncio.sleep(0.02)  # after its 503
+            await c.embed_texts(["second"])
+            await first
+        finally:
+            await c.aclose()
+
+    run(scenario())
+    (t503, a), (t_second, b), (t_retry, a_again) = sent
+    assert (a, b, a_again) == ("first", "second", "first")
+    assert t_second - t503 < 0.08, "the next request was not held behind the backoff"
+    assert t_retry - t503 >= 0.09, "the failed one waited its pause (0.1-0.2 s before any answer was timed)"
+
+
+def test_a_request_refused_on_every_try_while_its_server_answers_others_does_not_take_the_server_out():
+    """Bad luck of one request (one 503 in two can meet it seven times) is not a sick server."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if orjson.loads(request.content)["input"] == ["unlucky"]:
+            return httpx.Response(503, json={"error": "server busy, please try again"})
+        return answer(1)
+
+    c = client(handler, servers=1, server_wait_sec=0.2)
+    others = 0
+
+    async def scenario() -> None:
+        nonlocal others
+        try:
+            unlucky = asyncio.ensure_future(c.embed_texts(["unlucky"]))
+            while not unlucky.done():
+                await c.embed_texts(["other"])
+                others += 1
+                await asyncio.sleep(0.001)  # the engine's own work between two requests
+            with pytest.raises(ServerUnavailable, match="503"):
+                await unlucky  # it gives up after its bound of tries, not by taking the server out
+        finally:
+            await c.aclose()
+
+    run(scenario())
+    health = c.tuning.controls[0].health
+    assert health.state == "in" and health.failures > c.retries + 1 and others > 0
+
+
 def test_a_500_is_ambiguous_and_names_its_server():
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(500, json={"error": "llama runner process has terminated"})

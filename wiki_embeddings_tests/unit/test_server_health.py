@@ -31,11 +31,21 @@ def test_one_failure_after_good_answers_costs_about_one_request_not_the_configur
     clock = Clock()
     server = health(clock, backoff_base_sec=0.5)
     server.success(0.02)
-    server.failure("HTTP 503")
+    server.failure("connection reset")  # no answer at all: the whole server waits
     assert server.wait() == pytest.approx(0.04), "twice a recent answer's time"
     assert server.in_rotation and not server.available()
     clock.now += 0.05
     assert server.available()
+
+
+def test_a_lone_503_among_good_answers_delays_its_request_not_the_server():
+    """Issue 20: blocking the whole server for the backoff after each of one 503 in five idled it."""
+    clock = Clock()
+    server = health(clock, backoff_base_sec=0.5)
+    server.success(0.02)
+    pause = server.failure("HTTP 503", answered=True)
+    assert pause == pytest.approx(0.04), "the failed request waits about one request's time"
+    assert server.available() and server.wait() == 0.0, "the other requests go on"
 
 
 def test_failures_in_a_row_double_the_backoff_up_to_its_ceiling():
@@ -49,6 +59,17 @@ def test_failures_in_a_row_double_the_backoff_up_to_its_ceiling():
     assert waits[:3] == [0.5, 1.0, 2.0] and waits[3:] == [2.0, 2.0]
 
 
+def test_a_request_refused_again_and_again_waits_longer_each_time_though_the_server_answers_others():
+    clock = Clock()
+    server = health(clock, backoff_base_sec=0.5, backoff_max_sec=0.1)
+    pauses = []
+    for attempt in (1, 2, 3, 4):
+        server.success(0.02)  # others' good answers between this request's tries
+        pauses.append(round(server.failure("HTTP 503", answered=True, attempt=attempt), 3))
+    assert pauses == [0.04, 0.08, 0.1, 0.1], "doubling with the request's own failures, up to the ceiling"
+    assert server.available()
+
+
 def test_retry_after_is_honoured_within_the_ceiling():
     clock = Clock()
     server = health(clock, backoff_max_sec=30.0)
@@ -56,6 +77,16 @@ def test_retry_after_is_honoured_within_the_ceiling():
     assert server.wait() == pytest.approx(7.0)
     server.failure("HTTP 429", retry_after=3600.0)
     assert server.wait() == pytest.approx(30.0)
+
+
+def test_retry_after_holds_the_whole_server_even_after_a_lone_overload_answer():
+    clock = Clock()
+    server = health(clock)
+    server.success(0.02)
+    assert server.failure("HTTP 503", retry_after=2.0, answered=True) == pytest.approx(2.0)
+    assert not server.available() and server.wait() == pytest.approx(2.0), "the server said when to come back"
+    clock.now += 2.0
+    assert server.available()
 
 
 def test_a_steady_error_rate_keeps_a_server_in_the_rotation():
@@ -68,6 +99,33 @@ def test_a_steady_error_rate_keeps_a_server_in_the_rotation():
         else:
             server.success(0.02)
     assert server.in_rotation and server.failures == 200
+
+
+def test_a_steady_503_rate_never_blocks_the_server():
+    clock = Clock()
+    server = health(clock)
+    blocked = 0
+    for i in range(1000):  # one answer in five is a 503, 20 ms apart
+        clock.now += 0.02
+        if i % 5 == 0:
+            server.failure("HTTP 503", answered=True)
+            blocked += not server.available()
+        else:
+            server.success(0.02)
+    assert server.in_rotation and server.failures == 200 and blocked == 0
+
+
+def test_a_server_answering_503_to_everything_is_held_then_leaves_the_rotation():
+    clock = Clock()
+    server = health(clock)
+    server.success(0.02)
+    for i in range(h.BLOCK_AFTER_FAILURES):
+        clock.now += 0.01
+        server.failure("HTTP 503", answered=True)
+        assert server.available() == (i + 1 < h.BLOCK_AFTER_FAILURES), "a streak holds the whole server"
+    clock.now += h.OUT_AFTER_SEC
+    server.failure("HTTP 503", answered=True)
+    assert server.state == h.OUT and "HTTP 503" in server.reason
 
 
 def test_a_server_that_fails_every_request_for_a_while_leaves_the_rotation():
@@ -124,6 +182,40 @@ def test_the_claimer_takes_the_largest_batch_a_server_in_the_rotation_takes():
     assert tuning.size_for(0) == 32 and tuning.batch_size == 64
     tuning.controls[1].health.take_out("dead")
     assert tuning.batch_size == 32, "an out server's batch size does not count"
+
+
+def _answer(tuning: tune.Tuning, clock: Clock, outcome: str = tune.OK) -> None:
+    """One request of 64 texts, alone at a one-slot server that takes 20 ms (a 503 comes back at once)."""
+    ticket = tuning.sent(0, 64, 1)
+    clock.now += 0.02 if outcome == tune.OK else 0.001
+    tuning.done(ticket, outcome)
+
+
+def test_one_503_in_five_lowers_the_depth_by_one_and_the_clean_answers_between_bring_it_back():
+    clock = Clock()
+    tuning = tune.Tuning(1, clock=clock)
+    for _ in range(tune.BASE_SAMPLES):  # the base is measured at depth 1; nothing waits: a slot idles
+        _answer(tuning, clock)
+    assert tuning.depth(0) == 2
+    for _ in range(50):
+        _answer(tuning, clock, tune.OVERLOAD)
+        assert tuning.depth(0) == 1, "one fewer in flight"
+        for _ in range(4):
+            _answer(tuning, clock)
+        assert tuning.depth(0) == 2, "four clean answers are enough to go back: the rate does not pin it at 1"
+    assert tuning.batch_size == 64
+
+
+def test_a_transport_error_still_halves_the_depth_and_holds_it_longer_than_an_overload_answer():
+    clock = Clock()
+    tuning = tune.Tuning(1, clock=clock)
+    tuning.depths[0].depth = 8
+    _answer(tuning, clock, tune.OVERLOAD)
+    assert (tuning.depth(0), tuning.depths[0].hold) == (7, tune.OVERLOAD_HOLD)
+    _answer(tuning, clock, tune.TROUBLE)
+    assert (tuning.depth(0), tuning.depths[0].hold) == (3, tune.TROUBLE_HOLD)
+    _answer(tuning, clock, tune.OVERLOAD)
+    assert (tuning.depth(0), tuning.depths[0].hold) == (2, tune.TROUBLE_HOLD), "an overload never shortens a hold"
 
 
 async def _no_probe(_server: Server) -> None:
@@ -196,6 +288,39 @@ def test_the_model_missing_on_every_server_is_model_not_found():
 
     with pytest.raises(ModelNotFound, match="pulling"):
         asyncio.run(scenario())
+
+
+def test_a_request_waits_out_its_pause_while_the_others_use_the_server_and_a_worker_holds_a_batch_instead():
+    clock = Clock()
+
+    async def scenario() -> None:
+        p = pool(1, clock)
+        avoid: dict[int, float] = {}
+        p.pause(avoid, p.servers[0], 0.04)  # this request got a 503
+        other = await asyncio.wait_for(p.acquire(), 1)  # another request goes at once
+        p.release(other)
+        waiting = asyncio.ensure_future(p.acquire(avoid=avoid))
+        await asyncio.sleep(0.01)
+        assert not waiting.done(), "its pause is not over"
+        assert p.turns.limit == 2, "while it pauses, one more worker may hold a batch: the server does not idle"
+        clock.now += 0.04
+        s = await asyncio.wait_for(waiting, 5)
+        assert s.index == 0 and p.turns.limit == 1
+        p.release(s)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_pausing_for_one_server_goes_to_another_at_once():
+    async def scenario() -> int:
+        p = pool(2, Clock())
+        avoid: dict[int, float] = {}
+        p.pause(avoid, p.servers[0], 10.0)
+        s = await asyncio.wait_for(p.acquire(avoid=avoid), 1)
+        p.release(s)
+        return s.index
+
+    assert asyncio.run(scenario()) == 1
 
 
 def test_while_every_server_is_out_a_probe_brings_one_back_and_the_waiting_request_goes():

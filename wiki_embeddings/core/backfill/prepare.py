@@ -71,13 +71,15 @@ def check_long_text(store: Store, settings: Settings) -> None:
     if settings.reembed_cut:
         return
     cut, pooled = store.made_by()
-    made = "pool" if pooled else "cut" if cut else None
-    if made is None or made == settings.long_text:
+    made = "pool" if settings.long_text == "cut" else "cut"  # the other way: any vector made so is a mix
+    count = pooled if made == "pool" else cut
+    if not count:
         return
     column = f"{store.table.qualified}.{store.table.embedding_column}"
-    count = pooled if made == "pool" else cut
+    mine = pooled if made == "cut" else cut
+    unfinished = f" (and {mine} made with --long-text {settings.long_text}: a change left unfinished)" if mine else ""
     raise ModelChanged(
-        f"{column} holds {count} vectors of long texts made with --long-text {made}; this run's is "
+        f"{column} holds {count} vectors of long texts made with --long-text {made}{unfinished}; this run's is "
         f"{settings.long_text!r} (WIKI_EMBED_LONG_TEXT) and a column must not mix them; nothing was written. Keep "
         f"--long-text {made}, or change it with one run of `wiki-embeddings backfill --long-text {settings.long_text}"
         f" --reembed-cut`, which re-embeds those {count} chunks in place"
@@ -116,8 +118,8 @@ def refused_setting(exc: EmbedFailure, settings: Settings, prefix: str, model: s
 
     The probe is a short known-good text: refused as over the window only when the text prefix before it (nearly)
     fills the window; refused as malformed (HTTP 400) only for something every request of ours carries."""
-    if not isinstance(exc, InputRejected) or isinstance(exc, RunnerCrashed) or exc.http_status != 400:
-        return None
+    if not isinstance(exc, InputRejected) or isinstance(exc, RunnerCrashed) or exc.http_status != 400 or exc.foreign:
+        return None  # a proxy's own page (HTML, plain text) is not the model server judging our request
     if isinstance(exc, ContextExceeded):
         if not prefix:
             return None

@@ -361,22 +361,22 @@ class EmbedWorker:
 
     # ------------------------------------------------------------ isolation
     async def _alone_again(self, row: tuple[int, str], text: str, emit: Emit) -> bool:
-        """A server-side error on one chunk: a few more tries alone before it is blamed (a steady 500 rate must
-        fail no chunk); True once it embedded."""
+        """A server-side error on one chunk: more tries alone before it is blamed (a steady 500 rate fails none)."""
         for _ in range(ALONE_TRIES):
             try:
                 answer = await self._call([text])
             except AmbiguousFailure:
                 continue
-            except EmbedFailure:
-                return False
+            except EmbedFailure as exc:  # too long after all (the 500 came first): split or cut, never blamed
+                if too_long := isinstance(exc, ContextExceeded):
+                    await self._embed_rows([row], emit, self._plan())
+                return too_long
             await emit(_embedded([row], [text], answer.vectors, [0]))
             return True
         return False
 
     async def _server_well(self, server: int | None) -> bool:
-        """Does a known-good text still embed (on `server`, the one that failed, when known)? Asked up to
-        CANARY_TRIES times: one sporadic error is no sick server."""
+        """Does a known-good text still embed on `server` (CANARY_TRIES tries: one error is no sick server)?"""
         for _ in range(CANARY_TRIES):
             try:
                 await self._call([self.known_good or CANARY_TEXT], server)

@@ -33,6 +33,9 @@ class EmbedFailure(Exception):
     """Base of every embedding failure; `kind` is the short error class logged in failure records."""
 
     kind = "embed_failed"
+    foreign = (
+        False  # the answer was not in the model server's error shape (a proxy's page): no setting of ours to blame
+    )
 
     def __init__(
         self, message: str, *, http_status: int | None = None, kind: str | None = None, server: int | None = None

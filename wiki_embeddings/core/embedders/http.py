@@ -36,6 +36,7 @@ class Transient(Exception):
         super().__init__(message)
         self.http_status = http_status
         self.retry_after = retry_after  # seconds the server asked us to wait (Retry-After), if it said
+        self.pause_sec = 0.0  # set by the client: seconds the failed request waits before that server again
 
 
 @dataclass
@@ -66,6 +67,14 @@ class HttpAnswer:
                 return None
             seconds = when.timestamp() - time.time()
         return max(0.0, seconds) if math.isfinite(seconds) else None
+
+    def is_json_error(self) -> bool:
+        """Is the body a JSON object (the model server's own error shape, as Ollama, OpenAI, TEI, vLLM answer),
+        not a proxy's HTML or plain-text page?"""
+        try:
+            return isinstance(loads(self.content), dict)
+        except ValueError:
+            return False
 
     def error_text(self) -> str:
         """The server's error message (`{"error": …}`), else the start of the body, else the reason phrase."""

@@ -200,9 +200,11 @@ class OllamaClient(PooledClient):
         if status == 400 and _CONTEXT_REFUSAL.search(resp.error_text()):
             raise ContextExceeded(f"HTTP 400: {resp.error_text()}", http_status=400, server=index)
         if 400 <= status < 500:
-            raise InputRejected(
+            rejected = InputRejected(
                 f"HTTP {status}: {resp.error_text()}", http_status=status, kind=f"http_{status}", server=index
             )
+            rejected.foreign = not resp.is_json_error()
+            raise rejected
         if status >= 500:
             raise AmbiguousFailure(
                 f"HTTP {status}: {resp.error_text()}", http_status=status, kind=f"http_{status}", server=index

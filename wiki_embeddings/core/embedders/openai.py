@@ -280,7 +280,11 @@ class OpenAIClient(PooledClient):
                 server=index,
             )
         if 400 <= status < 500 and status != BACKEND_FAILED:
-            raise base.InputRejected(f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index)
+            rejected = base.InputRejected(
+                f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index
+            )
+            rejected.foreign = not resp.is_json_error()
+            raise rejected
         if status >= 400:
             raise base.AmbiguousFailure(
                 f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index

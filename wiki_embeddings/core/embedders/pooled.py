@@ -35,7 +35,8 @@ from wiki_embeddings.core.embedders.http import Transient, answer_limit
 from wiki_embeddings.core.embedders.servers import Server, ServerPool, Turns
 from wiki_embeddings.settings import mask_url
 
-OVERLOAD_STATUSES = {429, 502, 503, 504}  # answers that shrink depth and batch size (core/tuning.py)
+OVERLOAD_STATUSES = {429, 502, 503, 504}  # answers that lower the depth, never the batch size (core/tuning.py)
+FULL_STATUSES = {429, 503}  # of those, the server's own "I am full": one fewer in flight (502/504 halve the depth)
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."  # what an out server is asked to embed
 MAX_BATCH_TEXTS = 4096
 
@@ -228,20 +229,24 @@ class PooledClient(ABC):
         """One validated batch with its token count and the server that answered.
 
         Transport errors and overload are retried, each time on whichever server is free (a failing server
-        backs off and, failing on, leaves the rotation: core/health.py); a request whose `--retries` attempts
-        all failed takes its server out and goes on with the others. It fails only when no server is left
+        backs off and, failing on, leaves the rotation: core/health.py; the request itself waits a pause that
+        doubles with its failures); a request whose `--retries` attempts all failed takes its server out and goes
+        on with the others, unless that server answered other requests meanwhile (one 503 in two can refuse one
+        request seven times in a row: bad luck, not a sick server). It fails only when no server is left
         (ServerUnavailable; ModelNotFound when no server has the model). `server` pins the request to one
         server for one attempt: the canary's question "are you well now?" and the health probe.
         """
         _, pool = self._ensure_open()
         payload = [self.text_prefix + t for t in texts] if self.text_prefix else list(texts)
-        attempts = timeouts = total = 0
+        attempts = timeouts = total = failed = 0
         limit = (self.retries + 1) * len(self._urls) * 3  # a server that flaps between probe and batch ends too
+        avoid: dict[int, float] = {}  # server -> until when this request waits before it goes there again
+        answered: dict[int, int] = {}  # server -> its good answers when this request's attempts began failing there
         while True:
-            chosen = await pool.acquire(server)
+            chosen = await pool.acquire(server, avoid)
             total += 1
             try:
-                raw, count = await self._exchange(chosen, payload)
+                raw, count = await self._exchange(chosen, payload, failed + 1)
                 self.stats.texts += len(texts)
                 self.last_prompt_eval_count = count
                 return Answer(validate_vectors(raw, len(texts), self.dimensions, chosen.index), count, chosen.index)
@@ -264,12 +269,18 @@ class PooledClient(ABC):
                     ) from exc
             except Transient as exc:
                 attempts += 1
+                failed += 1
+                pool.pause(avoid, chosen, exc.pause_sec)
                 failure = f"the {self.server_kind} at {chosen.masked} (OLLAMA_URL): {exc}"
                 if server is not None or total >= limit:
                     raise ServerUnavailable(failure, http_status=exc.http_status, server=chosen.index) from exc
+                successes = pool.health(chosen).successes
+                answered.setdefault(chosen.index, successes)
                 if attempts > self.retries:
-                    pool.take_out(chosen, f"{attempts} attempts of one request failed: {exc}")
+                    if successes == answered[chosen.index]:  # it answered nobody meanwhile
+                        pool.take_out(chosen, f"{attempts} attempts of one request failed: {exc}")
                     attempts = 0
+                    answered.clear()
             except ModelNotFound as exc:
                 self.tuning.controls[chosen.index].health.no_model(exc.message)
                 if server is not None:
@@ -286,9 +297,9 @@ class PooledClient(ABC):
         if others:
             pool.take_out(server, f"no answer within {self._deadline_name} {self.timeout_sec:g}")
 
-    async def _exchange(self, server: Server, texts: list[str]) -> tuple[list[object], int | None]:
+    async def _exchange(self, server: Server, texts: list[str], attempt: int = 1) -> tuple[list[object], int | None]:
         """Send `texts` to `server` in pieces of its batch size; every piece is one request the tuning and the
-        server's health hear about."""
+        server's health hear about (`attempt`: this request's how-manieth try, for its backoff)."""
         size = max(1, self.tuning.size_for(server.index))
         health = self.tuning.controls[server.index].health
         raws: list[object] = []
@@ -334,10 +345,12 @@ class PooledClient(ABC):
                 if exc.http_status == 413:
                     outcome = tune.SLOW  # refused as too large: a smaller batch is the cure, the server is well
                 else:
-                    outcome = (
-                        tune.TROUBLE if exc.http_status is None or exc.http_status in OVERLOAD_STATUSES else outcome
-                    )
-                    health.failure(str(exc), exc.retry_after, answered=exc.http_status is not None)
+                    if exc.http_status in FULL_STATUSES:
+                        outcome = tune.OVERLOAD
+                    elif exc.http_status is None or exc.http_status in OVERLOAD_STATUSES:
+                        outcome = tune.TROUBLE
+                    answered = exc.http_status is not None
+                    exc.pause_sec = health.failure(str(exc), exc.retry_after, answered=answered, attempt=attempt)
                 raise
             finally:
                 seconds = self.tuning.done(ticket, outcome)

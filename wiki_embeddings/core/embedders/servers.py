@@ -2,8 +2,9 @@
 
 `ServerPool` hands out a server for each request: round-robin among those with a free slot under their depth
 (core/tuning.py decides the depths), or one named server (the canary goes back to the server that failed). It
-also holds the turns: how many embed workers may hold a claimed batch at once (the servers' total depth), so the
-run holds no more chunks than the servers are about to take. No HTTP here: the embedder sends, the pool counts.
+also holds the turns: how many embed workers may hold a claimed batch at once (the servers' total depth, plus one
+for each request waiting out a retry pause), so the run holds no more chunks than the servers are about to take.
+No HTTP here: the embedder sends, the pool counts.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Server:
 
 
 class Turns:
-    """A semaphore whose limit can change: the embed workers that may hold a batch at once (= total depth)."""
+    """A semaphore whose limit can change: the embed workers that may hold a batch at once (the total depth, plus
+    one for each request waiting out a retry pause)."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -81,10 +83,13 @@ class Turns:
 class ServerPool:
     """Which server takes the next request; created inside the running event loop (its futures bind to it).
 
-    Round-robin among the servers in the rotation, past their backoff, with a free slot under their depth; or
-    one named server (a canary or a probe: asked whatever its standing). While no server is in the rotation, the
-    out ones are probed (core/health.py says when) and requests wait, for at most `server_wait_sec`; a run whose
-    servers never answered at all does not wait (a wrong URL fails at once).
+    Round-robin among the servers in the rotation, past their backoff, with a free slot under their depth, and not
+    one this request must still avoid (a retry waits out its own pause there: `avoid`); or one named server (a
+    canary or a probe: asked whatever its standing, once the quiet it asked for with `Retry-After` is over). A
+    request waiting out its pause is not at the server: while it waits, one more worker may hold a batch (the
+    turns), so the server's slots do not idle behind it. While no server is in the rotation, the out ones are probed
+    (core/health.py says when) and requests wait, for at most `server_wait_sec`; a run whose servers never answered
+    at all does not wait (a wrong URL fails at once).
     """
 
     def __init__(
@@ -105,31 +110,58 @@ class ServerPool:
         self._next = 0  # where the round-robin starts looking for a server with a free slot
         self._waiters: list[asyncio.Future[None]] = []
         self._probes: dict[int, asyncio.Task[None]] = {}
+        self.pausing = 0  # requests waiting out a retry pause (each frees a turn meanwhile)
 
     def health(self, server: Server) -> ServerHealth:
         return self.tuning.controls[server.index].health
 
-    async def acquire(self, only: int | None = None) -> Server:
-        """The next server for a request (server `only` when given); waits while none can take it."""
-        while True:
-            if only is not None:
-                server = self.servers[only]
-                if server.active < self.tuning.depth(only):
-                    server.active += 1
-                    return server
-                await self._wait(None)
-                continue
-            chosen = self._pick()
-            if chosen is not None:
-                return chosen
-            self._start_due_probes()
-            await self._wait(self._next_change())
+    def pause(self, avoid: dict[int, float], server: Server, seconds: float) -> None:
+        """This request waits `seconds` before it goes to `server` again (entered in its `avoid`)."""
+        if seconds > 0:
+            avoid[server.index] = self._clock() + seconds
 
-    def _pick(self) -> Server | None:
+    async def acquire(self, only: int | None = None, avoid: dict[int, float] | None = None) -> Server:
+        """The next server for a request (server `only` when given; none of `avoid`, server -> until when, before
+        its time); waits while none can take it."""
+        pausing = False
+        try:
+            while True:
+                if only is not None:
+                    server = self.servers[only]
+                    quiet = self.health(server).asked_wait()  # the server's own Retry-After binds a canary too
+                    if not quiet and server.active < self.tuning.depth(only):
+                        server.active += 1
+                        return server
+                    await self._wait(quiet or None)
+                    continue
+                chosen = self._pick(avoid or {})
+                if chosen is not None:
+                    return chosen
+                if pausing != self._paused(avoid or {}):  # a worker holds a batch in its stead only while it pauses
+                    pausing = not pausing
+                    self._set_pausing(1 if pausing else -1)
+                self._start_due_probes()
+                await self._wait(self._next_change(avoid or {}))
+        finally:
+            if pausing:
+                self._set_pausing(-1)
+
+    def _paused(self, avoid: dict[int, float]) -> bool:
+        now = self._clock()
+        return any(until > now for until in avoid.values())
+
+    def _set_pausing(self, step: int) -> None:
+        self.pausing += step
+        self.turns.set_limit(self.tuning.total_depth + self.pausing)
+
+    def _pick(self, avoid: dict[int, float]) -> Server | None:
         servers = self.servers
+        now = self._clock()
         for k in range(len(servers)):
             server = servers[(self._next + k) % len(servers)]
             health = self.health(server)
+            if avoid.get(server.index, now) > now:
+                continue
             if health.available() and server.active < self.tuning.depth(server.index):
                 server.active += 1
                 self._next = (server.index + 1) % len(servers)
@@ -158,11 +190,14 @@ class ServerPool:
                 f"out of the rotation for {self.server_wait_sec:g} s (WIKI_EMBED_SERVER_WAIT_SEC): {reasons}"
             )
 
-    def _next_change(self) -> float | None:
-        """Seconds until something may change without a request ending: a backoff over, a probe due, the wait up."""
+    def _next_change(self, avoid: dict[int, float]) -> float | None:
+        """Seconds until something may change without a request ending: a backoff or this request's pause over, a
+        probe due, the wait up."""
         healths = [self.health(s) for s in self.servers]
         others = any(h.in_rotation for h in healths)
+        now = self._clock()
         times = [h.wait() for h in healths if h.in_rotation] + [h.probe_in(others) for h in healths]
+        times += [until - now for until in avoid.values() if until > now]
         if not others:
             since = max(h.out_since or 0.0 for h in healths)
             times.append(max(0.0, since + self.server_wait_sec - self._clock()))
@@ -201,12 +236,12 @@ class ServerPool:
     def release(self, server: Server) -> None:
         """The request on `server` ended: its slot is free; whoever waits for one looks again."""
         server.active -= 1
-        self.turns.set_limit(self.tuning.total_depth)
+        self.turns.set_limit(self.tuning.total_depth + self.pausing)
         self._wake()
 
     def take_out(self, server: Server, why: str) -> None:
         self.health(server).take_out(why)
-        self.turns.set_limit(self.tuning.total_depth)
+        self.turns.set_limit(self.tuning.total_depth + self.pausing)
         self._wake()
 
     def _wake(self) -> None:
