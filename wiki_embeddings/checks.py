@@ -173,3 +173,20 @@ def keep_alive_problem(value: str) -> str | None:
     if seconds > _GO_DURATION_MAX_SEC:
         return _TOO_LONG.format(value=value)
     return None
+
+
+def check_header_secret(name: str, value: str) -> None:
+    """A secret sent in an HTTP header (a bearer key) must be printable ASCII with no blank at either end: anything
+    else cannot be sent, and the HTTP library's refusal quotes the whole header - the secret with it. Refused here,
+    naming where the character is, never the value (a trailing newline from a secret file is the usual cause)."""
+    for position, char in enumerate(value):
+        if not " " <= char <= "~":
+            newline = char in "\r\n"
+            what = "a line break" if newline else f"the character U+{ord(char):04X}"
+            hint = " (a key read from a file with its trailing newline?)" if newline else ""
+            raise ValueError(
+                f"{name} holds {what} at position {position + 1} of {len(value)}: an HTTP header cannot carry "
+                f"it{hint}; give the key alone"
+            )
+    if value != value.strip():
+        raise ValueError(f"{name} begins or ends with a blank: an HTTP header cannot carry it; give the key alone")

@@ -20,6 +20,7 @@ from wiki_embeddings.checks import (
     POSITIVE_SECONDS,
     SECONDS,
     Range,
+    check_header_secret,
     check_number,
     choice_word,
     keep_alive_problem,
@@ -439,6 +440,8 @@ def check_settings(s: Settings) -> None:
         )
     if s.api not in APIS:
         raise ValueError(f"WIKI_EMBED_API (--api) must be one of {', '.join(APIS)}, got {s.api!r}")
+    if s.api == "openai" and s.api_key:  # sent only under openai
+        check_header_secret("WIKI_EMBED_API_KEY", s.api_key)
     if s.api == "openai" and s.with_ollama:
         raise ValueError(
             "--with-ollama (OLALA_START_OLLAMA) starts a local Ollama-protocol server: it cannot stand in for "
@@ -530,6 +533,8 @@ def check_http_url(url: str) -> None:
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a port out of range or not a number
+        if "@" in url and "@" not in parts.netloc:  # `http://op:1234/pw@host` read as host op, port 1234: refused
+            raise ValueError("user-info misread as a host")
     except ValueError as exc:
         if "@" in url:  # the parser's reason would quote the password as a port
             raise ValueError(

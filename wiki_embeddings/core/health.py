@@ -45,6 +45,9 @@ class ServerHealth:
     last_success: float | None = None
     streak_since: float = 0.0  # when the current streak of failures began
     blocked_until: float = float("-inf")
+    # Until when the server itself asked for quiet (`Retry-After`): an answer to a request sent before it (several in
+    # flight) ends our own backoff, never the server's request.
+    asked_until: float = float("-inf")
     out_since: float | None = None
     last_probe: float = float("-inf")
     latency: float | None = None  # a recent good answer's seconds (sizes the first backoff)
@@ -56,11 +59,15 @@ class ServerHealth:
 
     def available(self) -> bool:
         """In the rotation and past its backoff."""
-        return self.state == IN and self.clock() >= self.blocked_until
+        return self.state == IN and self.clock() >= max(self.blocked_until, self.asked_until)
 
     def wait(self) -> float:
         """Seconds until the backoff ends (0 when free)."""
-        return max(0.0, self.blocked_until - self.clock())
+        return max(0.0, max(self.blocked_until, self.asked_until) - self.clock())
+
+    def asked_wait(self) -> float:
+        """Seconds until the quiet the server asked for (`Retry-After`) is over (0 when none)."""
+        return max(0.0, self.asked_until - self.clock())
 
     def success(self, seconds: float | None = None) -> None:
         now = self.clock()
@@ -95,6 +102,7 @@ class ServerHealth:
         if retry_after is not None and retry_after >= 0:
             # Honoured as a floor: `Retry-After: 0` must not make every retry go at once (a zero-pause storm).
             pause = min(max(retry_after, pause), self.backoff_max_sec)
+            self.asked_until = max(self.asked_until, now + pause)
         if retry_after is not None or not answered or self.failures_in_a_row >= BLOCK_AFTER_FAILURES:
             self.blocked_until = max(self.blocked_until, now + pause)
         if self.failures_in_a_row == 1:

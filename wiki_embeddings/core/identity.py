@@ -44,7 +44,7 @@ def recorded_api(identity: dict[str, Any]) -> str:
     return str(identity.get("api") or DEFAULT_API)
 
 
-def api_problem(store: Store, model: str, api: str) -> str | None:
+def api_problem(store: Store, model: str, api: str, *, shadow: bool = False) -> str | None:
     """Why a run of `model` through `api` may not write this column (another API than its vectors'), or None."""
     identity = recorded(store)
     if identity is None or not same_model(identity["model"], model):
@@ -53,6 +53,14 @@ def api_problem(store: Store, model: str, api: str) -> str | None:
     if have == api:
         return None
     column = f"{store.table.qualified}.{store.table.embedding_column}"
+    if shadow:  # `verify` compares the live column only: a shadow is finished through its API, or begun again
+        return (
+            f"{column} (a model migration's shadow) holds vectors of model {model!r} made through the {have} API; "
+            f"this run uses the {api} API (WIKI_EMBED_API), whose server may embed the same name differently, so it "
+            f"is refused and nothing was written. Finish the migration through the {have} API (WIKI_EMBED_API={have}), "
+            f"or begin it again through the {api} API: `wiki-embeddings migrate-model --abort`, then "
+            f"`wiki-embeddings migrate-model --to {model}` with WIKI_EMBED_API={api}"
+        )
     return (
         f"{column} holds vectors of model {model!r} made through the {have} API; this run uses the {api} API "
         f"(WIKI_EMBED_API), whose server may embed the same name differently, so it is refused like another model "

@@ -5,7 +5,8 @@ that server's answers (core/tuning.py). Two processes given the same servers wou
 other makes, so when several runs go at once (Dagster's pool `ollama` above 1) each takes `share` servers of the
 list for itself and leaves the others alone: `share = servers // runs at once` (at least 1). A run takes its
 servers' leases (core/db/leases.py: session advisory locks in the chunk database, freed when the run's session
-ends, also when its process is killed) and waits while every server is leased by other runs.
+ends, also when its process is killed; the session is named after the process, so `runs release` of a run of a
+frozen process ends it too) and waits while every server is leased by other runs.
 
 One URL, or one run at a time: the share is the whole list, nothing is leased, nothing changes.
 """
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from wiki_embeddings.core.db import Store
+from wiki_embeddings.core.db.leases import lease_session_name
 from wiki_embeddings.settings import mask_url
 
 
@@ -47,7 +49,7 @@ def server_share(
     if share >= len(urls):
         yield list(range(len(urls)))
         return
-    conn = store.connect(register=False)
+    conn = store.connect(register=False, application_name=lease_session_name())
     try:
         held: list[int] = []
         start = os.getpid() % len(urls)

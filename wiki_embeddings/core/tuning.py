@@ -234,6 +234,12 @@ class BatchSizer:
         self.trial = None
         self._set(max(self.minimum, self.size // 2), why)
 
+    def limit(self, maximum: int, why: str) -> None:
+        """The server said how many inputs a request may hold at most (TEI's --max-client-batch-size): never more."""
+        self.maximum = max(1, min(self.maximum, maximum))
+        self.minimum = min(self.minimum, self.maximum)
+        self._set(min(self.cap, self.maximum), why)
+
     def _set(self, cap: int, why: str) -> None:
         self.rates = []
         if cap != self.cap:

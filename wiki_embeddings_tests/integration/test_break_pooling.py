@@ -135,6 +135,8 @@ def test_reembed_cut_does_not_reembed_what_this_run_just_cut(make_table, small_w
     assert report.refreshed == 0 and report.context_cut <= report.embedded, "".join(report.summary())
     cut_before = table.sql(
         f"SELECT count(*) FROM {table.settings.state_schema}.embedding_provenance WHERE context_cut"
+        " AND table_name = %s",  # the bookkeeping is shared by every test's table
+        (table.store.table.qualified,),
     )[0][0]
     again = table.backfill(reembed_cut=True)  # a later run still redoes what an earlier one cut
     assert again.embedded == 0 and again.refreshed == cut_before > 0, "".join(again.summary())

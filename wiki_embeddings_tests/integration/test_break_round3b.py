@@ -283,17 +283,9 @@ with build_store(s, s.database_url) as store:
 
 
 class LeaseStillHeld(AssertionError):
-    """The one failure the xfail below expects (a setup that went wrong fails the test for real)."""
+    """What the test raises when the lease stays held (a setup that went wrong fails differently)."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LeaseStillHeld,
-    reason="defect: `runs release` ends only the run-lock holder and sessions named `wiki-embeddings run ID`; the "
-    "server lease of a Dagster range run is a session of its own with the store's default application_name "
-    "(core/spread.py server_share: store.connect(register=False)), so a frozen run keeps its model server leased "
-    "after the release and other runs wait for it",
-)
 def test_a_released_frozen_run_gives_back_its_model_server_lease(make_table, ollama, tmp_path):
     import signal
     import subprocess

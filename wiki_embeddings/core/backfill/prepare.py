@@ -58,7 +58,7 @@ def check_recorded_model(store: Store, model: str, text_prefix: str, api: str = 
     prefix = identity.prefix_problem(store, model, text_prefix, shadow=is_shadow)
     if prefix:  # identity is model + dimensions + text prefix
         raise ModelChanged(prefix)
-    other_api = identity.api_problem(store, model, api)
+    other_api = identity.api_problem(store, model, api, shadow=is_shadow)
     if other_api:  # ... made through one API: another is another model until `verify` matches
         raise ModelChanged(other_api)
     return is_shadow

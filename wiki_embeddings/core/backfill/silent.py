@@ -9,7 +9,9 @@ exactly when the server never read the end.
 - `probe` (a run's start, counts absent): one request of two long texts that differ only in their last tenth, as
   dense in tokens as any text of the run can be. Identical vectors: the server cuts silently. With no window known
   (none published, no --num-ctx) the run is refused before anything is written (`WindowRequired`): nothing could
-  tell how much of each chunk a vector holds. With one, every text that may reach it is checked by its twin.
+  tell how much of each chunk a vector holds. With one, a second pair well inside it (60 % by estimate) must give two
+  vectors, or the window given is larger than what the server reads and the run is refused too; then every text
+  that may reach the window is checked by its twin.
 - `twins` (each batch, on such a server): each text that may reach the window is sent again without its last word.
   Different vectors prove the shorter text was read whole (the server read past its end), so its vector is stored
   with exactly its characters; identical vectors mean both were cut: the text is cut shorter and tried again.
@@ -30,6 +32,10 @@ SAME = 1.0 - 1e-6  # cosine at or above which two vectors are one (float32 round
 CHANGED_SHARE = 0.1  # the probe's texts differ in this last share of their words
 TWIN_TRIES = 4
 SHRINK = 0.85  # a text cut silently is cut by this much more before its twin is tried again
+# The inside probe's share of the window given, by estimate: English through a BERT tokenizer counts up to about
+# 1.35 times the estimate, so its real length stays under the window given when that window is right.
+INSIDE_SHARE = 0.6
+INSIDE_SENTENCE = "The quick brown fox jumps over the lazy dog."
 
 Call = Callable[[list[str]], Awaitable[Answer]]
 
@@ -69,7 +75,31 @@ async def probe(call: Call, estimator: TokenEstimator, longest_chars: int, windo
             "--num-ctx (WIKI_EMBED_NUM_CTX; e.g. 256 for all-MiniLM-L6-v2 served by sentence-transformers, its "
             "max_seq_length); nothing was written"
         )
+    # The window given must be one the server reads whole: a plain English text well inside it, twice, differing
+    # only in its last word. One vector: the server cuts inside the window given (all-MiniLM-L6-v2's card says 512,
+    # sentence-transformers cuts at 256), and texts between its cut and that window would be stored as read whole.
+    inside = window * INSIDE_SHARE
+    try:
+        answer = await call([inside_text(estimator, inside, "alpha"), inside_text(estimator, inside, "omega")])
+    except EmbedFailure:
+        return True
+    if cosine(answer.vectors[0], answer.vectors[1]) >= SAME:
+        raise WindowRequired(
+            f"the embedding server at {where} (OLLAMA_URL) reports no token counts and cut silently a text of about "
+            f"{inside:.0f} tokens, well inside the window given ({window} tokens, --num-ctx / WIKI_EMBED_NUM_CTX): "
+            "the model's real window is smaller, and no vector could be known to hold the text recorded for it. Give "
+            "the window the server really reads (e.g. 256 for all-MiniLM-L6-v2 served by sentence-transformers, its "
+            "max_seq_length, not the 512 of its config.json); nothing was written"
+        )
     return True
+
+
+def inside_text(estimator: TokenEstimator, tokens: float, last: str) -> str:
+    """Plain English sentences until the estimate reaches `tokens`, ended by the word `last`."""
+    sentences: list[str] = []
+    while estimator.estimate(" ".join(sentences)) < tokens:
+        sentences.append(INSIDE_SENTENCE)
+    return " ".join(sentences) + f" {last}"
 
 
 def shorter(text: str) -> str:

@@ -9,6 +9,8 @@ written, nothing to clean up. Every process filling tables of one database sees 
 
 from __future__ import annotations
 
+import os
+import socket
 import zlib
 
 import psycopg
@@ -17,6 +19,17 @@ from wiki_embeddings.core.db.connection import StoreBase
 
 #: First key of every server lease (the server's URL hash is the second); not the runs' or a swap's namespace.
 LEASE_NAMESPACE = zlib.crc32(b"wiki_embeddings:model-server") & 0x7FFFFFFF
+
+
+#: The application_name of a process's lease session: `runs release` of one of its runs ends it too (a frozen process
+#: must not keep its servers), found by the host and pid its run rows record.
+LEASE_SESSION_PREFIX = "wiki-embeddings leases "
+
+
+def lease_session_name(pid: int | None = None, host: str | None = None) -> str:
+    """The lease session's name for this process (PostgreSQL keeps the first 63 bytes; `runs` compares the same)."""
+    name = f"{LEASE_SESSION_PREFIX}{pid or os.getpid()}@{host or socket.gethostname()}"
+    return name.encode()[:63].decode(errors="ignore")
 
 
 def lease_key(url: str) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from wiki_embeddings.core.db.connection import StoreBase
+from wiki_embeddings.core.db.leases import lease_session_name
 
 if TYPE_CHECKING:
     from wiki_embeddings.core.db import Store
@@ -250,18 +251,21 @@ class RunsMixin(StoreBase):
         return row is not None
 
     def run_sessions(self: Store, run_id: int) -> list[int]:
-        """Backend pids of the run's sessions in this database: the holder of its run lock and every session named
-        after it (its claim and write sessions hold the chunk claims). This session excluded."""
+        """Backend pids of the run's sessions in this database: the holder of its run lock, every session named
+        after it (its claim and write sessions hold the chunk claims) and its process's model-server lease session
+        (core/spread.py: a frozen process must not keep its servers). This session excluded."""
+        run = self.find_run(run_id)
+        lease = lease_session_name(run["pid"], run["host"]) if run and run.get("pid") and run.get("host") else None
         rows = self.conn.execute(
             sql.SQL(
                 "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
                 " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
                 " AND l.classid::bigint = %(run_ns)s AND l.objid::bigint = %(run)s"
                 " UNION SELECT a.pid FROM pg_stat_activity a WHERE a.datname = current_database()"
-                " AND a.application_name = %(name)s"
+                " AND a.application_name IN (%(name)s, %(lease)s)"
                 " EXCEPT SELECT pg_backend_pid() ORDER BY 1"
             ),
-            {"run_ns": self.run_lock_namespace, "run": run_id, "name": run_session_name(run_id)},
+            {"run_ns": self.run_lock_namespace, "run": run_id, "name": run_session_name(run_id), "lease": lease},
         ).fetchall()
         return [int(r[0]) for r in rows]
 

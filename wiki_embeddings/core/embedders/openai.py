@@ -13,14 +13,16 @@ root for a server that serves `/embeddings` there, as infinity-emb does by defau
 the base itself (`http://gateway/openai/v1`). An optional bearer key comes from WIKI_EMBED_API_KEY: it is sent only
 in the Authorization header, never shown (every message is scrubbed of it) and never stored.
 
-Failures are classed as base.py says: a 400/413/422 that says the input is too long (vLLM's "maximum context
-length", TEI's "must have less than N tokens") is a refusal of length (cut to fit); any other 413 is a request
-too large (the batch shrinks); 408/429/502/503/504 are overload (backoff, `Retry-After` honoured, out of the
-rotation when they persist); 404 is a model this server does not serve; 401/403 a key refused (the run stops,
-nothing marked failed). The model's window is what the server publishes (TEI `GET /info` `max_input_length`, vLLM
-`GET /v1/models` `max_model_len`), else `--num-ctx` (WIKI_EMBED_NUM_CTX) read as the window in tokens, else
-unknown (learned from refusals; core/backfill/window_probe.py finds a server that cuts silently). There is no
-model digest: drift is what `verify`'s sampled re-embed sees.
+Failures are classed as base.py says: a 400/413/422/500 that says the input is too long (vLLM's "maximum context
+length", TEI's "must have less than N tokens", llama.cpp's 500 "input is too large to process") is a refusal of
+length (cut to fit); TEI's "batch size N > maximum allowed batch size M" (OpenAI's "array too long. Expected an
+array with maximum length M") caps that server's batch at M; any other 413 is a request too large (the batch
+shrinks); TEI's 424 (its backend failed) is a server error like a 500; 408/429/502/503/504 are overload (backoff,
+`Retry-After` honoured, out of the rotation when they persist); 404 is a model this server does not serve; 401/403 a
+key refused (the run stops, nothing marked failed). The model's window is what the server publishes (TEI `GET /info`
+`max_input_length`, vLLM `GET /v1/models` `max_model_len`), else `--num-ctx` (WIKI_EMBED_NUM_CTX) read as the window
+in tokens, else unknown (learned from refusals; core/backfill/probe.py and silent.py find a server that cuts
+silently). There is no model digest: drift is what `verify`'s sampled re-embed sees.
 """
 
 from __future__ import annotations
@@ -51,6 +53,20 @@ CONTEXT_REFUSAL = re.compile(
     r"|input (is )?too large|maximum (input|sequence) length",
     re.IGNORECASE,
 )
+# llama.cpp's server answers its refusals of length with a 500 ("input is too large to process. increase the physical
+# batch size", "input is larger than the max context size"): a 500 in those words is a refusal of length too.
+CONTEXT_STATUSES = {400, 413, 422, 500}
+# More inputs than the server takes in one request: TEI's 422 "batch size 64 > maximum allowed batch size 32"
+# (--max-client-batch-size), the same words from hosted gateways. Not the input's fault: that server's batch shrinks.
+# OpenAI's own: 400 "Invalid 'input': array too long. Expected an array with maximum length 2048, ..." (its "too
+# long" is about the list, not a text: checked before the refusals of length).
+TOO_MANY_INPUTS = re.compile(
+    r"batch size \d+ > maximum allowed batch size (\d+)|array too long\. Expected an array with maximum length (\d+)",
+    re.IGNORECASE,
+)
+# TEI's answer when its model backend fails (CUDA out of memory, a device error): 424 Failed Dependency. The server's
+# failure, like a 500: ambiguous (the canary decides), never the input's at once.
+BACKEND_FAILED = 424
 COUNT_CHECK_CHARS = 20  # an English text at least this long has clearly fewer tokens than characters
 
 
@@ -170,7 +186,20 @@ class OpenAIClient(PooledClient):
                 kind="bad_response",
                 server=server.index,
             )
-        if all(isinstance(i.get("index"), int) for i in items):
+        indexes = [i.get("index") for i in items]
+        if any(k is not None for k in indexes):
+            # Answers may come in any order, each naming its input; names that are not 0..n-1 once each (a proxy that
+            # numbers each part of a split request from 0 again) would put a vector on another chunk: refused.
+            if sorted(k if isinstance(k, int) and not isinstance(k, bool) else -1 for k in indexes) != list(
+                range(len(items))
+            ):
+                raise base.AmbiguousFailure(
+                    f"answer from {server.masked} numbers its embeddings {_shown(indexes)}, not 0..{len(items) - 1} "
+                    "once each: which vector is whose cannot be known",
+                    http_status=200,
+                    kind="bad_response",
+                    server=server.index,
+                )
             items = sorted(items, key=lambda i: i["index"])
         vectors: list[object] = []
         for item in items:
@@ -207,7 +236,10 @@ class OpenAIClient(PooledClient):
 
     def _counts_are_tokens(self, texts: list[str], count: int) -> bool:
         """Decided once, on the first answer of enough English text: a count equal to its characters is a count
-        of characters (infinity-emb), and such counts are never used as tokens."""
+        of characters (infinity-emb), and such counts are never used as tokens. A count of 0 for some text is no count
+        at all (LocalAI, proxies that fill `usage` with zeros): never used either."""
+        if count <= 0 and any(texts):
+            self._counts = False
         if self._counts is None:
             chars = sum(len(t) for t in texts)
             if chars >= COUNT_CHECK_CHARS and all(t.isascii() for t in texts):
@@ -225,7 +257,11 @@ class OpenAIClient(PooledClient):
             # Ollama 0.31's runner crash on an input over its physical batch (its /v1 handler answers it as a 400):
             # a length problem, never the chunk's fault.
             raise base.RunnerCrashed(f"HTTP {status}: {text}", http_status=status, server=index)
-        if status in (400, 413, 422) and CONTEXT_REFUSAL.search(text):
+        if status in (400, 413, 422) and (most := TOO_MANY_INPUTS.search(text)):
+            inputs = int(most.group(1) or most.group(2))
+            self.tuning.controls[index].sizer.limit(inputs, f"the server takes at most {inputs} inputs a request")
+            raise wire.Transient(f"HTTP {status} from {where}: {text}", http_status=413)
+        if status in CONTEXT_STATUSES and CONTEXT_REFUSAL.search(text):
             raise base.ContextExceeded(f"HTTP {status}: {text}", http_status=status, server=index)
         if status == 413:  # too large, not too long: a smaller batch is the cure
             raise wire.Transient(f"HTTP 413 from {where}: {text}", http_status=413, retry_after=resp.retry_after())
@@ -243,13 +279,13 @@ class OpenAIClient(PooledClient):
                 http_status=status,
                 server=index,
             )
-        if 400 <= status < 500:
+        if 400 <= status < 500 and status != BACKEND_FAILED:
             rejected = base.InputRejected(
                 f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index
             )
             rejected.foreign = not resp.is_json_error()
             raise rejected
-        if status >= 500:
+        if status >= 400:
             raise base.AmbiguousFailure(
                 f"HTTP {status}: {text}", http_status=status, kind=f"http_{status}", server=index
             )
@@ -271,6 +307,11 @@ def _error_message(resp: wire.HttpAnswer) -> str:
             if data.get(key):
                 return str(data[key])[:300]
     return resp.text[:200].strip() or resp.reason_phrase
+
+
+def _shown(indexes: list[object]) -> str:
+    """The first few indexes of an answer, for a message."""
+    return "[" + ", ".join(map(str, indexes[:8])) + (", ...]" if len(indexes) > 8 else "]")
 
 
 def _positive(value: object) -> bool:

@@ -83,12 +83,13 @@ class Turns:
 class ServerPool:
     """Which server takes the next request; created inside the running event loop (its futures bind to it).
 
-    Round-robin among the servers in the rotation, past their backoff, with a free slot under their depth, and
-    not one this request must still avoid (a retry waits out its own pause there: `avoid`); or one named server (a
-    canary or a probe: asked whatever its standing). A request waiting out its pause is not at the server: while
-    it waits, one more worker may hold a batch (the turns), so the server's slots do not idle behind it. While no
-    server is in the rotation, the out ones are probed (core/health.py says when) and requests wait, for at most
-    `server_wait_sec`; a run whose servers never answered at all does not wait (a wrong URL fails at once).
+    Round-robin among the servers in the rotation, past their backoff, with a free slot under their depth, and not
+    one this request must still avoid (a retry waits out its own pause there: `avoid`); or one named server (a
+    canary or a probe: asked whatever its standing, once the quiet it asked for with `Retry-After` is over). A
+    request waiting out its pause is not at the server: while it waits, one more worker may hold a batch (the
+    turns), so the server's slots do not idle behind it. While no server is in the rotation, the out ones are probed
+    (core/health.py says when) and requests wait, for at most `server_wait_sec`; a run whose servers never answered
+    at all does not wait (a wrong URL fails at once).
     """
 
     def __init__(
@@ -128,10 +129,11 @@ class ServerPool:
             while True:
                 if only is not None:
                     server = self.servers[only]
-                    if server.active < self.tuning.depth(only):
+                    quiet = self.health(server).asked_wait()  # the server's own Retry-After binds a canary too
+                    if not quiet and server.active < self.tuning.depth(only):
                         server.active += 1
                         return server
-                    await self._wait(self._unless_stopping(None))
+                    await self._wait(self._unless_stopping(quiet or None))
                     continue
                 chosen = self._pick(avoid or {})
                 if chosen is not None:
