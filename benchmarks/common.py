@@ -480,6 +480,26 @@ class CpuMonitor:
         return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
 
 
+def read_block(path: Path, begin: str, end: str) -> str | None:
+    """A section's own block of RESULTS.md, markers included; None when absent."""
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        return begin + old.partition(begin)[2].partition(end)[0] + end
+    return None
+
+
+def write_block(path: Path, begin: str, end: str, block: str) -> None:
+    """Put a section's block into RESULTS.md in place of its previous version (else at the end), the rest kept."""
+    old = path.read_text() if path.exists() else ""
+    block = block.rstrip("\n")
+    if begin in old and end in old:
+        head, _, rest = old.partition(begin)
+        new = head + block + rest.partition(end)[2]
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
+    path.write_text(new)
+
+
 def child_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 

@@ -1,15 +1,15 @@
 """Run every benchmark once, print the results table and write benchmarks/RESULTS.md.
 
-    bash benchmarks/run.sh [--quick] [--only saturation,tuning,write,memory,model,index,long_text,weather] [--no-pgai]
-        [--profile]
+    bash benchmarks/run.sh [--quick] [--only saturation,tuning,write,memory,model,index,long_text,weather,ceiling]
+        [--no-pgai] [--profile]
 
 Every figure is a ratio of two things measured in this same run. PostgreSQL is the project's embedded
 server in a fresh data dir under /tmp, started here and stopped at the end; the Ollama-protocol server
 runs in its own process. Sizes are scaled down 10x by --quick.
 
-The long_text and weather sections (bench_long_text.py, bench_weather.py) each have their own block in RESULTS.md:
-`--only weather` (or `--only long_text`) rewrites that block and keeps the rest of the file as it was; a run without
-one of them keeps its block.
+The long_text, weather and ceiling sections (bench_long_text.py, bench_weather.py, bench_ceiling.py) each have their
+own block in RESULTS.md: `--only weather` (or `--only long_text`, `--only ceiling`) rewrites that block and keeps the
+rest of the file as it was; a run without one of them keeps its block.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import (
+    bench_ceiling,
     bench_index,
     bench_long_text,
     bench_memory,
@@ -42,16 +43,19 @@ from benchmarks.common import (
     fmt,
     log,
     machine_info,
+    read_block,
     run_backfill,
     start_postgres,
     stop_postgres,
     wait_for_quiet,
+    write_block,
 )
 from wiki_embeddings.settings import Settings
 
-SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index", "long_text", "weather")
-# The sections of the main results table (long_text and weather keep blocks of their own in RESULTS.md).
-MAIN = tuple(s for s in SECTIONS if s not in ("weather", "long_text"))
+SECTIONS = ("saturation", "tuning", "write", "memory", "model", "index", "long_text", "weather", "ceiling")
+# The sections of the main results table (long_text, weather and ceiling keep blocks of their own in RESULTS.md).
+MAIN = tuple(s for s in SECTIONS if s not in ("weather", "long_text", "ceiling"))
+OWN_BLOCKS = (bench_weather.SECTION, bench_ceiling.SECTION)  # sections whose results are not in the main table
 
 METHOD = """\
 ## How each figure is measured
@@ -211,7 +215,7 @@ def write_results(
 
 
 def main_part(bench: Bench, info: dict[str, str], cmd: str, seconds: float, errors: list[str]) -> str:
-    results = [r for r in bench.results if r.section != bench_weather.SECTION]
+    results = [r for r in bench.results if r.section not in OWN_BLOCKS]
     out = [
         "# Benchmark results",
         "",
@@ -231,12 +235,29 @@ def main_part(bench: Bench, info: dict[str, str], cmd: str, seconds: float, erro
         f"- {r.section}: {r.metric} — {fmt(r.ratio if r.target_on == 'ratio' else r.measured)} vs {r.target}"
         for r in missed
     ] or ["- none"]
-    if bench.notes or errors:
+    notes = [n for n in bench.notes if not n.startswith("ceiling:")]
+    if notes or errors:
         out += ["", "## Notes", ""]
-        out += [f"- {n}" for n in bench.notes]
+        out += [f"- {n}" for n in notes]
         out += [f"- error: {e}" for e in errors]
     out += ["", METHOD]
     return "\n".join(out) + "\n"
+
+
+def ceiling_section(
+    bench: Bench, info: dict[str, str], argv: list[str], took: float, foreign: float, before: float, got: dict[str, Any]
+) -> str:
+    """The ceiling block of RESULTS.md (printed too): its table, met / not met, the sweep, its notes and the load."""
+    results = [r for r in bench.results if r.section == bench_ceiling.SECTION]
+    print()
+    print("\n".join(bench_weather.table_lines(results)))
+    notes = [n.removeprefix("ceiling: ") for n in bench.notes if n.startswith("ceiling:")]
+    notes.append(
+        f"The section ran {took / 60:.1f} min; other processes used {foreign:.2f} cores on average meanwhile (the "
+        f"machine has {os.cpu_count()}; {before:.2f} just before it started)."
+    )
+    cmd = "bash benchmarks/run.sh" + (" " + " ".join(argv) if argv else "")
+    return bench_ceiling.block(results, info, cmd, bench.quick, notes, bench_ceiling.detail_lines(got))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     results_path = args.results or REPO_ROOT / "benchmarks" / "RESULTS.md"
     long_text = bench_long_text.read_section(results_path)  # kept when this run does not measure it
+    ceiling_block = read_block(results_path, bench_ceiling.BEGIN, bench_ceiling.END)  # likewise
+    ceiling: dict[str, Any] = {}
 
     started = time.perf_counter()
     bench = start_postgres(args.quick, args.keep)
@@ -291,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "index": lambda: bench_index.run(bench),
             "long_text": lambda: bench_long_text.run(bench),
             "weather": lambda: bench_weather.run(bench),
+            "ceiling": lambda: ceiling.update(bench_ceiling.run(bench)),
         }
         for name in SECTIONS:
             if name not in only:
@@ -319,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_postgres(bench)
     seconds = time.perf_counter() - started
     print()
-    print_table([r for r in bench.results if r.section != bench_weather.SECTION])
+    print_table([r for r in bench.results if r.section not in OWN_BLOCKS])
     weather_notes: list[str] = []
     if "weather" in took:
         print()
@@ -330,11 +354,15 @@ def main(argv: list[str] | None = None) -> int:
             "started)."
         )
         print(weather_notes[-1])
+    if "ceiling" in took:
+        ceiling_block = ceiling_section(
+            bench, info, argv, took["ceiling"], foreign["ceiling"], load["ceiling"], ceiling
+        )
     for note in bench.notes:
         print(note)
     for err in errors:
         print(f"error: {err}")
-    during = ", ".join(f"{k} {v:.2f}" for k, v in foreign.items() if k != "weather")
+    during = ", ".join(f"{k} {v:.2f}" for k, v in foreign.items() if k not in ("weather", "ceiling"))
     bench.notes.append(
         f"Other processes' CPU use during each section (cores, average; the machine has {os.cpu_count()}): "
         f"{during}. Before each section the benchmark waited (up to {args.wait_quiet:g} s) for the machine to "
@@ -350,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     write_results(results_path, bench, info, argv, seconds, errors, list(took), weather_notes)
     if long_text:
         bench_long_text.write_section(results_path, long_text)
+    if ceiling_block:
+        write_block(results_path, bench_ceiling.BEGIN, bench_ceiling.END, ceiling_block)
     log(f"wrote {results_path} ({seconds / 60:.1f} min)")
     return 1 if errors else 0
 

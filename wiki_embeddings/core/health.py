@@ -90,19 +90,19 @@ class ServerHealth:
         self.failures += 1
         self.responded += int(answered)
         self.failures_in_a_row += 1
+        # Near one request's time after a good answer (one 503 in five must not cost seconds); the configured
+        # base before any (a server starting up).
+        first = (
+            self.backoff_base_sec
+            if self.latency is None
+            else min(self.backoff_base_sec, max(FIRST_BACKOFF_MIN_SEC, 2 * self.latency))
+        )
+        ceiling = min(self.backoff_max_sec, first * 2 ** (max(self.failures_in_a_row, attempt) - 1))
+        pause = ceiling * (0.5 + self.jitter() / 2)  # jitter: many workers do not retry in lockstep
         if retry_after is not None and retry_after >= 0:
-            pause = min(retry_after, self.backoff_max_sec)
-            self.asked_until = max(self.asked_until, now + pause)
-        else:
-            # Near one request's time after a good answer (one 503 in five must not cost seconds); the configured
-            # base before any (a server starting up).
-            first = (
-                self.backoff_base_sec
-                if self.latency is None
-                else min(self.backoff_base_sec, max(FIRST_BACKOFF_MIN_SEC, 2 * self.latency))
-            )
-            ceiling = min(self.backoff_max_sec, first * 2 ** (max(self.failures_in_a_row, attempt) - 1))
-            pause = ceiling * (0.5 + self.jitter() / 2)  # jitter: many workers do not retry in lockstep
+            # Honoured as a floor: `Retry-After: 0` must not make every retry go at once (a zero-pause storm).
+            pause = min(max(retry_after, pause), self.backoff_max_sec)
+            self.asked_until = max(self.asked_until, now + min(retry_after, self.backoff_max_sec))
         if retry_after is not None or not answered or self.failures_in_a_row >= BLOCK_AFTER_FAILURES:
             self.blocked_until = max(self.blocked_until, now + pause)
         if self.failures_in_a_row == 1:

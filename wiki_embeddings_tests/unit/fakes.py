@@ -263,6 +263,9 @@ class FakeEmbedder:
     def take_out(self, server: int, why: str) -> None:
         self.out[server] = why
 
+    def stop_waiting_on(self, event: asyncio.Event) -> None:
+        self.stop_event = event
+
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         yield

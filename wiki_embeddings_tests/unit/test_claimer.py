@@ -270,3 +270,44 @@ def test_claimed_texts_are_cut_to_max_chars_and_cleaned_of_control_characters():
     r = Run({1: "a\x00b\x07c" + "d" * 50}, max_chars=10)
     r.produce()
     assert r.batches[0].rows == [(1, "a b cddddd")]
+
+
+def test_a_run_holds_at_most_max_held_claims_and_claims_more_as_writes_release_them(monkeypatch):
+    """Each claim is an advisory lock in PostgreSQL's shared lock table: fast servers must not fill it."""
+    import asyncio
+
+    from wiki_embeddings.core.backfill import claimer as claimer_module
+
+    monkeypatch.setattr(claimer_module, "MAX_HELD_CLAIMS", 4)
+    r = Run(table(10), batch_limit=2, batch_size=2)
+    most: list[int] = []
+
+    async def scenario() -> None:
+        producing = asyncio.ensure_future(r.claimer.produce(r.put, never))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        most.append(len(r.claimer.held))
+        assert [b.ids for b in r.batches] == [[1, 2], [3, 4]], "claimed past the cap before a write"
+        while not producing.done():  # the writer: each batch written releases its claims
+            if r.batches:
+                await r.claimer.release(r.batches.pop(0).ids)
+            most.append(len(r.claimer.held))
+            await asyncio.sleep(0.01)
+
+    run(scenario())
+    assert max(most) <= 4 and r.claimer.scan_complete and r.claimer.claimed == 10
+
+
+def test_a_stop_reaches_a_run_waiting_for_room_to_claim(monkeypatch):
+    from wiki_embeddings.core.backfill import claimer as claimer_module
+
+    monkeypatch.setattr(claimer_module, "MAX_HELD_CLAIMS", 2)
+    r = Run(table(10), batch_limit=2, batch_size=2)
+    asked: list[int] = []
+
+    async def stop_on_second_ask() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    assert r.produce(stop_on_second_ask) == [[1, 2]]  # nothing written: the producer waits for room, then stops
+    assert not r.claimer.scan_complete

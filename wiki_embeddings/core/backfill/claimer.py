@@ -10,6 +10,7 @@ until free or `busy_wait_sec` has passed (then the run ends `locked`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -19,6 +20,10 @@ from wiki_embeddings.core.db import Claim
 from wiki_embeddings.core.text import clean_text
 from wiki_embeddings.settings import Settings
 
+#: Each claim is a session-level advisory lock, and PostgreSQL's lock table (max_locks_per_transaction x
+#: max_connections: 6,400 by default) is shared by every session of the server: a run holds at most this many claims
+#: (more wait for writes), so that fast servers cannot fill it ("out of shared memory") and three runs fit beside it.
+MAX_HELD_CLAIMS = 2048
 BUSY_RETRY_SEC = 0.05  # pause before chunks held elsewhere are claimed again, for the first BUSY_RETRY_FAST_SEC
 BUSY_RETRY_FAST_SEC = 2.0
 BUSY_RETRY_MAX_SEC = 1.0  # the longest pause after that
@@ -73,6 +78,7 @@ class Claimer:
         self._sleep = sleep
         self.phase = "missing"  # then "busy" (chunks held elsewhere, retried), "refresh" (text changed)
         self.held: set[int] = set()  # chunk ids this run has claimed and not yet released
+        self._released = asyncio.Event()  # set when claims are released: a producer waiting for room looks again
         self.md5: dict[int, str] = {}  # md5 of the whole text of each held chunk, as claimed
         self.busy: set[int] = set()  # chunks another session held (claim key or row lock): retried at the end
         self.claimed = 0
@@ -100,6 +106,8 @@ class Claimer:
         after_id: int | None = None
         refresh = self.phase == "refresh"
         while not await should_stop():
+            if not await self._room(should_stop):
+                return
             limit = min(self.s.batch_size, self.batch_limit())
             if self.s.max_chunks is not None:
                 limit = min(limit, self.s.max_chunks - self.claimed)
@@ -143,7 +151,7 @@ class Claimer:
         if self.s.max_chunks is not None:
             pending = pending[: max(self.s.max_chunks - self.claimed, 0)]
         while pending:
-            if await should_stop():
+            if await should_stop() or not await self._room(should_stop):
                 self.busy.update(pending)
                 return
             claim: Claim = await self.call(
@@ -161,6 +169,16 @@ class Claimer:
             await self._take(claim, put)
             last = claim.last_scanned_id
             pending = [cid for cid in pending if cid > last]
+
+    async def _room(self, should_stop: Callable[[], Awaitable[bool]]) -> bool:
+        """Wait while this run holds MAX_HELD_CLAIMS claims (writes release them); False if the run stops meanwhile."""
+        while len(self.held) >= MAX_HELD_CLAIMS:
+            if await should_stop():
+                return False
+            self._released.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), 0.5)
+        return True
 
     async def _take(self, claim: Claim, put: Put) -> None:
         if claim.rows or claim.invalid:
@@ -201,6 +219,7 @@ class Claimer:
     async def release(self, ids: list[int]) -> None:
         mine = [i for i in ids if i in self.held]
         self.held.difference_update(mine)
+        self._released.set()
         for i in mine:
             self.md5.pop(i, None)
         if mine:
@@ -221,4 +240,5 @@ class Claimer:
     def forget_all(self) -> None:
         """The claim session was closed (which releases every claim it held)."""
         self.held.clear()
+        self._released.set()
         self.md5.clear()

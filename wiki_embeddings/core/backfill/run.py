@@ -33,6 +33,7 @@ from wiki_embeddings.core.backfill.writer import Writer
 from wiki_embeddings.core.db import DatabaseError, ModelMismatch, Provenance, RunReleased, Store
 from wiki_embeddings.core.db.runs import run_session_name
 from wiki_embeddings.core.embedders import Embedder, EmbedFailure, ModelNotFound, ServerUnavailable
+from wiki_embeddings.core.embedders.base import StopWhileWaiting
 from wiki_embeddings.core.failure_log import FailureLog
 from wiki_embeddings.core.progress import LineReporter, Progress, Reporter, servers_note
 from wiki_embeddings.core.tuning import Tuning
@@ -187,6 +188,8 @@ class Backfill:
                 report, self.store, self.db, self.client, lambda: self.recorder.failed, self.started, self.halt
             )
         )
+        self.client.stop_waiting_on(self.halt.event)
+        watcher = asyncio.create_task(self._watch_stop())
         try:
             await self._pipeline(report)
             await self.claimer.wait_busy(lambda: self._pipeline(report), lambda: self.halt.halted)
@@ -199,6 +202,7 @@ class Backfill:
                     await self.db.call("store", lambda _c: store.record_stale_text(stale, store.count_unverified()))
         finally:
             heartbeats.cancel()
+            watcher.cancel()
             for remove in removers:
                 remove()
             report.seconds = time.perf_counter() - self.started
@@ -282,6 +286,13 @@ class Backfill:
             await self.db.close("claim", "write")  # a closed session releases every claim it held
             self.claimer.forget_all()
 
+    async def _watch_stop(self) -> None:
+        """Stop file and run window read twice a second, so that a stop reaches workers waiting for servers."""
+        while not self.halt.halted:
+            if self.halt.stopping():
+                return
+            await self.halt.sleep(0.5)
+
     async def _should_stop(self) -> bool:
         return await self.halt.should_stop(lambda: self.db.call("run", self.store.run_signal, self.writer.run_id))
 
@@ -315,6 +326,8 @@ class Backfill:
                     continue
                 try:
                     await self.worker.embed(batch, emit)
+                except StopWhileWaiting:  # stopping while the servers are held or out: the batch goes back unsent
+                    await self._release_quietly(batch.ids)
                 except Fatal as exc:
                     self.halt.fail(exc)
                     await self._release_quietly(batch.ids)

@@ -18,6 +18,7 @@ be sent to the server that failed rather than to whichever is next.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -27,6 +28,11 @@ import numpy as np
 
 from wiki_embeddings.core.context import Window
 from wiki_embeddings.core.tuning import Tuning
+
+
+class StopWhileWaiting(Exception):  # noqa: N818 - a signal, not an error
+    """A stop request came while a request waited long for a server (held by Retry-After, out of the rotation):
+    the batch goes back unsent, so that a stop is honoured in seconds, not after WIKI_EMBED_SERVER_WAIT_SEC."""
 
 
 class EmbedFailure(Exception):
@@ -156,6 +162,10 @@ class Embedder(Protocol):
 
     def take_out(self, server: int, why: str) -> None:
         """Take a server out of the rotation (it failed a known-good text); probes bring it back."""
+        ...
+
+    def stop_waiting_on(self, event: asyncio.Event) -> None:
+        """Once `event` is set, a request that would wait over a second for a server raises StopWhileWaiting."""
         ...
 
     def turn(self) -> AbstractAsyncContextManager[None]:

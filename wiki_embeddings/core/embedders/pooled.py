@@ -79,6 +79,7 @@ class PooledClient(ABC):
         self.request_dimensions: int | None = None  # sent as `dimensions` (Matryoshka models, opt-in)
         self.load_timeout_sec = max(load_timeout_sec, timeout_sec)
         self.server_wait_sec = server_wait_sec  # how long a run waits while every server is out of the rotation
+        self._stop_event: asyncio.Event | None = None  # the run's stop request (stop_waiting_on)
         self.last_prompt_eval_count: int | None = None
         self._probing = False  # the first request may load the model: its time is no evidence for tuning
         self._deadline_name = "--timeout-sec"
@@ -119,6 +120,7 @@ class PooledClient(ABC):
         """Create the pool lazily, inside the running event loop (its futures bind to it)."""
         if self._http is None or self._pool is None:
             self._pool = ServerPool(self._urls, self.tuning, self._probe, server_wait_sec=self.server_wait_sec)
+            self._pool.stop_event = self._stop_event
             slots = self.tuning.max_workers
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.timeout_sec, connect=self._connect_timeout),
@@ -130,6 +132,12 @@ class PooledClient(ABC):
                 transport=self._transport,
             )
         return self._http, self._pool
+
+    def stop_waiting_on(self, event: asyncio.Event) -> None:
+        """A stop request (`event`) makes a long wait for a server give the batch back (StopWhileWaiting)."""
+        self._stop_event = event
+        if self._pool is not None:
+            self._pool.stop_event = event
 
     def turn(self) -> Turns:
         """Held by an embed worker for a whole batch: no more workers hold claimed batches than servers take."""

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from wiki_embeddings.core import tuning as tune
-from wiki_embeddings.core.embedders.base import ModelNotFound, ServerUnavailable
+from wiki_embeddings.core.embedders.base import ModelNotFound, ServerUnavailable, StopWhileWaiting
 from wiki_embeddings.core.health import NO_MODEL, ServerHealth
 from wiki_embeddings.settings import mask_url
 
@@ -111,6 +111,7 @@ class ServerPool:
         self._waiters: list[asyncio.Future[None]] = []
         self._probes: dict[int, asyncio.Task[None]] = {}
         self.pausing = 0  # requests waiting out a retry pause (each frees a turn meanwhile)
+        self.stop_event: asyncio.Event | None = None  # set: a long wait for a server gives up (StopWhileWaiting)
 
     def health(self, server: Server) -> ServerHealth:
         return self.tuning.controls[server.index].health
@@ -132,7 +133,7 @@ class ServerPool:
                     if not quiet and server.active < self.tuning.depth(only):
                         server.active += 1
                         return server
-                    await self._wait(quiet or None)
+                    await self._wait(self._unless_stopping(quiet or None))
                     continue
                 chosen = self._pick(avoid or {})
                 if chosen is not None:
@@ -141,7 +142,7 @@ class ServerPool:
                     pausing = not pausing
                     self._set_pausing(1 if pausing else -1)
                 self._start_due_probes()
-                await self._wait(self._next_change(avoid or {}))
+                await self._wait(self._unless_stopping(self._next_change(avoid or {})))
         finally:
             if pausing:
                 self._set_pausing(-1)
@@ -222,14 +223,26 @@ class ServerPool:
             self._probes.pop(server.index, None)
             self._wake()
 
+    def _unless_stopping(self, wait: float | None) -> float | None:
+        """`wait`, unless the run is stopping (StopWhileWaiting): a batch not yet sent goes back rather than wait
+        for a server held by Retry-After, out of the rotation or busy (the runbook's stop ends what is in flight)."""
+        if self.stop_event is not None and self.stop_event.is_set():
+            raise StopWhileWaiting("stop requested while waiting for a model server: the batch goes back unsent")
+        return wait
+
     async def _wait(self, timeout: float | None) -> None:
+        """Until the pool changes, `timeout` passes, or a stop request comes (then the caller looks again)."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        stop = self.stop_event
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None and not stop.is_set() else None
         try:
-            await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            pass
+            await asyncio.wait(
+                [waiter, *([stopped] if stopped else [])], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
+            if stopped is not None:
+                stopped.cancel()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
