@@ -102,7 +102,7 @@ class ServerHealth:
         if retry_after is not None and retry_after >= 0:
             # Honoured as a floor: `Retry-After: 0` must not make every retry go at once (a zero-pause storm).
             pause = min(max(retry_after, pause), self.backoff_max_sec)
-            self.asked_until = max(self.asked_until, now + min(retry_after, self.backoff_max_sec))
+            self.asked_until = max(self.asked_until, now + pause)
         if retry_after is not None or not answered or self.failures_in_a_row >= BLOCK_AFTER_FAILURES:
             self.blocked_until = max(self.blocked_until, now + pause)
         if self.failures_in_a_row == 1:
