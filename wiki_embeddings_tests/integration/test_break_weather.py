@@ -151,11 +151,11 @@ def _turn_bad_after(srv: WeatherServer, requests: int, **weather: object) -> Non
     "(core/health.py ServerHealth.failure: OUT_AFTER_FAILURES counts a Retry-After hold like any failure)",
 )
 def test_an_hour_long_retry_after_on_the_only_server_ends_the_run_within_the_server_wait(make_table, weather):
-    """Retry-After: 3600 mid-run, WIKI_EMBED_SERVER_WAIT_SEC 1, a 6 s backoff ceiling (30 s by default): exit 3 (nothing
+    """Retry-After: 3600 mid-run, WIKI_EMBED_SERVER_WAIT_SEC 1, a 3 s backoff ceiling (30 s by default): exit 3 (nothing
     failed) a few seconds in. Now: two whole-server holds of the ceiling before three failures in a row take it out,
     63 s with the default ceiling."""
     srv = weather().start()
-    table = make_table(ollama_url=srv.url, backoff_base_sec=0.5, backoff_max_sec=6.0, retries=5, server_wait_sec=1.0)
+    table = make_table(ollama_url=srv.url, backoff_base_sec=0.5, backoff_max_sec=3.0, retries=5, server_wait_sec=1.0)
     table.load(ROWS)
     _turn_bad_after(srv, 3, rate=1.0, status=429, retry_after="3600")
     started = time.monotonic()
