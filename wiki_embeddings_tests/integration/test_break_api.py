@@ -613,12 +613,6 @@ def test_a_migration_begun_through_ollama_cannot_be_finished_through_openai_and_
     assert code == 0 and "coverage_pct=100.00" in out, out + capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a failed twin request leaves the batch's vector (perhaps of a cut text) stored as of the whole "
-    "text: silent.py:125 twins returns at the first EmbedFailure with the text unproven, and silent.py:147 "
-    "check_twins keeps the unproven vector with chars_sent = the whole text",
-)
 def test_a_silent_cutters_500_on_a_twin_never_stores_an_unproven_vector(make_table, stand_in):
     """A silent cutter without counts (infinity-emb) at its right window, whose 500s (one request in seven or so
     under load) happen to hit a twin request. README: every text that may reach the window is sent again without

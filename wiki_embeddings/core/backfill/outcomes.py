@@ -40,6 +40,13 @@ class Embedded:
             None if self.pooling is None else [self.pooling[k] for k in positions],
         )
 
+    def drop(self, positions: list[int]) -> None:
+        """Take the rows at `positions` out, in place (vectors that must not be written)."""
+        for k in sorted(set(positions), reverse=True):
+            for column in (self.ids, self.vectors, self.chars, self.cut, self.truncated, self.pooling):
+                if column is not None:
+                    del column[k]
+
 
 @dataclass(frozen=True)
 class Isolated:

@@ -15,6 +15,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from wiki_embeddings.core.backfill import cuts, silent
 from wiki_embeddings.core.backfill.cuts import Bracket
 from wiki_embeddings.core.context import TokenEstimator
@@ -34,6 +36,22 @@ class ProbeResult:
     crash_at: int | None = None  # the smallest physical window a server's crashes showed (tokens it answered)
     counts: dict[int, tuple[int, int]] = field(default_factory=dict)  # server -> the canary's counts, once and twice
     brackets: dict[int, Bracket] = field(default_factory=dict)  # server -> what its crashes showed (kept for later)
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)  # server -> its vector of the canary (the model's)
+
+    def notes(self, window: int | None) -> list[str]:
+        """What the probe found, for the run's log (`window`: the window in tokens as learned from it)."""
+        lines = []
+        if self.crash_at is not None:
+            lines.append(f"the runner crashed on a window probe: it takes about {self.crash_at} tokens")
+        if self.twin_check:
+            lines.append(f"the server cuts silently and counts no tokens: texts near {window} are checked")
+        if self.silent_at is not None:
+            expected, got = self.silent_at
+            lines.append(
+                f"the server evaluated {got} of the {expected} tokens of a window probe: it cuts silently; texts are "
+                f"cut to {window} tokens from now on"
+            )
+        return lines
 
 
 async def probe_window(
@@ -46,7 +64,8 @@ async def probe_window(
             return await call(texts, server)
 
         try:
-            one = (await pinned([CANARY_TEXT])).tokens
+            first = await pinned([CANARY_TEXT])
+            result.vectors[server], one = first.vectors[0], first.tokens
             if one is None:
                 result.refuses_over_window = False
                 result.twin_check = result.twin_check or await silent.probe(pinned, estimator, longest, believed, where)

@@ -14,7 +14,10 @@ exactly when the server never read the end.
   that may reach the window is checked by its twin.
 - `twins` (each batch, on such a server): each text that may reach the window is sent again without its last word.
   Different vectors prove the shorter text was read whole (the server read past its end), so its vector is stored
-  with exactly its characters; identical vectors mean both were cut: the text is cut shorter and tried again.
+  with exactly its characters; identical vectors mean both were cut: the text is cut shorter and tried again. A text
+  left unproven (a twin request that failed FAILED_TRIES times, or no cut proven whole within TWIN_TRIES) is never
+  stored: its vector may be of less text than it would be recorded with. `check_twins` takes it out of the batch and
+  returns it; the worker records it as a failure (once its server is proven well), which a later run retries.
 """
 
 from __future__ import annotations
@@ -26,16 +29,23 @@ import numpy as np
 from wiki_embeddings.core.backfill.errors import DimensionMismatch
 from wiki_embeddings.core.backfill.outcomes import Embedded
 from wiki_embeddings.core.context import MAX_TOKENS_PER_CHAR, TokenEstimator
-from wiki_embeddings.core.embedders import Answer, ContextExceeded, EmbedFailure
+from wiki_embeddings.core.embedders import Answer, ContextExceeded, EmbedFailure, InputRejected
 
 SAME = 1.0 - 1e-6  # cosine at or above which two vectors are one (float32 rounding of the same input)
 CHANGED_SHARE = 0.1  # the probe's texts differ in this last share of their words
 TWIN_TRIES = 4
+FAILED_TRIES = 3  # tries of one twin request that fails (a sporadic 500) before its texts are left unproven
 SHRINK = 0.85  # a text cut silently is cut by this much more before its twin is tried again
 # The inside probe's share of the window given, by estimate: English through a BERT tokenizer counts up to about
 # 1.35 times the estimate, so its real length stays under the window given when that window is right.
 INSIDE_SHARE = 0.6
 INSIDE_SENTENCE = "The quick brown fox jumps over the lazy dog."
+#: Why a text left unproven is recorded as a failure (a later run retries it) rather than written.
+UNPROVEN = (
+    "the server cuts silently and counts no tokens, and no vector of this text could be proven to hold the characters "
+    "it would be recorded with (its twin requests failed, or every shorter cut came back cut too); nothing was "
+    "written for it, a later run tries it again"
+)
 
 Call = Callable[[list[str]], Awaitable[Answer]]
 
@@ -111,7 +121,7 @@ def shorter(text: str) -> str:
 
 async def twins(call: Call, texts: list[str], vectors: list[np.ndarray]) -> list[tuple[np.ndarray, int] | None]:
     """For each text: (a vector proven to be of exactly `n` characters of it, n), or None when no cut was proven
-    whole within TWIN_TRIES (the caller keeps what it has and counts it as unknown)."""
+    whole within TWIN_TRIES or a twin request failed (unproven: the caller must not store its vector)."""
     out: list[tuple[np.ndarray, int] | None] = [None] * len(texts)
     todo = list(range(len(texts)))
     current = list(texts)
@@ -120,9 +130,8 @@ async def twins(call: Call, texts: list[str], vectors: list[np.ndarray]) -> list
         if not todo:
             break
         short = [shorter(current[k]) for k in todo]
-        try:
-            answer = await call(short)
-        except EmbedFailure:
+        answer = await _asked(call, short)
+        if answer is None:
             return out
         again: list[int] = []
         retry: list[str] = []
@@ -134,9 +143,8 @@ async def twins(call: Call, texts: list[str], vectors: list[np.ndarray]) -> list
                 again.append(k)
                 retry.append(current[k])
         if again:
-            try:
-                refit = await call(retry)
-            except EmbedFailure:
+            refit = await _asked(call, retry)
+            if refit is None:
                 return out
             for k, vector in zip(again, refit.vectors, strict=True):
                 known[k] = vector
@@ -144,16 +152,36 @@ async def twins(call: Call, texts: list[str], vectors: list[np.ndarray]) -> list
     return out
 
 
-async def check_twins(call: Call, embedded: Embedded, sent: list[str], risky: list[int]) -> None:
+async def check_twins(call: Call, embedded: Embedded, sent: list[str], risky: list[int]) -> list[int]:
     """A silent cutter without counts: each `risky` text (one that may reach the window) of an embedded batch gets
-    the vector of a prefix of it proven whole (`twins`), with exactly that prefix's characters recorded."""
+    the vector of a prefix of it proven whole (`twins`), with exactly that prefix's characters recorded. Returns the
+    positions left unproven, taken out of `embedded` (whose vectors must not be written: the caller records them as
+    failures)."""
     if not risky:
-        return
+        return []
     found = await twins(call, [sent[k] for k in risky], [embedded.vectors[k] for k in risky])
+    unproven = []
     for k, proven in zip(risky, found, strict=True):
         if proven is not None:
             embedded.vectors[k], embedded.chars[k] = proven
             embedded.cut[k] = True
+        else:
+            unproven.append(k)
+    embedded.drop(unproven)
+    return unproven
+
+
+async def _asked(call: Call, texts: list[str]) -> Answer | None:
+    """`call`, sent again after a server-side failure (a sporadic 500 must not leave a text unproven, nor be taken
+    for a proof); None when it kept failing or was refused."""
+    for _ in range(FAILED_TRIES):
+        try:
+            return await call(texts)
+        except InputRejected:
+            return None
+        except EmbedFailure:
+            continue
+    return None
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -93,6 +93,7 @@ class EmbedWorker:
         self.max_chars = max_chars  # the longest text the run sends (the silent-cut probe must be as long)
         self.twin_check = False  # a silent cutter without token counts: texts near the window are checked by twins
         self.silent_found_at: float | None = None  # when (epoch seconds) that was found: recorded by the run
+        self.probe_vectors: dict[int, np.ndarray] = {}  # server -> its vector of the canary, from the window probe
 
     async def embed(self, batch: Batch, emit: Emit) -> None:
         """Every chunk of the batch ends as one outcome handed to `emit` (or the run ends: errors.Fatal)."""
@@ -230,7 +231,9 @@ class EmbedWorker:
         self.known_good = sent[0]
         embedded = _embedded(rows, sent, answer.vectors, list(range(len(rows))))
         if answer.tokens is None and self.twin_check:  # each text that may reach the window proven whole by twins
-            await silent.check_twins(self._call, embedded, sent, [k for k, t in enumerate(sent) if self._may_reach(t)])
+            risky = [k for k, t in enumerate(sent) if self._may_reach(t)]
+            for k in await silent.check_twins(self._call, embedded, sent, risky):  # unproven: never written so
+                await self._isolate(rows[k], "unproven_cut", silent.UNPROVEN, None, answer.server, emit)
         elif answer.tokens is not None:
             if len(rows) == 1 and self.silent_cut and cuts.at_window(self.window, answer.tokens):
                 refit = await self._refit(embedded_text(rows[0], embedded), answer.server)  # cut by us until whole
@@ -239,7 +242,8 @@ class EmbedWorker:
                     embedded.cut[0] = embedded.chars[0] < len(rows[0][1])
             else:
                 await self._check_truncation(embedded, sent, answer.tokens, answer.server)
-        await emit(embedded)
+        if embedded.ids:
+            await emit(embedded)
 
     # ------------------------------------------------------------ truncation and context
     async def probe_window(self) -> None:
@@ -251,18 +255,13 @@ class EmbedWorker:
         )
         self.twin_check, self.refuses_over_window = found.twin_check, found.refuses_over_window
         self.crash.adopt(found)
+        self.probe_vectors = found.vectors  # each server's vector of the canary: the run checks its model by them
         if found.crash_at is not None:
             self.window.learn(found.crash_at)
-            self._log(f"the runner crashed on a window probe: it takes about {found.crash_at} tokens")
-        if self.twin_check:
-            self._log(f"the server cuts silently and counts no tokens: texts near {self.window.tokens} are checked")
         if found.silent_at is not None:
-            expected, got = found.silent_at
-            self._found_silent(got)
-            self._log(
-                f"the server evaluated {got} of the {expected} tokens of a window probe: it cuts silently; texts are "
-                f"cut to {self.window.tokens} tokens from now on"
-            )
+            self._found_silent(found.silent_at[1])
+        for line in found.notes(self.window.tokens):
+            self._log(line)
 
     async def _check_truncation(self, embedded: Embedded, sent: list[str], count: int, server: int) -> None:
         """A server that cut a text silently evaluated fewer tokens than the batch has: when `prompt_eval_count` is
