@@ -40,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from wiki_embeddings.core import identity
+from wiki_embeddings.core import fingerprint, identity
 from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.embedders import EmbedFailure, InputRejected, InvalidVectors, ModelNotFound
 from wiki_embeddings.core.factories import build_client
+from wiki_embeddings.core.fingerprint import cosine
 from wiki_embeddings.core.modelname import same_model
 from wiki_embeddings.core.pooling import Pooling
 from wiki_embeddings.core.readiness import BLOCKING_DRIFT
@@ -161,7 +162,7 @@ def verify(
         return report
     report.skipped = dict(skipped)
     _judge(report, cosines, lengths)
-    _finish(store, report, record)
+    _finish(store, report, record, settings)
     return report
 
 
@@ -282,15 +283,6 @@ async def _embed(client: Any, texts: list[str], skipped: dict[str, int]) -> list
         return out
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape:
-        return 0.0  # another vector length: another model
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 or nb == 0.0 or not np.isfinite(b).all():
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
-
-
 def _judge(report: VerifyReport, cosines: list[tuple[int, float]], lengths: Sequence[tuple[int, int]] = ()) -> None:
     if lengths:
         _other_length(report, cosines, lengths)
@@ -355,13 +347,17 @@ def _other_length(report: VerifyReport, cosines: list[tuple[int, float]], length
     )
 
 
-def _finish(store: Store, report: VerifyReport, record: bool) -> None:
+def _finish(store: Store, report: VerifyReport, record: bool, settings: Settings | None = None) -> None:
     if record and report.verdict == "match" and identity.accept_api(store, report.model, report.api):
         report.api_accepted = True
         report.message += (
             f"; made through another API before, they are reproduced through the {report.api} API "
             "(WIKI_EMBED_API), which is now accepted for this column"
         )
+    if record and report.verdict == "match" and settings is not None:
+        # Reproduced through these servers: their answers to the probe text join the column's (core/fingerprint.py),
+        # so a run through them is no longer refused as another model.
+        fingerprint.accept(store, settings, report.model, report.threshold)
     if record:
         store.record_trust("verify", report.as_dict(), model=report.model)
 

@@ -337,13 +337,6 @@ def test_a_key_no_header_can_carry_is_a_bad_setting_and_never_shown(make_table, 
     assert server.posts == [] and table.status()["embedded"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a run through another OpenAI-compatible server with other weights under the same name writes "
-    "into the column (1 vector of another model stored): the identity records only the API, never the servers "
-    "(identity.py:47 api_problem compares recorded_api alone; openai.py model_digest returns None), so nothing "
-    "tells one server's weights from another's before writing",
-)
 def test_another_server_for_the_same_model_is_refused_until_verify_matches_through_it(make_table, stand_in):
     """Issue 22: 'Switching API or server for the same model name is treated as a model change unless `verify` on a
     sample shows the vectors match.' A column filled through one OpenAI-compatible server, then OLLAMA_URL pointed

@@ -263,6 +263,9 @@ class FakeEmbedder:
     def take_out(self, server: int, why: str) -> None:
         self.out[server] = why
 
+    def check_returns(self, check: Callable[[int, np.ndarray], str | None]) -> None:
+        self.admit = check
+
     def stop_waiting_on(self, event: asyncio.Event) -> None:
         self.stop_event = event
 

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from wiki_embeddings.core import identity
 from wiki_embeddings.core.backfill import prepare
 from wiki_embeddings.core.backfill.claimer import Claimer
 from wiki_embeddings.core.backfill.dbcalls import DbCalls
@@ -28,6 +27,7 @@ from wiki_embeddings.core.backfill.halt import Halt
 from wiki_embeddings.core.backfill.liveness import heartbeats_of, install_signal_handlers, record_end
 from wiki_embeddings.core.backfill.outcomes import Batch, Embedded, Isolated
 from wiki_embeddings.core.backfill.report import RunReport
+from wiki_embeddings.core.backfill.servercheck import ServerCheck
 from wiki_embeddings.core.backfill.worker import CANARY_TEXT, EmbedWorker
 from wiki_embeddings.core.backfill.writer import Writer
 from wiki_embeddings.core.db import DatabaseError, ModelMismatch, Provenance, RunReleased, Store
@@ -82,6 +82,7 @@ class Backfill:
             self.client, num_ctx=s.num_ctx, sleep_ms=s.sleep_ms, log=self._log, long_text=s.long_text
         )
         self.writer = Writer(self.store, self.db.call, None)
+        self.servers = ServerCheck(self.store, self.client, s, self.halt)  # each server's model, the column's
         self.recorder = FailureRecorder(
             self.store,
             self.db.call,
@@ -130,6 +131,7 @@ class Backfill:
                 self.worker.known_good = CANARY_TEXT
                 report.preflight = await prepare.learn_context(self.worker, store, s, self._log)
                 report.context_tokens = self.worker.window.tokens
+                await self.servers.at_start(self.worker.probe_vectors)  # another model under the name: refused
         except EmbedFailure as exc:
             refused = prepare.refused_setting(exc, s, client.text_prefix, client.model)
             if refused:  # our own setting, not the server: exit 2 naming it
@@ -147,7 +149,7 @@ class Backfill:
             await asyncio.to_thread(store.record_model, client.model, dimensions)
         digest = None
         if not idle:  # the column's identity (core/identity.py) and the model's digest (`verify` shows it)
-            await asyncio.to_thread(identity.record, store, client.model, dimensions, s)
+            await asyncio.to_thread(self.servers.record, dimensions)
             digest = await client.model_digest()
         self.writer.provenance = Provenance(client.model, dimensions, s.max_chars, s.text_prefix)
         # The run's own session: it holds the run's liveness lock (status tells a dead run by its absence) and
@@ -241,12 +243,8 @@ class Backfill:
                 stop_reason=self.halt.reason,
             )
         )
-        report.state, report.message, report.locked, report.stop_reason = (
-            end.state,
-            end.message,
-            end.locked,
-            end.stop_reason,
-        )
+        report.state, report.message = end.state, end.message
+        report.locked, report.stop_reason = end.locked, end.stop_reason
         await record_end(report, store, self.db, self.client.server_states(), self._log)
         self.reporter.finish()
         self._log(report.summary())

@@ -138,4 +138,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX IF NOT EXISTS embedding_provenance_pooled_idx
         ON {s}.embedding_provenance (table_name, column_attnum, chunk_id) WHERE pooling IS NOT NULL;
     """,
+    # 10: the model's answer to a fixed probe text, per column (issue 22, core/fingerprint.py): the vectors its
+    #    servers gave it, so a run tells a server serving other weights under the same name before it writes.
+    """
+    ALTER TABLE {s}.column_identity ADD COLUMN IF NOT EXISTS fingerprint jsonb;
+    """,
 ]

@@ -75,8 +75,15 @@ class TrustMixin(StoreBase):
                 " DO UPDATE SET model = EXCLUDED.model, dimensions = EXCLUDED.dimensions,"
                 " text_prefix = EXCLUDED.text_prefix,"
                 " query_prefix = coalesce(nullif(EXCLUDED.query_prefix, ''), c.query_prefix),"
-                " api = coalesce(EXCLUDED.api, c.api), recorded_at = now()"
-            ).format(s=self._s),
+                " api = coalesce(EXCLUDED.api, c.api), recorded_at = now(),"
+                # another model, length or prefix: the probe's recorded answers are of the column's old identity
+                " fingerprint = CASE WHEN {m} = {em} AND c.dimensions = EXCLUDED.dimensions"
+                " AND c.text_prefix = EXCLUDED.text_prefix THEN c.fingerprint END"
+            ).format(
+                s=self._s,
+                m=canonical_sql(sql.SQL("c.model")),
+                em=canonical_sql(sql.SQL("EXCLUDED.model")),
+            ),
             (self.table.qualified, self._current_attnum(), model, dimensions, text_prefix, query_prefix, api),
         )
 
@@ -88,6 +95,29 @@ class TrustMixin(StoreBase):
                 s=self._s
             ),
             (api, self.table.qualified, self._current_attnum()),
+        )
+        return cur.rowcount > 0
+
+    def column_fingerprint(self: Store) -> dict[str, Any] | None:
+        """The column's recorded answers to the probe text (core/fingerprint.py), or None."""
+        if not self._trust_table("column_identity"):
+            return None
+        row = self.conn.execute(
+            sql.SQL("SELECT fingerprint FROM {s}.column_identity WHERE table_name = %s AND column_attnum = %s").format(
+                s=self._s
+            ),
+            (self.table.qualified, self._current_attnum()),
+        ).fetchone()
+        return dict(row[0]) if row and row[0] else None
+
+    def record_column_fingerprint(self: Store, fingerprint: dict[str, Any]) -> bool:
+        """Replace the column's recorded answers to the probe text (False: no identity recorded to hold them)."""
+        self.ensure_trust_schema()
+        cur = self.conn.execute(
+            sql.SQL(
+                "UPDATE {s}.column_identity SET fingerprint = %s WHERE table_name = %s AND column_attnum = %s"
+            ).format(s=self._s),
+            (json.dumps(fingerprint), self.table.qualified, self._current_attnum()),
         )
         return cur.rowcount > 0
 

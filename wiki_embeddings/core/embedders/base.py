@@ -19,7 +19,7 @@ be sent to the server that failed rather than to whichever is next.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -162,6 +162,11 @@ class Embedder(Protocol):
 
     def take_out(self, server: int, why: str) -> None:
         """Take a server out of the rotation (it failed a known-good text); probes bring it back."""
+        ...
+
+    def check_returns(self, check: Callable[[int, np.ndarray], str | None]) -> None:
+        """A server coming back into the rotation is judged by `check` on its vector of the probe text (its health
+        probe's answer): a reason takes it out again (another model answers there)."""
         ...
 
     def stop_waiting_on(self, event: asyncio.Event) -> None:

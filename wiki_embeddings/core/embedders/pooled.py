@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import httpx
 import numpy as np
@@ -39,6 +39,7 @@ OVERLOAD_STATUSES = {429, 502, 503, 504}  # answers that lower the depth, never 
 FULL_STATUSES = {429, 503}  # of those, the server's own "I am full": one fewer in flight (502/504 halve the depth)
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."  # what an out server is asked to embed
 MAX_BATCH_TEXTS = 4096
+Admit = Callable[[int, np.ndarray], str | None]  # (server, its vector of PROBE_TEXT) -> why it stays out, or None
 
 
 class ReloadWait(TimeoutError):
@@ -95,6 +96,7 @@ class PooledClient(ABC):
         self._http: httpx.AsyncClient | None = None
         self._transport = transport  # None: the network (tests pass httpx.MockTransport)
         self.stats = ClientStats()
+        self._admit: Admit | None = None  # judges a server coming back by its vector of PROBE_TEXT
 
     # ------------------------------------------------------------ what a subclass provides
     @abstractmethod
@@ -377,6 +379,15 @@ class PooledClient(ABC):
         server.requests += 1
         return await self._request(server, texts)
 
+    def check_returns(self, check: Admit) -> None:
+        """From now on a server coming back into the rotation is judged by `check` on its vector of the probe text:
+        a reason (another model answers there) takes it out again."""
+        self._admit = check
+
     async def _probe(self, server: Server) -> None:
-        """Is an out server well again? One known-good text, pinned to it (its answer puts it back)."""
-        await self.embed_texts([PROBE_TEXT], server=server.index)
+        """Is an out server well again? One known-good text, pinned to it (its answer puts it back, unless the
+        vector shows another model than the column's: `check_returns`)."""
+        answer = await self.embed_texts([PROBE_TEXT], server=server.index)
+        why = self._admit(server.index, answer.vectors[0]) if self._admit is not None else None
+        if why:
+            self.take_out(server.index, why)
