@@ -27,16 +27,20 @@ from wiki_embeddings.core.db import Store
 from wiki_embeddings.core.embedders import Embedder, EmbedFailure
 from wiki_embeddings.core.embedders.pooled import PROBE_TEXT
 from wiki_embeddings.core.factories import build_client
+from wiki_embeddings.core.modelname import same_model, same_prefix
 from wiki_embeddings.settings import Settings
 
 TEXT = PROBE_TEXT  # the health probe's text: a server coming back answers it anyway
 MAX_RECORDED = 8  # answers kept per column (the same weights on other hardware may differ in the last digits)
 
 
-def recorded(store: Store) -> list[np.ndarray]:
-    """The column's recorded answers to `TEXT` (empty: none recorded, or recorded for another text)."""
+def recorded(store: Store, model: str, text_prefix: str) -> list[np.ndarray]:
+    """The column's recorded answers to `TEXT` from `model` with `text_prefix` (empty: none recorded, or recorded
+    for another text, model or prefix - a table dropped and made again keeps its predecessor's identity row)."""
     found = store.column_fingerprint()
-    if not found or found.get("text") != TEXT:
+    if not found or found.get("text") != TEXT or not same_model(str(found.get("model")), model):
+        return []
+    if not same_prefix(str(found.get("text_prefix") or ""), text_prefix):
         return []
     return [_decode(v) for v in found.get("vectors") or []]
 
@@ -47,17 +51,16 @@ def best(vector: np.ndarray, answers: Sequence[np.ndarray]) -> float:
     return max(scores, default=0.0)
 
 
-def add(store: Store, vectors: Sequence[np.ndarray], threshold: float) -> bool:
-    """Record `vectors` among the column's answers (those not already matched by one); True when any was added."""
-    have = recorded(store)
+def add(store: Store, vectors: Sequence[np.ndarray], model: str, text_prefix: str, threshold: float) -> bool:
+    """Record `vectors` among the column's answers from `model` with `text_prefix` (those not already matched by
+    one); True when any was added."""
+    have = recorded(store, model, text_prefix)
     new = [v for v in vectors if best(v, have) < threshold]
     if not new:
         return False
-    for vector in new:
-        have.append(vector)
-        if len(have) > MAX_RECORDED:
-            have.pop(0)
-    return store.record_column_fingerprint({"text": TEXT, "vectors": [_encode(v) for v in have]})
+    have = (have + new)[-MAX_RECORDED:]
+    answers = {"text": TEXT, "model": model, "text_prefix": text_prefix, "vectors": [_encode(v) for v in have]}
+    return store.record_column_fingerprint(answers)
 
 
 async def answers(
@@ -79,13 +82,13 @@ async def answers(
 def accept(store: Store, settings: Settings, model: str, threshold: float) -> int:
     """`verify` matched through `settings`' servers: their answers join the column's (how many servers answered)."""
     identity = store.column_identity()
-    if identity is None:
+    if identity is None or not same_model(identity["model"], model):
         return 0
-    dimensions = identity.get("dimensions")
+    dimensions, prefix = identity.get("dimensions"), identity.get("text_prefix") or ""
 
     async def ask() -> dict[int, Any]:
         # As a run of the column asks: its text prefix, and its length where the model is asked for one.
-        client = build_client(settings.replace(text_prefix=identity.get("text_prefix") or ""), model)
+        client = build_client(settings.replace(text_prefix=prefix), model)
         if settings.request_dimensions and dimensions:
             client.ask_dimensions(dimensions)
         try:
@@ -95,7 +98,7 @@ def accept(store: Store, settings: Settings, model: str, threshold: float) -> in
 
     got = asyncio.run(ask()).values()
     vectors = [v for v in got if isinstance(v, np.ndarray) and (not dimensions or v.shape[0] == dimensions)]
-    add(store, vectors, threshold)
+    add(store, vectors, model, prefix, threshold)
     return len(vectors)
 
 

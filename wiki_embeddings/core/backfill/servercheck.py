@@ -37,6 +37,10 @@ class ServerCheck:
         self.new: list[np.ndarray] = []  # answers to record with the column's identity (a fresh column's)
 
     @property
+    def _prefix(self) -> str:
+        return self.client.text_prefix or ""
+
+    @property
     def column(self) -> str:
         return f"{self.store.table.qualified}.{self.store.table.embedding_column}"
 
@@ -57,7 +61,7 @@ class ServerCheck:
                     got[k] = answer
                 else:
                     failed[k] = answer.message
-        self.known = await asyncio.to_thread(fingerprint.recorded, self.store)
+        self.known = await asyncio.to_thread(fingerprint.recorded, self.store, self.client.model, self._prefix)
         fresh = not self.known
         if fresh:
             await asyncio.to_thread(self._sample, sorted(got), servers)
@@ -76,7 +80,7 @@ class ServerCheck:
         """The column's identity as this run makes its vectors, with the servers' answers when it had none."""
         identity.record(self.store, self.client.model, dimensions, self.s)
         if self.new:
-            fingerprint.add(self.store, self.new, MIN_COSINE)
+            fingerprint.add(self.store, self.new, self.client.model, self._prefix, MIN_COSINE)
             self.new = []
 
     def admit(self, server: int, vector: np.ndarray) -> str | None:
