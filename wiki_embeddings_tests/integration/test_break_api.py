@@ -353,6 +353,80 @@ def test_another_server_for_the_same_model_is_refused_until_verify_matches_throu
     assert wrong_vectors(table) == [], "vectors of another model written into the column"
 
 
+def test_each_server_of_several_is_checked_and_a_server_of_the_same_weights_is_welcome(make_table, stand_in):
+    """Every server of OLLAMA_URL is checked at the start, not the first alone: another server beside the column's
+    is refused like another model (exit 8's ModelChanged, naming it and `verify`); one serving the same weights is
+    no model change and embeds."""
+    first, other, twin = stand_in(well()), stand_in(well("other weights, same name")), stand_in(well())
+    table = make_table(ollama_url=first.url, api="openai", num_ctx=512, long_text="cut")
+    table.load_wiki(8)
+    assert table.backfill().embedded == 8
+    table.load([(10_000_001, "A chunk added after another server joined.")])
+    with pytest.raises(ModelChanged, match="verify") as refused:
+        table.backfill(ollama_url=f"{first.url},{other.url}")
+    assert other.url in str(refused.value) and table.status()["missing"] == 1
+    report = table.backfill(ollama_url=f"{twin.url},{first.url}")
+    assert report.state == "completed" and report.embedded == 1 and wrong_vectors(table) == []
+
+
+def test_a_fresh_columns_servers_must_agree_on_the_model(make_table, stand_in):
+    """A first run over two servers that serve different weights under one name would mix them from its first
+    batch: refused before anything is written."""
+    first, other = stand_in(well()), stand_in(well("other weights, same name"))
+    table = make_table(ollama_url=f"{first.url},{other.url}", api="openai", num_ctx=512, long_text="cut")
+    table.load_wiki(6)
+    with pytest.raises(ModelChanged, match="different weights under one name"):
+        table.backfill()
+    assert table.status()["embedded"] == 0
+
+
+def test_a_column_with_no_answers_on_record_is_checked_by_a_sample_of_its_vectors(make_table, stand_in):
+    """A column filled before the probe's answers were recorded: its run re-embeds a few stored vectors through
+    each server (verify on a sample) - another model is refused, the column's own is recorded and embeds."""
+    first, other = stand_in(well()), stand_in(well("other weights, same name"))
+    table = make_table(ollama_url=first.url, api="openai", num_ctx=512, long_text="cut")
+    table.load_wiki(8)
+    assert table.backfill().embedded == 8
+    state, mine = table.settings.state_schema, (table.store.table.qualified,)
+    table.sql(f'UPDATE "{state}".column_identity SET fingerprint = NULL WHERE table_name = %s', mine)
+    table.load([(10_000_001, "A chunk added after an upgrade.")])
+    with pytest.raises(ModelChanged, match="sample of its stored vectors"):
+        table.backfill(ollama_url=other.url)
+    assert table.backfill().embedded == 1 and wrong_vectors(table) == []
+    assert table.sql(f'SELECT fingerprint IS NOT NULL FROM "{state}".column_identity WHERE table_name = %s', mine) == [
+        (True,)
+    ]
+
+
+def test_a_server_that_joins_mid_run_with_other_weights_never_embeds(make_table, stand_in):
+    """A server down at the run's start (so not checked then) comes up mid-run serving other weights under the
+    same name, while the column's server dies. README: a server comes back on its health probe's answer; that answer
+    is its model's, so it is judged by it: the run ends `model_changed`, nothing of the other model written."""
+    left = {"first": 10**9}
+
+    def first_then_dead(n: int, texts: list[str], body: dict[str, Any]) -> Reply:
+        left["first"] -= 1
+        if left["first"] < 0:
+            return 503, {}, {"error": {"message": "Service Unavailable"}}
+        return well()(n, texts, body)
+
+    def late(n: int, texts: list[str], body: dict[str, Any]) -> Reply:
+        if left["first"] >= 0:
+            return 503, {}, {"error": {"message": "Service Unavailable"}}
+        return well("other weights, same name")(n, texts, body)
+
+    first, joiner = stand_in(first_then_dead), stand_in(late)
+    table = make_table(ollama_url=first.url, api="openai", num_ctx=512, long_text="cut", server_wait_sec=15.0)
+    table.load_wiki(4)
+    assert table.backfill().embedded == 4
+    table.load([(10_000_000 + i, f"Chunk {i} added later, about something else entirely.") for i in range(40)])
+    left["first"] = 12  # the start's probes and a few batches, then the column's server dies
+    report = table.backfill(ollama_url=f"{first.url},{joiner.url}", batch_size=2)
+    assert report.state == "model_changed", report.message
+    assert joiner.url in report.message and wrong_vectors(table) == []
+    assert any(p.get("input") == ["The quick brown fox jumps over the lazy dog."] for p in joiner.posts[-3:])
+
+
 # ---------------------------------------------------------------- runs spread over servers (Dagster's way)
 
 #: What one Dagster range run does (defs/spread.py server_share, then the range's backfill), as its own process:

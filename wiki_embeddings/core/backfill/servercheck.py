@@ -90,6 +90,7 @@ class ServerCheck:
         if not self.known or score >= MIN_COSINE:
             return None
         self.halt.fail(Fatal("model_changed", self._refusal(server, score, None)))
+        self.halt.request_stop("another model answers under the column's model name")  # waits for a server end
         return f"answers another model than {self.column}'s under the same name (cosine {score:.4f})"
 
     def _sample(self, servers: list[int], count: int) -> None:
