@@ -15,7 +15,9 @@ The API the vectors were made through (`WIKI_EMBED_API`: `ollama` or `openai`) i
 name served by another program is not the same model until shown to be: quantisation, pooling, normalisation or a
 tokenizer setting may differ. So a run through another API than the recorded one is refused like another model,
 until `verify` through the new API finds the stored vectors reproduced (a `match`), which records that API as
-accepted for the column. A record without an API (made before it was recorded) was made through Ollama's.
+accepted for the column. A record without an API (made before it was recorded) was made through Ollama's. Another
+server under the same name and API is told apart by its vectors: the record also holds the model's answers to a probe
+text (core/fingerprint.py), which every run checks each server against (core/backfill/servercheck.py).
 """
 
 from __future__ import annotations

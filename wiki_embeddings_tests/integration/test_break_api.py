@@ -7,9 +7,10 @@ Fixed (tests pass): llama.cpp's 500 "input is too large" is a refusal of length;
 on inputs per request cap the batch; TEI's 424 is a server error; an answer to a request in flight no longer lifts
 a Retry-After; answer indexes not 0..n-1 once each are refused; zero token counts are ignored; an API key no header
 can carry is refused unseen; `runs release` frees a frozen run's server lease; a window given larger than a silent
-cutter reads is refused; a shadow made through another API names a way out that works.
-Open (xfail(strict), cause in the reason): another server under the same model name; a spread run bound to a dead
-server; a lease lost with its session; a failed twin request storing an unproven vector.
+cutter reads is refused; a shadow made through another API names a way out that works; another server under the same
+model name is refused (each server, at the start and when it joins mid-run); a failed twin request no longer stores
+an unproven vector.
+Open (xfail(strict), cause in the reason): a spread run bound to a dead server; a lease lost with its session.
 """
 
 from __future__ import annotations
