@@ -36,3 +36,47 @@ def test_an_encoded_password_still_works_and_is_masked():
     settings = from_env({}, ollama_url=url).validate()
     assert settings.ollama_urls == ["http://operator:Zq8%2Fk3%3Fx@emb.internal:8080/v1", "http://emb-2:8080"]
     assert settings.masked()["ollama_url"] == "http://operator:***@emb.internal:8080/v1,http://emb-2:8080"
+
+
+def test_a_twin_that_keeps_failing_leaves_its_text_out_of_the_batch_unwritten():
+    """README: only a vector proven to be of the whole shorter text is stored. A twin request that fails is sent
+    again; one that keeps failing leaves its text unproven, taken out of the batch (the worker records it as a
+    failure a later run retries) - never kept with chars_sent = the whole text."""
+    import asyncio
+
+    import numpy as np
+
+    from wiki_embeddings.core.backfill import silent
+    from wiki_embeddings.core.backfill.outcomes import Embedded
+    from wiki_embeddings.core.embedders import AmbiguousFailure, Answer
+
+    calls: list[list[str]] = []
+
+    def vec(text: str) -> np.ndarray:
+        return np.array([len(text), 1.0 + len(text) % 7, 3.0], dtype=np.float32)
+
+    async def call(texts: list[str]) -> Answer:
+        calls.append(texts)
+        if any(t.startswith("stubborn") for t in texts):
+            raise AmbiguousFailure("500 Internal Server Error")
+        if len(calls) == 1:  # a sporadic 500 on the first twin request: sent again
+            raise AmbiguousFailure("500 Internal Server Error")
+        return Answer([vec(t) for t in texts], None, 0)
+
+    sent = ["stubborn text of several words here", "a fine text of several words here"]
+    batch = Embedded([1, 2], [vec(t) for t in sent], [len(t) for t in sent], [False, False], [False, False])
+    unproven = asyncio.run(silent.check_twins(call, batch, sent, [0]))
+    assert unproven == [0] and batch.ids == [2] and len(batch.vectors) == 1
+    assert len(calls) == silent.FAILED_TRIES
+    unproven = asyncio.run(silent.check_twins(call, batch, sent[1:], [0]))
+    assert unproven == [] and batch.ids == [2] and batch.chars == [len("a fine text of several words")]
+
+
+def test_the_probe_texts_are_one_text():
+    """A server's answer to the window probe's first text (at the start) and to the health probe's (when it comes
+    back) are compared with the column's recorded answers: all three must be the same text."""
+    from wiki_embeddings.core import fingerprint
+    from wiki_embeddings.core.backfill import probe
+    from wiki_embeddings.core.embedders.pooled import PROBE_TEXT
+
+    assert fingerprint.TEXT == PROBE_TEXT == probe.CANARY_TEXT
