@@ -36,7 +36,8 @@ class ProbeResult:
     crash_at: int | None = None  # the smallest physical window a server's crashes showed (tokens it answered)
     counts: dict[int, tuple[int, int]] = field(default_factory=dict)  # server -> the canary's counts, once and twice
     brackets: dict[int, Bracket] = field(default_factory=dict)  # server -> what its crashes showed (kept for later)
-    vectors: dict[int, np.ndarray] = field(default_factory=dict)  # server -> its vector of the canary (the model's)
+    # server -> its vector of the canary (the model's answer), None when that request timed out
+    vectors: dict[int, np.ndarray | None] = field(default_factory=dict)
 
     def notes(self, window: int | None) -> list[str]:
         """What the probe found, for the run's log (`window`: the window in tokens as learned from it)."""
@@ -63,6 +64,7 @@ async def probe_window(
         async def pinned(texts: list[str], server: int = server) -> Answer:
             return await call(texts, server)
 
+        result.vectors[server] = None
         try:
             first = await pinned([CANARY_TEXT])
             result.vectors[server], one = first.vectors[0], first.tokens
@@ -94,8 +96,10 @@ async def probe_window(
                         found = (believed, over)
         except ContextExceeded:
             continue  # refused rather than cut: the prefix search learns the real window when it matters
-        except EmbedFailure:
+        except EmbedFailure as exc:
             result.refuses_over_window = False  # unknown for this server: batches are checked
+            if exc.kind != "timeout" and result.vectors[server] is None:
+                del result.vectors[server]  # a sporadic error: the run's server check asks it again (a hung one not)
             continue
         if found is not None and (result.silent_at is None or found[1] < result.silent_at[1]):
             result.refuses_over_window = False

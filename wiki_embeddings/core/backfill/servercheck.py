@@ -47,13 +47,14 @@ class ServerCheck:
     def _where(self, server: int) -> str:
         return str(self.client.server_states()[server].get("url") or f"server {server}")
 
-    async def at_start(self, probed: dict[int, np.ndarray]) -> None:
-        """Each server's answer (`probed`: what the window probe got) judged against the column's; ModelChanged when
-        one answers another model. Servers that could not be asked leave the rotation until they answer."""
+    async def at_start(self, probed: dict[int, np.ndarray | None]) -> None:
+        """Each server's answer (`probed`: what the window probe got; None where that request timed out, so it is not
+        asked again: a hung server costs one timeout) judged against the column's; ModelChanged when one answers
+        another model. Servers that did not answer leave the rotation until they do (their health probe)."""
         servers = len(self.client.server_states())
-        got: dict[int, np.ndarray] = dict(probed)
-        unasked = [k for k in range(servers) if k not in got]
-        failed: dict[int, str] = {}
+        got = {k: v for k, v in probed.items() if v is not None}
+        unasked = [k for k in range(servers) if k not in probed]
+        failed = {k: "no answer to the window probe in time" for k, v in probed.items() if v is None}
         if unasked:
             answers = await fingerprint.answers(self.client, servers, unasked)
             for k, answer in answers.items():

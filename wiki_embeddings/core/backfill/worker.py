@@ -93,7 +93,7 @@ class EmbedWorker:
         self.max_chars = max_chars  # the longest text the run sends (the silent-cut probe must be as long)
         self.twin_check = False  # a silent cutter without token counts: texts near the window are checked by twins
         self.silent_found_at: float | None = None  # when (epoch seconds) that was found: recorded by the run
-        self.probe_vectors: dict[int, np.ndarray] = {}  # server -> its vector of the canary, from the window probe
+        self.probe_vectors: dict[int, np.ndarray | None] = {}  # server -> its canary vector (None: failed there)
 
     async def embed(self, batch: Batch, emit: Emit) -> None:
         """Every chunk of the batch ends as one outcome handed to `emit` (or the run ends: errors.Fatal)."""
