@@ -21,7 +21,7 @@ from wiki_embeddings.core import fingerprint, identity
 from wiki_embeddings.core.backfill.errors import Fatal, ModelChanged
 from wiki_embeddings.core.backfill.halt import Halt
 from wiki_embeddings.core.db import Store
-from wiki_embeddings.core.embedders import Embedder
+from wiki_embeddings.core.embedders import Embedder, ModelNotFound
 from wiki_embeddings.core.verify import MIN_COSINE, verify
 from wiki_embeddings.settings import Settings
 
@@ -60,7 +60,7 @@ class ServerCheck:
             for k, answer in answers.items():
                 if isinstance(answer, np.ndarray):
                     got[k] = answer
-                else:
+                elif not isinstance(answer, ModelNotFound):  # without the model it is out already (`no_model`)
                     failed[k] = answer.message
         self.known = await asyncio.to_thread(fingerprint.recorded, self.store, self.client.model, self._prefix)
         fresh = not self.known
