@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from wiki_embeddings.core.db import DatabaseError, Store
 from wiki_embeddings.core.db.leases import lease_session_name
 from wiki_embeddings.core.embedders.probe import answers
+from wiki_embeddings.core.errors import first_line
 from wiki_embeddings.settings import mask_url
 
 WATCH_EVERY_SEC = 2.0  # how often a run's lease session is checked (one `SELECT 1`)
@@ -103,8 +104,12 @@ class _Leases:
     def _watch(self, every_sec: float) -> None:
         while not self._done.wait(every_sec):
             with self._lock:
-                if not self._done.is_set():
+                if self._done.is_set():
+                    return
+                try:
                     self._check()
+                except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one bad check
+                    self.log(f"checking this run's server leases failed ({first_line(exc)}); again in {every_sec:g} s")
 
     def _check(self) -> None:
         """The session gone: a new one, the same leases again; one another run took meanwhile is reported."""
@@ -141,12 +146,13 @@ class _Leases:
         self._done.set()
         if self._thread is not None:
             self._thread.join(WATCH_EVERY_SEC + 5)
-        with self._lock, _lost_lock:
-            for url in self.urls:
-                _lost.pop(url, None)
-        with contextlib.suppress(Exception):  # the database gone: the leases went with its session
-            self.store.release_leases(self.conn)
-        self.conn.close()
+        with self._lock:  # a re-take under way ends first
+            with _lost_lock:
+                for url in self.urls:
+                    _lost.pop(url, None)
+            with contextlib.suppress(Exception):  # the database gone: the leases went with its session
+                self.store.release_leases(self.conn)
+            self.conn.close()
 
 
 @contextlib.contextmanager
