@@ -45,6 +45,21 @@ class LeasesMixin(StoreBase):
         row = conn.execute("SELECT pg_try_advisory_lock(%s::int, %s::int)", lease_key(url)).fetchone()
         return bool(row and row[0])
 
+    def release_lease(self, conn: psycopg.Connection, url: str) -> None:
+        """Give back `url`'s lease on `conn`'s session (one taken and not wanted after all)."""
+        conn.execute("SELECT pg_advisory_unlock(%s::int, %s::int)", lease_key(url))
+
+    def lease_session_alive(self, conn: psycopg.Connection) -> bool:
+        """Whether `conn`'s session (and with it every lease it took) still exists: a database restart, a failover,
+        an idle-session timeout or a terminated backend ends it without a word to an idle connection."""
+        if conn.closed or conn.broken:
+            return False
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
     def release_leases(self, conn: psycopg.Connection) -> None:
         """Give back every lease `conn` holds now (closing it would too, but only once its backend has exited)."""
         conn.execute("SELECT pg_advisory_unlock_all()")
