@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import zlib
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -33,8 +34,21 @@ def lease_session_name(pid: int | None = None, host: str | None = None) -> str:
 
 
 def lease_key(url: str) -> tuple[int, int]:
-    """The advisory key of one server: the URL as the client uses it (credentials included, never stored)."""
-    return LEASE_NAMESPACE, zlib.crc32(url.rstrip("/").encode()) & 0x7FFFFFFF
+    """The advisory key of one server: its scheme, host and port (case-folded, RFC 3986) and path, without the
+    credentials: another spelling of one server is the same lease, and the key (pg_locks shows it to every role)
+    says nothing of a password."""
+    return LEASE_NAMESPACE, zlib.crc32(server_identity(url).encode()) & 0x7FFFFFFF
+
+
+def server_identity(url: str) -> str:
+    """`scheme://host:port/path` of a server URL: no user-info, no trailing slash, scheme and host lower-cased."""
+    try:
+        parts = urlsplit(url.strip())
+        host, port = (parts.hostname or "").lower(), parts.port
+    except ValueError:  # not a URL the client could use either: keyed as written, minus any user-info
+        return url.strip().rstrip("/").rsplit("@", 1)[-1]
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme.lower()}://{host}{f':{port}' if port is not None else ''}{parts.path.rstrip('/')}"
 
 
 class LeasesMixin(StoreBase):
