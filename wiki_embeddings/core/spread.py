@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,7 +114,7 @@ class _Leases:
 
     def _check(self) -> None:
         """The session gone: a new one, the same leases again; one another run took meanwhile is reported."""
-        if self.store.lease_session_alive(self.conn):
+        if self.store.lease_session_alive(self.conn) or self._done.is_set():
             return
         shown = ", ".join(mask_url(self.urls[i]) for i in self.held)
         self.log(
@@ -145,7 +146,10 @@ class _Leases:
     def close(self) -> None:
         self._done.set()
         if self._thread is not None:
-            self._thread.join(WATCH_EVERY_SEC + 5)
+            self._thread.join(WATCH_EVERY_SEC)
+            if self._thread.is_alive():  # its check waits on a session that stopped answering: cut it off
+                self._cut_off()
+                self._thread.join(WATCH_EVERY_SEC + 5)
         with self._lock:  # a re-take under way ends first
             with _lost_lock:
                 for url in self.urls:
@@ -153,6 +157,15 @@ class _Leases:
             with contextlib.suppress(Exception):  # the database gone: the leases went with its session
                 self.store.release_leases(self.conn)
             self.conn.close()
+
+    def _cut_off(self) -> None:
+        """Shut the lease session's socket under a call that waits on it (a frozen backend, a stuck pooler: the
+        kernel still acknowledges, so no TCP timeout ends the wait): the call fails and the run's end goes on. The
+        leases go when that backend notices its client gone."""
+        # (already closed, or no socket: nothing waits on it)
+        with contextlib.suppress(Exception), socket.socket(fileno=os.dup(self.conn.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+        self.log("this run's lease session stopped answering: cut off at the run's end")
 
 
 @contextlib.contextmanager

@@ -6,11 +6,11 @@ under way. What held stays a test; what broke is fixed or marked xfail(strict) w
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
 import email.utils
 import os
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx

@@ -67,7 +67,7 @@ class HttpAnswer:
             except (TypeError, ValueError):
                 return None
             if when.tzinfo is None:  # asctime or `-0000`: an HTTP date is GMT whatever the machine's zone
-                when = when.replace(tzinfo=datetime.timezone.utc)
+                when = when.replace(tzinfo=datetime.UTC)
             seconds = when.timestamp() - time.time()
         return max(0.0, seconds) if math.isfinite(seconds) else None
 
