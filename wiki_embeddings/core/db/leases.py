@@ -2,9 +2,9 @@
 
 Several processes that each tune their own depth against the same server fight over it (each reads the other's
 load as its own overload). A process that should have a server to itself takes the server's lease: a two-int
-session advisory lock (this namespace, a hash of the server's URL) on a connection it keeps for as long as it
-uses the server. The lock dies with the session, so a killed process frees its server at once; nothing is
-written, nothing to clean up. Every process filling tables of one database sees the same leases.
+session advisory lock (this namespace, a hash of the server's scheme, host, port and path) on a connection it keeps
+for as long as it uses the server. The lock dies with the session, so a killed process frees its server at once;
+nothing is written, nothing to clean up. Every process filling tables of one database sees the same leases.
 """
 
 from __future__ import annotations
