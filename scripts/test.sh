@@ -13,4 +13,7 @@ if [ ! -x "${WIKI_EMBED_CHROMIUM:-/usr/lib/chromium/chromium}" ] && ! command -v
 fi
 # What CI checks besides the tests (the same hooks run locally through .pre-commit-config.yaml):
 bash scripts/lint.sh
-.venv/bin/python -m pytest -q "$@"
+# Two test processes (WIKI_EMBED_TEST_WORKERS; 0 = one process): most integration tests wait on servers, clocks and
+# child processes, not on the CPU, so two halve the wall time on 2 cores. A test file stays in one process (its
+# fixtures - the infinity server, the real model - start once). Each process has its own PostgreSQL and temp paths.
+.venv/bin/python -m pytest -q -n "${WIKI_EMBED_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"

@@ -10,6 +10,11 @@ everything; at one 503 in five, three in a row come once in ~125 answers); other
 A server that fails every request for OUT_AFTER_SEC (or one request's every retry), refuses connections, or lacks
 the model leaves the rotation: it is probed every PROBE_SEC while others carry the work, every PROBE_ALONE_SEC
 while none is left, and comes back on its first good answer.
+
+A server that asks (`Retry-After`) for longer than the backoff ceiling is *away* from then until its next good
+answer: it keeps its place (one such answer among good ones is weather, not an outage, and costs one hold of the
+ceiling), but the run's wait for a server (WIKI_EMBED_SERVER_WAIT_SEC, the pool's) counts from that first answer
+(`gone_since`), not from a take-out that the ceiling-long holds delay by two holds (a minute by default).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class ServerHealth:
     # flight) ends our own backoff, never the server's request.
     asked_until: float = float("-inf")
     out_since: float | None = None
+    # Since when the server has asked (Retry-After) for longer than the backoff ceiling, with no good answer since.
+    away_since: float | None = None
+    away_reason: str = ""
     last_probe: float = float("-inf")
     latency: float | None = None  # a recent good answer's seconds (sizes the first backoff)
     history: list[tuple[float, str, str]] = field(default_factory=list)  # (time, new state, why)
@@ -75,6 +83,7 @@ class ServerHealth:
         self.failures_in_a_row = 0
         self.last_success = now
         self.blocked_until = float("-inf")
+        self.away_since, self.away_reason = None, ""
         if seconds is not None and seconds > 0:
             self.latency = seconds if self.latency is None else 0.7 * self.latency + 0.3 * seconds
         if self.state != IN:
@@ -103,6 +112,12 @@ class ServerHealth:
             # Honoured as a floor: `Retry-After: 0` must not make every retry go at once (a zero-pause storm).
             pause = min(max(retry_after, pause), self.backoff_max_sec)
             self.asked_until = max(self.asked_until, now + pause)
+            if retry_after > self.backoff_max_sec and self.away_since is None:
+                self.away_since = now
+                self.away_reason = (
+                    f"asked for {retry_after:g} s of quiet (Retry-After), over the {self.backoff_max_sec:g} s backoff "
+                    f"ceiling: {why}"
+                )
         if retry_after is not None or not answered or self.failures_in_a_row >= BLOCK_AFTER_FAILURES:
             self.blocked_until = max(self.blocked_until, now + pause)
         if self.failures_in_a_row == 1:
@@ -126,6 +141,16 @@ class ServerHealth:
     def no_model(self, why: str) -> None:
         self.take_out(why, NO_MODEL)
 
+    def gone_since(self) -> float | None:
+        """Since when the server has been out of the rotation or away (see the module), whichever began first; None
+        while it serves. The pool ends the run once every server has been gone WIKI_EMBED_SERVER_WAIT_SEC."""
+        times = [t for t in (None if self.state == IN else self.out_since, self.away_since) if t is not None]
+        return min(times) if times else None
+
+    def why_gone(self) -> str:
+        """Why the server is out of the rotation and/or away, for the message that ends the run."""
+        return "; ".join(r for r in ("" if self.state == IN else self.reason, self.away_reason) if r)
+
     def probe_in(self, others_in_rotation: bool) -> float:
         """Seconds until this out server's next probe is due (0: now; inf: it is in the rotation)."""
         if self.state == IN:
@@ -147,7 +172,7 @@ class ServerHealth:
     def snapshot(self) -> dict[str, object]:
         return {
             "state": self.state,
-            "reason": self.reason,
+            "reason": self.reason or self.away_reason,
             "failures": self.failures,
             "successes": self.successes,
             "out_for_sec": round(self.clock() - self.out_since, 1) if self.out_since is not None else None,

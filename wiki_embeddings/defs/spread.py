@@ -5,7 +5,9 @@ Runs at once = the limit of pool `ollama` (`dagster instance concurrency set oll
 them (at least one) by leasing them in the chunk database, and tags itself `wiki_embeddings/server=<indexes>` so
 the UI shows which. Why inside the run and not at launch: a multi-run backfill gives all its runs the same tags
 (the backfill's own plus the partition range), so no launch-time tag can tell two of its runs apart; and a lease
-held by the run's database session is freed by whatever ends the run, `kill -9` included.
+held by the run's database session is freed by whatever ends the run, `kill -9` included. Answering servers are
+leased first, and a lease session that ends is re-taken (core/spread.py); a run bound to servers that all died ends
+`server_unavailable`, and the RetryPolicy's retry leases afresh.
 """
 
 import contextlib
@@ -50,7 +52,9 @@ def server_share(
         def stop_requested() -> bool:
             return os.path.lexists(settings.stop_file) or store.stop_requested()
 
-        with spread.server_share(store, urls, share, log=context.log.info, stop_requested=stop_requested) as held:
+        with spread.server_share(
+            store, urls, share, log=context.log.info, stop_requested=stop_requested, api=settings.api
+        ) as held:
             if not held:
                 raise dg.Failure(
                     description="stopped on request while waiting for a free model server", allow_retries=False

@@ -138,9 +138,11 @@ def test_a_frozen_run_is_seen_stalled_released_by_an_operator_and_ends_without_w
 
 def test_a_running_run_is_not_released_without_force_and_status_shows_it(make_table, ollama, tmp_path):
     table = make_table(batch_size=8)
-    table.load([(i, f"chunk {i}") for i in range(1, 41)])
+    table.load([(i, f"chunk {i}") for i in range(1, 401)])
     ollama.set_faults(latency_ms=300)
-    proc = start_cli(table, "backfill", "--batch-size", "8", log=tmp_path / "live.log")
+    # One request at a time: ~15 s of runway, so the run is still going when `runs release` (a new process) asks on a
+    # loaded machine; the latency drops to 0 once it has been refused.
+    proc = start_cli(table, "backfill", "--batch-size", "8", "--concurrency", "1", log=tmp_path / "live.log")
     try:
         wait_until(lambda: filled(table) >= 8, 60, "the run to write")
         run_id = int(table.sql(f"SELECT max(run_id) FROM {table.settings.state_schema}.runs")[0][0])

@@ -133,12 +133,13 @@ def test_a_run_window_stops_safely_and_the_next_run_resumes(make_table, ollama):
 
 def test_until_flag_on_the_cli(make_table, ollama):
     t = make_table()
-    t.load(_rows(40))
+    t.load(_rows(400))
     ollama.set_faults(latency_ms=100)
-    past_minute = datetime.now(UTC) + timedelta(seconds=1)
-    # --until one second from now (explicit offset): the run ends after about a second.
-    until = past_minute.strftime("%H:%M:%S") + "Z"
-    code, out = _cli(["backfill", "--batch-size", "2", "--until", until], t)
+    soon = datetime.now(UTC) + timedelta(seconds=3)
+    # --until three seconds from now (explicit offset): the run, ~20 s of work one request at a time, ends then. (A
+    # time already past when the run starts means that time tomorrow, so a loaded machine needs the margin.)
+    until = soon.strftime("%H:%M:%S") + "Z"
+    code, out = _cli(["backfill", "--batch-size", "2", "--concurrency", "1", "--until", until], t)
     assert code == 0 and "stopped on request (run window ends at" in out
     assert t.status()["missing"] > 0 and t.status()["failed"] == 0
 

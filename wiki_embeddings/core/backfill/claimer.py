@@ -81,6 +81,9 @@ class Claimer:
         self._released = asyncio.Event()  # set when claims are released: a producer waiting for room looks again
         self.md5: dict[int, str] = {}  # md5 of the whole text of each held chunk, as claimed
         self.busy: set[int] = set()  # chunks another session held (claim key or row lock): retried at the end
+        self._unlocking: list[int] = []  # written chunks whose claims the claim lane has yet to give back
+        self._unlocker: asyncio.Task[None] | None = None
+        self._unlock_error: BaseException | None = None  # a failed release_soon, raised by the next one or settle
         self.claimed = 0
         self.skipped_busy = 0
         self.changed_found = 0  # refresh pass: changed chunks the content scan found
@@ -172,7 +175,7 @@ class Claimer:
 
     async def _room(self, should_stop: Callable[[], Awaitable[bool]]) -> bool:
         """Wait while this run holds MAX_HELD_CLAIMS claims (writes release them); False if the run stops meanwhile."""
-        while len(self.held) >= MAX_HELD_CLAIMS:
+        while len(self.held) + len(self._unlocking) >= MAX_HELD_CLAIMS:
             if await should_stop():
                 return False
             self._released.clear()
@@ -217,13 +220,47 @@ class Claimer:
         return None if any(m is None for m in found) else [m for m in found if m is not None]
 
     async def release(self, ids: list[int]) -> None:
+        if mine := self._forget(ids):
+            await self.call("claim", self.store.release, mine)
+
+    def release_soon(self, ids: list[int]) -> None:
+        """Give back a written batch's claims without waiting: the writer goes on to the next write while the claim
+        lane unlocks (releases that queue up go as one call). Its chunks hold their vectors, so no other run claims
+        them meanwhile. A failure is raised by the next call here or by `settle`."""
+        self._raise_unlock_error()
+        if mine := self._forget(ids):
+            self._unlocking.extend(mine)
+            if self._unlocker is None or self._unlocker.done():
+                self._unlocker = asyncio.create_task(self._unlock())
+
+    async def settle(self) -> None:
+        """Wait for the releases `release_soon` queued (the run's end); raises what one of them met."""
+        if self._unlocker is not None:
+            await self._unlocker
+        self._raise_unlock_error()
+
+    async def _unlock(self) -> None:
+        while self._unlocking:
+            ids, self._unlocking = self._unlocking, []
+            try:
+                await self.call("claim", self.store.release, ids)
+            except Exception as exc:  # noqa: BLE001 - handed to the writer (Fatal included), never lost in a task
+                self._unlock_error, self._unlocking = exc, []
+            self._released.set()
+
+    def _raise_unlock_error(self) -> None:
+        if (error := self._unlock_error) is not None:
+            self._unlock_error = None
+            raise error
+
+    def _forget(self, ids: list[int]) -> list[int]:
+        """Drop `ids` from what this run holds; returns those it held."""
         mine = [i for i in ids if i in self.held]
         self.held.difference_update(mine)
         self._released.set()
         for i in mine:
             self.md5.pop(i, None)
-        if mine:
-            await self.call("claim", self.store.release, mine)
+        return mine
 
     async def retake(self, call_on_fresh: Callable[..., Awaitable[Any]], fresh: Any) -> None:
         """After a reconnect the claims died with the old session: take them again; chunks another run took

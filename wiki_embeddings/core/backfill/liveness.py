@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 
+from wiki_embeddings.core import spread
 from wiki_embeddings.core.backfill.dbcalls import DbCalls, in_daemon_thread
 from wiki_embeddings.core.backfill.errors import Fatal, NoAnswer
 from wiki_embeddings.core.backfill.halt import Halt
@@ -16,6 +17,7 @@ from wiki_embeddings.core.db import DatabaseError, Store
 from wiki_embeddings.core.embedders import Embedder
 
 HEARTBEAT_EVERY_SEC = 10.0  # the run's row is touched this often; `status` calls a run stalled past its lease
+LEASE_CHECK_EVERY_SEC = 1.0  # how often the run asks whether its process lost a server's lease (core/spread.py)
 
 
 async def heartbeats_of(
@@ -30,9 +32,11 @@ async def heartbeats_of(
     """Touch the run's row every HEARTBEAT_EVERY_SEC whatever the pipeline waits on: `status` tells a run that
     stopped doing so (a frozen process, a black-holed database) by its heartbeat, not by hope. Each beat also records
     the run's model servers (in the rotation or out, and why). A beat that finds the run released by an operator
-    (`wiki-embeddings runs release`, while the process was frozen) ends the run: it writes nothing more."""
+    (`wiki-embeddings runs release`, while the process was frozen) ends the run: it writes nothing more. Between
+    beats, every second: a server's lease lost to another run (core/spread.py) ends the run `server_unavailable`
+    after what is in flight (a retry leases a free server)."""
     while True:
-        await asyncio.sleep(HEARTBEAT_EVERY_SEC)
+        await _sleep_watching_leases(HEARTBEAT_EVERY_SEC, halt)
         if report.run_id is None:
             continue
         elapsed = max(time.perf_counter() - started, 1e-9)
@@ -44,6 +48,16 @@ async def heartbeats_of(
             store.forget_connection()
         except (DatabaseError, Fatal):
             store.close()  # the next bookkeeping call reconnects
+
+
+async def _sleep_watching_leases(seconds: float, halt: Halt) -> None:
+    """Sleep `seconds`, asking every LEASE_CHECK_EVERY_SEC whether this process lost one of its servers' leases."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(LEASE_CHECK_EVERY_SEC, left))
+        lost = spread.lease_lost()
+        if lost is not None and halt.fatal is None:
+            halt.fail(Fatal("server_unavailable", lost))
 
 
 def install_signal_handlers(request_stop: Callable[[str], None]) -> list[Callable[[], object]]:

@@ -286,9 +286,7 @@ class Backfill:
 
     async def _watch_stop(self) -> None:
         """Stop file and run window read twice a second, so that a stop reaches workers waiting for servers."""
-        while not self.halt.halted:
-            if self.halt.stopping():
-                return
+        while not self.halt.halted and not self.halt.stopping():
             await self.halt.sleep(0.5)
 
     async def _should_stop(self) -> bool:
@@ -346,7 +344,7 @@ class Backfill:
                 written = await self.writer.write(item, claimer.md5s(item.ids), refresh)
                 for chunk in written.refused:
                     await self.recorder.record(chunk, report.run_id)
-                await claimer.release(item.ids)
+                claimer.release_soon(item.ids)
             except (ModelMismatch, RunReleased) as exc:  # the column changed model, or an operator released the run
                 self.halt.fail(Fatal("released" if isinstance(exc, RunReleased) else "model_changed", str(exc)))
                 continue
@@ -365,11 +363,12 @@ class Backfill:
             else:
                 report.embedded += written.written
             self._progress(report)
+        await self._release_quietly(settle=True)  # the last writes' claims are given back before the sessions close
 
-    async def _release_quietly(self, ids: list[int]) -> None:
-        """Release on the way out of a failing run: a dead database must not hide the first error."""
+    async def _release_quietly(self, ids: list[int] | None = None, settle: bool = False) -> None:
+        """Release on a failing run's way out (or settle the writes' releases), never hiding the first error."""
         try:
-            await self.claimer.release(ids)
+            await (self.claimer.settle() if settle else self.claimer.release(ids or []))
         except Fatal as exc:
             self.halt.fail(exc)
 

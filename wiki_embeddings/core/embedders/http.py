@@ -6,6 +6,7 @@ cut off and treated as a server fault (retried, then a clean stop): memory stays
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import json
 import math
@@ -65,6 +66,8 @@ class HttpAnswer:
                 when = email.utils.parsedate_to_datetime(raw)
             except (TypeError, ValueError):
                 return None
+            if when.tzinfo is None:  # asctime or `-0000`: an HTTP date is GMT whatever the machine's zone
+                when = when.replace(tzinfo=datetime.UTC)
             seconds = when.timestamp() - time.time()
         return max(0.0, seconds) if math.isfinite(seconds) else None
 

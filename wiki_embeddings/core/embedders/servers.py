@@ -88,7 +88,8 @@ class ServerPool:
     canary or a probe: asked whatever its standing, once the quiet it asked for with `Retry-After` is over). A
     request waiting out its pause is not at the server: while it waits, one more worker may hold a batch (the
     turns), so the server's slots do not idle behind it. While no server is in the rotation, the out ones are probed
-    (core/health.py says when) and requests wait, for at most `server_wait_sec`; a run whose servers never answered
+    (core/health.py says when) and requests wait, for at most `server_wait_sec` (counted from the first Retry-After
+    over the backoff ceiling where a server asked for one: core/health.py, away); a run whose servers never answered
     at all does not wait (a wrong URL fails at once).
     """
 
@@ -171,25 +172,32 @@ class ServerPool:
         return None
 
     def _check_gone(self) -> None:
-        """No server in the rotation: the model is nowhere, the servers never answered, or they have been out
-        longer than the wait. Each ends the run; otherwise the caller waits for a probe."""
+        """No server in the rotation: the model is nowhere or the servers never answered; or every server has been
+        gone (out of the rotation, or away: asking with Retry-After for longer than the backoff ceiling) longer than
+        the wait. Each ends the run; otherwise the caller waits for a probe or a hold to end."""
         healths = [self.health(s) for s in self.servers]
-        if any(h.in_rotation for h in healths):
-            return
-        reasons = "; ".join(f"{s.masked}: {self.health(s).reason}" for s in self.servers)
-        if all(h.state == NO_MODEL for h in healths):
-            raise ModelNotFound(f"no server has the model ({reasons})", http_status=404)
-        if not any(h.successes or h.responded for h in healths):  # nobody there at all (a wrong URL): at once
-            raise ServerUnavailable(
-                f"the model server(s) at {self.where} (OLLAMA_URL) are unreachable or overloaded (none answered): "
-                f"{reasons}"
-            )
-        since = max(h.out_since or 0.0 for h in healths)
-        if self._clock() - since >= self.server_wait_sec:
+        reasons = "; ".join(f"{s.masked}: {self.health(s).why_gone()}" for s in self.servers)
+        if not any(h.in_rotation for h in healths):
+            if all(h.state == NO_MODEL for h in healths):
+                raise ModelNotFound(f"no server has the model ({reasons})", http_status=404)
+            if not any(h.successes or h.responded for h in healths):  # nobody there at all (a wrong URL): at once
+                raise ServerUnavailable(
+                    f"the model server(s) at {self.where} (OLLAMA_URL) are unreachable or overloaded (none answered): "
+                    f"{reasons}"
+                )
+        since = self._gone_since(healths)
+        if since is not None and self._clock() - since >= self.server_wait_sec:
+            away = " or asked for longer quiet (Retry-After)" if any(h.away_since is not None for h in healths) else ""
             raise ServerUnavailable(
                 f"the model server(s) at {self.where} (OLLAMA_URL) are unreachable or overloaded: every one has been "
-                f"out of the rotation for {self.server_wait_sec:g} s (WIKI_EMBED_SERVER_WAIT_SEC): {reasons}"
+                f"out of the rotation{away} for {self.server_wait_sec:g} s (WIKI_EMBED_SERVER_WAIT_SEC): {reasons}"
             )
+
+    @staticmethod
+    def _gone_since(healths: list[ServerHealth]) -> float | None:
+        """Since when every server has been gone (the last to go); None while one serves."""
+        times = [h.gone_since() for h in healths]
+        return None if any(t is None for t in times) else max(t for t in times if t is not None)
 
     def _next_change(self, avoid: dict[int, float]) -> float | None:
         """Seconds until something may change without a request ending: a backoff or this request's pause over, a
@@ -199,9 +207,9 @@ class ServerPool:
         now = self._clock()
         times = [h.wait() for h in healths if h.in_rotation] + [h.probe_in(others) for h in healths]
         times += [until - now for until in avoid.values() if until > now]
-        if not others:
-            since = max(h.out_since or 0.0 for h in healths)
-            times.append(max(0.0, since + self.server_wait_sec - self._clock()))
+        since = self._gone_since(healths)
+        if since is not None:
+            times.append(max(0.0, since + self.server_wait_sec - now))
         finite = [t for t in times if t != float("inf")]
         return max(min(finite), 0.005) if finite else None
 
