@@ -6,7 +6,8 @@ digest. At the run's start each server's vector of the probe text (the window pr
 of its own) is compared with the column's recorded answers; below `verify.MIN_COSINE` the run is refused like a model
 change (`ModelChanged`: exit 8, nothing written), naming the server and the ways out. A column with no answers on
 record is checked by a few stored vectors re-embedded through each server (`verify` on a sample, per server); a
-fresh column takes the servers' answers, which must agree among themselves. A server that could not be asked leaves
+fresh column takes the servers' answers, which must agree among themselves
+(and with those of a run that started at once and recorded first). A server that could not be asked leaves
 the rotation until its health probe answers (the same text): each server coming back is judged by that answer, and
 one that answers another model ends the run `model_changed` before it embeds anything.
 """
