@@ -37,7 +37,10 @@ MAX_RECORDED = 8  # answers kept per column (the same weights on other hardware 
 def recorded(store: Store, model: str, text_prefix: str) -> list[np.ndarray]:
     """The column's recorded answers to `TEXT` from `model` with `text_prefix` (empty: none recorded, or recorded
     for another text, model or prefix - a table dropped and made again keeps its predecessor's identity row)."""
-    found = store.column_fingerprint()
+    return _answers_of(store.column_fingerprint(), model, text_prefix)
+
+
+def _answers_of(found: dict[str, Any] | None, model: str, text_prefix: str) -> list[np.ndarray]:
     if not found or found.get("text") != TEXT or not same_model(str(found.get("model")), model):
         return []
     if not same_prefix(str(found.get("text_prefix") or ""), text_prefix):
@@ -54,13 +57,36 @@ def best(vector: np.ndarray, answers: Sequence[np.ndarray]) -> float:
 def add(store: Store, vectors: Sequence[np.ndarray], model: str, text_prefix: str, threshold: float) -> bool:
     """Record `vectors` among the column's answers from `model` with `text_prefix` (those not already matched by
     one); True when any was added."""
-    have = recorded(store, model, text_prefix)
-    new = [v for v in vectors if best(v, have) < threshold]
-    if not new:
-        return False
-    have = (have + new)[-MAX_RECORDED:]
-    answers = {"text": TEXT, "model": model, "text_prefix": text_prefix, "vectors": [_encode(v) for v in have]}
-    return store.record_column_fingerprint(answers)
+    return _update(store, vectors, model, text_prefix, threshold, first=False)[0]
+
+
+def claim(
+    store: Store, vectors: Sequence[np.ndarray], model: str, text_prefix: str, threshold: float
+) -> list[np.ndarray]:
+    """A fresh column's answers: `vectors` recorded only if none are on record yet. Returns the column's answers
+    after (another run starting at the same time may have recorded its servers' first: the caller compares)."""
+    return _update(store, vectors, model, text_prefix, threshold, first=True)[1]
+
+
+def _update(
+    store: Store, vectors: Sequence[np.ndarray], model: str, text_prefix: str, threshold: float, first: bool
+) -> tuple[bool, list[np.ndarray]]:
+    """Read, merge and write back only if unchanged meanwhile (another run, another `verify`), else again."""
+    for _ in range(5):
+        found = store.column_fingerprint()
+        have = _answers_of(found, model, text_prefix)
+        if first and have:
+            return False, have
+        new = [v for v in vectors if best(v, have) < threshold]
+        if not new:
+            return False, have
+        have = (have + new)[-MAX_RECORDED:]
+        answers = {"text": TEXT, "model": model, "text_prefix": text_prefix, "vectors": [_encode(v) for v in have]}
+        if store.record_column_fingerprint(answers, found):
+            return True, have
+        if store.column_identity() is None:
+            return False, []  # no identity recorded to hold them
+    return False, recorded(store, model, text_prefix)
 
 
 async def answers(

@@ -6,7 +6,8 @@ digest. At the run's start each server's vector of the probe text (the window pr
 of its own) is compared with the column's recorded answers; below `verify.MIN_COSINE` the run is refused like a model
 change (`ModelChanged`: exit 8, nothing written), naming the server and the ways out. A column with no answers on
 record is checked by a few stored vectors re-embedded through each server (`verify` on a sample, per server); a
-fresh column takes the servers' answers, which must agree among themselves. A server that could not be asked leaves
+fresh column takes the servers' answers, which must agree among themselves
+(and with those of a run that started at once and recorded first). A server that could not be asked leaves
 the rotation until its health probe answers (the same text): each server coming back is judged by that answer, and
 one that answers another model ends the run `model_changed` before it embeds anything.
 """
@@ -34,7 +35,7 @@ class ServerCheck:
     def __init__(self, store: Store, client: Embedder, settings: Settings, halt: Halt):
         self.store, self.client, self.s, self.halt = store, client, settings, halt
         self.known: list[np.ndarray] = []  # the column's answers to the probe text (recorded, or this run's)
-        self.new: list[np.ndarray] = []  # answers to record with the column's identity (a fresh column's)
+        self.new: dict[int, np.ndarray] = {}  # server -> its answer, to record with a fresh column's identity
 
     @property
     def _prefix(self) -> str:
@@ -72,7 +73,7 @@ class ServerCheck:
             if score < MIN_COSINE:
                 raise ModelChanged(self._refusal(k, score, min(got) if fresh else None))
         if fresh:
-            self.new = [got[k] for k in sorted(got)]
+            self.new = {k: got[k] for k in sorted(got)}
         for k, why in failed.items():  # judged when its health probe brings it back
             self.client.take_out(k, f"not checked against the column's model yet (the probe text failed: {why})")
         self.client.check_returns(self.admit)
@@ -80,15 +81,22 @@ class ServerCheck:
     def record(self, dimensions: int) -> None:
         """The column's identity as this run makes its vectors, with the servers' answers when it had none."""
         identity.record(self.store, self.client.model, dimensions, self.s)
-        if self.new:
-            fingerprint.add(self.store, self.new, self.client.model, self._prefix, MIN_COSINE)
-            self.new = []
+        if self.new:  # recorded unless another run starting at once recorded its servers' first: then theirs judge
+            known = fingerprint.claim(self.store, list(self.new.values()), self.client.model, self._prefix, MIN_COSINE)
+            for k, answer in self.new.items():
+                score = fingerprint.best(answer, known)
+                if known and score < MIN_COSINE:
+                    raise ModelChanged(self._refusal(k, score, None))
+            self.known, self.new = known or self.known, {}
 
     def admit(self, server: int, vector: np.ndarray) -> str | None:
         """A server coming back into the rotation, by its answer to the probe text: None, or why it stays out (the
         run then ends `model_changed`: nothing of another model is written)."""
+        if not self.known:  # a fresh column none of whose servers answered at the start: the first back sets it
+            self.known = [vector]  # (recorded by the next run, from a sample of the vectors written)
+            return None
         score = fingerprint.best(vector, self.known)
-        if not self.known or score >= MIN_COSINE:
+        if score >= MIN_COSINE:
             return None
         self.halt.fail(Fatal("model_changed", self._refusal(server, score, None)))
         self.halt.request_stop("another model answers under the column's model name")  # waits for a server end

@@ -110,14 +110,22 @@ class TrustMixin(StoreBase):
         ).fetchone()
         return dict(row[0]) if row and row[0] else None
 
-    def record_column_fingerprint(self: Store, fingerprint: dict[str, Any]) -> bool:
-        """Replace the column's recorded answers to the probe text (False: no identity recorded to hold them)."""
+    def record_column_fingerprint(self: Store, fingerprint: dict[str, Any], was: dict[str, Any] | None) -> bool:
+        """Replace the column's recorded answers to the probe text, only if they are still `was` (as read before:
+        two runs starting at once must not both record their own). False: changed meanwhile, or no identity
+        recorded to hold them."""
         self.ensure_trust_schema()
         cur = self.conn.execute(
             sql.SQL(
                 "UPDATE {s}.column_identity SET fingerprint = %s WHERE table_name = %s AND column_attnum = %s"
+                " AND fingerprint IS NOT DISTINCT FROM %s::jsonb"
             ).format(s=self._s),
-            (json.dumps(fingerprint), self.table.qualified, self._current_attnum()),
+            (
+                json.dumps(fingerprint),
+                self.table.qualified,
+                self._current_attnum(),
+                None if was is None else json.dumps(was),
+            ),
         )
         return cur.rowcount > 0
 
