@@ -151,21 +151,13 @@ def sick(kind: str) -> Embed:
     return embed
 
 
-UNPINNED_DIMENSION_PROBE = pytest.mark.xfail(
-    strict=True,
-    reason="core/backfill/prepare.py:91 (check_dimensions): the start's probe of the vector length goes to one "
-    "server, unpinned; its NaN ends the whole run server_unavailable, its shorter vector refuses the run as the "
-    "model's length (DimensionMismatch naming no server), though the other server is well",
-)
-
-
 @pytest.mark.parametrize(
     "kind",
     [
         "hung",
-        pytest.param("nan", marks=UNPINNED_DIMENSION_PROBE),
+        "nan",
         "zeros",
-        pytest.param("short", marks=UNPINNED_DIMENSION_PROBE),
+        "short",
         "garbage",
     ],
 )

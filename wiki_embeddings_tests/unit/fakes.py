@@ -239,7 +239,7 @@ class FakeEmbedder:
         count = sum(self.tokens(k) for k in kept) if self.report_tokens else None
         return Answer([v for v in vectors if v is not None], count, chosen)
 
-    async def probe_dimensions(self, text: str = "dimension probe") -> int:
+    async def probe_dimensions(self, text: str = "dimension probe", expected: int | None = None) -> int:
         return (await self.embed_texts([text])).vectors[0].shape[0]
 
     def expect_dimensions(self, dimensions: int) -> None:

@@ -88,7 +88,7 @@ def check_long_text(store: Store, settings: Settings) -> None:
 
 async def check_dimensions(embedder: Embedder, dimensions: int, column: str, request_dimensions: bool) -> None:
     """Refuse a model whose vectors have another length than the column, before anything is written."""
-    got = await embedder.probe_dimensions(CANARY_TEXT)
+    got = await embedder.probe_dimensions(CANARY_TEXT, expected=dimensions)
     if got != dimensions and request_dimensions and dimensions < got:
         # A Matryoshka model (nomic-embed-text v1.5, ...) can answer shorter vectors when asked: opt-in, because
         # not every model is trained for it (the server would just cut an ordinary model's vectors).

@@ -131,8 +131,10 @@ class Embedder(Protocol):
         """One validated batch, or an EmbedFailure; `server` sends it to that server (the canary's retry)."""
         ...
 
-    async def probe_dimensions(self, text: str = ...) -> int:
-        """The model's vector length, from one text (the run's first request: it may load the model)."""
+    async def probe_dimensions(self, text: str = ..., expected: int | None = None) -> int:
+        """The model's vector length, from one text (the run's first request: it may load the model). `expected`
+        (the column's length): a server answering another length while another server answers it leaves the
+        rotation."""
         ...
 
     def expect_dimensions(self, dimensions: int) -> None:

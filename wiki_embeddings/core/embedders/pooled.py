@@ -26,6 +26,8 @@ from wiki_embeddings.core.embedders.base import (
     AmbiguousFailure,
     Answer,
     ClientStats,
+    EmbedFailure,
+    InvalidVectors,
     ModelNotFound,
     RunnerCrashed,
     ServerUnavailable,
@@ -188,7 +190,7 @@ class PooledClient(ABC):
         return await asyncio.wait_for(http.get(f"{self._urls[0]}{path}"), self._connect_timeout)
 
     # ------------------------------------------------------------ the first request
-    async def probe_dimensions(self, text: str = "dimension probe") -> int:
+    async def probe_dimensions(self, text: str = "dimension probe", expected: int | None = None) -> int:
         """Embed one text to learn the model's vector length (and prove the model is there).
 
         This is the run's first request, so it may pay the model's load time: it runs under the load allowance
@@ -199,7 +201,7 @@ class PooledClient(ABC):
         self._probing = True
         self._deadline_name = "--load-timeout-sec (the first request may load the model)"
         try:
-            vectors = await self._first_answer(text)
+            vectors = await self._first_answer(text, expected)
         finally:
             self.dimensions = saved
             self.timeout_sec = saved_timeout
@@ -207,15 +209,16 @@ class PooledClient(ABC):
             self._deadline_name = "--timeout-sec"
         return int(vectors[0].shape[0])
 
-    async def _first_answer(self, text: str) -> list[np.ndarray]:
-        """The run's first request; a server that fails it with a server-side error leaves the rotation and the
-        next one is asked (one sick server of several must not stop the run before it starts)."""
+    async def _first_answer(self, text: str, expected: int | None) -> list[np.ndarray]:
+        """The run's first request; a server that fails it with a server-side error or an unusable vector (for a
+        known-good text) leaves the rotation and the next one is asked (one sick server of several must not stop
+        the run before it starts)."""
         left = len(self._urls) - 1
         tries = 0
         while True:
             try:
-                return await self.embed([text])
-            except AmbiguousFailure as exc:
+                return await _length_agreed(self, await self.embed_texts([text]), text, expected)
+            except (AmbiguousFailure, InvalidVectors) as exc:
                 tries += 1
                 if exc.server is not None and left:
                     self.take_out(exc.server, f"failed the run's first request: {exc.message}")
@@ -391,3 +394,21 @@ class PooledClient(ABC):
         why = self._admit(server.index, answer.vectors[0]) if self._admit is not None else None
         if why:
             self.take_out(server.index, why)
+
+
+async def _length_agreed(client: PooledClient, answer: Answer, text: str, expected: int | None) -> list[np.ndarray]:
+    """The first answer, unless its length is not the column's while another server's is: then that server is
+    sick (it leaves the rotation) and the other's answer counts. Every server answering another length is the
+    model's length (a Matryoshka model asked for fewer, or the wrong model): check_dimensions judges it."""
+    length = int(answer.vectors[0].shape[0])
+    if expected is None or length == expected or answer.server is None:
+        return answer.vectors
+    for other in (i for i in range(len(client._urls)) if i != answer.server):
+        try:
+            alt = await client.embed_texts([text], server=other)
+        except EmbedFailure:
+            continue
+        if int(alt.vectors[0].shape[0]) == expected:
+            client.take_out(answer.server, f"answers {length}-dimensional vectors where the others answer {expected}")
+            return alt.vectors
+    return answer.vectors
