@@ -178,18 +178,21 @@ def server_share(
     stop_requested: Callable[[], bool],
     poll_sec: float = 0.5,
     api: str = "ollama",
+    model: str | None = None,
+    api_key: str | None = None,
     watch_sec: float = WATCH_EVERY_SEC,
 ) -> Iterator[list[int]]:
     """The indexes (into `urls`) of the servers this run may use, held (and watched) until the block ends.
 
     `share >= len(urls)`: all of them, no lease taken. Otherwise the run leases `share` free servers, answering ones
-    first (`api` says how to ask), starting at a place of its own (its pid); while fewer are free it keeps what it
-    has and waits, polling. A stop request ends the wait: yields [] then.
+    first (`api` says how to ask; given `model`, a server must also embed a short text), starting at a place of its
+    own (its pid); while fewer are free it keeps what it has and waits, polling. A stop request ends the wait:
+    yields [] then.
     """
     if share >= len(urls):
         yield list(range(len(urls)))
         return
-    leases = _Leases(store, urls, log, lambda url: answers(url, api))
+    leases = _Leases(store, urls, log, lambda url: answers(url, api, model=model, api_key=api_key))
     try:
         start = os.getpid() % len(urls)
         order = [(start + k) % len(urls) for k in range(len(urls))]

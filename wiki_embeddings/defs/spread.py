@@ -18,6 +18,7 @@ from typing import Any
 import dagster as dg
 
 from wiki_embeddings.core import spread
+from wiki_embeddings.core.factories import resolve_model
 from wiki_embeddings.defs.config import OLLAMA_POOL
 from wiki_embeddings.defs.resources import OllamaResource, WikiDatabaseResource, run_settings
 
@@ -53,7 +54,14 @@ def server_share(
             return os.path.lexists(settings.stop_file) or store.stop_requested()
 
         with spread.server_share(
-            store, urls, share, log=context.log.info, stop_requested=stop_requested, api=settings.api
+            store,
+            urls,
+            share,
+            log=context.log.info,
+            stop_requested=stop_requested,
+            api=settings.api,
+            model=resolve_model(settings, store),  # a server whose API answers but whose embeds fail comes last
+            api_key=settings.api_key if settings.api == "openai" else None,
         ) as held:
             if not held:
                 raise dg.Failure(

@@ -101,12 +101,6 @@ def test_a_steady_fifth_of_hour_long_retry_afters_on_the_only_server_never_ends_
 # ---------------------------------------------------------------- spread leases
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/embedders/probe.py:28 `answers` asks GET /api/version only, and core/spread.py:80 leases the first "
-    "answering server in the run's order: a server whose API answers but whose every embed fails (a broken runner, "
-    "a full GPU) is leased while a good one is free; the run ends server_unavailable and its retry may draw it again",
-)
 def test_a_spread_run_is_not_bound_to_a_server_that_answers_the_probe_but_fails_every_embed(make_table, servers):
     """Issue 22 item 4 and README (Spread): 'servers that answer first'; issue 20: a sick server of several leaves
     the work to the others. A run of a Dagster backfill (share 1 of 2) whose order starts at a server that answers
@@ -118,7 +112,10 @@ def test_a_spread_run_is_not_bound_to_a_server_that_answers_the_probe_but_fails_
     urls[os.getpid() % 2] = sick.url  # where this process starts looking (core/spread.py: its pid)
     table = make_table(ollama_url=",".join(urls), server_wait_sec=1.0, retries=1)
     table.load(ROWS[:12])
-    with spread.server_share(table.store, urls, 1, log=lambda _m: None, stop_requested=lambda: False) as held:
+    # As defs/spread.py leases: with the run's model, so that a server must embed a short text to count as answering.
+    with spread.server_share(
+        table.store, urls, 1, log=lambda _m: None, stop_requested=lambda: False, model=TEST_MODEL
+    ) as held:
         report = table.backfill(ollama_url=",".join(urls[i] for i in held))
     assert report.state == "completed" and report.embedded == 12, (report.state, report.message)
 
