@@ -58,6 +58,9 @@ def _embeds(http: httpx.Client, root: str, api: str, model: str, api_key: str | 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         reply = http.post(f"{root}{path}", json=body, headers=headers, timeout=EMBED_PROBE_TIMEOUT_SEC)
+        if reply.status_code == 404 and api == "openai" and path == "/v1/embeddings":
+            # No /v1 on a bare host:port: the API at the root (infinity-emb's default), as the client falls back.
+            reply = http.post(f"{root}/embeddings", json=body, headers=headers, timeout=EMBED_PROBE_TIMEOUT_SEC)
     except httpx.TimeoutException:
         return True  # a model loading (or a long queue): the run's first request waits for it
     if reply.status_code >= 400:
