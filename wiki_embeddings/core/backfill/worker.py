@@ -209,10 +209,9 @@ class EmbedWorker:
                 await emit(_embedded(rows, sent, exc.vectors, good))
                 self.known_good = sent[good[0]]
             bad = [rows[i] for i in sorted(exc.reasons)]
-            if len(rows) == 1 and not good and await self._alone_again(rows[0], sent[0], emit):
-                return  # a server answering NaN now and then: the chunk embeds on another try
             if len(rows) == 1:
-                await self._isolate(bad[0], exc.kind, exc.reasons[0], exc.http_status, exc.server, emit)
+                if not await self._alone_again(rows[0], sent[0], emit):  # a NaN now and then embeds on another try
+                    await self._isolate(bad[0], exc.kind, exc.reasons[0], exc.http_status, exc.server, emit)
             else:
                 for row in bad:  # each alone: a vector that is bad again is the chunk's
                     await self._embed_rows([row], emit, planned)
@@ -362,8 +361,7 @@ class EmbedWorker:
 
     # ------------------------------------------------------------ isolation
     async def _alone_again(self, row: tuple[int, str], text: str, emit: Emit) -> bool:
-        """A server-side error or an unusable vector on one chunk: more tries alone before it is blamed (a steady 500
-        or NaN rate fails none; a text whose vector is NaN every time is still isolated)."""
+        """A server error or a NaN on one chunk: more tries alone before it is blamed (a steady 500/NaN rate)."""
         for _ in range(ALONE_TRIES):
             try:
                 answer = await self._call([text])
