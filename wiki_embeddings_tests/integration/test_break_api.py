@@ -22,6 +22,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -450,6 +451,22 @@ with build_store(settings, settings.database_url) as store:
 """
 
 
+def start_spread_run(table: Any, log: Path) -> Any:
+    """SPREAD_RUN in its own process (a share of 1 server, batches of 4, one request at a time), output to `log`."""
+    import subprocess
+    import sys
+
+    from wiki_embeddings_tests.integration.test_faults_support import cli_env
+
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", SPREAD_RUN, "1", "4"],
+            env=cli_env(table, WIKI_EMBED_CONCURRENCY="1"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def test_runs_release_of_a_frozen_run_frees_its_server_lease(make_table, ollama, tmp_path):
     """README (Runs): a run that froze (SIGSTOP, a paused VM) keeps its sessions; `runs release` ends them 'so its
     claims are free and another run completes'. A Dagster run also holds its model servers' leases (README: 'A run
@@ -458,24 +475,16 @@ def test_runs_release_of_a_frozen_run_frees_its_server_lease(make_table, ollama,
     that server waits for it forever ('waiting for a free model server')."""
     import os
     import signal
-    import subprocess
-    import sys
 
     from wiki_embeddings.core.runs import release_run
-    from wiki_embeddings_tests.integration.test_faults_support import cli_env, wait_until
+    from wiki_embeddings_tests.integration.test_faults_support import wait_until
 
     second = ollama.url.replace("127.0.0.1", "localhost")  # the same server by another name: two leases
     table = make_table(ollama_url=f"{ollama.url},{second}")
     table.load_wiki(40)
     ollama.set_faults(latency_ms=200)
     log = tmp_path / "run.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SPREAD_RUN, "1", "4"],
-            env=cli_env(table, WIKI_EMBED_CONCURRENCY="1"),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_spread_run(table, log)
     try:
         wait_until(lambda: table.status()["embedded"] >= 4, 30, "the spread run embedding")
         leased = table.store.leased([ollama.url, second])
@@ -560,22 +569,14 @@ def test_a_run_that_lost_its_lease_session_takes_its_server_again(make_table, ol
     goes on embedding must hold its server again, or another run will take it."""
     import os
     import signal
-    import subprocess
-    import sys
 
-    from wiki_embeddings_tests.integration.test_faults_support import cli_env, wait_until
+    from wiki_embeddings_tests.integration.test_faults_support import wait_until
 
     second = ollama.url.replace("127.0.0.1", "localhost")
     table = make_table(ollama_url=f"{ollama.url},{second}")
     table.load_wiki(100)
     ollama.set_faults(latency_ms=150)
-    with (tmp_path / "run.log").open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SPREAD_RUN, "1", "4"],
-            env=cli_env(table, WIKI_EMBED_CONCURRENCY="1"),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_spread_run(table, tmp_path / "run.log")
     try:
         wait_until(lambda: table.status()["embedded"] >= 4, 30, "the spread run embedding")
         held = table.store.leased([ollama.url, second])

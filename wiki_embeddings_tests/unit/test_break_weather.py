@@ -13,16 +13,9 @@ from wiki_embeddings.core import health as h
 from wiki_embeddings.core import tuning as tune
 from wiki_embeddings.core.embedders.base import ServerUnavailable
 from wiki_embeddings.core.embedders.servers import Server, ServerPool
+from wiki_embeddings_tests.unit.test_server_health import Clock
 
 pytestmark = pytest.mark.unit
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_retry_after_zero_never_makes_a_request_retry_with_no_pause():

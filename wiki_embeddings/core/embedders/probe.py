@@ -11,21 +11,26 @@ model loading: the run's first request waits for it under its load allowance).
 
 from __future__ import annotations
 
-import math
 from urllib.parse import urlsplit
 
 import httpx
+
+from wiki_embeddings.core.embedders.base import EmbedFailure, validate_vectors
 
 PROBE_TIMEOUT_SEC = 2.0  # a black-holed server costs this much once per lease attempt
 EMBED_PROBE_TIMEOUT_SEC = 3.0  # longer than a warm embed of one word; a model loading answers later (counted yes)
 EMBED_PROBE_TEXT = "ping"
 
 
+def _v1(url: str) -> str:
+    """The OpenAI API's prefix on this URL: `/v1` for a bare host:port (as the client sends), none under a path."""
+    return "/v1" if not urlsplit(url).path.strip("/") else ""
+
+
 def probe_paths(url: str, api: str) -> list[str]:
     """The paths asked, in turn, until one answers below 500."""
     if api == "openai":
-        base = "/v1" if not urlsplit(url).path.strip("/") else ""
-        return [f"{base}/models", "/health"]
+        return [f"{_v1(url)}/models", "/health"]
     return ["/api/version"]
 
 
@@ -51,8 +56,7 @@ def answers(
 
 def _embeds(http: httpx.Client, root: str, api: str, model: str, api_key: str | None) -> bool:
     if api == "openai":
-        base = "/v1" if not urlsplit(root).path.strip("/") else ""
-        path, body = f"{base}/embeddings", {"model": model, "input": [EMBED_PROBE_TEXT]}
+        path, body = f"{_v1(root)}/embeddings", {"model": model, "input": [EMBED_PROBE_TEXT]}
     else:
         path, body = "/api/embed", {"model": model, "input": [EMBED_PROBE_TEXT]}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -67,11 +71,7 @@ def _embeds(http: httpx.Client, root: str, api: str, model: str, api_key: str | 
         return False
     try:
         data = reply.json()
-        vector = data["data"][0]["embedding"] if api == "openai" else data["embeddings"][0]
-    except (ValueError, KeyError, IndexError, TypeError):
+        validate_vectors([data["data"][0]["embedding"] if api == "openai" else data["embeddings"][0]], 1, None, None)
+    except (ValueError, KeyError, IndexError, TypeError, EmbedFailure):
         return False
-    return (
-        isinstance(vector, list)
-        and len(vector) > 0
-        and all(isinstance(x, int | float) and math.isfinite(x) for x in vector)
-    )
+    return True
